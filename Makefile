@@ -1,0 +1,49 @@
+# tierserve: every target sets itself up (a .venv with the pinned CPU torch, the model), and is
+# quick when repeated.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.stamp-install
+MODEL_STAMP := $(VENV)/.stamp-model
+# The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
+TORCH  ?= torch==2.13.0
+
+.PHONY: help setup model test test-fast demo lint clean
+
+help:
+	@echo "make demo       set up, then generate answers for a few chat prompts"
+	@echo "make test       set up, then run the whole test suite"
+	@echo "make test-fast  tests that do not need the real model or transformers"
+	@echo "make lint       ruff"
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+setup: $(STAMP)
+
+$(MODEL_STAMP): $(STAMP)
+	$(PY) -m tierserve.cli fetch-model smollm2
+	touch $@
+
+model: $(MODEL_STAMP)
+
+test: $(STAMP) $(MODEL_STAMP)
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+demo: $(STAMP) $(MODEL_STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check tierserve tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

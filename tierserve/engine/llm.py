@@ -1,0 +1,182 @@
+"""LLM: offline generate() and chat() for Python users, shaped like vLLM's LLM class."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from tierserve.engine.core import EngineCore
+from tierserve.engine.loading import build_engine
+from tierserve.engine.output import OutputProcessor
+from tierserve.errors import InvalidRequestError
+from tierserve.outputs import RequestOutput
+from tierserve.request import Request, RequestStatus, SamplingParams
+
+PromptInput = str | list[int] | dict[str, Any]
+
+
+class LLM:
+    """Load a model once, then generate for many prompts at once with continuous batching.
+
+    ``model`` is a known name (``smollm2``), a ``.gguf`` file, or an HF folder with config.json
+    and safetensors. Keyword arguments mirror the CLI flags; ``config`` overrides them all.
+    """
+
+    def __init__(self, model: str = "smollm2", *, dtype: str = "float32",
+                 max_model_len: int | None = None, kv_cache_memory: str | int = "1GiB",
+                 num_blocks: int | None = None, block_size: int = 16,
+                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
+                 enable_prefix_caching: bool = True, scheduling_policy: str = "fcfs",
+                 seed: int = 0, num_threads: int | None = None, batch_invariant: bool = True,
+                 config: EngineConfig | None = None) -> None:
+        if config is None:
+            config = EngineConfig(
+                model=ModelConfig(model=str(model), dtype=dtype, max_model_len=max_model_len,
+                                  seed=seed, num_threads=num_threads,
+                                  batch_invariant=batch_invariant),
+                cache=CacheConfig(block_size=block_size,
+                                  kv_cache_memory=parse_size(kv_cache_memory),
+                                  num_blocks=num_blocks,
+                                  enable_prefix_caching=enable_prefix_caching),
+                scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
+                                          max_num_seqs=max_num_seqs, policy=scheduling_policy),
+            )
+        self.config = config
+        self.engine = build_engine(config)
+        self.core: EngineCore = self.engine.core
+        self.tokenizer = self.engine.tokenizer
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts: PromptInput | Sequence[PromptInput],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
+        """Complete each prompt (text, token ids, or {"prompt_token_ids": [...]}); in order."""
+        if isinstance(prompts, (str, dict)) or (
+                isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        encoded = [self._encode(p) for p in prompts]
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             *, use_tqdm: bool = True, add_generation_prompt: bool = True
+             ) -> list[RequestOutput]:
+        """Answer one conversation (a list of {"role", "content"}) or a list of them."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        encoded = []
+        for conversation in conversations:
+            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt)
+            encoded.append((text, self.tokenizer.encode_chat(conversation,
+                                                             add_generation_prompt)))
+        return self._run(encoded, sampling_params, use_tqdm)
+
+    def stream_chat(self, messages: list[dict], sampling_params: SamplingParams | None = None
+                    ) -> Iterator[RequestOutput]:
+        """Answer one conversation, yielding the growing RequestOutput after every step.
+
+        Closing the iterator early (or Ctrl-C) aborts the request and frees its KV blocks.
+        """
+        params = sampling_params or SamplingParams()
+        text = self.tokenizer.apply_chat_template(messages, True)
+        request_id, requests = self._make_requests(text, self.tokenizer.encode_chat(messages),
+                                                   params)
+        processor = OutputProcessor(self.tokenizer)
+        processor.add(request_id, text, requests)
+        for request in requests:
+            self.core.add_request(request)
+        try:
+            while processor.num_unfinished:
+                outputs, to_stop = processor.process(self.core.step())
+                if to_stop:
+                    self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
+                yield from outputs
+        finally:
+            self.core.abort([r.request_id for r in requests])
+
+    # -- internals -----------------------------------------------------------------------------
+    def _encode(self, prompt: PromptInput) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError(
+            "a prompt is a string, a list of token ids, or {'prompt_token_ids': [...]}; "
+            f"got {type(prompt).__name__}", "prompt")
+
+    def _run(self, encoded: list[tuple[str | None, list[int]]],
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+             use_tqdm: bool) -> list[RequestOutput]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params] * len(encoded)
+        if len(sampling_params) != len(encoded):
+            raise InvalidRequestError(
+                f"got {len(sampling_params)} SamplingParams for {len(encoded)} prompts; "
+                "give one, or one per prompt", "sampling_params")
+        processor = OutputProcessor(self.tokenizer)
+        batches = [self._make_requests(text, ids, params)
+                   for (text, ids), params in zip(encoded, sampling_params)]
+        order = {}
+        for (text, _), (request_id, requests) in zip(encoded, batches):
+            processor.add(request_id, text, requests)
+            order[request_id] = len(order)
+        added: list[str] = []
+        try:
+            for _, requests in batches:
+                for request in requests:
+                    self.core.add_request(request)
+                    added.append(request.request_id)
+            finished = self._drive(processor, len(batches), use_tqdm)
+        except BaseException:
+            self.core.abort(added)  # Ctrl-C or an error: free every block before re-raising
+            raise
+        return sorted(finished, key=lambda out: order[out.request_id])
+
+    def _make_requests(self, text: str | None, ids: list[int], params: SamplingParams
+                       ) -> tuple[str, list[Request]]:
+        request_id = str(next(self._ids))
+        if params.n == 1:
+            return request_id, [self.core.make_request(request_id, ids, params)]
+        requests = []
+        for index in range(params.n):
+            child = params if params.seed is None else replace(params, seed=params.seed + index)
+            leader = f"{request_id}#0" if index else None
+            requests.append(self.core.make_request(f"{request_id}#{index}", ids, child,
+                                                   prefill_leader=leader))
+        return request_id, requests
+
+    def _drive(self, processor: OutputProcessor, total: int, use_tqdm: bool
+               ) -> list[RequestOutput]:
+        finished: list[RequestOutput] = []
+        bar = tqdm(total=total, desc="generate", unit="req", disable=not use_tqdm or total < 2)
+        started, tokens = time.perf_counter(), 0
+        with bar:
+            while processor.num_unfinished:
+                updates = self.core.step()
+                tokens += sum(len(u.new_token_ids) for u in updates)
+                outputs, to_stop = processor.process(updates)
+                if to_stop:
+                    self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
+                for output in outputs:
+                    if output.finished:
+                        finished.append(output)
+                        bar.update(1)
+                elapsed = time.perf_counter() - started
+                bar.set_postfix_str(f"{tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+        return finished
+

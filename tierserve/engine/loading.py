@@ -1,0 +1,73 @@
+"""Build a ready engine from an EngineConfig: resolve the model, load weights and tokenizer,
+size the KV pool from its memory budget, and wire scheduler, runner and core together."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tierserve.config import EngineConfig
+from tierserve.engine.core import EngineCore, EngineLimits
+from tierserve.model.arch import ModelArchConfig
+from tierserve.model.hub import resolve_model
+from tierserve.model.llama import LlamaModel
+from tierserve.model.loader import load_checkpoint
+from tierserve.model.runner import ModelRunner
+from tierserve.model.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(slots=True)
+class LoadedEngine:
+    core: EngineCore
+    tokenizer: Tokenizer
+    arch: ModelArchConfig
+    runner: ModelRunner
+    model_path: str
+
+
+def build_engine(config: EngineConfig) -> LoadedEngine:
+    """Load everything ``config`` names; raise a clear error for anything that does not fit."""
+    started = time.perf_counter()
+    if config.model.num_threads:
+        torch.set_num_threads(config.model.num_threads)
+    path = resolve_model(config.model.model)
+    checkpoint = load_checkpoint(path, DTYPES[config.model.dtype])
+    arch = checkpoint.arch
+    tokenizer = Tokenizer.from_path(path)
+    max_model_len = _max_model_len(config, arch)
+    model = LlamaModel(arch, checkpoint.tensors, max_positions=max_model_len)
+    block_size = config.cache.block_size
+    num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory // model.bytes_per_block(
+        block_size)
+    if num_blocks < 1:
+        raise ValueError(
+            f"--kv-cache-memory {config.cache.kv_cache_memory:,} bytes holds no block; one block "
+            f"of {block_size} tokens needs {model.bytes_per_block(block_size):,} bytes")
+    runner = ModelRunner(model, num_blocks, block_size, seed=config.model.seed,
+                         batch_invariant=config.model.batch_invariant)
+    limits = EngineLimits(max_model_len, arch.vocab_size, num_blocks * block_size)
+    eos = frozenset(tokenizer.stop_token_ids) | frozenset(arch.eos_token_ids)
+    core = EngineCore(config, runner, limits, eos_token_ids=eos)
+    log.info("loaded %s (%s, %d layers, %s) in %.1f s; KV cache: %d blocks of %d tokens "
+             "(%d tokens, %.0f MiB); context %d tokens", path.name, arch.architecture,
+             arch.num_layers, config.model.dtype, time.perf_counter() - started, num_blocks,
+             block_size, num_blocks * block_size, runner.kv_cache.nbytes / 2**20, max_model_len)
+    return LoadedEngine(core, tokenizer, arch, runner, str(path))
+
+
+def _max_model_len(config: EngineConfig, arch: ModelArchConfig) -> int:
+    asked = config.model.max_model_len
+    if asked is None:
+        return arch.max_position_embeddings
+    if asked > arch.max_position_embeddings:
+        raise ValueError(
+            f"--max-model-len {asked:,} is longer than this model's context of "
+            f"{arch.max_position_embeddings:,} tokens; use at most that")
+    return asked

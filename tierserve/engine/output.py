@@ -1,0 +1,156 @@
+"""OutputProcessor: RequestUpdates -> RequestOutputs. Detokenizes, applies stop strings, gathers n.
+
+One user request with ``n`` completions is ``n`` engine requests; this class folds them back into
+one RequestOutput and tells the engine which engine requests a stop string has ended.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tierserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from tierserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from tierserve.request import Request
+from tierserve.sched.plan import RequestUpdate, TokenLogprobs
+
+
+@dataclass(slots=True)
+class _Completion:
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+@dataclass(slots=True)
+class _Parent:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    completions: list[_Completion]
+    metrics: RequestMetrics
+
+
+class OutputProcessor:
+    """Keeps the per-request text state between engine steps."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _Parent] = {}
+        self._by_engine_id: dict[str, tuple[_Parent, _Completion]] = {}
+
+    def add(self, request_id: str, prompt: str | None, engine_requests: list[Request]) -> None:
+        """Track a user request made of ``engine_requests`` (one per completion index)."""
+        first = engine_requests[0]
+        parent = _Parent(request_id, prompt, first.prompt_token_ids, [],
+                         RequestMetrics(arrival_time=first.arrival_time))
+        for index, request in enumerate(engine_requests):
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
+                                           request.sampling_params.skip_special_tokens)
+            completion = _Completion(index, request, detok)
+            if request.sampling_params.logprobs is not None:
+                completion.logprobs, completion.cumulative_logprob = [], 0.0
+            parent.completions.append(completion)
+            self._by_engine_id[request.request_id] = (parent, completion)
+        self._parents[request_id] = parent
+
+    def engine_ids(self, request_id: str) -> list[str]:
+        parent = self._parents.get(request_id)
+        return [c.request.request_id for c in parent.completions] if parent else []
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._parents)
+
+    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
+        """Apply one step's updates. Returns changed RequestOutputs and engine ids to stop."""
+        changed: dict[str, _Parent] = {}
+        to_stop: list[str] = []
+        now = time.monotonic()
+        for update in updates:
+            entry = self._by_engine_id.get(update.request_id)
+            if entry is None:
+                continue
+            parent, completion = entry
+            if parent.metrics.first_token_time is None and update.new_token_ids:
+                parent.metrics.first_token_time = now
+            if self._apply(completion, update):
+                to_stop.append(update.request_id)
+            changed[parent.request_id] = parent
+        return [self._snapshot(parent, now) for parent in changed.values()], to_stop
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Mark every unfinished completion of a user request aborted and stop tracking it."""
+        parent = self._parents.get(request_id)
+        if parent is None:
+            return None
+        for completion in parent.completions:
+            completion.finish_reason = completion.finish_reason or "abort"
+        return self._snapshot(parent, time.monotonic())
+
+    def _apply(self, completion: _Completion, update: RequestUpdate) -> bool:
+        """Add the update's tokens; True when a stop string ended the completion here."""
+        token_stop = update.finished and update.finish_reason == "stop"
+        text_before = len(completion.text)
+        for position, token in enumerate(update.new_token_ids):
+            completion.token_ids.append(token)
+            is_last = position == len(update.new_token_ids) - 1
+            if not (token_stop and is_last):  # a stop token's own text is never shown
+                completion.text += completion.detokenizer.add(token)
+        for entry in update.new_logprobs:
+            self._add_logprobs(completion, entry)
+        if update.finished:
+            completion.finish_reason = update.finish_reason
+            completion.stop_reason = update.stop_reason
+            return False
+        return self._check_stop_strings(completion, text_before)
+
+    def _check_stop_strings(self, completion: _Completion, text_before: int) -> bool:
+        params = completion.request.sampling_params
+        if not params.stop or len(completion.text) == text_before:
+            return False
+        # A stop string may straddle old and new text: search from just before the new part.
+        window_start = max(0, text_before - max(len(s) for s in params.stop) + 1)
+        hits = [(completion.text.find(s, window_start), s) for s in params.stop]
+        hits = [(at, s) for at, s in hits if at >= 0]
+        if not hits:
+            return False
+        at, stop = min(hits)
+        end = at + len(stop) if params.include_stop_str_in_output else at
+        completion.text = completion.text[:end]
+        completion.finish_reason, completion.stop_reason = "stop", stop
+        return True
+
+    def _add_logprobs(self, completion: _Completion, entry: TokenLogprobs) -> None:
+        if completion.logprobs is None:
+            return
+        decode = self.tokenizer.decode
+        step = {entry.token_id: Logprob(entry.logprob, entry.rank, decode([entry.token_id]))}
+        for rank, (token_id, logprob) in enumerate(entry.top, start=1):
+            if token_id not in step:
+                step[token_id] = Logprob(logprob, rank, decode([token_id]))
+        completion.logprobs.append(step)
+        completion.cumulative_logprob += entry.logprob
+
+    def _snapshot(self, parent: _Parent, now: float) -> RequestOutput:
+        finished = all(c.finish_reason is not None for c in parent.completions)
+        if finished:
+            parent.metrics.finished_time = now
+            del self._parents[parent.request_id]
+            for c in parent.completions:
+                self._by_engine_id.pop(c.request.request_id, None)
+        outputs = [
+            CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
+                             list(c.logprobs) if c.logprobs is not None else None,
+                             c.cumulative_logprob)
+            for c in parent.completions
+        ]
+        return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
+                             finished, parent.completions[0].request.num_cached_tokens,
+                             parent.metrics)

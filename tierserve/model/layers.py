@@ -1,0 +1,146 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, gated MLP, paged attention.
+
+Attention reads and writes K/V through block tables. ``TorchPagedAttention`` is the CPU
+implementation (torch SDPA over gathered blocks); a GPU kernel can replace it behind the same
+``forward(q, k, v, layer_cache, meta)`` interface.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32 and cast back, exactly as HF Llama does."""
+    dtype = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,) with the checkpoint's scaling applied, as HF computes."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
+    if kind in (None, "default"):
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        return _llama3_inv_freq(inv_freq, scaling)
+    raise ValueError(f"rope scaling type {kind!r} is not supported (default, linear, llama3)")
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
+    high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
+    old_context = float(scaling.get("original_max_position_embeddings", 8192))
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding:
+    """cos/sin tables for every position up to ``max_positions``, in float32."""
+
+    def __init__(self, head_dim: int, max_positions: int, theta: float, scaling: dict | None):
+        inv_freq = rope_inv_freq(head_dim, theta, scaling)
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]  # (P, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (P, head_dim)
+        self.cos = emb.cos()
+        self.sin = emb.sin()
+
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, 1, head_dim) cos and sin for these positions, in ``dtype``."""
+        return (self.cos[positions].unsqueeze(1).to(dtype),
+                self.sin[positions].unsqueeze(1).to(dtype))
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, head_dim); HF's rotate_half convention (halves, not interleaved pairs)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """Where this step's tokens live in the paged cache and which keys each query sees.
+
+    Tokens are laid out request by request: ``num_tokens`` real rows, maybe followed by padding.
+    Single-token queries ("decodes") are attended together; longer chunks one by one.
+    """
+
+    num_tokens: int  # real tokens (rows past this are padding)
+    slot_blocks: torch.Tensor  # (num_tokens,) block id of each token's K/V slot
+    slot_offsets: torch.Tensor  # (num_tokens,) offset inside that block
+    # Decodes: one query row each.
+    decode_rows: torch.Tensor  # (B,) row index of each decode query
+    decode_block_tables: torch.Tensor  # (B, max_blocks) padded with block 0
+    decode_mask: torch.Tensor  # (B, 1, 1, max_blocks * block_size) True where a key is visible
+    # Chunks of several tokens: (first row, number of rows, context length, block table).
+    chunks: list[tuple[int, int, int, torch.Tensor]]
+    chunk_masks: list[torch.Tensor]  # each (q_len, ctx_len), causal with an offset
+
+
+class TorchPagedAttention:
+    """Paged attention in plain torch: gather a request's blocks, then SDPA with GQA."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = 1.0 / math.sqrt(head_dim)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                ) -> torch.Tensor:
+        """q: (T, nh, hd); k, v: (T, nkv, hd); caches: (num_blocks, block_size, nkv, hd).
+
+        Writes this step's K/V into the cache in place, returns (T, nh * hd).
+        """
+        n = meta.num_tokens
+        k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
+        v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
+        out = torch.zeros_like(q)
+        if meta.decode_rows.numel():
+            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_cache, v_cache, meta)
+        for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
+            out[start : start + length] = self._chunk(
+                q[start : start + length], k_cache, v_cache, table, ctx_len, mask
+            )
+        return out.flatten(1)
+
+    def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+        # (B, max_blocks) -> (B, nkv, max_blocks * block_size, hd)
+        blocks = cache[tables]  # (B, max_blocks, block_size, nkv, hd)
+        return blocks.flatten(1, 2).transpose(1, 2)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                meta: AttentionMetadata) -> torch.Tensor:
+        keys = self._gather(k_cache, meta.decode_block_tables)
+        values = self._gather(v_cache, meta.decode_block_tables)
+        query = q.unsqueeze(2)  # (B, nh, 1, hd)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask,
+                                             scale=self.scale, enable_gqa=True)
+        return out.squeeze(2)  # (B, nh, hd)
+
+    def _chunk(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               table: torch.Tensor, ctx_len: int, mask: torch.Tensor) -> torch.Tensor:
+        keys = self._gather(k_cache, table[None])[:, :, :ctx_len]
+        values = self._gather(v_cache, table[None])[:, :, :ctx_len]
+        query = q.transpose(0, 1).unsqueeze(0)  # (1, nh, q_len, hd)
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
+                                             scale=self.scale, enable_gqa=True)
+        return out[0].transpose(0, 1)  # (q_len, nh, hd)

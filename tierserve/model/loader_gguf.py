@@ -1,0 +1,241 @@
+"""GGUF checkpoints: llama.cpp names and metadata mapped to HF names and a ModelArchConfig.
+
+The name tables are data (principle 8). llama.cpp's converter changes two things beyond names:
+  - ggml dims are stored reversed (read_gguf already returns torch order), and
+  - for the llama architecture it permutes the rows of attn_q / attn_k so that each head's rotary
+    pairs are interleaved (ggml's "normal" RoPE); HF's rotate_half wants the two halves of a head
+    apart, so we undo it per head. Qwen2 uses ggml's NEOX RoPE (= rotate_half) and is not permuted.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from tierserve.model.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig
+from tierserve.model.gguf_file import GGUFFile
+from tierserve.model.loader import CheckpointError
+
+log = logging.getLogger(__name__)
+
+# GGUF name -> HF name; "{i}" is the layer index.
+LLAMA_GGUF_NAMES: dict[str, str] = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "blk.{i}.attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "blk.{i}.attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "blk.{i}.attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "blk.{i}.attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "blk.{i}.attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "blk.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "blk.{i}.ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "blk.{i}.ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "blk.{i}.ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+QWEN2_GGUF_NAMES: dict[str, str] = {
+    **LLAMA_GGUF_NAMES,
+    "blk.{i}.attn_q.bias": "model.layers.{i}.self_attn.q_proj.bias",
+    "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
+    "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
+}
+# Tensors that are not weights of the HF model: rope_freqs holds Llama 3's RoPE divisors.
+NON_WEIGHT_TENSORS = frozenset({"rope_freqs.weight"})
+
+
+@dataclass(frozen=True, slots=True)
+class GGUFArchSpec:
+    """How one llama.cpp architecture maps onto a tierserve architecture."""
+
+    architecture: str  # tierserve / HF name
+    tensor_names: dict[str, str]  # GGUF name template -> HF name template
+    # GGUF name template -> ModelArchConfig field with that tensor's head count, for tensors whose
+    # rows llama.cpp permuted (see module docstring); empty when nothing was permuted.
+    permuted_rows: dict[str, str]
+    attention_bias: bool
+
+
+GGUF_ARCHITECTURES: dict[str, GGUFArchSpec] = {
+    # Mistral GGUFs say "llama" too: same tensors, same permutation.
+    "llama": GGUFArchSpec(
+        "llama", LLAMA_GGUF_NAMES,
+        {"blk.{i}.attn_q.weight": "num_heads", "blk.{i}.attn_k.weight": "num_kv_heads"},
+        attention_bias=False,
+    ),
+    "qwen2": GGUFArchSpec("qwen2", QWEN2_GGUF_NAMES, {}, attention_bias=True),
+}
+_LAYER_PREFIX = re.compile(r"^blk\.(\d+)\.")
+
+
+def unpermute_rotary_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: per head, interleaved pairs back to two halves.
+
+    llama.cpp's ``permute`` is ``w.reshape(n_head, 2, dim, ...).swapaxes(1, 2)``; this is its inverse,
+    the same as transformers' ``LlamaTensorProcessor._reverse_permute_weights``. Works on weights
+    (rows, cols) and biases (rows,).
+    """
+    dim = weight.shape[0] // n_head // 2
+    # (n_head, dim, 2, ...) -> (n_head, 2, dim, ...)
+    return weight.reshape(n_head, dim, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def gguf_arch_config(gguf: GGUFFile) -> ModelArchConfig:
+    """Build the ModelArchConfig from GGUF metadata (reads at most the small rope_freqs tensor)."""
+    md = gguf.metadata
+    spec = _arch_spec(gguf)
+    prefix = f"{md['general.architecture']}."
+
+    def get(key: str, default=None):
+        return md.get(prefix + key, default)
+
+    def need(key: str):
+        if prefix + key not in md:
+            raise CheckpointError(f"{gguf.path} lacks the metadata key {prefix + key}; re-convert it with a current llama.cpp")
+        return md[prefix + key]
+
+    hidden, num_heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads)
+    rope_theta = float(get("rope.freq_base", 10000.0))
+    return ModelArchConfig(
+        architecture=spec.architecture,
+        vocab_size=_vocab_size(gguf, get("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_layers=int(need("block_count")),
+        num_heads=num_heads,
+        num_kv_heads=_kv_heads(get("attention.head_count_kv", num_heads), gguf),
+        head_dim=head_dim,
+        rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(need("context_length")),
+        tie_word_embeddings="output.weight" not in gguf.tensors,
+        attention_bias=spec.attention_bias,
+        rope_scaling=_rope_scaling(gguf, get, head_dim, rope_theta),
+        bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_eos_token_ids(md),
+        name=str(md.get("general.name") or gguf.path.stem),
+    )
+
+
+def load_gguf_tensors(gguf: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Dequantize every weight once, un-permute q/k where needed, and return it under its HF name."""
+    spec = _arch_spec(gguf)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, info in gguf.tensors.items():
+        if name in NON_WEIGHT_TENSORS:
+            continue
+        match = _LAYER_PREFIX.match(name)
+        template = _LAYER_PREFIX.sub("blk.{i}.", name) if match else name
+        if template not in spec.tensor_names:
+            raise CheckpointError(
+                f"{gguf.path}: tensor {name!r} has no HF name for architecture {spec.architecture}; "
+                "this GGUF has parts tierserve's model lacks (check it is a plain text decoder)"
+            )
+        try:
+            values = gguf.read_float32(name)
+        except NotImplementedError:
+            raise CheckpointError(
+                f"{gguf.path}: tensor {name!r} is stored as {info.qtype.name}, which the installed gguf "
+                "package cannot dequantize; upgrade gguf (pip install -U gguf) or re-quantize the "
+                "model to Q8_0, Q4_0, Q4_1 or a K-quant with llama-quantize"
+            ) from None
+        if template in spec.permuted_rows:
+            values = unpermute_rotary_rows(values, getattr(arch, spec.permuted_rows[template]))
+        hf_name = spec.tensor_names[template]
+        hf_name = hf_name.format(i=int(match.group(1))) if match else hf_name
+        tensors[hf_name] = torch.from_numpy(values).to(dtype)
+    return tensors
+
+
+def _arch_spec(gguf: GGUFFile) -> GGUFArchSpec:
+    gguf_arch = gguf.metadata.get("general.architecture")
+    if gguf_arch not in GGUF_ARCHITECTURES:
+        raise CheckpointError(
+            f"{gguf.path} is a GGUF of architecture {gguf_arch!r}; tierserve runs "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} (GGUF architectures {', '.join(GGUF_ARCHITECTURES)})"
+        )
+    return GGUF_ARCHITECTURES[gguf_arch]
+
+
+def _vocab_size(gguf: GGUFFile, declared: int | None) -> int:
+    if declared:
+        return int(declared)
+    if "token_embd.weight" in gguf.tensors:
+        return gguf.tensors["token_embd.weight"].shape[0]  # (vocab, hidden)
+    return len(gguf.metadata.get("tokenizer.ggml.tokens", ()))
+
+
+def _kv_heads(value: int | list[int], gguf: GGUFFile) -> int:
+    if isinstance(value, list):  # some converters write one count per layer
+        if len(set(value)) != 1:
+            raise CheckpointError(f"{gguf.path} has per-layer kv head counts {sorted(set(value))}; tierserve needs one")
+        value = value[0]
+    return int(value)
+
+
+def _eos_token_ids(md: dict) -> list[int]:
+    # llama.cpp stops on every end-of-generation token: eos, end-of-turn (Llama 3's <|eot_id|>), end-of-message.
+    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    ids = [int(md[k]) for k in keys if md.get(k) is not None]
+    return list(dict.fromkeys(ids))
+
+
+def _rope_scaling(gguf: GGUFFile, get, head_dim: int, rope_theta: float) -> dict | None:
+    """HF-style rope_scaling from ``{arch}.rope.scaling.*`` keys, or from a rope_freqs tensor."""
+    if "rope_freqs.weight" in gguf.tensors:
+        return _llama3_rope_scaling(gguf.read_float32("rope_freqs.weight"), head_dim, rope_theta, gguf)
+    rope_type = get("rope.scaling.type")
+    factor = get("rope.scaling.factor") or get("rope.scale_linear")  # scale_linear: older files
+    if rope_type in (None, "none"):
+        return {"rope_type": "linear", "factor": float(factor)} if factor and factor != 1.0 else None
+    scaling: dict = {"rope_type": str(rope_type)}
+    if factor:
+        scaling["factor"] = float(factor)
+    if original := get("rope.scaling.original_context_length"):
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float, gguf: GGUFFile) -> dict | None:
+    """Recover HF's llama3 rope_scaling dict from llama.cpp's rope_freqs (one divisor per frequency).
+
+    The divisors are 1 at high frequencies, ``factor`` at low ones, and in the band between
+    1/d = (1 - s)/factor + s with s = (orig/wavelen - low)/(high - low). (orig, low, high) are fixed
+    only up to a common scale, so we take low = 1 (as every Llama 3.x does) and fit high and orig
+    from the band; with under two band points we fall back to Llama 3.1's high = 4, orig = 8192.
+    """
+    divisors = divisors.astype(np.float64).reshape(-1)
+    wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
+    factor = float(divisors.max())
+    if divisors.shape != wavelen.shape or factor <= 1.0:
+        log.warning("%s: ignoring rope_freqs of shape %s (head_dim %d)", gguf.path, divisors.shape, head_dim)
+        return None
+    band = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
+    high, original = 4.0, 8192.0
+    if band.sum() >= 2:
+        smooth = (1 / divisors[band] - 1 / factor) / (1 - 1 / factor)
+        slope, intercept = np.polyfit(1 / wavelen[band], smooth, 1)  # smooth = slope/wavelen + intercept
+        if intercept < 0:
+            high = 1 - 1 / intercept
+            original = slope * (high - 1)
+    scaling = {
+        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+        "high_freq_factor": round(float(high), 4),
+        "original_max_position_embeddings": int(round(original)),
+    }
+    if not np.allclose(llama3_rope_divisors(scaling, wavelen), divisors, rtol=1e-3):
+        log.warning("%s: rope_freqs do not fit Llama 3 rope scaling; using %s anyway", gguf.path, scaling)
+    return scaling
+
+
+def llama3_rope_divisors(scaling: dict, wavelen: np.ndarray) -> np.ndarray:
+    """llama.cpp's rope_freqs for an HF llama3 rope_scaling dict (inv_freq is divided by these)."""
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    original = scaling["original_max_position_embeddings"]
+    smooth = (original / wavelen - low) / (high - low)
+    band = 1 / ((1 - smooth) / factor + smooth)
+    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, band))

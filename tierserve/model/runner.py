@@ -1,0 +1,115 @@
+"""ModelRunner: StepPlan -> input tensors and attention metadata -> forward -> sample -> StepResult.
+
+It owns the KV cache tensor and the sampler; it knows requests only as the chunks of a plan.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tierserve.model.layers import AttentionMetadata
+from tierserve.model.llama import LlamaModel
+from tierserve.model.sampler import Sampler
+from tierserve.sched.plan import ScheduledChunk, StepPlan, StepResult
+
+# Below this many rows, float32 matmuls on CPU take a different kernel whose rounding differs;
+# padding to it keeps a request's logits independent of the batch it runs in.
+INVARIANT_MIN_ROWS = 16
+
+
+class ModelRunner:
+    """Executes plans on a real model. Implements the executor side of the step transaction."""
+
+    def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0,
+                 batch_invariant: bool = True) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size),
+                                    dtype=model.dtype)
+        self.sampler = Sampler(seed)
+        self.pad_rows = INVARIANT_MIN_ROWS if (batch_invariant and model.dtype == torch.float32) else 1
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        """Run one step. Chunks with ``sample`` get one new token each."""
+        self.sampler.drop(plan.finished_request_ids)
+        if plan.is_empty:
+            return StepResult()
+        input_ids, positions, meta = self._prepare(plan.chunks)
+        hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
+        sampling = [chunk for chunk in plan.chunks if chunk.sample]
+        if not sampling:
+            return StepResult()
+        rows, end = [], 0
+        for chunk in plan.chunks:
+            end += chunk.num_tokens
+            if chunk.sample:
+                rows.append(end - 1)
+        selected = self._pad(hidden[torch.tensor(rows)])
+        logits = self.model.compute_logits(selected)[: len(rows)]
+        tokens, logprobs = self.sampler.sample(logits, sampling)
+        result = StepResult()
+        for chunk, token, entry in zip(sampling, tokens, logprobs):
+            result.sampled_token_ids[chunk.request_id] = token
+            if entry is not None:
+                result.logprobs[chunk.request_id] = entry
+        return result
+
+    def _pad(self, rows: torch.Tensor) -> torch.Tensor:
+        missing = self.pad_rows - rows.shape[0]
+        if missing <= 0:
+            return rows
+        return torch.cat([rows, rows.new_zeros(missing, *rows.shape[1:])])
+
+    def _prepare(self, chunks: list[ScheduledChunk]
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        block_size = self.block_size
+        token_ids: list[int] = []
+        positions: list[int] = []
+        decode_rows: list[int] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        spans: list[tuple[int, int, int, torch.Tensor]] = []
+        masks: list[torch.Tensor] = []
+        for chunk in chunks:
+            row = len(token_ids)
+            end_pos = chunk.start_pos + chunk.num_tokens
+            token_ids.extend(chunk.token_ids)
+            positions.extend(range(chunk.start_pos, end_pos))
+            if chunk.num_tokens == 1:
+                decode_rows.append(row)
+                decode_tables.append(chunk.block_table)
+                decode_lens.append(end_pos)
+            else:
+                spans.append((row, chunk.num_tokens, end_pos, torch.tensor(chunk.block_table)))
+                query_pos = torch.arange(chunk.start_pos, end_pos)
+                masks.append(torch.arange(end_pos)[None, :] <= query_pos[:, None])
+        num_tokens = len(token_ids)
+        pos = torch.tensor(positions)
+        tables = [chunk.block_table for chunk in chunks for _ in range(chunk.num_tokens)]
+        slot_blocks = torch.tensor([t[p // block_size] for t, p in zip(tables, positions)])
+        meta = AttentionMetadata(
+            num_tokens=num_tokens,
+            slot_blocks=slot_blocks,
+            slot_offsets=pos % block_size,
+            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
+            decode_block_tables=_pad_tables(decode_tables),
+            decode_mask=_decode_mask(decode_lens, block_size, decode_tables),
+            chunks=spans,
+            chunk_masks=masks,
+        )
+        missing = max(0, self.pad_rows - num_tokens)
+        input_ids = torch.tensor(token_ids + [0] * missing)
+        positions_tensor = torch.cat([pos, pos.new_zeros(missing)]) if missing else pos
+        return input_ids, positions_tensor, meta
+
+
+def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long).view(
+        len(tables), width)
+
+
+def _decode_mask(lens: list[int], block_size: int, tables: list[list[int]]) -> torch.Tensor:
+    width = max((len(t) for t in tables), default=0) * block_size
+    visible = torch.arange(width)[None, :] < torch.tensor(lens, dtype=torch.long)[:, None]
+    return visible.view(len(lens), 1, 1, width)

@@ -1,0 +1,79 @@
+"""The step contract: StepPlan (scheduler -> executor), StepResult (executor -> scheduler), RequestUpdate.
+
+Plain dataclasses, no tensors: the same plan drives the real model runner, a fake executor in
+tests, and a cost model in the simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tierserve.request import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledChunk:
+    """``len(token_ids)`` tokens of one request to run this step, at positions from ``start_pos``."""
+
+    request_id: str
+    token_ids: list[int]
+    start_pos: int  # == the request's num_computed_tokens when scheduled
+    block_table: list[int]  # block ids covering positions [0, start_pos + len(token_ids))
+    sample: bool  # the chunk reaches the end of the known tokens: sample the next one
+    sampling_params: SamplingParams
+    # Read-only views for penalties and min_tokens; the runner must not mutate them.
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    eos_token_ids: frozenset[int] = frozenset()
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """What one engine step runs."""
+
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    # Requests that ended since the last plan: the executor may drop their per-request state.
+    finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(len(chunk.token_ids) for chunk in self.chunks)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.chunks
+
+
+@dataclass(slots=True)
+class TokenLogprobs:
+    """Log-probability of a sampled token and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    rank: int  # 1 = the most likely token
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What the executor produced: one sampled token per chunk that asked for one."""
+
+    sampled_token_ids: dict[str, int] = field(default_factory=dict)
+    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class RequestUpdate:
+    """What a step changed for one request, for the output processor."""
+
+    request_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None = None
