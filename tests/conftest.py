@@ -34,4 +34,28 @@ def tiny_llama_dir(tmp_path_factory):
                 p.mul_(8.0)
     path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer(config.vocab_size).save_pretrained(path)
     return path
+
+
+TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def _tiny_tokenizer(vocab_size: int):
+    """A byte-level BPE trained here on a little text, so the tiny model is a complete folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    corpus = ["The quick brown fox jumps over the lazy dog.", "Paged attention stores KV in blocks.",
+              "def main():\n    return 42", "Bonjour, ça va? 東京 🙂"] * 20
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", chat_template=TINY_CHAT_TEMPLATE)

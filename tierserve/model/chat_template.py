@@ -49,14 +49,21 @@ def render_chat_template(
     ``apply_chat_template(..., tokenize=False)`` does (see the module docstring for the one
     difference). ``special_tokens`` maps names like ``bos_token`` to token strings."""
     if not messages:
-        raise ChatTemplateError("cannot apply a chat template to an empty conversation; send at least one message")
+        raise ChatTemplateError(
+            "cannot apply a chat template to an empty conversation; send at least one message"
+        )
     compiled, loops_over_content = _compile(template)
-    chat = [_normalize_message(i, m, flatten=not loops_over_content) for i, m in enumerate(messages)]
+    chat = [
+        _normalize_message(i, m, flatten=not loops_over_content) for i, m in enumerate(messages)
+    ]
     variables = {**special_tokens, **kwargs}
     try:
         return compiled.render(
-            messages=chat, tools=tools, documents=documents,
-            add_generation_prompt=add_generation_prompt, **variables,
+            messages=chat,
+            tools=tools,
+            documents=documents,
+            add_generation_prompt=add_generation_prompt,
+            **variables,
         )
     except (jinja2.TemplateError, TypeError) as exc:
         raise ChatTemplateError(f"the chat template rejected these messages: {exc}") from exc
@@ -91,11 +98,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's own tojson escapes <, >, & and ' for HTML; templates expect plain JSON.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent,
-                      separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 class _TemplateDict:
@@ -154,15 +167,20 @@ def _loops_over_content(ast: jinja2.nodes.Template) -> bool:
             target = target.node  # e.g. message['content'] | selectattr(...)
         if isinstance(target, jinja2.nodes.Getattr) and target.attr == "content":
             return True
-        if isinstance(target, jinja2.nodes.Getitem) and isinstance(target.arg, jinja2.nodes.Const) \
-                and target.arg.value == "content":
+        if (
+            isinstance(target, jinja2.nodes.Getitem)
+            and isinstance(target.arg, jinja2.nodes.Const)
+            and target.arg.value == "content"
+        ):
             return True
     return False
 
 
 def _normalize_message(index: int, message: Any, flatten: bool) -> dict[str, Any]:
     if not isinstance(message, Mapping):
-        raise ChatTemplateError(f"message {index} is a {type(message).__name__}; send dicts with 'role' and 'content'")
+        raise ChatTemplateError(
+            f"message {index} is a {type(message).__name__}; send dicts with 'role' and 'content'"
+        )
     # As transformers: keys whose value is None are dropped (OpenAI clients send content=None).
     chat = {key: value for key, value in message.items() if value is not None}
     reasoning = next((chat[k] for k in _REASONING_FIELDS if k in chat), None)

@@ -62,7 +62,8 @@ class GGUFArchSpec:
 GGUF_ARCHITECTURES: dict[str, GGUFArchSpec] = {
     # Mistral GGUFs say "llama" too: same tensors, same permutation.
     "llama": GGUFArchSpec(
-        "llama", LLAMA_GGUF_NAMES,
+        "llama",
+        LLAMA_GGUF_NAMES,
         {"blk.{i}.attn_q.weight": "num_heads", "blk.{i}.attn_k.weight": "num_kv_heads"},
         attention_bias=False,
     ),
@@ -83,10 +84,10 @@ def unpermute_rotary_rows(weight: np.ndarray, n_head: int) -> np.ndarray:
     return weight.reshape(n_head, dim, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
 
 
-def gguf_arch_config(gguf: GGUFFile) -> ModelArchConfig:
+def gguf_arch_config(gguf_file: GGUFFile) -> ModelArchConfig:
     """Build the ModelArchConfig from GGUF metadata (reads at most the small rope_freqs tensor)."""
-    md = gguf.metadata
-    spec = _arch_spec(gguf)
+    md = gguf_file.metadata
+    spec = _arch_spec(gguf_file)
     prefix = f"{md['general.architecture']}."
 
     def get(key: str, default=None):
@@ -94,52 +95,58 @@ def gguf_arch_config(gguf: GGUFFile) -> ModelArchConfig:
 
     def need(key: str):
         if prefix + key not in md:
-            raise CheckpointError(f"{gguf.path} lacks the metadata key {prefix + key}; re-convert it with a current llama.cpp")
+            raise CheckpointError(
+                f"{gguf_file.path} lacks the metadata key {prefix + key}; re-convert it with a current llama.cpp"
+            )
         return md[prefix + key]
 
     hidden, num_heads = int(need("embedding_length")), int(need("attention.head_count"))
-    head_dim = int(get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads)
+    head_dim = int(
+        get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads
+    )
     rope_theta = float(get("rope.freq_base", 10000.0))
     return ModelArchConfig(
         architecture=spec.architecture,
-        vocab_size=_vocab_size(gguf, get("vocab_size")),
+        vocab_size=_vocab_size(gguf_file, get("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
         num_layers=int(need("block_count")),
         num_heads=num_heads,
-        num_kv_heads=_kv_heads(get("attention.head_count_kv", num_heads), gguf),
+        num_kv_heads=_kv_heads(get("attention.head_count_kv", num_heads), gguf_file),
         head_dim=head_dim,
         rms_norm_eps=float(need("attention.layer_norm_rms_epsilon")),
         rope_theta=rope_theta,
         max_position_embeddings=int(need("context_length")),
-        tie_word_embeddings="output.weight" not in gguf.tensors,
+        tie_word_embeddings="output.weight" not in gguf_file.tensors,
         attention_bias=spec.attention_bias,
-        rope_scaling=_rope_scaling(gguf, get, head_dim, rope_theta),
+        rope_scaling=_rope_scaling(gguf_file, get, head_dim, rope_theta),
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(md),
-        name=str(md.get("general.name") or gguf.path.stem),
+        name=str(md.get("general.name") or gguf_file.path.stem),
     )
 
 
-def load_gguf_tensors(gguf: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def load_gguf_tensors(
+    gguf_file: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Dequantize every weight once, un-permute q/k where needed, and return it under its HF name."""
-    spec = _arch_spec(gguf)
+    spec = _arch_spec(gguf_file)
     tensors: dict[str, torch.Tensor] = {}
-    for name, info in gguf.tensors.items():
+    for name, info in gguf_file.tensors.items():
         if name in NON_WEIGHT_TENSORS:
             continue
         match = _LAYER_PREFIX.match(name)
         template = _LAYER_PREFIX.sub("blk.{i}.", name) if match else name
         if template not in spec.tensor_names:
             raise CheckpointError(
-                f"{gguf.path}: tensor {name!r} has no HF name for architecture {spec.architecture}; "
+                f"{gguf_file.path}: tensor {name!r} has no HF name for architecture {spec.architecture}; "
                 "this GGUF has parts tierserve's model lacks (check it is a plain text decoder)"
             )
         try:
-            values = gguf.read_float32(name)
+            values = gguf_file.read_float32(name)
         except NotImplementedError:
             raise CheckpointError(
-                f"{gguf.path}: tensor {name!r} is stored as {info.qtype.name}, which the installed gguf "
+                f"{gguf_file.path}: tensor {name!r} is stored as {info.qtype.name}, which the installed gguf "
                 "package cannot dequantize; upgrade gguf (pip install -U gguf) or re-quantize the "
                 "model to Q8_0, Q4_0, Q4_1 or a K-quant with llama-quantize"
             ) from None
@@ -151,47 +158,57 @@ def load_gguf_tensors(gguf: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype)
     return tensors
 
 
-def _arch_spec(gguf: GGUFFile) -> GGUFArchSpec:
-    gguf_arch = gguf.metadata.get("general.architecture")
+def _arch_spec(gguf_file: GGUFFile) -> GGUFArchSpec:
+    gguf_arch = gguf_file.metadata.get("general.architecture")
     if gguf_arch not in GGUF_ARCHITECTURES:
         raise CheckpointError(
-            f"{gguf.path} is a GGUF of architecture {gguf_arch!r}; tierserve runs "
+            f"{gguf_file.path} is a GGUF of architecture {gguf_arch!r}; tierserve runs "
             f"{', '.join(SUPPORTED_ARCHITECTURES)} (GGUF architectures {', '.join(GGUF_ARCHITECTURES)})"
         )
     return GGUF_ARCHITECTURES[gguf_arch]
 
 
-def _vocab_size(gguf: GGUFFile, declared: int | None) -> int:
+def _vocab_size(gguf_file: GGUFFile, declared: int | None) -> int:
     if declared:
         return int(declared)
-    if "token_embd.weight" in gguf.tensors:
-        return gguf.tensors["token_embd.weight"].shape[0]  # (vocab, hidden)
-    return len(gguf.metadata.get("tokenizer.ggml.tokens", ()))
+    if "token_embd.weight" in gguf_file.tensors:
+        return gguf_file.tensors["token_embd.weight"].shape[0]  # (vocab, hidden)
+    return len(gguf_file.metadata.get("tokenizer.ggml.tokens", ()))
 
 
-def _kv_heads(value: int | list[int], gguf: GGUFFile) -> int:
+def _kv_heads(value: int | list[int], gguf_file: GGUFFile) -> int:
     if isinstance(value, list):  # some converters write one count per layer
         if len(set(value)) != 1:
-            raise CheckpointError(f"{gguf.path} has per-layer kv head counts {sorted(set(value))}; tierserve needs one")
+            raise CheckpointError(
+                f"{gguf_file.path} has per-layer kv head counts {sorted(set(value))}; tierserve needs one"
+            )
         value = value[0]
     return int(value)
 
 
 def _eos_token_ids(md: dict) -> list[int]:
     # llama.cpp stops on every end-of-generation token: eos, end-of-turn (Llama 3's <|eot_id|>), end-of-message.
-    keys = ("tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id")
+    keys = (
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.eot_token_id",
+        "tokenizer.ggml.eom_token_id",
+    )
     ids = [int(md[k]) for k in keys if md.get(k) is not None]
     return list(dict.fromkeys(ids))
 
 
-def _rope_scaling(gguf: GGUFFile, get, head_dim: int, rope_theta: float) -> dict | None:
+def _rope_scaling(gguf_file: GGUFFile, get, head_dim: int, rope_theta: float) -> dict | None:
     """HF-style rope_scaling from ``{arch}.rope.scaling.*`` keys, or from a rope_freqs tensor."""
-    if "rope_freqs.weight" in gguf.tensors:
-        return _llama3_rope_scaling(gguf.read_float32("rope_freqs.weight"), head_dim, rope_theta, gguf)
+    if "rope_freqs.weight" in gguf_file.tensors:
+        return _llama3_rope_scaling(
+            gguf_file.read_float32("rope_freqs.weight"), head_dim, rope_theta, gguf_file
+        )
     rope_type = get("rope.scaling.type")
     factor = get("rope.scaling.factor") or get("rope.scale_linear")  # scale_linear: older files
     if rope_type in (None, "none"):
-        return {"rope_type": "linear", "factor": float(factor)} if factor and factor != 1.0 else None
+        return (
+            {"rope_type": "linear", "factor": float(factor)} if factor and factor != 1.0 else None
+        )
     scaling: dict = {"rope_type": str(rope_type)}
     if factor:
         scaling["factor"] = float(factor)
@@ -200,7 +217,9 @@ def _rope_scaling(gguf: GGUFFile, get, head_dim: int, rope_theta: float) -> dict
     return scaling
 
 
-def _llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float, gguf: GGUFFile) -> dict | None:
+def _llama3_rope_scaling(
+    divisors: np.ndarray, head_dim: int, theta: float, gguf_file: GGUFFile
+) -> dict | None:
     """Recover HF's llama3 rope_scaling dict from llama.cpp's rope_freqs (one divisor per frequency).
 
     The divisors are 1 at high frequencies, ``factor`` at low ones, and in the band between
@@ -212,23 +231,36 @@ def _llama3_rope_scaling(divisors: np.ndarray, head_dim: int, theta: float, gguf
     wavelen = 2 * np.pi * theta ** (np.arange(0, head_dim, 2) / head_dim)
     factor = float(divisors.max())
     if divisors.shape != wavelen.shape or factor <= 1.0:
-        log.warning("%s: ignoring rope_freqs of shape %s (head_dim %d)", gguf.path, divisors.shape, head_dim)
+        log.warning(
+            "%s: ignoring rope_freqs of shape %s (head_dim %d)",
+            gguf_file.path,
+            divisors.shape,
+            head_dim,
+        )
         return None
     band = (divisors > 1 + 1e-4) & (divisors < factor * (1 - 1e-4))
     high, original = 4.0, 8192.0
     if band.sum() >= 2:
         smooth = (1 / divisors[band] - 1 / factor) / (1 - 1 / factor)
-        slope, intercept = np.polyfit(1 / wavelen[band], smooth, 1)  # smooth = slope/wavelen + intercept
+        slope, intercept = np.polyfit(
+            1 / wavelen[band], smooth, 1
+        )  # smooth = slope/wavelen + intercept
         if intercept < 0:
             high = 1 - 1 / intercept
             original = slope * (high - 1)
     scaling = {
-        "rope_type": "llama3", "factor": factor, "low_freq_factor": 1.0,
+        "rope_type": "llama3",
+        "factor": factor,
+        "low_freq_factor": 1.0,
         "high_freq_factor": round(float(high), 4),
         "original_max_position_embeddings": int(round(original)),
     }
     if not np.allclose(llama3_rope_divisors(scaling, wavelen), divisors, rtol=1e-3):
-        log.warning("%s: rope_freqs do not fit Llama 3 rope scaling; using %s anyway", gguf.path, scaling)
+        log.warning(
+            "%s: rope_freqs do not fit Llama 3 rope scaling; using %s anyway",
+            gguf_file.path,
+            scaling,
+        )
     return scaling
 
 
@@ -238,4 +270,6 @@ def llama3_rope_divisors(scaling: dict, wavelen: np.ndarray) -> np.ndarray:
     original = scaling["original_max_position_embeddings"]
     smooth = (original / wavelen - low) / (high - low)
     band = 1 / ((1 - smooth) / factor + smooth)
-    return np.where(wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, band))
+    return np.where(
+        wavelen < original / high, 1.0, np.where(wavelen > original / low, factor, band)
+    )
