@@ -62,15 +62,9 @@ def assert_arch_matches_hf_config(arch, config) -> None:
 
 
 @pytest.fixture(scope="module")
-def smollm2_pair(smollm2_path):
-    """(our checkpoint, transformers' model) for the SmolLM2 GGUF; HF dequantizes in ~20 s."""
-    from transformers import AutoModelForCausalLM
-
-    ours = load_checkpoint(smollm2_path)
-    hf = AutoModelForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
-    )
-    return ours, hf
+def smollm2_pair(smollm2_path, hf_smollm2):
+    """(our checkpoint, transformers' model) for the SmolLM2 GGUF."""
+    return load_checkpoint(smollm2_path), hf_smollm2
 
 
 @pytest.mark.slow

@@ -1,0 +1,186 @@
+"""LLM.generate / chat end to end: batch invariance, sampling, stops, n > 1, errors, no leaks."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from tierserve import LLM, InvalidRequestError, SamplingParams
+
+LENGTHS = [1, 3, 9, 16, 17, 30, 47, 64, 80, 100, 5, 12, 33, 70, 2, 121]
+
+
+def _prompts(seed=0, lengths=LENGTHS, vocab=350):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(n)] for n in lengths]
+
+
+def _greedy(max_tokens=20, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def _assert_no_blocks_held(llm):
+    llm.core.kv.check_invariants()
+    assert llm.core.kv.num_free_blocks == llm.core.kv.num_blocks
+    assert not llm.core.scheduler.requests
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_llama_dir):
+    return LLM(str(tiny_llama_dir), num_blocks=256)
+
+
+def _tokens(outputs):
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+def test_greedy_output_is_the_same_alone_batched_chunked_and_preempted(tiny_llama_dir, llm):
+    prompts = _prompts()
+    alone = [_tokens(llm.generate([p], _greedy(), use_tqdm=False))[0] for p in prompts]
+    batched = _tokens(llm.generate(prompts, _greedy(), use_tqdm=False))
+    chunked_llm = LLM(str(tiny_llama_dir), num_blocks=256, max_num_batched_tokens=7)
+    chunked = _tokens(chunked_llm.generate(prompts, _greedy(), use_tqdm=False))
+    tiny_pool = LLM(str(tiny_llama_dir), num_blocks=20, enable_prefix_caching=False)
+    preempted = _tokens(tiny_pool.generate(prompts, _greedy(), use_tqdm=False))
+    assert tiny_pool.core.scheduler.num_preemptions > 0
+    assert batched == alone
+    assert chunked == alone
+    assert preempted == alone
+    for engine in (llm, chunked_llm, tiny_pool):
+        _assert_no_blocks_held(engine)
+
+
+def test_prefix_cached_output_equals_uncached(tiny_llama_dir, llm):
+    shared = _prompts(seed=3, lengths=[40])[0]
+    prompts = [shared + tail for tail in _prompts(seed=4, lengths=[5, 9, 20])]
+    uncached = LLM(str(tiny_llama_dir), num_blocks=256, enable_prefix_caching=False)
+    expected = _tokens(uncached.generate(prompts, _greedy(), use_tqdm=False))
+    llm.generate([shared], _greedy(1), use_tqdm=False)  # warm the cache with the shared prefix
+    hits_before = llm.core.kv.prefix_cache.hits
+    outputs = llm.generate(prompts, _greedy(), use_tqdm=False)
+    assert _tokens(outputs) == expected
+    assert llm.core.kv.prefix_cache.hits > hits_before
+    assert all(o.num_cached_tokens >= 32 for o in outputs)
+
+
+def test_same_seed_gives_same_text_whatever_else_is_in_the_batch(llm):
+    params = SamplingParams(temperature=1.0, top_p=0.9, seed=1234, max_tokens=24, ignore_eos=True)
+    target = _prompts(seed=5, lengths=[20])[0]
+    alone = llm.generate([target], params, use_tqdm=False)[0].outputs[0].token_ids
+    others = _prompts(seed=6, lengths=[3, 50, 9, 70])
+    mixed = llm.generate(others[:2] + [target] + others[2:],
+                         [SamplingParams(temperature=1.0, max_tokens=30)] * 2 + [params]
+                         + [SamplingParams(temperature=0.7, max_tokens=10)] * 2, use_tqdm=False)
+    assert mixed[2].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=1.0, top_p=0.9, seed=99, max_tokens=24, ignore_eos=True)
+    assert llm.generate([target], other_seed, use_tqdm=False)[0].outputs[0].token_ids != alone
+
+
+def test_n_completions_share_the_prompt_blocks(llm):
+    prompt = _prompts(seed=7, lengths=[60])[0]
+    hits_before = llm.core.kv.prefix_cache.hits
+    params = SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=10, ignore_eos=True)
+    (output,) = llm.generate([prompt], params, use_tqdm=False)
+    assert [c.index for c in output.outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in output.outputs}) > 1  # different seeds per child
+    assert llm.core.kv.prefix_cache.hits - hits_before >= 2 * (59 // 16)  # followers reused it
+    again = llm.generate([prompt], params, use_tqdm=False)[0]
+    assert [c.token_ids for c in again.outputs] == [c.token_ids for c in output.outputs]
+    _assert_no_blocks_held(llm)
+
+
+def test_stop_token_ids_end_the_output_and_are_not_in_the_text(llm):
+    prompt = _prompts(seed=8, lengths=[10])[0]
+    free = llm.generate([prompt], _greedy(20), use_tqdm=False)[0].outputs[0]
+    stop_id = free.token_ids[5]
+    first = free.token_ids.index(stop_id)
+    out = llm.generate([prompt], _greedy(20, stop_token_ids=[stop_id]), use_tqdm=False)[0]
+    completion = out.outputs[0]
+    assert completion.token_ids == free.token_ids[: first + 1]
+    assert completion.finish_reason == "stop" and completion.stop_reason == stop_id
+    tok = llm.get_tokenizer()
+    assert completion.text == tok.decode(free.token_ids[:first])
+
+
+def test_stop_string_truncates_the_text_before_it(llm):
+    prompt = _prompts(seed=9, lengths=[10])[0]
+    free = llm.generate([prompt], _greedy(30), use_tqdm=False)[0].outputs[0]
+    text = free.text
+    assert len(text) > 12
+    stop = text[8:12]
+    out = llm.generate([prompt], _greedy(30, stop=[stop]), use_tqdm=False)[0].outputs[0]
+    assert out.text == text[: text.index(stop)]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    kept = llm.generate([prompt], _greedy(30, stop=[stop], include_stop_str_in_output=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert kept.text == text[: text.index(stop) + len(stop)]
+    _assert_no_blocks_held(llm)
+
+
+def test_max_tokens_and_min_tokens(llm):
+    prompt = _prompts(seed=10, lengths=[12])[0]
+    free = llm.generate([prompt], _greedy(15), use_tqdm=False)[0].outputs[0]
+    assert len(free.token_ids) == 15 and free.finish_reason == "length"
+    eos_at_3 = free.token_ids[3]  # pretend that token is a stop id, with min_tokens beyond it
+    params = _greedy(15, stop_token_ids=[eos_at_3], min_tokens=10)
+    out = llm.generate([prompt], params, use_tqdm=False)[0].outputs[0]
+    assert eos_at_3 not in out.token_ids[:10]
+    assert len(out.token_ids) >= 10
+
+
+def test_chat_uses_the_template(llm):
+    out = llm.chat([{"role": "user", "content": "hello"}], _greedy(5), use_tqdm=False)[0]
+    expected = llm.get_tokenizer().encode_chat([{"role": "user", "content": "hello"}])
+    assert out.prompt_token_ids == expected and len(out.outputs[0].token_ids) == 5
+
+
+def test_bad_requests_raise_clear_errors_and_the_engine_keeps_serving(llm):
+    with pytest.raises(InvalidRequestError, match="prompt has 2,000 tokens"):
+        llm.generate([[5] * 2000], _greedy(), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="max_tokens"):
+        llm.generate([[5] * 10], SamplingParams(max_tokens=5000), use_tqdm=False)
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(InvalidRequestError, match="top_p"):
+        SamplingParams(top_p=0)
+    assert llm.generate([[5, 6, 7]], _greedy(3), use_tqdm=False)[0].outputs[0].token_ids
+    _assert_no_blocks_held(llm)
+
+
+def test_unknown_model_name_is_a_clear_error():
+    from tierserve.model.hub import ModelNotFoundError
+
+    with pytest.raises(ModelNotFoundError, match=r"not a known name \(smollm2\)"):
+        LLM("no-such-model")
+
+
+def test_a_failing_step_frees_every_block_and_the_engine_recovers(llm, monkeypatch):
+    runner = llm.engine.runner
+    real_execute, calls = runner.execute, {"n": 0}
+
+    def flaky(plan):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+        return real_execute(plan)
+
+    monkeypatch.setattr(llm.core, "executor", type("E", (), {"execute": staticmethod(flaky)}))
+    with pytest.raises(RuntimeError, match="injected"):
+        llm.generate(_prompts(seed=11, lengths=[30, 4, 50]), _greedy(), use_tqdm=False)
+    _assert_no_blocks_held(llm)
+    monkeypatch.undo()
+    assert llm.generate([[5, 6, 7]], _greedy(3), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_random_generate_calls_never_leak_blocks(tiny_llama_dir):
+    engine = LLM(str(tiny_llama_dir), num_blocks=24, max_num_batched_tokens=16)
+    rng = random.Random(0)
+    for round_ in range(4):
+        lengths = [rng.randint(1, 90) for _ in range(rng.randint(1, 8))]
+        params = [SamplingParams(temperature=rng.choice([0.0, 1.0]), max_tokens=rng.randint(1, 20),
+                                 n=rng.choice([1, 1, 2]), seed=rng.choice([None, round_]),
+                                 stop=rng.choice([[], ["a"]]))
+                  for _ in lengths]
+        engine.generate(_prompts(seed=round_, lengths=lengths), params, use_tqdm=False)
+        _assert_no_blocks_held(engine)
