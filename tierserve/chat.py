@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+log = logging.getLogger(__name__)
 
 
 def run_chat(args: argparse.Namespace) -> int:
@@ -37,6 +40,7 @@ def run_chat(args: argparse.Namespace) -> int:
 def _stream_answer(llm, messages: list[dict], params) -> str:
     shown = 0
     text = ""
+    output = None
     stream = llm.stream_chat(messages, params)
     try:
         for output in stream:
@@ -49,4 +53,8 @@ def _stream_answer(llm, messages: list[dict], params) -> str:
         sys.stdout.write(" [stopped]")
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if output is not None:
+        log.info("turn of %d messages: %d prompt tokens (%d from the prefix cache), %d generated",
+                 len(messages), len(output.prompt_token_ids), output.num_cached_tokens,
+                 len(output.outputs[0].token_ids))
     return text
