@@ -32,9 +32,12 @@ def tierserve_logits(llm, token_ids: list[int]) -> torch.Tensor:
     from tierserve.sched.plan import ScheduledChunk
 
     runner = llm.engine.runner
-    block_size = runner.block_size
-    table = list(range(-(-len(token_ids) // block_size)))
-    chunk = ScheduledChunk("ref", token_ids, 0, table, True, SamplingParams(), token_ids, [])
-    input_ids, positions, meta = runner._prepare([chunk])
-    hidden = runner.model.forward(input_ids, positions, runner.kv_cache, meta)
-    return runner.model.compute_logits(hidden[: len(token_ids)])
+    pool = llm.core.kv.pool  # borrow free blocks (evicting their cache entries) and give them back
+    table = pool.allocate(-(-len(token_ids) // runner.block_size))
+    try:
+        chunk = ScheduledChunk("ref", token_ids, 0, table, True, SamplingParams(), token_ids, [])
+        input_ids, positions, meta = runner._prepare([chunk])
+        hidden = runner.model.forward(input_ids, positions, runner.kv_cache, meta)
+        return runner.model.compute_logits(hidden[: len(token_ids)])
+    finally:
+        pool.release(table)

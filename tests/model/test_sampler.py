@@ -1,0 +1,108 @@
+"""Sampler behaviour on synthetic logits: each knob does what it says, seeds are private."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tierserve.model.sampler import Sampler
+from tierserve.request import SamplingParams
+from tierserve.sched.plan import ScheduledChunk
+
+VOCAB = 8
+
+
+def _row(rid="r", prompt=(1,), output=(), **params):
+    return ScheduledChunk(rid, [0], 0, [0], True, SamplingParams(**params), list(prompt),
+                          list(output), frozenset({7}))
+
+
+def _logits(*values):
+    return torch.tensor([list(values)], dtype=torch.float32)
+
+
+BASE = (4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, 5.0)  # token 7 (eos) is the most likely
+
+
+def _draws(params_kw, n=300, logits=BASE, seed=0, **row_kw):
+    sampler = Sampler(seed)
+    return [sampler.sample(_logits(*logits), [_row(**row_kw, **params_kw)])[0][0]
+            for _ in range(n)]
+
+
+def test_greedy_takes_the_argmax():
+    assert set(_draws({"temperature": 0.0}, n=5)) == {7}
+
+
+def test_top_k_limits_draws_to_the_k_best():
+    assert set(_draws({"temperature": 1.0, "top_k": 2})) == {7, 0}
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    probs = torch.softmax(torch.tensor(BASE), -1)
+    assert probs[7] < 0.7 < probs[7] + probs[0]
+    assert set(_draws({"temperature": 1.0, "top_p": 0.7})) == {7, 0}
+
+
+def test_min_p_drops_tokens_below_a_fraction_of_the_best():
+    # p(token)/p(best) = e^(logit - 5): tokens 0 (e^-1) and 1 (e^-2) stay above 0.1, token 2 not.
+    assert set(_draws({"temperature": 1.0, "min_p": 0.1})) == {7, 0, 1}
+
+
+def test_temperature_sharpens_and_flattens():
+    cold = _draws({"temperature": 0.2})
+    hot = _draws({"temperature": 5.0})
+    assert cold.count(7) > 250 and len(set(hot)) >= 6
+
+
+def test_sampling_frequencies_follow_the_probabilities():
+    draws = _draws({"temperature": 1.0}, n=4000, logits=(0.0, math.log(3.0)) + (-50.0,) * 6)
+    assert abs(draws.count(1) / 4000 - 0.75) < 0.03
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    draws = _draws({"temperature": 0.0, "min_tokens": 2, "stop_token_ids": [0]}, n=1, output=(3,))
+    assert draws == [1]  # eos (7) and stop id 0 masked: next best is token 1
+    assert _draws({"temperature": 0.0, "min_tokens": 2}, n=1, output=(3, 4)) == [7]
+
+
+def test_repetition_penalty_divides_positive_and_multiplies_negative_logits():
+    sampler = Sampler()
+    logits = _logits(*BASE)
+    row = _row(prompt=(7,), output=(6,), repetition_penalty=2.0)
+    sampler._apply_penalties(logits, [row])
+    assert logits[0, 7].item() == 2.5 and logits[0, 6].item() == -4.0 and logits[0, 0].item() == 4.0
+
+
+def test_presence_and_frequency_penalties_count_output_tokens_only():
+    sampler = Sampler()
+    logits = _logits(*BASE)
+    row = _row(prompt=(0,), output=(7, 7, 1), presence_penalty=0.5, frequency_penalty=0.25)
+    sampler._apply_penalties(logits, [row])
+    assert logits[0, 7].item() == pytest.approx(5.0 - 0.5 - 0.5)
+    assert logits[0, 1].item() == pytest.approx(3.0 - 0.5 - 0.25)
+    assert logits[0, 0].item() == 4.0
+
+
+def test_seeded_rows_do_not_depend_on_their_neighbours():
+    def draw(neighbours):
+        sampler = Sampler(seed=123)
+        rows = [_row("seeded", temperature=1.0, seed=7)] + [
+            _row(f"n{i}", temperature=1.0) for i in range(neighbours)]
+        logits = torch.randn(1 + neighbours, VOCAB, generator=torch.Generator().manual_seed(0))
+        logits[0] = torch.tensor(BASE)
+        return [sampler.sample(logits, rows)[0][0] for _ in range(30)]
+
+    assert draw(0) == draw(3) == draw(5)
+
+
+def test_logprobs_report_rank_and_top_alternatives():
+    sampler = Sampler()
+    tokens, logprobs = sampler.sample(_logits(*BASE), [_row(temperature=0.0, logprobs=3)])
+    entry = logprobs[0]
+    reference = torch.log_softmax(torch.tensor(BASE), -1)
+    assert tokens == [7] and entry.rank == 1
+    assert [t for t, _ in entry.top] == [7, 0, 1]
+    assert entry.logprob == pytest.approx(reference[7].item())
