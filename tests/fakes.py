@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.engine.core import EngineCore, EngineLimits
-from tierserve.sched.plan import StepPlan, StepResult
+from tierserve.kv.tiers_types import Tier
+from tierserve.sched.plan import StepPlan, StepResult, SwapDone
 
 VOCAB = 1000
 
@@ -18,20 +19,33 @@ class FakeExecutor:
 
     def __init__(self, num_blocks: int, block_size: int) -> None:
         self.block_size = block_size
-        self.slots: dict[tuple[int, int], int] = {}  # (block, offset) -> token id written there
+        # (tier, block) -> the token ids written in that block's slots
+        self.blocks: dict[tuple[Tier, int], dict[int, int]] = {}
         self.plans: list[StepPlan] = []
+        self.copies = 0
+
+    def _slots(self, tier: Tier, block: int) -> dict[int, int]:
+        return self.blocks.setdefault((tier, block), {})
 
     def execute(self, plan: StepPlan) -> StepResult:
         self.plans.append(plan)
         result = StepResult()
+        for order in plan.swap_orders:  # copies run in order, before the forward
+            for op in order.ops:
+                for run in op.runs:
+                    self.copies += 1
+                    for i in range(run.length):
+                        src = self.blocks.get((op.src_tier, run.src_start + i), {})
+                        self.blocks[(op.dst_tier, run.dst_start + i)] = dict(src)
+            result.swaps_done.append(SwapDone(order.key, order.num_blocks, order.num_copies))
         for chunk in plan.chunks:
             table = chunk.block_table
             for offset, token in enumerate(chunk.token_ids):
                 pos = chunk.start_pos + offset
-                self.slots[(table[pos // self.block_size], pos % self.block_size)] = token
+                self._slots(Tier.DEVICE, table[pos // self.block_size])[pos % self.block_size] = token
             if chunk.sample:
                 end = chunk.start_pos + chunk.num_tokens
-                context = [self.slots[(table[p // self.block_size], p % self.block_size)]
+                context = [self.blocks[(Tier.DEVICE, table[p // self.block_size])][p % self.block_size]
                            for p in range(end)]
                 result.sampled_token_ids[chunk.request_id] = _next_token(context)
         return result
@@ -45,11 +59,18 @@ def _next_token(context: list[int]) -> int:
 
 
 def make_core(num_blocks: int = 64, block_size: int = 4, budget: int = 32, max_num_seqs: int = 64,
-              prefix_caching: bool = True, max_model_len: int = 4096) -> tuple[EngineCore, FakeExecutor]:
+              prefix_caching: bool = True, max_model_len: int = 4096, host_blocks: int = 0,
+              disk_blocks: int = 0, policy: str = "sarathi", preemption: str = "auto",
+              group_size: int = 8, save_evicted: bool = True, update_interval: int = 1
+              ) -> tuple[EngineCore, FakeExecutor]:
     config = EngineConfig(
         cache=CacheConfig(block_size=block_size, num_blocks=num_blocks,
-                          enable_prefix_caching=prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs),
+                          enable_prefix_caching=prefix_caching, num_host_blocks=host_blocks,
+                          num_disk_blocks=disk_blocks, block_group_size=group_size,
+                          save_evicted_to_host=save_evicted),
+        scheduler=SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs,
+                                  policy=policy, preemption_mode=preemption,
+                                  priority_update_interval=update_interval),
     )
     executor = FakeExecutor(num_blocks, block_size)
     limits = EngineLimits(max_model_len, VOCAB, num_blocks * block_size)

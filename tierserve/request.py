@@ -78,7 +78,8 @@ class RequestStatus(Enum):
 
     WAITING = "waiting"
     RUNNING = "running"
-    PREEMPTED = "preempted"
+    PREEMPTED = "preempted"  # KV dropped: recomputed when it runs again
+    SWAPPED = "swapped"  # KV in the host or disk tier: copied back when it runs again
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"

@@ -7,12 +7,14 @@ tests, a cost model in the simulator.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Protocol
 
 from tierserve.config import EngineConfig
 from tierserve.errors import InvalidRequestError
 from tierserve.kv.manager import KVCacheManager
+from tierserve.metrics import MetricsCollector
 from tierserve.request import Request, RequestStatus, SamplingParams
 from tierserve.sched.plan import RequestUpdate, StepPlan, StepResult
 from tierserve.sched.scheduler import Scheduler
@@ -31,6 +33,7 @@ class EngineLimits:
     max_model_len: int
     vocab_size: int
     kv_capacity_tokens: int
+    bytes_per_block: int = 0  # one KV block, all layers; 0 when unknown (fake executors)
 
 
 class EngineCore:
@@ -42,10 +45,17 @@ class EngineCore:
         self.executor = executor
         self.limits = limits
         self.eos_token_ids = eos_token_ids
-        num_blocks = limits.kv_capacity_tokens // config.cache.block_size
-        self.kv = KVCacheManager(num_blocks, config.cache.block_size,
-                                 config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.kv, limits.max_model_len)
+        cache = config.cache
+        num_blocks = limits.kv_capacity_tokens // cache.block_size
+        self.kv = KVCacheManager(
+            num_blocks, cache.block_size, cache.enable_prefix_caching,
+            num_host_blocks=_tier_blocks(cache.num_host_blocks, cache.swap_space, limits),
+            num_disk_blocks=_tier_blocks(cache.num_disk_blocks, cache.disk_swap_space, limits),
+            block_group_size=cache.block_group_size,
+            save_evicted_to_host=cache.save_evicted_to_host)
+        self.scheduler = Scheduler(config.scheduler, self.kv, limits.max_model_len,
+                                   bytes_per_block=limits.bytes_per_block)
+        self.metrics = MetricsCollector()
         self.num_steps = 0
 
     # -- requests ------------------------------------------------------------------------------
@@ -79,12 +89,16 @@ class EngineCore:
 
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
+        client = request.client_id or f"anon:{request.request_id}"
+        self.metrics.on_arrival(request.request_id, client, request.num_prompt_tokens,
+                                now=request.arrival_time)
 
     def abort(self, request_ids: list[str],
               status: RequestStatus = RequestStatus.FINISHED_ABORTED) -> None:
         """End these requests now and free their KV blocks; unknown ids are ignored."""
         for request_id in request_ids:
-            self.scheduler.abort(request_id, status)
+            if self.scheduler.abort(request_id, status) is not None:
+                self.metrics.on_finished(request_id, status.finish_reason)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -93,14 +107,45 @@ class EngineCore:
     def step(self) -> list[RequestUpdate]:
         """One engine iteration: schedule, execute, update."""
         plan = self.scheduler.schedule()
-        if plan.is_empty and not plan.finished_request_ids:
+        if plan.is_empty and not plan.finished_request_ids and not self.kv.has_inflight:
             if self.scheduler.has_unfinished():
                 raise RuntimeError("scheduler made no progress with requests pending "
                                    "(a request cannot fit the KV pool)")
             return []
+        started = time.monotonic()
         result = self.executor.execute(plan)
         self.num_steps += 1
-        return self.scheduler.update(plan, result)
+        updates = self.scheduler.update(plan, result)
+        self._record(plan, result, updates, time.monotonic() - started)
+        return updates
+
+    def _record(self, plan: StepPlan, result: StepResult, updates: list[RequestUpdate],
+                seconds: float) -> None:
+        metrics, scheduler = self.metrics, self.scheduler
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            metrics.on_scheduled(chunk.request_id, now=now)
+            request = scheduler.requests.get(chunk.request_id)
+            if request is not None and request.num_cached_tokens:
+                metrics.on_cached(chunk.request_id, request.num_cached_tokens)
+        for request_id in plan.preempted_request_ids:
+            metrics.on_preempted(request_id)
+        for done in result.swaps_done:
+            metrics.on_swap(done.key.split("-", 2)[-1], done.bytes, done.seconds)
+        for update in updates:
+            metrics.on_tokens(update.request_id, len(update.new_token_ids), now=now)
+            if update.finished:
+                metrics.on_finished(update.request_id, update.finish_reason, now=now)
+        cache = self.kv.prefix_cache
+        metrics.set_prefix_cache(cache.queries, cache.hits)
+        metrics.on_step(plan.num_batched_tokens, scheduler.num_running, scheduler.num_waiting,
+                        scheduler.num_swapped, seconds, now=now)
+
+
+def _tier_blocks(override: int | None, space: int, limits: EngineLimits) -> int:
+    if override is not None:
+        return override
+    return space // limits.bytes_per_block if limits.bytes_per_block else 0
 
 
 def _context_words(limits: EngineLimits) -> str:

@@ -22,7 +22,9 @@ class BlockPoolExhausted(RuntimeError):
 class BlockPool:
     """``num_blocks`` KV blocks, identified by integer ids ``0 .. num_blocks - 1``."""
 
-    def __init__(self, num_blocks: int, on_evict: Callable[[int], None] | None = None) -> None:
+    def __init__(self, num_blocks: int, on_evict: Callable[[int], None] | None = None,
+                 is_cached: Callable[[int], bool] | None = None, group_size: int = 0,
+                 evict_score: Callable[[int], float] | None = None) -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -30,6 +32,14 @@ class BlockPool:
         # Insertion order is eviction order: the first key is the least recently freed block.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
         self._on_evict = on_evict  # told when a free block is handed out (drop its cache entry)
+        self._is_cached = is_cached or (lambda block: False)
+        # Block groups (FastSwitch): > 0 means "hand out runs of neighbouring blocks", so that a
+        # request's blocks coalesce into few large copies when it is swapped.
+        self.group_size = group_size
+        self._cursor = 0  # next-fit search start for a free run
+        # Eviction strategy: None is LRU; else the free block with the lowest score goes first
+        # (ties: least recently freed). Uncached blocks should score lowest.
+        self._evict_score = evict_score
 
     @property
     def num_free(self) -> int:
@@ -40,18 +50,85 @@ class BlockPool:
     def num_used(self) -> int:
         return self.num_blocks - len(self._free)
 
-    def allocate(self, count: int) -> list[int]:
-        """Take ``count`` blocks from the front of the free queue, each with ref_count 1."""
+    def allocate(self, count: int, after: int | None = None) -> list[int]:
+        """Take ``count`` free blocks, each with ref_count 1.
+
+        Without block groups: the least recently freed first (LRU eviction of cached blocks).
+        With block groups: first the blocks right after ``after`` (the request's last block),
+        then runs of neighbouring uncached blocks, and only then LRU order.
+        """
         if count > len(self._free):
             raise BlockPoolExhausted(f"asked for {count} blocks, {len(self._free)} free")
-        blocks = []
-        for _ in range(count):
-            block, _ = self._free.popitem(last=False)
-            if self._on_evict is not None:
-                self._on_evict(block)
-            self.ref_counts[block] = 1
+        blocks: list[int] = []
+        if self.group_size > 0:
+            blocks = self._take_runs(count, after)
+        while len(blocks) < count:
+            if self._evict_score is None:
+                block = next(iter(self._free))
+            else:
+                block = min(self._free, key=self._evict_score)
+            self._take(block)
             blocks.append(block)
         return blocks
+
+    def _take(self, block: int) -> None:
+        del self._free[block]
+        if self._on_evict is not None:
+            self._on_evict(block)
+        self.ref_counts[block] = 1
+
+    def _takeable(self, block: int) -> bool:
+        return block in self._free and not self._is_cached(block)
+
+    def _take_runs(self, count: int, after: int | None) -> list[int]:
+        taken: list[int] = []
+        nxt = after + 1 if after is not None else None
+        while len(taken) < count:
+            if nxt is None or nxt >= self.num_blocks or not self._runnable(nxt):
+                nxt = self._find_run(min(self.group_size, count - len(taken)))
+                if nxt is None:
+                    break
+            self._take(nxt)
+            taken.append(nxt)
+            nxt += 1
+        return taken
+
+    def _find_run(self, length: int) -> int | None:
+        """Start of a run of ``length`` free blocks (next-fit), uncached ones preferred; else
+        the start of the longest run found."""
+        start = self._scan(length, self._takeable)
+        if start is None or not self._run_at_least(start, length, self._takeable):
+            start = self._scan(length, self._runnable)
+        return start
+
+    def _runnable(self, block: int) -> bool:
+        """Free blocks a group may take. With an eviction score, cached blocks are left to the
+        score (they may hold content someone waits for); with LRU, contiguity wins."""
+        if self._evict_score is not None:
+            return self._takeable(block)
+        return block in self._free
+
+    def _run_at_least(self, start: int, length: int, ok: Callable[[int], bool]) -> bool:
+        return all(start + i < self.num_blocks and ok(start + i) for i in range(length))
+
+    def _scan(self, length: int, ok: Callable[[int], bool]) -> int | None:
+        best_start, best_len, run_start, run_len = None, 0, 0, 0
+        for step in range(self.num_blocks):
+            block = (self._cursor + step) % self.num_blocks
+            if block == 0:
+                run_len = 0
+            if ok(block):
+                if run_len == 0:
+                    run_start = block
+                run_len += 1
+                if run_len > best_len:
+                    best_start, best_len = run_start, run_len
+                if run_len >= length:
+                    self._cursor = (run_start + length) % self.num_blocks
+                    return run_start
+            else:
+                run_len = 0
+        return best_start
 
     def touch(self, block: int) -> None:
         """Add a reference to ``block`` (a prefix-cache hit), taking it off the free queue."""

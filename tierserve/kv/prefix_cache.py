@@ -58,6 +58,25 @@ class PrefixCache:
         self._by_hash[block_hash] = CachedBlock(block_id, parent, token_ids, namespace)
         self._hash_of_block[block_id] = block_hash
 
+    def holds(self, block_id: int) -> bool:
+        """Whether ``block_id`` holds cached content."""
+        return block_id in self._hash_of_block
+
+    def hash_of(self, block_id: int) -> BlockHash | None:
+        return self._hash_of_block.get(block_id)
+
+    def block_of(self, block_hash: BlockHash) -> int | None:
+        """The block cached under a hash the caller computed itself (no content check needed)."""
+        entry = self._by_hash.get(block_hash)
+        return entry.block_id if entry else None
+
+    def entry(self, block_hash: BlockHash) -> CachedBlock | None:
+        return self._by_hash.get(block_hash)
+
+    def entry_of_block(self, block_id: int) -> tuple[BlockHash, CachedBlock] | None:
+        block_hash = self._hash_of_block.get(block_id)
+        return None if block_hash is None else (block_hash, self._by_hash[block_hash])
+
     def evict(self, block_id: int) -> None:
         """Forget whatever ``block_id`` held (it is being reused)."""
         block_hash = self._hash_of_block.pop(block_id, None)

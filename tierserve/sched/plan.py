@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tierserve.kv.tiers import SwapOrder
 from tierserve.request import SamplingParams
 
 
@@ -39,6 +40,9 @@ class StepPlan:
     # Requests that ended since the last plan: the executor may drop their per-request state.
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Copies between KV tiers, in order. The executor starts them all; the forward waits only
+    # for the orders marked ``wait`` (swap-ins, victim saves); swap-outs overlap the step.
+    swap_orders: list[SwapOrder] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -46,7 +50,7 @@ class StepPlan:
 
     @property
     def is_empty(self) -> bool:
-        return not self.chunks
+        return not self.chunks and not self.swap_orders
 
 
 @dataclass(slots=True)
@@ -65,6 +69,18 @@ class StepResult:
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    swaps_done: list[SwapDone] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class SwapDone:
+    """A finished copy order: its device blocks may now be reused."""
+
+    key: str
+    num_blocks: int = 0
+    num_copies: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
 
 
 @dataclass(slots=True)

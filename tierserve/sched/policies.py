@@ -1,62 +1,135 @@
 """Scheduling policies: who runs first and who is preempted. They never touch memory.
 
 A policy is a small class registered by name; the Scheduler owns the budget loop and the
-mechanics of allocation and preemption.
+mechanics of allocation, swapping and preemption. Lower ``priority`` values go first in every
+policy (explicit priority classes sit above the policy's own order).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
 
 from tierserve.request import Request
 
 
-class Policy(Protocol):
-    """Orders requests for the Scheduler."""
+class Policy:
+    """Base policy: first come, first served; the newest running request is the victim."""
 
-    name: str
+    name = "base"
+    # True: whenever a new prompt can be admitted, a step runs only whole prefills (no decodes).
+    prefill_first = False
 
-    def order_running(self, running: Sequence[Request]) -> list[Request]:
-        """Running requests, the first served first."""
-        ...
-
-    def order_waiting(self, waiting: Sequence[Request]) -> list[Request]:
-        """Waiting (new or preempted) requests, the first admitted first."""
-        ...
-
-    def pick_victim(self, candidates: Sequence[Request]) -> Request:
-        """The running request to preempt when memory runs out."""
-        ...
-
-
-class FCFSPolicy:
-    """First come, first served within priority classes (lower ``priority`` value goes first).
-
-    The victim is the newest-arrived request of the worst class, as in vLLM.
-    """
-
-    name = "fcfs"
-
-    @staticmethod
-    def _key(request: Request) -> tuple[int, float, str]:
+    def key(self, request: Request) -> tuple:
         return (request.priority, request.arrival_time, request.request_id)
 
     def order_running(self, running: Sequence[Request]) -> list[Request]:
-        return sorted(running, key=self._key)
+        """Running requests, the first served first."""
+        return sorted(running, key=self.key)
 
     def order_waiting(self, waiting: Sequence[Request]) -> list[Request]:
-        return sorted(waiting, key=self._key)
+        """Waiting (new, preempted or swapped) requests, the first admitted first."""
+        return sorted(waiting, key=self.key)
 
     def pick_victim(self, candidates: Sequence[Request]) -> Request:
-        return max(candidates, key=self._key)
+        """The running request to preempt when memory runs out."""
+        return max(candidates, key=self.key)
+
+    def preempt_for(self, request: Request, running: Sequence[Request]) -> Request | None:
+        """A running request to preempt so that waiting ``request`` can run now, or None."""
+        return None
+
+    def on_step(self, step: int, requests: Sequence[Request]) -> None:
+        """Called before each schedule() with every live request."""
+
+    def on_service(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
+        """Tokens computed for ``request`` in the last step."""
 
 
-POLICIES: dict[str, type] = {FCFSPolicy.name: FCFSPolicy}
+class SarathiPolicy(Policy):
+    """Sarathi-Serve's stall-free order: every running decode, then partly computed prompts
+    (oldest first); new prompts are admitted after, chunked to the remaining budget."""
+
+    name = "sarathi"
+
+    def order_running(self, running: Sequence[Request]) -> list[Request]:
+        def decode_first(request: Request) -> tuple:
+            prefilling = request.num_tokens - request.num_computed_tokens > 1
+            return (request.priority, prefilling, request.arrival_time, request.request_id)
+
+        return sorted(running, key=decode_first)
 
 
-def make_policy(name: str) -> Policy:
-    """Instantiate a registered policy by name."""
+class PrefillFirstPolicy(Policy):
+    """The classic baseline (vLLM's old default): a new prompt's whole prefill runs in a step of
+    its own and running decodes wait for it."""
+
+    name = "fcfs-prefill-first"
+    prefill_first = True
+
+
+class FairPolicy(Policy):
+    """FastSwitch's fairness-aware scheduling over Virtual Token Counter service accounting.
+
+    Each client accrues ``prompt_weight * prompt tokens + output_weight * output tokens``. Every
+    ``update_interval`` steps the order is refreshed from the counters; the least served client
+    goes first, and when it waits while the most served client runs, that client's request is
+    preempted (the scheduler swaps it out). A client that appears (or returns after idling) is
+    lifted to the smallest counter among active clients, so it cannot bank idle time.
+    """
+
+    name = "fair"
+
+    def __init__(self, update_interval: int = 1, prompt_weight: float = 1.0,
+                 output_weight: float = 2.0, preempt_margin: float = 16.0) -> None:
+        self.update_interval = max(1, update_interval)
+        self.prompt_weight = prompt_weight
+        self.output_weight = output_weight
+        self.preempt_margin = preempt_margin  # service gap (tokens) that justifies a preemption
+        self.counters: dict[str, float] = {}
+        self._snapshot: dict[str, float] = {}
+        self._active: set[str] = set()
+
+    @staticmethod
+    def client(request: Request) -> str:
+        return request.client_id or f"anon:{request.request_id}"
+
+    def key(self, request: Request) -> tuple:
+        service = self._snapshot.get(self.client(request), 0.0)
+        return (request.priority, service, request.arrival_time, request.request_id)
+
+    def on_step(self, step: int, requests: Sequence[Request]) -> None:
+        active = {self.client(r) for r in requests}
+        if active:
+            floor = min((self.counters[c] for c in active & self._active), default=0.0)
+            for client in active - self._active:  # new or returning: lift to the floor
+                self.counters[client] = max(self.counters.get(client, 0.0), floor)
+        self._active = active
+        if step % self.update_interval == 0 or not self._snapshot.keys() >= active:
+            self._snapshot = dict(self.counters)
+
+    def on_service(self, request: Request, prompt_tokens: int, output_tokens: int) -> None:
+        client = self.client(request)
+        self.counters[client] = self.counters.get(client, 0.0) + (
+            self.prompt_weight * prompt_tokens + self.output_weight * output_tokens)
+
+    def preempt_for(self, request: Request, running: Sequence[Request]) -> Request | None:
+        mine = self._snapshot.get(self.client(request), 0.0)
+        candidates = [r for r in running if r.priority > request.priority or (
+            r.priority == request.priority
+            and self._snapshot.get(self.client(r), 0.0) > mine + self.preempt_margin)]
+        return self.pick_victim(candidates) if candidates else None
+
+
+POLICIES: dict[str, type[Policy]] = {
+    SarathiPolicy.name: SarathiPolicy,
+    PrefillFirstPolicy.name: PrefillFirstPolicy,
+    FairPolicy.name: FairPolicy,
+}
+
+
+def make_policy(name: str, **options) -> Policy:
+    """Instantiate a registered policy by name (options go to policies that take them)."""
     if name not in POLICIES:
         raise ValueError(f"unknown scheduling policy {name!r}; choose one of {', '.join(POLICIES)}")
-    return POLICIES[name]()
+    cls = POLICIES[name]
+    return cls(**options) if cls is FairPolicy else cls()

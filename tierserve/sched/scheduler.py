@@ -1,14 +1,18 @@
-"""Scheduler: the token-budget loop. Admission, chunking, preemption mechanics; policies order.
+"""Scheduler: the token-budget loop. Admission, chunking, preemption and swap mechanics.
 
-Each step grants every scheduled request ``num_new_tokens`` within one token budget. There are no
-prefill and decode phases: running requests (decodes and partly computed prompts) are served
-first, in policy order, then waiting requests are admitted while budget and memory last. A long
-prompt is simply granted what is left of the budget, step after step (chunked prefill).
+Each step grants requests ``num_new_tokens`` within one token budget; there are no prefill and
+decode phases. The policy orders requests and names victims; this class moves them:
+
+    WAITING --admit--> RUNNING --finish--> FINISHED
+       ^                 |  \\
+       | recompute       |   \\ swap out (blocks to host/disk, async)
+       +--- PREEMPTED <--+    --> SWAPPED --swap in (blocks back)--> RUNNING
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 
 from tierserve.config import SchedulerConfig
 from tierserve.kv.manager import KVCacheManager
@@ -20,21 +24,26 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
-    """Owns the waiting and running sets and the per-step token budget."""
+    """Owns the waiting, swapped and running sets and the per-step token budget."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
-                 policy: Policy | None = None) -> None:
+                 policy: Policy | None = None, bytes_per_block: int = 0) -> None:
         self.config = config
         self.kv = kv
         self.max_model_len = max_model_len
-        self.policy = policy or make_policy(config.policy)
+        self.policy = policy or make_policy(
+            config.policy, update_interval=config.priority_update_interval)
+        self.bytes_per_block = bytes_per_block  # for the swap-or-recompute cost estimate
         self.requests: dict[str, Request] = {}
-        self.waiting: list[Request] = []
+        self.waiting: list[Request] = []  # new and recompute-preempted
+        self.swapped: list[Request] = []
         self.running: list[Request] = []
         self._finished_since_plan: list[str] = []
-        # Keep a few blocks free when admitting, so running decodes are not preempted at once.
+        self._demand: dict[str, list] = {}  # waiting request -> its block hashes (static score)
         self.admission_reserve = max(1, kv.num_blocks // 100) if kv.num_blocks > 8 else 0
+        self.num_steps = 0
         self.num_preemptions = 0
+        self.num_swap_preemptions = 0
 
     # -- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -43,10 +52,11 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+        self._track_demand(request)
 
     def abort(self, request_id: str, status: RequestStatus = RequestStatus.FINISHED_ABORTED
               ) -> Request | None:
-        """End a request now, freeing its blocks; unknown or finished ids are ignored."""
+        """End a request now, freeing its blocks in every tier; unknown ids are ignored."""
         request = self.requests.get(request_id)
         if request is None:
             return None
@@ -54,7 +64,7 @@ class Scheduler:
         return request
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
 
     @property
     def num_waiting(self) -> int:
@@ -64,15 +74,29 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    @property
+    def num_swapped(self) -> int:
+        return len(self.swapped)
+
     # -- the step ------------------------------------------------------------------------------
     def schedule(self) -> StepPlan:
-        """Choose this step's chunks within the token budget."""
+        """Choose this step's chunks and copies within the token budget."""
+        self.num_steps += 1
+        self.policy.on_step(self.num_steps, list(self.requests.values()))
         plan = StepPlan(finished_request_ids=self._finished_since_plan)
         self._finished_since_plan = []
         budget = self.config.max_num_batched_tokens
+        if self.policy.prefill_first and self._schedule_whole_prefills(plan, budget):
+            return self._close(plan)
+        self._make_room_for_waiting(plan)
+        preempted_before = len(plan.preempted_request_ids)
         budget = self._schedule_running(plan, budget)
-        if not plan.preempted_request_ids:
-            self._schedule_waiting(plan, budget)
+        if len(plan.preempted_request_ids) == preempted_before:  # memory did not run out
+            self._schedule_queued(plan, budget)
+        return self._close(plan)
+
+    def _close(self, plan: StepPlan) -> StepPlan:
+        plan.swap_orders.extend(self.kv.take_pending_orders())
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
@@ -93,32 +117,92 @@ class Scheduler:
             index += 1
         return budget
 
-    def _schedule_waiting(self, plan: StepPlan, budget: int) -> None:
-        for request in self.policy.order_waiting(self.waiting):
+    def _schedule_queued(self, plan: StepPlan, budget: int, whole: bool = False) -> int:
+        """Admit swapped and waiting requests in one policy order while budget and memory last."""
+        for request in self.policy.order_waiting(self.swapped + self.waiting):
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
-                return
-            if self._waits_for_leader(request):
+                break
+            if request.status is RequestStatus.SWAPPED:
+                num_new = self._resume(request, plan, budget)
+            elif self._waits_for_leader(request):
                 continue
-            cached = self.kv.lookup_prefix(request)
-            num_new = min(request.num_tokens - cached, budget)
-            request.num_computed_tokens = cached
-            reserve = self.admission_reserve if self.running else 0
-            if not self.kv.can_allocate(request, num_new, reserve=reserve):
-                self.kv.free(request)
-                request.num_computed_tokens = 0
-                return  # FCFS within the policy's order: nobody jumps the head of the queue
-            self.kv.allocate(request, num_new)
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = cached
-            self.waiting.remove(request)
-            self.running.append(request)
-            request.status = RequestStatus.RUNNING
-            plan.chunks.append(self._chunk(request, num_new))
+            else:
+                num_new = self._admit(request, plan, budget, whole)
+            if num_new is None:
+                break  # nobody jumps the head of the queue in policy order
             budget -= num_new
+        return budget
+
+    def _resume(self, request: Request, plan: StepPlan, budget: int) -> int | None:
+        """Swap a request's blocks back in and give it its next chunk in the same step."""
+        if request.request_id in plan.preempted_request_ids:
+            return None  # swapped out this very step: its copy has not even run
+        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        growth = self.kv.blocks_for(request.num_computed_tokens + num_new)
+        if growth + self.admission_reserve > self.kv.num_free_blocks:
+            return None
+        order = self.kv.swap_in(request)
+        if order is None:
+            return None
+        plan.swap_orders.append(order)
+        self.swapped.remove(request)
+        self._start_running(request)
+        self.kv.allocate(request, num_new)
+        plan.chunks.append(self._chunk(request, num_new))
+        return num_new
+
+    def _admit(self, request: Request, plan: StepPlan, budget: int, whole: bool) -> int | None:
+        cached, order = self.kv.lookup_prefix(request)
+        remaining = request.num_tokens - cached
+        num_new = remaining if whole else min(remaining, budget)
+        request.num_computed_tokens = cached
+        reserve = self.admission_reserve if self.running else 0
+        if (whole and plan.chunks and num_new > budget) or not self.kv.can_allocate(
+                request, num_new, reserve=reserve):
+            if order is not None:  # the copy-up is already decided: let it run, then drop
+                plan.swap_orders.append(order)
+            self.kv.free(request)
+            request.num_computed_tokens = 0
+            return None
+        if order is not None:
+            plan.swap_orders.append(order)
+        self.kv.allocate(request, num_new)
+        if request.num_preemptions == 0:
+            request.num_cached_tokens = cached
+        self.waiting.remove(request)
+        self._start_running(request)
+        plan.chunks.append(self._chunk(request, num_new))
+        return num_new
+
+    def _schedule_whole_prefills(self, plan: StepPlan, budget: int) -> bool:
+        """fcfs-prefill-first: if any new prompt fits, this step is prompts only, each whole."""
+        if not self.waiting:
+            return False
+        self._schedule_queued(plan, max(budget, 1), whole=True)
+        return bool(plan.chunks)
+
+    def _make_room_for_waiting(self, plan: StepPlan) -> None:
+        """Let the policy preempt running requests for a waiting one it ranks higher (fair)."""
+        candidates = self.policy.order_waiting(self.waiting + self.swapped)
+        if not candidates:
+            return
+        head = candidates[0]
+        need = self.kv.blocks_for(min(head.num_tokens, self.config.max_num_batched_tokens))
+        while (len(self.running) >= self.config.max_num_seqs
+               or need + self.admission_reserve > self.kv.num_free_blocks):
+            victim = self.policy.preempt_for(head, self.running)
+            if victim is None:
+                return
+            self._preempt(victim, plan, swap_preferred=True)
 
     def _waits_for_leader(self, request: Request) -> bool:
         leader = self.requests.get(request.prefill_leader) if request.prefill_leader else None
         return leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens
+
+    def _start_running(self, request: Request) -> None:
+        self.running.append(request)
+        request.status = RequestStatus.RUNNING
+        self._untrack_demand(request)
 
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
@@ -134,43 +218,85 @@ class Scheduler:
             eos_token_ids=request.eos_token_ids,
         )
 
-    def _preempt(self, request: Request, plan: StepPlan) -> None:
-        """Recompute-style preemption: drop the KV, keep the tokens, go back to waiting."""
-        self.kv.free(request)
-        request.num_computed_tokens = 0
-        request.num_preemptions += 1
-        request.status = RequestStatus.PREEMPTED
+    # -- preemption ----------------------------------------------------------------------------
+    def _preempt(self, request: Request, plan: StepPlan, swap_preferred: bool = False) -> None:
+        """Swap the request's KV out, or drop it to recompute later, as the mode and costs say."""
         self.running.remove(request)
-        self.waiting.append(request)
+        request.num_preemptions += 1
         self.num_preemptions += 1
         plan.preempted_request_ids.append(request.request_id)
-        log.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+        order = self.kv.swap_out(request) if self._should_swap(request, swap_preferred) else None
+        if order is not None:
+            plan.swap_orders.append(order)
+            request.status = RequestStatus.SWAPPED
+            self.swapped.append(request)
+            self.num_swap_preemptions += 1
+            log.debug("swapped out %s (%d blocks)", request.request_id, order.num_blocks)
+            return
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.append(request)
+        self._track_demand(request)
+        log.debug("preempted %s for recompute (%d tokens)", request.request_id, request.num_tokens)
+
+    def _should_swap(self, request: Request, swap_preferred: bool) -> bool:
+        mode = self.config.preemption_mode
+        if mode == "recompute" or not self.kv.lower or request.num_computed_tokens == 0:
+            return False
+        if mode == "swap" or swap_preferred:
+            return True
+        blocks = self.kv.num_blocks_of(request.request_id)
+        swap_s = 2 * blocks * self.bytes_per_block / self.config.swap_bytes_per_s
+        recompute_s = request.num_computed_tokens / self.config.recompute_tokens_per_s
+        return swap_s < recompute_s
+
+    def _track_demand(self, request: Request) -> None:
+        if self.kv.lower:
+            hashes = self.kv.request_hashes(request)
+            self._demand[request.request_id] = hashes
+            self.kv.waiting_demand.update(hashes)
+
+    def _untrack_demand(self, request: Request) -> None:
+        hashes = self._demand.pop(request.request_id, None)
+        if hashes:
+            self.kv.waiting_demand.subtract(hashes)
+            self.kv.waiting_demand += Counter()  # drop zero counts
 
     # -- after the step ------------------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
-        """Advance counters, append sampled tokens, finish requests that stop."""
+        """Advance counters, append sampled tokens, finish requests that stop, settle copies."""
+        for done in result.swaps_done:
+            self.kv.copy_done(done.key)
         updates = []
         for chunk in plan.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None or request.finished:
                 continue  # aborted while the step ran
+            prompt_part = max(0, min(chunk.start_pos + chunk.num_tokens, request.num_prompt_tokens)
+                              - chunk.start_pos)
             request.num_computed_tokens += chunk.num_tokens
             self.kv.commit(request)
+            self.policy.on_service(request, prompt_part, int(chunk.sample))
             if not chunk.sample:
                 continue
-            token = result.sampled_token_ids[chunk.request_id]
-            request.output_token_ids.append(token)
-            update = RequestUpdate(chunk.request_id, [token])
-            if chunk.request_id in result.logprobs:
-                update.new_logprobs.append(result.logprobs[chunk.request_id])
-            status = self._stop_status(request, token)
-            if status is not None:
-                self._finish(request, status)
-                update.finished = True
-                update.finish_reason = status.finish_reason
-                update.stop_reason = request.stop_reason
+            update = self._append_token(request, result)
             updates.append(update)
         return updates
+
+    def _append_token(self, request: Request, result: StepResult) -> RequestUpdate:
+        token = result.sampled_token_ids[request.request_id]
+        request.output_token_ids.append(token)
+        update = RequestUpdate(request.request_id, [token])
+        if request.request_id in result.logprobs:
+            update.new_logprobs.append(result.logprobs[request.request_id])
+        status = self._stop_status(request, token)
+        if status is not None:
+            self._finish(request, status)
+            update.finished = True
+            update.finish_reason = status.finish_reason
+            update.stop_reason = request.stop_reason
+        return update
 
     def _stop_status(self, request: Request, token: int) -> RequestStatus | None:
         params = request.sampling_params
@@ -187,10 +313,11 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        if request.status is RequestStatus.RUNNING:
-            self.running.remove(request)
-        elif not request.finished:
-            self.waiting.remove(request)
+        for queue in (self.running, self.waiting, self.swapped):
+            if request in queue:
+                queue.remove(request)
+                break
+        self._untrack_demand(request)
         request.status = status
         self.kv.free(request)
         del self.requests[request.request_id]
