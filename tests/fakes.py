@@ -45,8 +45,15 @@ class FakeExecutor:
                 self._slots(Tier.DEVICE, table[pos // self.block_size])[pos % self.block_size] = token
             if chunk.sample:
                 end = chunk.start_pos + chunk.num_tokens
-                context = [self.blocks[(Tier.DEVICE, table[p // self.block_size])][p % self.block_size]
-                           for p in range(end)]
+                context = [self.blocks[(Tier.DEVICE, table[p // self.block_size])].get(
+                    p % self.block_size) for p in range(end)]
+                truth = (chunk.prompt_token_ids + chunk.output_token_ids)[:end]
+                if context != truth:  # the KV read back is not what the request wrote
+                    bad = next(p for p in range(end) if context[p] != truth[p])
+                    raise AssertionError(
+                        f"{chunk.request_id}: position {bad} reads {context[bad]}, wrote "
+                        f"{truth[bad]} (block {table[bad // self.block_size]}, step "
+                        f"{len(self.plans)}, table {table})")
                 result.sampled_token_ids[chunk.request_id] = _next_token(context)
         return result
 

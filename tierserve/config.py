@@ -65,17 +65,26 @@ class CacheConfig:
     save_evicted_to_host: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("swap_space", "disk_swap_space"):
+        for name in ("swap_space", "disk_swap_space", "kv_cache_memory"):
             if isinstance(getattr(self, name), str):
                 setattr(self, name, parse_size(getattr(self, name)))
         if self.block_group_size < 0:
             raise ValueError(f"block_group_size must be >= 0, got {self.block_group_size}")
         if self.block_size < 1:
             raise ValueError(f"block_size must be positive, got {self.block_size}")
-        if isinstance(self.kv_cache_memory, str):
-            self.kv_cache_memory = parse_size(self.kv_cache_memory)
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError(f"num_blocks must be positive, got {self.num_blocks}")
+
+
+def tier_block_counts(cache: CacheConfig, bytes_per_block: int) -> tuple[int, int]:
+    """(host, disk) blocks: explicit counts win, else the byte budgets over one block's size."""
+    def count(override: int | None, space: int) -> int:
+        if override is not None:
+            return override
+        return space // bytes_per_block if bytes_per_block else 0
+
+    return (count(cache.num_host_blocks, cache.swap_space),
+            count(cache.num_disk_blocks, cache.disk_swap_space))
 
 
 @dataclass(slots=True)
@@ -113,3 +122,18 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_kwargs(cls, **kwargs) -> EngineConfig:
+        """Build from flat keyword arguments (field names of the sub-configs; sizes may be
+        strings such as "2GiB"; ``scheduling_policy`` is an alias of ``policy``)."""
+        if "scheduling_policy" in kwargs:
+            kwargs["policy"] = kwargs.pop("scheduling_policy")
+        parts = {}
+        for name, part in (("model", ModelConfig), ("cache", CacheConfig),
+                           ("scheduler", SchedulerConfig)):
+            names = set(part.__dataclass_fields__)
+            parts[name] = part(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+        if kwargs:
+            raise TypeError(f"unknown engine option(s): {', '.join(sorted(kwargs))}")
+        return cls(**parts)

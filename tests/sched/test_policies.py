@@ -250,3 +250,12 @@ def test_random_load_with_swaps_and_aborts_never_leaks_a_block_in_any_tier(seed)
     for store in core.kv.lower:
         assert store.pool.num_free == store.pool.num_blocks
     assert not core.scheduler.requests
+    # Whatever was shared, swapped, evicted or saved, every completed request read back exactly
+    # the KV it wrote: its tokens equal a run on its own.
+    for request in live:
+        if request.status.value == "length":
+            alone, _ = make_core(num_blocks=200, block_size=4, prefix_caching=False)
+            twin = alone.make_request("t", request.prompt_token_ids, request.sampling_params)
+            alone.add_request(twin)
+            run_to_completion(alone)
+            assert twin.output_token_ids == request.output_token_ids

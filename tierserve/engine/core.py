@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from tierserve.config import EngineConfig
+from tierserve.config import EngineConfig, tier_block_counts
 from tierserve.errors import InvalidRequestError
 from tierserve.kv.manager import KVCacheManager
 from tierserve.metrics import MetricsCollector
@@ -47,10 +47,10 @@ class EngineCore:
         self.eos_token_ids = eos_token_ids
         cache = config.cache
         num_blocks = limits.kv_capacity_tokens // cache.block_size
+        num_host, num_disk = tier_block_counts(cache, limits.bytes_per_block)
         self.kv = KVCacheManager(
             num_blocks, cache.block_size, cache.enable_prefix_caching,
-            num_host_blocks=_tier_blocks(cache.num_host_blocks, cache.swap_space, limits),
-            num_disk_blocks=_tier_blocks(cache.num_disk_blocks, cache.disk_swap_space, limits),
+            num_host_blocks=num_host, num_disk_blocks=num_disk,
             block_group_size=cache.block_group_size,
             save_evicted_to_host=cache.save_evicted_to_host)
         self.scheduler = Scheduler(config.scheduler, self.kv, limits.max_model_len,
@@ -140,12 +140,6 @@ class EngineCore:
         metrics.set_prefix_cache(cache.queries, cache.hits)
         metrics.on_step(plan.num_batched_tokens, scheduler.num_running, scheduler.num_waiting,
                         scheduler.num_swapped, seconds, now=now)
-
-
-def _tier_blocks(override: int | None, space: int, limits: EngineLimits) -> int:
-    if override is not None:
-        return override
-    return space // limits.bytes_per_block if limits.bytes_per_block else 0
 
 
 def _context_words(limits: EngineLimits) -> str:

@@ -10,7 +10,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from tierserve.config import EngineConfig
 from tierserve.engine.core import EngineCore
 from tierserve.engine.loading import build_engine
 from tierserve.engine.output import OutputProcessor
@@ -28,25 +28,14 @@ class LLM:
     and safetensors. Keyword arguments mirror the CLI flags; ``config`` overrides them all.
     """
 
-    def __init__(self, model: str = "smollm2", *, dtype: str = "float32",
-                 max_model_len: int | None = None, kv_cache_memory: str | int = "1GiB",
-                 num_blocks: int | None = None, block_size: int = 16,
-                 max_num_batched_tokens: int = 512, max_num_seqs: int = 256,
-                 enable_prefix_caching: bool = True, scheduling_policy: str = "fcfs",
-                 seed: int = 0, num_threads: int | None = None, batch_invariant: bool = True,
-                 config: EngineConfig | None = None) -> None:
+    def __init__(self, model: str = "smollm2", *, config: EngineConfig | None = None,
+                 **options: Any) -> None:
+        """``options`` are engine settings by field name, e.g. ``dtype="bfloat16"``,
+        ``kv_cache_memory="2GiB"``, ``max_num_batched_tokens=256``, ``scheduling_policy="fair"``,
+        ``preemption_mode="swap"``, ``swap_space="4GiB"``, ``enable_prefix_caching=False``
+        (see tierserve.config for every field and its default)."""
         if config is None:
-            config = EngineConfig(
-                model=ModelConfig(model=str(model), dtype=dtype, max_model_len=max_model_len,
-                                  seed=seed, num_threads=num_threads,
-                                  batch_invariant=batch_invariant),
-                cache=CacheConfig(block_size=block_size,
-                                  kv_cache_memory=parse_size(kv_cache_memory),
-                                  num_blocks=num_blocks,
-                                  enable_prefix_caching=enable_prefix_caching),
-                scheduler=SchedulerConfig(max_num_batched_tokens=max_num_batched_tokens,
-                                          max_num_seqs=max_num_seqs, policy=scheduling_policy),
-            )
+            config = EngineConfig.from_kwargs(model=str(model), **options)
         self.config = config
         self.engine = build_engine(config)
         self.core: EngineCore = self.engine.core

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tierserve.config import EngineConfig
+from tierserve.config import EngineConfig, tier_block_counts
 from tierserve.engine.core import EngineCore, EngineLimits
 from tierserve.model.arch import ModelArchConfig
 from tierserve.model.hub import resolve_model
@@ -50,15 +50,20 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
         raise ValueError(
             f"--kv-cache-memory {config.cache.kv_cache_memory:,} bytes holds no block; one block "
             f"of {block_size} tokens needs {model.bytes_per_block(block_size):,} bytes")
+    bytes_per_block = model.bytes_per_block(block_size)
+    num_host, num_disk = tier_block_counts(config.cache, bytes_per_block)
     runner = ModelRunner(model, num_blocks, block_size, seed=config.model.seed,
-                         batch_invariant=config.model.batch_invariant)
-    limits = EngineLimits(max_model_len, arch.vocab_size, num_blocks * block_size)
+                         batch_invariant=config.model.batch_invariant, num_host_blocks=num_host,
+                         num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir)
+    limits = EngineLimits(max_model_len, arch.vocab_size, num_blocks * block_size,
+                          bytes_per_block)
     eos = frozenset(tokenizer.stop_token_ids) | frozenset(arch.eos_token_ids)
     core = EngineCore(config, runner, limits, eos_token_ids=eos)
     log.info("loaded %s (%s, %d layers, %s) in %.1f s; KV cache: %d blocks of %d tokens "
-             "(%d tokens, %.0f MiB); context %d tokens", path.name, arch.architecture,
-             arch.num_layers, config.model.dtype, time.perf_counter() - started, num_blocks,
-             block_size, num_blocks * block_size, runner.kv_cache.nbytes / 2**20, max_model_len)
+             "(%d tokens, %.0f MiB); host tier %d blocks, disk tier %d blocks; context %d tokens",
+             path.name, arch.architecture, arch.num_layers, config.model.dtype,
+             time.perf_counter() - started, num_blocks, block_size, num_blocks * block_size,
+             runner.kv_cache.nbytes / 2**20, num_host, num_disk, max_model_len)
     return LoadedEngine(core, tokenizer, arch, runner, str(path))
 
 

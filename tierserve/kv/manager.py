@@ -48,6 +48,7 @@ class KVCacheManager(TierMovesMixin):
         self._inflight: dict[str, list[int]] = {}  # copy key -> device blocks it holds
         self._reserves: dict[str, list[int]] = {}  # request -> unused blocks of its last group
         self._victims: list[tuple[int, int]] = []  # (device, host) blocks to save this step
+        self._orders: list[SwapOrder] = []  # copies decided, not yet handed to the scheduler
         self._keys = itertools.count()
         self.waiting_demand: Counter[BlockHash] = Counter()  # static score: waiting requests per hash
         self.counters = SwapCounters()
@@ -115,8 +116,10 @@ class KVCacheManager(TierMovesMixin):
                     found = self._lower_lookup(block_hash, parent, tokens)
                     if found is None or self.pool.num_free == 0:
                         break
-                    (device_block,) = self.pool.allocate(1, after=table[-1] if table else None)
+                    # Hold the source first: the device allocation below may evict a block whose
+                    # victim save would otherwise take this very host block.
                     found[0].pool.touch(found[1])
+                    (device_block,) = self.pool.allocate(1, after=table[-1] if table else None)
                     copies.append((found[0], found[1], device_block))
                     table.append(device_block)
                 hashes.append(block_hash)

@@ -188,8 +188,12 @@ class TierMovesMixin:
             pairs = [(m[1], m[3]) for m in moves if (m[0], m[2]) == (src_tier, dst_tier)]
             runs = coalesce([p[0] for p in pairs], [p[1] for p in pairs])
             ops.append(SwapOp(src_tier, dst_tier, tuple(runs)))
-        return SwapOrder(f"{direction}-{next(self._keys)}-{request_id}", request_id, ops,
-                         direction)
+        order = SwapOrder(f"{direction}-{next(self._keys)}-{request_id}", request_id, ops,
+                          direction)
+        if direction != "victim":
+            self._flush_victims()  # saves decided earlier must copy before anything after them
+        self._orders.append(order)
+        return order
 
     def _on_device_evict(self: KVCacheManager, block: int) -> None:
         """A cached device block is being reused: write it back to the host tier first
@@ -210,16 +214,20 @@ class TierMovesMixin:
                 self.counters.victim_saves += 1
         self.prefix_cache.evict(block)
 
-    def take_pending_orders(self: KVCacheManager) -> list[SwapOrder]:
-        """Victim saves decided during allocation: they must run before the step's forward."""
+    def _flush_victims(self: KVCacheManager) -> None:
         if not self._victims:
-            return []
+            return
         moves = [(Tier.DEVICE, d, Tier.HOST, h) for d, h in self._victims]
+        self._victims = []
         order = self._order("-", "victim", moves)
         order.wait = True
         self._inflight[order.key] = []
-        self._victims = []
-        return [order]
+
+    def take_pending_orders(self: KVCacheManager) -> list[SwapOrder]:
+        """Every copy decided since the last call, in the order it must run (FIFO)."""
+        self._flush_victims()
+        orders, self._orders = self._orders, []
+        return orders
 
     def _lower_tier_score(self: KVCacheManager, cache: PrefixCache) -> Callable[[int], float]:
         def score(block: int) -> float:

@@ -5,12 +5,15 @@ It owns the KV cache tensor and the sampler; it knows requests only as the chunk
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 
+from tierserve.model.kv_storage import KVStorage, SwapWorker
 from tierserve.model.layers import AttentionMetadata
 from tierserve.model.llama import LlamaModel
 from tierserve.model.sampler import Sampler
-from tierserve.sched.plan import ScheduledChunk, StepPlan, StepResult
+from tierserve.sched.plan import ScheduledChunk, StepPlan, StepResult, SwapDone
 
 # Below this many rows, float32 matmuls on CPU take a different kernel whose rounding differs;
 # padding to it keeps a request's logits independent of the batch it runs in.
@@ -21,19 +24,58 @@ class ModelRunner:
     """Executes plans on a real model. Implements the executor side of the step transaction."""
 
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0,
-                 batch_invariant: bool = True) -> None:
+                 batch_invariant: bool = True, num_host_blocks: int = 0,
+                 num_disk_blocks: int = 0, swap_dir: str | None = None) -> None:
         self.model = model
         self.block_size = block_size
         self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size),
                                     dtype=model.dtype)
         self.sampler = Sampler(seed)
         self.pad_rows = INVARIANT_MIN_ROWS if (batch_invariant and model.dtype == torch.float32) else 1
+        self.swapper: SwapWorker | None = None
+        if num_host_blocks or num_disk_blocks:
+            if num_disk_blocks and swap_dir is None:
+                swap_dir = tempfile.gettempdir()
+            storage = KVStorage(self.kv_cache, num_host_blocks, num_disk_blocks, swap_dir)
+            self.swapper = SwapWorker(storage)
+        self._outstanding: set[str] = set()  # copy keys submitted, not yet reported done
+
+    def close(self) -> None:
+        """Stop the swap worker and remove the disk tier's file."""
+        if self.swapper is not None:
+            self.swapper.close()
+            self.swapper.storage.close()
+            self.swapper = None
 
     def execute(self, plan: StepPlan) -> StepResult:
-        """Run one step. Chunks with ``sample`` get one new token each."""
+        """Run one step. Chunks with ``sample`` get one new token each.
+
+        Copies start first on the swap worker; the forward waits only for the orders it needs
+        (swap-ins, victim saves). Swap-outs overlap the forward and are reported when done.
+        """
         self.sampler.drop(plan.finished_request_ids)
-        if plan.is_empty:
-            return StepResult()
+        self._start_copies(plan)
+        result = self._forward(plan) if plan.chunks else StepResult()
+        if not plan.chunks and self._outstanding:  # idle: nothing to overlap with
+            self.swapper.wait(list(self._outstanding))
+        if self.swapper is not None:
+            for stats in self.swapper.poll():
+                self._outstanding.discard(stats.key)
+                result.swaps_done.append(SwapDone(stats.key, stats.num_blocks, stats.num_copies,
+                                                  stats.bytes, stats.seconds))
+        return result
+
+    def _start_copies(self, plan: StepPlan) -> None:
+        if not plan.swap_orders:
+            return
+        if self.swapper is None:
+            raise RuntimeError("the plan moves KV between tiers but no host/disk tier exists")
+        for order in plan.swap_orders:
+            self.swapper.submit(order.key, order.ops)
+            self._outstanding.add(order.key)
+        self.swapper.wait([order.key for order in plan.swap_orders if order.wait])
+
+    def _forward(self, plan: StepPlan) -> StepResult:
         input_ids, positions, meta = self._prepare(plan.chunks)
         hidden = self.model.forward(input_ids, positions, self.kv_cache, meta)
         sampling = [chunk for chunk in plan.chunks if chunk.sample]

@@ -96,7 +96,7 @@ class Scheduler:
         return self._close(plan)
 
     def _close(self, plan: StepPlan) -> StepPlan:
-        plan.swap_orders.extend(self.kv.take_pending_orders())
+        plan.swap_orders = self.kv.take_pending_orders()  # every copy, in the order decided
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
@@ -141,10 +141,8 @@ class Scheduler:
         growth = self.kv.blocks_for(request.num_computed_tokens + num_new)
         if growth + self.admission_reserve > self.kv.num_free_blocks:
             return None
-        order = self.kv.swap_in(request)
-        if order is None:
+        if self.kv.swap_in(request) is None:
             return None
-        plan.swap_orders.append(order)
         self.swapped.remove(request)
         self._start_running(request)
         self.kv.allocate(request, num_new)
@@ -152,20 +150,16 @@ class Scheduler:
         return num_new
 
     def _admit(self, request: Request, plan: StepPlan, budget: int, whole: bool) -> int | None:
-        cached, order = self.kv.lookup_prefix(request)
+        cached, _ = self.kv.lookup_prefix(request)  # copies up from host/disk are queued
         remaining = request.num_tokens - cached
         num_new = remaining if whole else min(remaining, budget)
         request.num_computed_tokens = cached
         reserve = self.admission_reserve if self.running else 0
         if (whole and plan.chunks and num_new > budget) or not self.kv.can_allocate(
                 request, num_new, reserve=reserve):
-            if order is not None:  # the copy-up is already decided: let it run, then drop
-                plan.swap_orders.append(order)
-            self.kv.free(request)
+            self.kv.free(request)  # a queued copy-up still runs; its blocks stay held until then
             request.num_computed_tokens = 0
             return None
-        if order is not None:
-            plan.swap_orders.append(order)
         self.kv.allocate(request, num_new)
         if request.num_preemptions == 0:
             request.num_cached_tokens = cached
@@ -227,7 +221,6 @@ class Scheduler:
         plan.preempted_request_ids.append(request.request_id)
         order = self.kv.swap_out(request) if self._should_swap(request, swap_preferred) else None
         if order is not None:
-            plan.swap_orders.append(order)
             request.status = RequestStatus.SWAPPED
             self.swapped.append(request)
             self.num_swap_preemptions += 1
