@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from tierserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, parse_size
+from tierserve.config import EngineConfig
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -29,6 +29,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="most requests running at once (default: %(default)s)")
     group.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse KV blocks of shared prompt prefixes")
+    group.add_argument("--scheduling-policy", default="sarathi",
+                       choices=["sarathi", "fcfs-prefill-first", "fair"],
+                       help="sarathi: stall-free chunked prefill; fcfs-prefill-first: whole "
+                       "prefills pause decodes (baseline); fair: per-user virtual-token fairness "
+                       "with preemption by swap (default: %(default)s)")
+    group.add_argument("--priority-update-interval", type=int, default=1,
+                       help="steps between fair-policy priority refreshes (default: %(default)s)")
+    group.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
+                       help="how a preempted request keeps its KV; auto picks the cheaper "
+                       "(default: %(default)s)")
+    group.add_argument("--swap-space", default="1GiB",
+                       help="host-tier KV memory for swapped and evicted blocks; 0 disables "
+                       "(default: %(default)s)")
+    group.add_argument("--disk-swap-space", default="0",
+                       help="disk-tier KV, a file under --swap-dir, used when the host tier is "
+                       "full (default: off)")
+    group.add_argument("--swap-dir", default=None,
+                       help="folder for the disk tier's file (default: the system temp folder)")
+    group.add_argument("--block-group-size", type=int, default=8,
+                       help="allocate KV in runs of this many neighbouring blocks so swaps are "
+                       "few large copies; 0 turns block groups off (default: %(default)s)")
     group.add_argument("--seed", type=int, default=0,
                        help="seed of the engine-wide sampler (default: %(default)s)")
     group.add_argument("--threads", type=int, default=None,
@@ -36,15 +57,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, max_model_len=args.max_model_len,
-                          seed=args.seed, num_threads=args.threads),
-        cache=CacheConfig(block_size=args.block_size,
-                          kv_cache_memory=parse_size(args.kv_cache_memory),
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_seqs=args.max_num_seqs),
-    )
+    return EngineConfig.from_kwargs(
+        model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        num_threads=args.threads, block_size=args.block_size,
+        kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+        swap_space=args.swap_space, disk_swap_space=args.disk_swap_space, swap_dir=args.swap_dir,
+        block_group_size=args.block_group_size,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
+        policy=args.scheduling_policy, preemption_mode=args.preemption_mode,
+        priority_update_interval=args.priority_update_interval)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:

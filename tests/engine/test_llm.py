@@ -51,6 +51,42 @@ def test_greedy_output_is_the_same_alone_batched_chunked_and_preempted(tiny_llam
         _assert_no_blocks_held(engine)
 
 
+@pytest.mark.parametrize("tiers", [dict(swap_space="64MiB"),
+                                   dict(num_host_blocks=4, num_disk_blocks=400)])
+def test_swapped_requests_give_the_same_tokens_as_recomputed_and_unpreempted(
+        tiny_llama_dir, llm, tmp_path, tiers):
+    prompts = _prompts(seed=12)
+    expected = _tokens(llm.generate(prompts, _greedy(), use_tqdm=False))
+    recomputed = LLM(str(tiny_llama_dir), num_blocks=20, preemption_mode="recompute",
+                     enable_prefix_caching=False)
+    assert _tokens(recomputed.generate(prompts, _greedy(), use_tqdm=False)) == expected
+    assert recomputed.core.scheduler.num_preemptions > 0
+    swapped = LLM(str(tiny_llama_dir), num_blocks=20, preemption_mode="swap",
+                  swap_dir=str(tmp_path), **tiers)
+    assert _tokens(swapped.generate(prompts, _greedy(), use_tqdm=False)) == expected
+    assert swapped.core.scheduler.num_swap_preemptions > 0
+    if "num_disk_blocks" in tiers:
+        assert list(tmp_path.iterdir())  # the disk tier's file exists while the engine lives
+    _assert_no_blocks_held(swapped)
+    for store in swapped.core.kv.lower:
+        assert store.pool.num_free == store.pool.num_blocks
+    summary = swapped.core.metrics.summary()
+    assert summary["preemptions_total"] > 0 and summary["swap_bytes_total"] > 0
+
+
+def test_next_turn_reuses_host_tier_kv_on_the_real_model(tiny_llama_dir):
+    engine = LLM(str(tiny_llama_dir), num_blocks=24, swap_space="64MiB")
+    first = _prompts(seed=13, lengths=[150])[0]
+    turn1 = engine.generate([first], _greedy(10), use_tqdm=False)[0]
+    engine.generate(_prompts(seed=14, lengths=[200, 150]), _greedy(10), use_tqdm=False)
+    history = first + turn1.outputs[0].token_ids + _prompts(seed=15, lengths=[12])[0]
+    hits_before = engine.core.kv.counters.lower_prefix_hits
+    turn2 = engine.generate([history], _greedy(), use_tqdm=False)[0]
+    assert engine.core.kv.counters.lower_prefix_hits - hits_before >= 5
+    fresh = LLM(str(tiny_llama_dir), num_blocks=64, enable_prefix_caching=False)
+    assert _tokens([turn2]) == _tokens(fresh.generate([history], _greedy(), use_tqdm=False))
+
+
 def test_prefix_cached_output_equals_uncached(tiny_llama_dir, llm):
     shared = _prompts(seed=3, lengths=[40])[0]
     prompts = [shared + tail for tail in _prompts(seed=4, lengths=[5, 9, 20])]

@@ -142,7 +142,11 @@ def test_smollm2_greedy_is_batch_invariant(smollm2_path, smol_llm, smol_prompts)
     chunked = LLM(str(smollm2_path), num_blocks=400, max_num_batched_tokens=24,
                   enable_prefix_caching=False)
     assert [o.outputs[0].token_ids for o in chunked.generate(prompts, params, use_tqdm=False)] == batched
-    small_pool = LLM(str(smollm2_path), num_blocks=45, enable_prefix_caching=False)
-    preempted = [o.outputs[0].token_ids for o in small_pool.generate(prompts, params, use_tqdm=False)]
-    assert small_pool.core.scheduler.num_preemptions > 0
-    assert preempted == batched
+    for mode in ("recompute", "swap"):
+        small_pool = LLM(str(smollm2_path), num_blocks=45, enable_prefix_caching=False,
+                         preemption_mode=mode, swap_space="128MiB")
+        preempted = [o.outputs[0].token_ids
+                     for o in small_pool.generate(prompts, params, use_tqdm=False)]
+        assert small_pool.core.scheduler.num_preemptions > 0
+        assert (small_pool.core.scheduler.num_swap_preemptions > 0) == (mode == "swap")
+        assert preempted == batched

@@ -32,7 +32,8 @@ class Scheduler:
         self.kv = kv
         self.max_model_len = max_model_len
         self.policy = policy or make_policy(
-            config.policy, update_interval=config.priority_update_interval)
+            config.policy, update_interval=config.priority_update_interval,
+            preempt_margin=float(config.max_num_batched_tokens))
         self.bytes_per_block = bytes_per_block  # for the swap-or-recompute cost estimate
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # new and recompute-preempted
@@ -185,9 +186,13 @@ class Scheduler:
         while (len(self.running) >= self.config.max_num_seqs
                or need + self.admission_reserve > self.kv.num_free_blocks):
             victim = self.policy.preempt_for(head, self.running)
-            if victim is None:
+            # Only a cheap context switch is worth it: preempting to recompute would throw the
+            # victim's work away and can livelock two clients whose service stays close.
+            if victim is None or not self._should_swap(victim, swap_preferred=True):
                 return
             self._preempt(victim, plan, swap_preferred=True)
+            if victim.status is not RequestStatus.SWAPPED:
+                return  # the lower tiers are full: it went to recompute after all
 
     def _waits_for_leader(self, request: Request) -> bool:
         leader = self.requests.get(request.prefill_leader) if request.prefill_leader else None
