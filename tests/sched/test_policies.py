@@ -226,7 +226,7 @@ def test_random_load_with_swaps_and_aborts_never_leaks_a_block_in_any_tier(seed)
         policy=rng.choice(["sarathi", "fair", "fcfs-prefill-first"]),
         preemption=rng.choice(["swap", "recompute", "auto"]), group_size=rng.choice([0, 4]))
     capacity = core.kv.num_blocks * core.kv.block_size
-    live, finished, next_id = [], {}, 0
+    live, next_id = [], 0
     for _ in range(250):
         action = rng.random()
         if action < 0.25:

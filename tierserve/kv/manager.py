@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+
 from tierserve.kv.block_pool import BlockPool
 from tierserve.kv.prefix_cache import BlockHash, PrefixCache, hash_block
 from tierserve.kv.tiers import SwapCounters, SwapOrder, TierMovesMixin, TierStore

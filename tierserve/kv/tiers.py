@@ -109,6 +109,12 @@ class TierMovesMixin:
         counters.blocks_per_swap.append(len(moves))
         return order
 
+    def can_swap_out(self: KVCacheManager, request: Request) -> bool:
+        """Whether the lower tiers have room for every block of the request (conservatively,
+        as if none were there already)."""
+        blocks = len(self._tables.get(request.request_id, ()))
+        return 0 < blocks <= sum(store.pool.num_free for store in self.lower)
+
     def swap_in(self: KVCacheManager, request: Request) -> SwapOrder | None:
         """Bring a swapped request's blocks back to the device; None if they do not fit yet."""
         request_id = request.request_id

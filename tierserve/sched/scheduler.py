@@ -191,8 +191,6 @@ class Scheduler:
             if victim is None or not self._should_swap(victim, swap_preferred=True):
                 return
             self._preempt(victim, plan, swap_preferred=True)
-            if victim.status is not RequestStatus.SWAPPED:
-                return  # the lower tiers are full: it went to recompute after all
 
     def _waits_for_leader(self, request: Request) -> bool:
         leader = self.requests.get(request.prefill_leader) if request.prefill_leader else None
@@ -240,7 +238,7 @@ class Scheduler:
 
     def _should_swap(self, request: Request, swap_preferred: bool) -> bool:
         mode = self.config.preemption_mode
-        if mode == "recompute" or not self.kv.lower or request.num_computed_tokens == 0:
+        if mode == "recompute" or not self.kv.can_swap_out(request):
             return False
         if mode == "swap" or swap_preferred:
             return True
