@@ -259,3 +259,20 @@ def test_random_load_with_swaps_and_aborts_never_leaks_a_block_in_any_tier(seed)
             alone.add_request(twin)
             run_to_completion(alone)
             assert twin.output_token_ids == request.output_token_ids
+
+
+def test_next_swapped_request_is_prefetched_without_stalling_the_step():
+    core, executor = make_core(num_blocks=60, block_size=4, budget=32, max_num_seqs=2,
+                               policy="fair", host_blocks=200, preemption="swap")
+    for i in range(6):
+        _add(core, f"a{i}", _prompt(i, 20), max_tokens=30, client="a", arrival=float(i))
+    for _ in range(4):
+        core.step()
+    _add(core, "b0", _prompt(50, 8), max_tokens=30, client="b", arrival=10.0)
+    run_to_completion(core)
+    prefetches = [o for p in executor.plans for o in p.swap_orders
+                  if o.direction == "in" and not o.wait]
+    assert core.scheduler.num_swap_preemptions > 0 and prefetches
+    later_waits = {k for p in executor.plans for k in p.wait_keys}
+    assert {o.key for o in prefetches} & later_waits  # the resumed step waited on its prefetch
+    core.kv.check_invariants()

@@ -109,14 +109,19 @@ class TierMovesMixin:
         counters.blocks_per_swap.append(len(moves))
         return order
 
+    def num_swapped_blocks(self: KVCacheManager, request_id: str) -> int:
+        return len(self._swapped.get(request_id, ()))
+
     def can_swap_out(self: KVCacheManager, request: Request) -> bool:
         """Whether the lower tiers have room for every block of the request (conservatively,
         as if none were there already)."""
         blocks = len(self._tables.get(request.request_id, ()))
         return 0 < blocks <= sum(store.pool.num_free for store in self.lower)
 
-    def swap_in(self: KVCacheManager, request: Request) -> SwapOrder | None:
-        """Bring a swapped request's blocks back to the device; None if they do not fit yet."""
+    def swap_in(self: KVCacheManager, request: Request, wait: bool = True) -> SwapOrder | None:
+        """Bring a swapped request's blocks back to the device; None if they do not fit yet.
+
+        ``wait``: the coming step needs them (False for a prefetch)."""
         request_id = request.request_id
         placements = self._swapped[request_id]
         if len(placements) > self.pool.num_free:
@@ -136,7 +141,7 @@ class TierMovesMixin:
             if index < len(hashes):
                 self._register(self.device, hashes[index], device_block)
         order = self._order(request_id, "in", moves)
-        order.wait = True
+        order.wait = wait
         held = [move[3] for move in moves]
         for block in held:
             self.pool.touch(block)

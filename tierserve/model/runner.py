@@ -66,6 +66,8 @@ class ModelRunner:
         return result
 
     def _start_copies(self, plan: StepPlan) -> None:
+        if plan.wait_keys:
+            self.swapper.wait(plan.wait_keys)
         if not plan.swap_orders:
             return
         if self.swapper is None:

@@ -43,6 +43,8 @@ class StepPlan:
     # Copies between KV tiers, in order. The executor starts them all; the forward waits only
     # for the orders marked ``wait`` (swap-ins, victim saves); swap-outs overlap the step.
     swap_orders: list[SwapOrder] = field(default_factory=list)
+    # Keys of copies submitted in earlier steps that this step's forward needs (prefetches).
+    wait_keys: list[str] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:

@@ -41,6 +41,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_plan: list[str] = []
         self._demand: dict[str, list] = {}  # waiting request -> its block hashes (static score)
+        self._prefetched: dict[str, str] = {}  # swapped request whose blocks are coming in -> key
         self.admission_reserve = max(1, kv.num_blocks // 100) if kv.num_blocks > 8 else 0
         self.num_steps = 0
         self.num_preemptions = 0
@@ -94,7 +95,24 @@ class Scheduler:
         budget = self._schedule_running(plan, budget)
         if len(plan.preempted_request_ids) == preempted_before:  # memory did not run out
             self._schedule_queued(plan, budget)
+            self._prefetch_next(plan)
         return self._close(plan)
+
+    def _prefetch_next(self, plan: StepPlan) -> None:
+        """LSM-GNN's preemptive prefetch: start bringing in the next swapped request while
+        memory is plentiful, so its copy overlaps this step instead of stalling a later one."""
+        for request in self.policy.order_waiting(self.swapped):
+            if request.request_id in self._prefetched:
+                continue
+            if request.request_id in plan.preempted_request_ids:
+                return
+            needed = self.kv.num_swapped_blocks(request.request_id) + 1
+            if self.kv.num_free_blocks - needed < self.kv.num_blocks // 4:
+                return
+            order = self.kv.swap_in(request, wait=False)
+            if order is not None:
+                self._prefetched[request.request_id] = order.key
+            return  # one per step: the head of the queue
 
     def _close(self, plan: StepPlan) -> StepPlan:
         plan.swap_orders = self.kv.take_pending_orders()  # every copy, in the order decided
@@ -120,7 +138,11 @@ class Scheduler:
 
     def _schedule_queued(self, plan: StepPlan, budget: int, whole: bool = False) -> int:
         """Admit swapped and waiting requests in one policy order while budget and memory last."""
-        for request in self.policy.order_waiting(self.swapped + self.waiting):
+        queue = self.policy.order_waiting(self.swapped + self.waiting)
+        # Prefetched requests go first: they already hold device blocks (and would otherwise
+        # keep the head of the queue from fitting).
+        queue.sort(key=lambda r: r.request_id not in self._prefetched)
+        for request in queue:
             if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if request.status is RequestStatus.SWAPPED:
@@ -135,15 +157,21 @@ class Scheduler:
         return budget
 
     def _resume(self, request: Request, plan: StepPlan, budget: int) -> int | None:
-        """Swap a request's blocks back in and give it its next chunk in the same step."""
+        """Swap a request's blocks back in (unless prefetched) and give it its next chunk."""
         if request.request_id in plan.preempted_request_ids:
             return None  # swapped out this very step: its copy has not even run
         num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-        growth = self.kv.blocks_for(request.num_computed_tokens + num_new)
-        if growth + self.admission_reserve > self.kv.num_free_blocks:
-            return None
-        if self.kv.swap_in(request) is None:
-            return None
+        if request.request_id in self._prefetched:
+            if not self.kv.can_allocate(request, num_new):
+                return None
+            # Usually long done: the copy overlapped an earlier step.
+            plan.wait_keys.append(self._prefetched.pop(request.request_id))
+        else:
+            growth = self.kv.blocks_for(request.num_computed_tokens + num_new)
+            if growth + self.admission_reserve > self.kv.num_free_blocks:
+                return None
+            if self.kv.swap_in(request) is None:
+                return None
         self.swapped.remove(request)
         self._start_running(request)
         self.kv.allocate(request, num_new)
@@ -309,6 +337,7 @@ class Scheduler:
         return None
 
     def _finish(self, request: Request, status: RequestStatus) -> None:
+        self._prefetched.pop(request.request_id, None)
         for queue in (self.running, self.waiting, self.swapped):
             if request in queue:
                 queue.remove(request)
