@@ -9,9 +9,10 @@ MODEL_STAMP := $(VENV)/.stamp-model
 # The CPU build of torch; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
 
-.PHONY: help setup model test test-fast demo lint clean
+.PHONY: help setup model test test-fast demo serve lint clean
 
 help:
+	@echo "make serve      set up, then serve SmolLM2 on http://127.0.0.1:8000 (OpenAI API)"
 	@echo "make demo       set up, then generate answers for a few chat prompts"
 	@echo "make test       set up, then run the whole test suite"
 	@echo "make test-fast  tests that do not need the real model or transformers"
@@ -41,6 +42,9 @@ test-fast: $(STAMP)
 
 demo: $(STAMP) $(MODEL_STAMP)
 	$(PY) examples/demo.py
+
+serve: $(STAMP) $(MODEL_STAMP)
+	$(PY) -m tierserve.cli serve --model smollm2 $(SERVE_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check tierserve tests

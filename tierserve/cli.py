@@ -1,4 +1,4 @@
-"""tierserve command line: fetch-model | generate | chat (serve, batch and bench come next)."""
+"""tierserve command line: fetch-model | generate | chat | serve."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import sys
 import time
 
 from tierserve.config import EngineConfig
+from tierserve.server.run import add_serve_args
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -117,6 +118,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tierserve.server.run import run_server
+
+    return run_server(args)
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from tierserve.chat import run_chat
 
@@ -147,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(gen)
     add_sampling_args(gen, max_tokens=64)
     gen.set_defaults(func=cmd_generate)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server",
+                           description="Serve the model over an OpenAI-compatible HTTP API "
+                           "(/v1/chat/completions, /v1/completions, /v1/models, /health, "
+                           "/metrics, /docs). SIGTERM or Ctrl-C shuts down cleanly.")
+    add_engine_args(serve)
+    add_serve_args(serve)
+    serve.set_defaults(func=cmd_serve)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "

@@ -1,0 +1,157 @@
+"""Server-Sent Events exactly as OpenAI sends them: a role chunk, content deltas, a chunk with the
+finish_reason, an optional usage chunk, then ``data: [DONE]``.
+
+Text that could still turn out to be the start of a stop string is held back until it is known
+not to be (the non-streamed text never contains the stop string, and neither does the stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+from tierserve.engine.async_engine import EngineDeadError
+from tierserve.outputs import CompletionOutput, RequestOutput
+from tierserve.request import SamplingParams
+from tierserve.server import protocol
+from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+
+
+class _ChoiceState:
+    """What has been sent of one choice."""
+
+    def __init__(self) -> None:
+        self.text_sent = 0
+        self.tokens_sent = 0
+        self.finished = False
+
+
+def _ready(completion: CompletionOutput, state: _ChoiceState, holdback: int) -> tuple[str, int]:
+    """(new text, token count) that may be sent now."""
+    end = len(completion.text)
+    if not completion.finished:
+        end = max(state.text_sent, end - holdback)
+    return completion.text[state.text_sent:end], len(completion.token_ids)
+
+
+async def _merged(streams: list[AsyncIterator[RequestOutput]]
+                  ) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for output in streams[0]:
+            yield 0, output
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for output in stream:
+                await queue.put((index, output))
+        except BaseException as exc:  # noqa: BLE001 - forwarded to the consumer
+            await queue.put((index, exc))
+        finally:
+            await queue.put((index, None))
+
+    tasks = [asyncio.ensure_future(pump(i, s)) for i, s in enumerate(streams)]
+    remaining = len(streams)
+    try:
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        for stream in streams:
+            await stream.aclose()
+
+
+async def stream_chat(streams, request_id: str, model: str, body: ChatCompletionRequest,
+                      params: SamplingParams) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list) -> str:
+        envelope = protocol.envelope(request_id, "chat.completion.chunk", model, choices, created)
+        if include_usage:
+            envelope["usage"] = None  # OpenAI: null on every chunk but the last
+        return protocol.sse(envelope)
+
+    for index in range(params.n):
+        yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
+                      "logprobs": None, "finish_reason": None}])
+    holdback = max((len(s) for s in params.stop), default=1) - 1
+    states = [_ChoiceState() for _ in range(params.n)]
+    final: RequestOutput | None = None
+    try:
+        async for _, output in _merged(streams):
+            final = output
+            for completion in output.outputs:
+                state = states[completion.index]
+                if state.finished:
+                    continue
+                text, tokens = _ready(completion, state, holdback)
+                if text or (completion.finished and tokens > state.tokens_sent):
+                    logprobs = protocol.chat_logprobs(completion, state.tokens_sent, tokens,
+                                                      body.top_logprobs or 0)
+                    yield chunk([{"index": completion.index, "delta": {"content": text},
+                                  "logprobs": logprobs, "finish_reason": None}])
+                    state.text_sent += len(text)
+                    state.tokens_sent = tokens
+                if completion.finished:
+                    state.finished = True
+                    yield chunk([{"index": completion.index, "delta": {}, "logprobs": None,
+                                  "finish_reason": protocol._finish_reason(completion)}])
+    except EngineDeadError as exc:
+        yield protocol.sse(error_body(str(exc), "server_error"))
+    if include_usage and final is not None:
+        yield protocol.sse(protocol.envelope(request_id, "chat.completion.chunk", model, [],
+                                             created, protocol.usage(*protocol.count_tokens([final]))))
+    yield protocol.sse("[DONE]")
+
+
+async def stream_completion(streams, request_id: str, model: str, body: CompletionRequest,
+                            params: SamplingParams) -> AsyncIterator[str]:
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list) -> str:
+        envelope = protocol.envelope(request_id, "text_completion", model, choices, created)
+        if include_usage:
+            envelope["usage"] = None
+        return protocol.sse(envelope)
+
+    holdback = max((len(s) for s in params.stop), default=1) - 1
+    states: dict[int, _ChoiceState] = {}
+    finals: dict[int, RequestOutput] = {}
+    try:
+        async for prompt_index, output in _merged(streams):
+            finals[prompt_index] = output
+            for completion in output.outputs:
+                choice = prompt_index * params.n + completion.index
+                state = states.setdefault(choice, _ChoiceState())
+                if state.finished:
+                    continue
+                text, tokens = _ready(completion, state, holdback)
+                if text or completion.finished:
+                    logprobs = protocol.completion_logprobs(completion, state.tokens_sent, tokens,
+                                                            body.logprobs or 0, state.text_sent)
+                    reason = protocol._finish_reason(completion) if completion.finished else None
+                    yield chunk([{"index": choice, "text": text, "logprobs": logprobs,
+                                  "finish_reason": reason}])
+                    state.text_sent += len(text)
+                    state.tokens_sent = tokens
+                    state.finished = completion.finished
+    except EngineDeadError as exc:
+        yield protocol.sse(error_body(str(exc), "server_error"))
+    if include_usage:
+        counts = protocol.count_tokens(list(finals.values()))
+        envelope = protocol.envelope(request_id, "text_completion", model, [], created,
+                                     protocol.usage(*counts))
+        yield protocol.sse(envelope)
+    yield protocol.sse("[DONE]")
