@@ -7,7 +7,6 @@ import asyncio
 import json
 import random
 import signal
-import time
 
 import httpx
 import openai
