@@ -188,3 +188,23 @@ def test_health_and_docs(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     assert httpx.get(server.url + "/docs").status_code == 200
     assert "/v1/chat/completions" in httpx.get(server.url + "/openapi.json").json()["paths"]
+
+
+def test_content_parts_and_token_id_batches(client, server):
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me about "},
+                                          {"type": "text", "text": "paged attention."}]}]
+    a = client.chat.completions.create(model="tiny", messages=parts, max_tokens=6, temperature=0)
+    b = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6,
+                                       temperature=0)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    batch = client.completions.create(model="tiny", prompt=[[5, 6, 7], [8, 9]], max_tokens=2)
+    assert [c.index for c in batch.choices] == [0, 1] and batch.usage.prompt_tokens == 5
+    echoed = client.completions.create(model="tiny", prompt="The quick", max_tokens=2,
+                                       temperature=0, echo=True)
+    assert echoed.choices[0].text.startswith("The quick")
+
+
+def test_max_completion_tokens_and_user_are_honoured(client):
+    response = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0,
+                                              max_completion_tokens=3, user="alice")
+    assert response.usage.completion_tokens == 3
