@@ -1,4 +1,4 @@
-"""tierserve command line: fetch-model | generate | chat | serve."""
+"""tierserve command line: fetch-model | generate | chat | serve | batch."""
 
 from __future__ import annotations
 
@@ -124,6 +124,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args)
 
 
+def cmd_batch(args: argparse.Namespace) -> int:
+    from tierserve.batch.jobfile import run_batch_file
+    from tierserve.engine.llm import LLM
+
+    llm = LLM(config=engine_config_from_args(args))
+    try:
+        summary = run_batch_file(llm, args.input, args.output, resume=args.resume)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stats = summary.stats
+    print(f"{summary.lines} lines: {summary.succeeded} succeeded, {summary.failed} failed, "
+          f"{summary.skipped_done} already done; {summary.output_tokens} output tokens in "
+          f"{summary.wall_s:.1f} s", file=sys.stderr)
+    if stats is not None:
+        print(f"plan: {stats.num_groups} groups, {stats.shared_prefix_tokens_saved} prompt tokens "
+              f"shared, {stats.prefill_tokens} computed", file=sys.stderr)
+    return 0
+
+
 def cmd_chat(args: argparse.Namespace) -> int:
     from tierserve.chat import run_chat
 
@@ -162,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(serve)
     add_serve_args(serve)
     serve.set_defaults(func=cmd_serve)
+
+    batch = sub.add_parser("batch", help="run an OpenAI Batch API file offline",
+                           description="Run INPUT (OpenAI Batch API JSONL: custom_id, method, url "
+                           "= /v1/chat/completions or /v1/completions, body) and write OUTPUT "
+                           "(one result line per input line, in input order). Shared prompt "
+                           "prefixes are found across the whole batch and computed once.")
+    batch.add_argument("input", help="input .jsonl")
+    batch.add_argument("output", help="output .jsonl")
+    batch.add_argument("--resume", action="store_true",
+                       help="keep the lines OUTPUT already has and compute only the rest")
+    add_engine_args(batch)
+    batch.set_defaults(func=cmd_batch)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "

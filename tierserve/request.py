@@ -112,8 +112,11 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     client_id: str | None = None  # fairness key (OpenAI `user`)
     priority: int = 0
-    # n > 1: the sibling that computes the shared prompt first; this one waits until it has.
+    # The request that computes a prefix shared with this one (an n > 1 sibling, or a batch
+    # group's first member); this one is not admitted until the leader has computed
+    # ``shared_prefix_len`` tokens (None: the leader's whole prompt), then hits them in the cache.
     prefill_leader: str | None = None
+    shared_prefix_len: int | None = None
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache on admission

@@ -47,13 +47,56 @@ class LLM:
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt (text, token ids, or {"prompt_token_ids": [...]}); in order."""
+                 *, use_tqdm: bool = True, batch_mode: bool = False) -> list[RequestOutput]:
+        """Complete each prompt (text, token ids, or {"prompt_token_ids": [...]}); in order.
+
+        ``batch_mode=True`` runs the whole list with the BatchLLM planner (shared prefixes found
+        across the batch and computed once per group, decode-heavy requests first, admission by
+        KV memory): best for large offline jobs; results are the same.
+        """
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self._encode(p) for p in prompts]
+        if batch_mode:
+            return self._run_batch(encoded, sampling_params, use_tqdm)
         return self._run(encoded, sampling_params, use_tqdm)
+
+    def _run_batch(self, encoded, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        from tierserve.batch.runner import BatchRunner
+
+        params = self._per_prompt(sampling_params, len(encoded))
+        for (_, ids), p in zip(encoded, params):  # every prompt valid before anything runs
+            self.core.make_request("check", ids, p)
+        results: list[RequestOutput | None] = [None] * len(encoded)
+        bar = tqdm(total=len(encoded), desc="batch", unit="req",
+                   disable=not use_tqdm or len(encoded) < 2)
+
+        def done(index: int, output: RequestOutput) -> None:
+            results[index] = output
+            bar.update(1)
+
+        runner = BatchRunner(self.core, OutputProcessor(self.tokenizer))
+        with bar:
+            try:
+                self.last_batch_stats = runner.run(encoded, params, on_output=done,
+                                                   id_prefix=f"b{next(self._ids)}")
+            except BaseException:
+                self.core.abort(list(self.core.scheduler.requests))
+                raise
+        return results  # type: ignore[return-value]
+
+    @staticmethod
+    def _per_prompt(sampling_params, count: int) -> list[SamplingParams]:
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            return [sampling_params] * count
+        if len(sampling_params) != count:
+            raise InvalidRequestError(
+                f"got {len(sampling_params)} SamplingParams for {count} prompts; "
+                "give one, or one per prompt", "sampling_params")
+        return list(sampling_params)
 
     def chat(self, messages: list[dict] | Sequence[list[dict]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -109,14 +152,7 @@ class LLM:
     def _run(self, encoded: list[tuple[str | None, list[int]]],
              sampling_params: SamplingParams | Sequence[SamplingParams] | None,
              use_tqdm: bool) -> list[RequestOutput]:
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
-            sampling_params = [sampling_params] * len(encoded)
-        if len(sampling_params) != len(encoded):
-            raise InvalidRequestError(
-                f"got {len(sampling_params)} SamplingParams for {len(encoded)} prompts; "
-                "give one, or one per prompt", "sampling_params")
+        sampling_params = self._per_prompt(sampling_params, len(encoded))
         processor = OutputProcessor(self.tokenizer)
         batches = [self._make_requests(text, ids, params)
                    for (text, ids), params in zip(encoded, sampling_params)]

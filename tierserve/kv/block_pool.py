@@ -15,6 +15,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
 
+EVICTION_SCAN = 64  # scored eviction looks at this many least recently freed blocks at most
+RUN_SCAN_GROUPS = 64  # a search for a run of free blocks looks this many runs' length ahead
+
+
 class BlockPoolExhausted(RuntimeError):
     """Asked for more blocks than are free; callers check ``num_free`` first."""
 
@@ -31,6 +35,8 @@ class BlockPool:
         self.ref_counts = [0] * num_blocks
         # Insertion order is eviction order: the first key is the least recently freed block.
         self._free: OrderedDict[int, None] = OrderedDict((b, None) for b in range(num_blocks))
+        # The free blocks that hold no cached content: handed out before any cached one.
+        self._uncached: OrderedDict[int, None] = OrderedDict(self._free)
         self._on_evict = on_evict  # told when a free block is handed out (drop its cache entry)
         self._is_cached = is_cached or (lambda block: False)
         # Block groups (FastSwitch): > 0 means "hand out runs of neighbouring blocks", so that a
@@ -53,9 +59,9 @@ class BlockPool:
     def allocate(self, count: int, after: int | None = None) -> list[int]:
         """Take ``count`` free blocks, each with ref_count 1.
 
-        Without block groups: the least recently freed first (LRU eviction of cached blocks).
-        With block groups: first the blocks right after ``after`` (the request's last block),
-        then runs of neighbouring uncached blocks, and only then LRU order.
+        Blocks holding no cached content go first (oldest freed first); then cached blocks are
+        evicted, least recently freed first (or by ``evict_score``). With block groups: first
+        the blocks right after ``after`` (the request's last block), then runs of neighbours.
         """
         if count > len(self._free):
             raise BlockPoolExhausted(f"asked for {count} blocks, {len(self._free)} free")
@@ -63,22 +69,35 @@ class BlockPool:
         if self.group_size > 0:
             blocks = self._take_runs(count, after)
         while len(blocks) < count:
-            if self._evict_score is None:
-                block = next(iter(self._free))
-            else:
-                block = min(self._free, key=self._evict_score)
+            block = next(iter(self._uncached)) if self._uncached else self._victim()
             self._take(block)
             blocks.append(block)
         return blocks
 
+    def _victim(self) -> int:
+        """The cached free block to evict: LRU, or the lowest score among the oldest few."""
+        if self._evict_score is None:
+            return next(iter(self._free))
+        best, best_score = None, 0.0
+        for seen, block in enumerate(self._free):
+            score = self._evict_score(block)
+            if score <= 0:
+                return block  # the oldest block nobody waits for
+            if best is None or score < best_score:
+                best, best_score = block, score
+            if seen >= EVICTION_SCAN:
+                break
+        return best
+
     def _take(self, block: int) -> None:
         del self._free[block]
+        self._uncached.pop(block, None)
         if self._on_evict is not None:
             self._on_evict(block)
         self.ref_counts[block] = 1
 
     def _takeable(self, block: int) -> bool:
-        return block in self._free and not self._is_cached(block)
+        return block in self._uncached
 
     def _take_runs(self, count: int, after: int | None) -> list[int]:
         taken: list[int] = []
@@ -113,7 +132,7 @@ class BlockPool:
 
     def _scan(self, length: int, ok: Callable[[int], bool]) -> int | None:
         best_start, best_len, run_start, run_len = None, 0, 0, 0
-        for step in range(self.num_blocks):
+        for step in range(min(self.num_blocks, RUN_SCAN_GROUPS * max(length, 1))):
             block = (self._cursor + step) % self.num_blocks
             if block == 0:
                 run_len = 0
@@ -134,6 +153,7 @@ class BlockPool:
         """Add a reference to ``block`` (a prefix-cache hit), taking it off the free queue."""
         if self.ref_counts[block] == 0:
             del self._free[block]
+            self._uncached.pop(block, None)
         self.ref_counts[block] += 1
 
     def release(self, blocks: Iterable[int]) -> None:
@@ -149,6 +169,8 @@ class BlockPool:
             self.ref_counts[block] = count - 1
             if count == 1:
                 self._free[block] = None
+                if not self._is_cached(block):
+                    self._uncached[block] = None
 
     def is_free(self, block: int) -> bool:
         return self.ref_counts[block] == 0
@@ -158,3 +180,4 @@ class BlockPool:
         for block, count in enumerate(self.ref_counts):
             assert count >= 0, f"block {block} has ref_count {count}"
             assert (count == 0) == (block in self._free), f"block {block} free-queue mismatch"
+        assert all(block in self._free for block in self._uncached), "uncached block not free"

@@ -46,6 +46,7 @@ class Scheduler:
         self.num_steps = 0
         self.num_preemptions = 0
         self.num_swap_preemptions = 0
+        self.num_prompt_tokens_computed = 0  # prefill work actually done (cache hits excluded)
 
     # -- requests in and out -------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -222,7 +223,10 @@ class Scheduler:
 
     def _waits_for_leader(self, request: Request) -> bool:
         leader = self.requests.get(request.prefill_leader) if request.prefill_leader else None
-        return leader is not None and leader.num_computed_tokens < leader.num_prompt_tokens
+        if leader is None:
+            return False
+        shared = request.shared_prefix_len or leader.num_prompt_tokens
+        return leader.num_computed_tokens < min(shared, leader.num_prompt_tokens)
 
     def _start_running(self, request: Request) -> None:
         self.running.append(request)
@@ -300,6 +304,7 @@ class Scheduler:
             prompt_part = max(0, min(chunk.start_pos + chunk.num_tokens, request.num_prompt_tokens)
                               - chunk.start_pos)
             request.num_computed_tokens += chunk.num_tokens
+            self.num_prompt_tokens_computed += prompt_part
             self.kv.commit(request)
             self.policy.on_service(request, prompt_part, int(chunk.sample))
             if not chunk.sample:

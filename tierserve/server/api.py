@@ -25,7 +25,7 @@ from tierserve.errors import InvalidRequestError
 from tierserve.metrics import render_prometheus
 from tierserve.outputs import RequestOutput
 from tierserve.request import SamplingParams
-from tierserve.server import protocol
+from tierserve.server import convert, protocol
 from tierserve.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -109,14 +109,12 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
     @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body, settings)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        tokenizer = engine.tokenizer
         try:
-            prompt_ids = await asyncio.to_thread(tokenizer.encode_chat, messages)
+            prompt_ids = await asyncio.to_thread(engine.tokenizer.encode_chat,
+                                                 convert.chat_messages(body))
         except ValueError as exc:  # a template that rejects the conversation
             raise ApiError(400, str(exc), param="messages") from exc
-        params = _sampling(body, body.max_completion_tokens or body.max_tokens,
-                           logprobs=(body.top_logprobs or 0) if body.logprobs else None)
+        params = _checked(convert.chat_params, body)
         request_id = engine.next_request_id("chatcmpl")
         streams = [_submit(engine, request_id, None, prompt_ids, params, body)]
         if body.stream:
@@ -130,8 +128,9 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
     @router.post("/completions", summary="Text completion (OpenAI-compatible)")
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body, settings)
-        prompts = await asyncio.to_thread(_encode_prompts, engine, body.prompt)
-        params = _sampling(body, body.max_tokens, logprobs=body.logprobs)
+        prompts = await asyncio.to_thread(_checked, convert.encode_prompts, engine.tokenizer,
+                                          body.prompt)
+        params = _checked(convert.completion_params, body)
         request_id = engine.next_request_id("cmpl")
         streams = [_submit(engine, f"{request_id}-{i}", text, ids, params, body)
                    for i, (text, ids) in enumerate(prompts)]
@@ -157,31 +156,11 @@ def _check_model(body: SamplingFields, settings: ServerSettings) -> None:
                        "model", "model_not_found")
 
 
-def _encode_prompts(engine: AsyncEngine, prompt) -> list[tuple[str | None, list[int]]]:
-    if isinstance(prompt, str):
-        return [(prompt, engine.tokenizer.encode(prompt))]
-    if prompt and all(isinstance(t, int) for t in prompt):
-        return [(None, list(prompt))]
-    if not prompt:
-        raise ApiError(400, "prompt must not be empty", param="prompt")
-    return [(p, engine.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p))
-            for p in prompt]
-
-
-def _sampling(body: SamplingFields, max_tokens: int | None, logprobs: int | None
-              ) -> SamplingParams:
+def _checked(convert_fn, *args):
     try:
-        return SamplingParams(
-            n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
-            seed=body.seed, presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty, max_tokens=max_tokens,
-            min_tokens=body.min_tokens, stop=body.stop or [],
-            stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos,
-            logprobs=logprobs)
+        return convert_fn(*args)
     except InvalidRequestError as exc:
-        raise ApiError(400, exc.message, param=exc.param) from exc
+        raise ApiError(400, exc.message, param=exc.param, code=exc.code) from exc
 
 
 def _submit(engine: AsyncEngine, request_id: str, text: str | None, prompt_ids: list[int],

@@ -1,0 +1,210 @@
+"""`tierserve batch`: the OpenAI Batch API file format, run offline with the BatchLLM planner.
+
+Input: one JSON object a line, ``{"custom_id", "method": "POST", "url": "/v1/chat/completions"
+| "/v1/completions", "body": {...}}``. Output: one line per input line, in input order:
+``{"id", "custom_id", "response": {"status_code", "request_id", "body"}, "error"}``. A malformed
+line gets ``response: null`` and an ``error``; an invalid body gets ``status_code: 400`` and an
+OpenAI error body; the rest of the batch runs either way.
+
+Lines are written in input order as soon as every earlier line is done, and flushed one by one,
+so an interrupted run leaves a valid prefix of the output; ``resume`` keeps it (dropping a torn
+last line) and computes only what is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pydantic import ValidationError
+from tqdm.auto import tqdm
+
+from tierserve.batch.runner import BatchRunner
+from tierserve.engine.output import OutputProcessor
+from tierserve.errors import InvalidRequestError
+from tierserve.outputs import RequestOutput
+from tierserve.request import SamplingParams
+from tierserve.server import convert, protocol
+from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+
+ROUTES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+@dataclass(slots=True)
+class _Job:
+    line: int
+    custom_id: str | None
+    url: str = ""
+    body: ChatCompletionRequest | CompletionRequest | None = None
+    prompt: tuple[str | None, list[int]] | None = None
+    params: SamplingParams | None = None
+    result: dict | None = None  # the finished output line
+
+
+@dataclass(slots=True)
+class BatchFileSummary:
+    lines: int = 0
+    skipped_done: int = 0  # already in the output (resume)
+    succeeded: int = 0
+    failed: int = 0
+    output_tokens: int = 0
+    wall_s: float = 0.0
+    stats: object | None = None
+    errors: list[str] = field(default_factory=list)
+
+
+def run_batch_file(llm, input_path: str | Path, output_path: str | Path, resume: bool = False,
+                   show_progress: bool = True) -> BatchFileSummary:
+    """Run a whole batch file through ``llm`` (a tierserve LLM)."""
+    started = time.perf_counter()
+    lines = Path(input_path).read_text(encoding="utf-8").splitlines()
+    summary = BatchFileSummary(lines=len(lines))
+    done = _existing_output(Path(output_path), lines, resume)
+    summary.skipped_done = done
+    jobs = [_parse(i, text, llm) for i, text in enumerate(lines) if i >= done]
+    runnable = [job for job in jobs if job.result is None]
+    summary.failed = len(jobs) - len(runnable)
+    with open(output_path, "a", encoding="utf-8") as out, tqdm(
+            total=len(lines), initial=done, unit="req", desc="batch",
+            disable=not show_progress) as bar:
+        writer = _OrderedWriter(out, jobs, bar)
+        writer.flush_ready()
+        started_run = time.perf_counter()
+
+        def finished(index: int, output: RequestOutput) -> None:
+            job = runnable[index]
+            job.result = _success_line(job, output, llm)
+            summary.succeeded += 1
+            summary.output_tokens += sum(len(c.token_ids) for c in output.outputs)
+            elapsed = time.perf_counter() - started_run
+            bar.set_postfix_str(f"{summary.output_tokens} tok, "
+                                f"{summary.output_tokens / max(elapsed, 1e-9):.1f} tok/s",
+                                refresh=False)
+            writer.flush_ready()
+
+        if runnable:
+            runner = BatchRunner(llm.core, OutputProcessor(llm.tokenizer))
+            summary.stats = runner.run([job.prompt for job in runnable],
+                                       [job.params for job in runnable], on_output=finished,
+                                       id_prefix=f"file{os.getpid()}")
+        writer.flush_ready()
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+class _OrderedWriter:
+    """Writes finished lines in input order, flushing each, as soon as their turn comes."""
+
+    def __init__(self, out, jobs: list[_Job], bar) -> None:
+        self.out, self.jobs, self.bar, self.next = out, jobs, bar, 0
+
+    def flush_ready(self) -> None:
+        while self.next < len(self.jobs) and self.jobs[self.next].result is not None:
+            self.out.write(json.dumps(self.jobs[self.next].result, ensure_ascii=False) + "\n")
+            self.out.flush()
+            self.next += 1
+            self.bar.update(1)
+
+
+def _existing_output(path: Path, lines: list[str], resume: bool) -> int:
+    """Lines already done. Without ``resume`` an existing non-empty output is an error."""
+    if not path.exists() or path.stat().st_size == 0:
+        return 0
+    if not resume:
+        raise FileExistsError(f"{path} already has results; pass --resume to continue it, or "
+                              "remove it to start over")
+    kept: list[str] = []
+    for text in path.read_text(encoding="utf-8").split("\n"):
+        try:
+            record = json.loads(text)
+        except json.JSONDecodeError:
+            break  # a torn last line from an interrupted run
+        if len(kept) >= len(lines) or record.get("custom_id") != _custom_id(lines[len(kept)]):
+            raise ValueError(f"{path} does not match the input at line {len(kept) + 1}; it is "
+                             "not an output of this input file")
+        kept.append(text)
+    path.write_text("".join(t + "\n" for t in kept), encoding="utf-8")
+    return len(kept)
+
+
+def _custom_id(text: str) -> str | None:
+    try:
+        value = json.loads(text).get("custom_id")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _parse(line: int, text: str, llm) -> _Job:
+    """A job ready to run, or one whose ``result`` is already its error line."""
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return _Job(line, None, result=_error_line(line, None, "invalid_json_line",
+                                                   f"line {line + 1} is not JSON: {exc}"))
+    if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
+        return _Job(line, None, result=_error_line(
+            line, None, "missing_custom_id", f"line {line + 1} needs a string custom_id"))
+    job = _Job(line, record["custom_id"], url=record.get("url", ""))
+    if record.get("method", "POST") != "POST" or job.url not in ROUTES:
+        job.result = _error_line(line, job.custom_id, "invalid_url",
+                                 f"url must be one of {', '.join(ROUTES)} with method POST")
+        return job
+    try:
+        job.body = ROUTES[job.url].model_validate(record.get("body") or {})
+        job.prompt, job.params = _engine_input(job, llm)
+        llm.core.make_request("check", job.prompt[1], job.params)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        job.result = _failed_response(job, f"{loc}: {first['msg']}", str(first["loc"][0]))
+    except (InvalidRequestError, ValueError) as exc:
+        job.result = _failed_response(job, str(exc), getattr(exc, "param", None))
+    return job
+
+
+def _engine_input(job: _Job, llm) -> tuple[tuple[str | None, list[int]], SamplingParams]:
+    body = job.body
+    if isinstance(body, ChatCompletionRequest):
+        messages = convert.chat_messages(body)
+        text = llm.tokenizer.apply_chat_template(messages, True)
+        return (text, llm.tokenizer.encode_chat(messages)), convert.chat_params(body)
+    prompts = convert.encode_prompts(llm.tokenizer, body.prompt)
+    if len(prompts) != 1:
+        raise InvalidRequestError("a batch line takes one prompt; split the list into lines",
+                                  "prompt")
+    return prompts[0], convert.completion_params(body)
+
+
+def _success_line(job: _Job, output: RequestOutput, llm) -> dict:
+    body = job.body
+    model = body.model or llm.config.model.model
+    counts = protocol.usage(*protocol.count_tokens([output]))
+    if isinstance(body, ChatCompletionRequest):
+        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0) for c in output.outputs]
+        response = protocol.envelope(f"chatcmpl-batch-{job.line}", "chat.completion", model,
+                                     choices, usage_=counts)
+    else:
+        prefix = (job.prompt[0] or "") if body.echo else ""
+        choices = [protocol.completion_choice(c.index, c, body.logprobs or 0, prefix)
+                   for c in output.outputs]
+        response = protocol.envelope(f"cmpl-batch-{job.line}", "text_completion", model, choices,
+                                     usage_=counts)
+    return {"id": f"batch_req_{job.line}", "custom_id": job.custom_id,
+            "response": {"status_code": 200, "request_id": response["id"], "body": response},
+            "error": None}
+
+
+def _failed_response(job: _Job, message: str, param: str | None) -> dict:
+    return {"id": f"batch_req_{job.line}", "custom_id": job.custom_id,
+            "response": {"status_code": 400, "request_id": f"batch-{job.line}",
+                         "body": error_body(message, param=param)},
+            "error": None}
+
+
+def _error_line(line: int, custom_id: str | None, code: str, message: str) -> dict:
+    return {"id": f"batch_req_{line}", "custom_id": custom_id, "response": None,
+            "error": {"code": code, "message": message}}

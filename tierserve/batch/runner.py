@@ -1,0 +1,147 @@
+"""BatchRunner: drive a planned batch through the engine.
+
+Groups go in plan order; within a group the first member (the leader) computes the shared prefix
+and the others are admitted once it has, finding those blocks in the prefix cache. The shared KV
+thus lives exactly as long as the group runs. Admission is memory-centric: requests enter the
+engine while the KV they may need (prompt + max_tokens, minus a shared prefix) fits the pool, not
+up to a request count, so decode-heavy phases still fill the machine and nothing is preempted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tierserve.batch.planner import BatchItem, PlannedGroup, plan_batch
+from tierserve.engine.core import EngineCore
+from tierserve.engine.output import OutputProcessor
+from tierserve.outputs import RequestOutput
+from tierserve.request import Request, RequestStatus, SamplingParams
+
+
+@dataclass(slots=True)
+class BatchStats:
+    """What a batch run cost."""
+
+    num_requests: int = 0
+    num_groups: int = 0
+    shared_prefix_tokens_saved: int = 0  # planned: (members - 1) x prefix, summed over groups
+    prefill_tokens: int = 0  # prompt tokens actually computed
+    output_tokens: int = 0
+    peak_kv_blocks: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s else 0.0
+
+
+@dataclass(slots=True)
+class _Pending:
+    index: int
+    text: str | None
+    requests: list[Request]
+    need_tokens: int
+    leader_of: list[Request] = field(default_factory=list)
+
+
+class BatchRunner:
+    """Runs many requests with the BatchLLM plan over one EngineCore."""
+
+    def __init__(self, core: EngineCore, processor: OutputProcessor,
+                 memory_fraction: float = 0.95, output_estimate_cap: int = 512) -> None:
+        self.core = core
+        self.processor = processor
+        self.capacity_tokens = int(core.kv.num_blocks * core.kv.block_size * memory_fraction)
+        # The output length estimate is max_tokens; a request that leaves it open (up to the
+        # context end) is planned as if it wanted at most this many tokens.
+        self.output_estimate_cap = output_estimate_cap
+
+    def run(self, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
+            on_output: Callable[[int, RequestOutput], None] | None = None,
+            on_step: Callable[[BatchStats, int], None] | None = None,
+            id_prefix: str = "batch") -> BatchStats:
+        """Run every prompt; ``on_output(index, output)`` gets each result as it finishes.
+
+        Prompts must be valid (``EngineCore.make_request`` raises otherwise, before anything
+        runs)."""
+        self._id_prefix = id_prefix
+        started = time.perf_counter()
+        stats = BatchStats(num_requests=len(prompts))
+        computed_before = self.core.scheduler.num_prompt_tokens_computed
+        queue = deque(self._plan(prompts, params, stats))
+        in_flight: dict[str, _Pending] = {}
+        used = 0
+        while queue or in_flight:
+            while queue and (not in_flight or used + queue[0].need_tokens <= self.capacity_tokens):
+                pending = queue.popleft()
+                for request in pending.requests:
+                    self.core.add_request(request)
+                in_flight[pending.requests[0].request_id.split("#")[0]] = pending
+                used += pending.need_tokens
+            outputs, to_stop = self.processor.process(self.core.step())
+            if to_stop:
+                self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
+            stats.peak_kv_blocks = max(stats.peak_kv_blocks, self.core.kv.pool.num_used)
+            for output in outputs:
+                if not output.finished:
+                    continue
+                pending = in_flight.pop(output.request_id)
+                used -= pending.need_tokens
+                stats.output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                if on_output is not None:
+                    on_output(pending.index, output)
+            if on_step is not None:
+                on_step(stats, len(in_flight))
+        stats.prefill_tokens = self.core.scheduler.num_prompt_tokens_computed - computed_before
+        stats.wall_s = time.perf_counter() - started
+        return stats
+
+    def _plan(self, prompts, params, stats: BatchStats) -> list[_Pending]:
+        items = [BatchItem(i, ids, self._expected_output(ids, params[i]))
+                 for i, (_, ids) in enumerate(prompts)]
+        groups = plan_batch(items, self.core.kv.block_size)
+        stats.num_groups = len(groups)
+        stats.shared_prefix_tokens_saved = sum(g.saved_tokens for g in groups)
+        planned = []
+        for group in groups:
+            planned.extend(self._group_requests(group, prompts, params))
+        return planned
+
+    def _expected_output(self, ids: list[int], params: SamplingParams) -> int:
+        limits = self.core.limits
+        room = min(limits.max_model_len, limits.kv_capacity_tokens) - len(ids)
+        return max(1, min(params.max_tokens or room, room, self.output_estimate_cap))
+
+    def _group_requests(self, group: PlannedGroup, prompts, params) -> list[_Pending]:
+        out: list[_Pending] = []
+        leader_id: str | None = None
+        for item in group.items:
+            text, ids = prompts[item.index]
+            request_id = f"{self._id_prefix}-{item.index}"
+            sampling = params[item.index]
+            shared = group.prefix_len if leader_id is not None else 0
+            requests = []
+            for child in range(sampling.n):
+                engine_id = request_id if sampling.n == 1 else f"{request_id}#{child}"
+                child_params = sampling if sampling.seed is None or sampling.n == 1 else \
+                    _with_seed(sampling, sampling.seed + child)
+                leader = leader_id if shared else (f"{request_id}#0" if child else None)
+                requests.append(self.core.make_request(
+                    engine_id, ids, child_params, prefill_leader=leader,
+                    shared_prefix_len=shared or None))
+            if group.prefix_len and leader_id is None:
+                leader_id = requests[0].request_id
+            self.processor.add(request_id, text, requests)
+            need = sum(len(ids) - shared + self._expected_output(ids, r.sampling_params)
+                       for r in requests)
+            out.append(_Pending(item.index, text, requests, need))
+        return out
+
+
+def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
+    from dataclasses import replace
+
+    return replace(params, seed=seed)

@@ -1,0 +1,45 @@
+"""OpenAI request bodies -> engine inputs (prompt ids and SamplingParams), shared by the HTTP
+server and the offline batch mode."""
+
+from __future__ import annotations
+
+from tierserve.errors import InvalidRequestError
+from tierserve.model.tokenizer import Tokenizer
+from tierserve.request import SamplingParams
+from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+
+def chat_messages(body: ChatCompletionRequest) -> list[dict]:
+    return [{"role": m.role, "content": m.text()} for m in body.messages]
+
+
+def chat_params(body: ChatCompletionRequest) -> SamplingParams:
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    return sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs)
+
+
+def completion_params(body: CompletionRequest) -> SamplingParams:
+    return sampling_params(body, body.max_tokens, body.logprobs)
+
+
+def encode_prompts(tokenizer: Tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
+    """A completions ``prompt`` (text, texts, token ids, lists of token ids) as (text, ids)."""
+    if isinstance(prompt, str):
+        return [(prompt, tokenizer.encode(prompt))]
+    if not prompt:
+        raise InvalidRequestError("prompt must not be empty", "prompt")
+    if all(isinstance(t, int) for t in prompt):
+        return [(None, list(prompt))]
+    return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+
+
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None
+                    ) -> SamplingParams:
+    """OpenAI defaults (temperature 1, top_p 1); raises InvalidRequestError naming the field."""
+    return SamplingParams(
+        n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p, top_k=body.top_k, min_p=body.min_p,
+        seed=body.seed, presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+        max_tokens=max_tokens, min_tokens=body.min_tokens, stop=body.stop or [],
+        stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos, logprobs=logprobs)
