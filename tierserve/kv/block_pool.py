@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 
-
 EVICTION_SCAN = 64  # scored eviction looks at this many least recently freed blocks at most
 RUN_SCAN_GROUPS = 64  # a search for a run of free blocks looks this many runs' length ahead
 
