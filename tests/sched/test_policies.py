@@ -276,3 +276,14 @@ def test_next_swapped_request_is_prefetched_without_stalling_the_step():
     later_waits = {k for p in executor.plans for k in p.wait_keys}
     assert {o.key for o in prefetches} & later_waits  # the resumed step waited on its prefetch
     core.kv.check_invariants()
+
+
+def test_metrics_report_each_clients_service_and_jain_index():
+    core, _ = make_core(num_blocks=200, block_size=4, budget=64)
+    _add(core, "a", _prompt(1, 20), max_tokens=5, client="alice")
+    _add(core, "b", _prompt(2, 10), max_tokens=5, client="bob")
+    run_to_completion(core)
+    summary = core.metrics.summary()
+    assert summary["client_service"]["alice"] == {"prompt_tokens": 20, "output_tokens": 5}
+    assert summary["client_service"]["bob"] == {"prompt_tokens": 10, "output_tokens": 5}
+    assert summary["jain_index"] == pytest.approx(40**2 / (2 * (25**2 + 15**2)))

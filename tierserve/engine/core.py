@@ -56,6 +56,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv, limits.max_model_len,
                                    bytes_per_block=limits.bytes_per_block)
         self.metrics = MetricsCollector()
+        self._clients: dict[str, str] = {}  # live request -> its client, for service accounting
         self.num_steps = 0
 
     # -- requests ------------------------------------------------------------------------------
@@ -90,6 +91,7 @@ class EngineCore:
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
         client = request.client_id or f"anon:{request.request_id}"
+        self._clients[request.request_id] = client
         self.metrics.on_arrival(request.request_id, client, request.num_prompt_tokens,
                                 now=request.arrival_time)
 
@@ -125,6 +127,10 @@ class EngineCore:
         now = time.monotonic()
         for chunk in plan.chunks:
             metrics.on_scheduled(chunk.request_id, now=now)
+            prompt_part = max(0, min(chunk.start_pos + chunk.num_tokens,
+                                     len(chunk.prompt_token_ids)) - chunk.start_pos)
+            metrics.on_service(self._clients.get(chunk.request_id, chunk.request_id),
+                               prompt_part, int(chunk.sample))
             request = scheduler.requests.get(chunk.request_id)
             if request is not None and request.num_cached_tokens:
                 metrics.on_cached(chunk.request_id, request.num_cached_tokens)
@@ -136,6 +142,8 @@ class EngineCore:
             metrics.on_tokens(update.request_id, len(update.new_token_ids), now=now)
             if update.finished:
                 metrics.on_finished(update.request_id, update.finish_reason, now=now)
+        for request_id in plan.finished_request_ids:
+            self._clients.pop(request_id, None)
         cache = self.kv.prefix_cache
         metrics.set_prefix_cache(cache.queries, cache.hits)
         metrics.on_step(plan.num_batched_tokens, scheduler.num_running, scheduler.num_waiting,
