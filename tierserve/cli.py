@@ -195,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_engine_args(batch)
     batch.set_defaults(func=cmd_batch)
 
+    from tierserve.bench.cli import add_bench_parser
+
+    add_bench_parser(sub)
+
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "
                           "Ctrl-C at the prompt exits. /reset clears the conversation.")

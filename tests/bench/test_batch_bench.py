@@ -1,0 +1,25 @@
+"""`tierserve bench batch` smoke run on the tiny model: three modes, same tokens, JSON shape."""
+
+from __future__ import annotations
+
+import json
+
+from tierserve.bench.cli import main
+
+
+def test_bench_batch_runs_three_ways_and_the_planner_computes_least(tiny_llama_dir, tmp_path):
+    out = tmp_path / "batch.json"
+    code = main(["batch", "--model", str(tiny_llama_dir), "--num-blocks", "200",
+                 "--num-requests", "24", "--num-prefixes", "4", "--prefix-len", "48",
+                 "--question-len", "6", "--output-len", "4", "--no-progress",
+                 "--json", str(out)])
+    assert code == 0
+    document = json.loads(out.read_text())
+    results = document["results"]
+    assert set(results) == {"planner", "lru", "no-cache"} and document["same_tokens"]
+    for row in results.values():
+        for key in ("wall_s", "prefill_tokens", "output_tokens_per_s", "peak_kv_blocks"):
+            assert key in row
+    assert results["planner"]["prefill_tokens"] < results["no-cache"]["prefill_tokens"]
+    assert results["no-cache"]["prefill_tokens"] == results["no-cache"]["prompt_tokens"]
+    assert results["planner"]["prefill_tokens"] <= results["lru"]["prefill_tokens"]
