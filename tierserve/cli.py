@@ -24,9 +24,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="memory for the paged KV cache, e.g. 512MiB, 2GiB (default: %(default)s)")
     group.add_argument("--block-size", type=int, default=16,
                        help="tokens per KV block (default: %(default)s)")
-    group.add_argument("--max-num-batched-tokens", type=int, default=512,
+    group.add_argument("--max-num-batched-tokens", type=int, default=256,
                        help="token budget of one engine step (default: %(default)s)")
-    group.add_argument("--max-num-seqs", type=int, default=256,
+    group.add_argument("--max-num-seqs", type=int, default=128,
                        help="most requests running at once (default: %(default)s)")
     group.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse KV blocks of shared prompt prefixes")

@@ -91,8 +91,9 @@ def tier_block_counts(cache: CacheConfig, bytes_per_block: int) -> tuple[int, in
 class SchedulerConfig:
     """The per-step token budget and the policy that orders requests."""
 
-    max_num_batched_tokens: int = 512  # token budget of one step (--max-num-batched-tokens)
-    max_num_seqs: int = 256  # most requests running at once
+    # Token budget of one step (--max-num-batched-tokens); measured: docs/benchmarks.md "token budget".
+    max_num_batched_tokens: int = 256
+    max_num_seqs: int = 128  # most running at once; below the budget so prefills always get some
     policy: str = "sarathi"  # sarathi | fcfs-prefill-first | fair (--scheduling-policy)
     max_waiting_requests: int | None = None
     preemption_mode: str = "auto"  # swap | recompute | auto (cheaper of the two, estimated)

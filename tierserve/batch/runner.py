@@ -68,6 +68,14 @@ class BatchRunner:
         Prompts must be valid (``EngineCore.make_request`` raises otherwise, before anything
         runs)."""
         self._id_prefix = id_prefix
+        config = self.core.scheduler.config
+        seq_cap, config.max_num_seqs = config.max_num_seqs, 1 << 30  # memory decides, not a count
+        try:
+            return self._run(prompts, params, on_output, on_step)
+        finally:
+            config.max_num_seqs = seq_cap
+
+    def _run(self, prompts, params, on_output, on_step) -> BatchStats:
         started = time.perf_counter()
         stats = BatchStats(num_requests=len(prompts))
         computed_before = self.core.scheduler.num_prompt_tokens_computed
