@@ -79,16 +79,17 @@ class AttentionMetadata:
     """Where this step's tokens live in the paged cache and which keys each query sees.
 
     Tokens are laid out request by request: ``num_tokens`` real rows, maybe followed by padding.
-    Single-token queries ("decodes") are attended together; longer chunks one by one.
+    Single-token queries ("decodes") are attended together in buckets of similar context length
+    (so one long request does not make every short one gather its padding); longer chunks one by
+    one.
     """
 
     num_tokens: int  # real tokens (rows past this are padding)
     slot_blocks: torch.Tensor  # (num_tokens,) block id of each token's K/V slot
     slot_offsets: torch.Tensor  # (num_tokens,) offset inside that block
-    # Decodes: one query row each.
-    decode_rows: torch.Tensor  # (B,) row index of each decode query
-    decode_block_tables: torch.Tensor  # (B, max_blocks) padded with block 0
-    decode_mask: torch.Tensor  # (B, 1, 1, max_blocks * block_size) True where a key is visible
+    # Decode buckets, each (rows (B,), block tables (B, max_blocks) padded with block 0,
+    # mask (B, 1, 1, max_blocks * block_size) True where a key is visible).
+    decode_buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     # Chunks of several tokens: (first row, number of rows, context length, block table).
     chunks: list[tuple[int, int, int, torch.Tensor]]
     chunk_masks: list[torch.Tensor]  # each (q_len, ctx_len), causal with an offset
@@ -114,8 +115,8 @@ class TorchPagedAttention:
         k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
         v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
         out = torch.zeros_like(q)
-        if meta.decode_rows.numel():
-            out[meta.decode_rows] = self._decode(q[meta.decode_rows], k_cache, v_cache, meta)
+        for rows, tables, mask in meta.decode_buckets:
+            out[rows] = self._decode(q[rows], k_cache, v_cache, tables, mask)
         for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
             out[start : start + length] = self._chunk(
                 q[start : start + length], k_cache, v_cache, table, ctx_len, mask
@@ -128,11 +129,11 @@ class TorchPagedAttention:
         return blocks.flatten(1, 2).transpose(1, 2)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                meta: AttentionMetadata) -> torch.Tensor:
-        keys = self._gather(k_cache, meta.decode_block_tables)
-        values = self._gather(v_cache, meta.decode_block_tables)
+                tables: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        keys = self._gather(k_cache, tables)
+        values = self._gather(v_cache, tables)
         query = q.unsqueeze(2)  # (B, nh, 1, hd)
-        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=meta.decode_mask,
+        out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask,
                                              scale=self.scale, enable_gqa=True)
         return out.squeeze(2)  # (B, nh, hd)
 

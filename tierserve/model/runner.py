@@ -135,9 +135,7 @@ class ModelRunner:
             num_tokens=num_tokens,
             slot_blocks=slot_blocks,
             slot_offsets=pos % block_size,
-            decode_rows=torch.tensor(decode_rows, dtype=torch.long),
-            decode_block_tables=_pad_tables(decode_tables),
-            decode_mask=_decode_mask(decode_lens, block_size, decode_tables),
+            decode_buckets=_decode_buckets(decode_rows, decode_tables, decode_lens, block_size),
             chunks=spans,
             chunk_masks=masks,
         )
@@ -145,6 +143,25 @@ class ModelRunner:
         input_ids = torch.tensor(token_ids + [0] * missing)
         positions_tensor = torch.cat([pos, pos.new_zeros(missing)]) if missing else pos
         return input_ids, positions_tensor, meta
+
+
+def _decode_buckets(rows: list[int], tables: list[list[int]], lens: list[int], block_size: int
+                    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Decodes grouped so that within a group the longest context is at most twice the shortest
+    (plus one block): padding then costs at most about 2x, whatever the batch's longest request."""
+    order = sorted(range(len(rows)), key=lambda i: lens[i])
+    buckets, current = [], []
+    for i in order:
+        if current and lens[i] > 2 * lens[current[0]] + block_size:
+            buckets.append(current)
+            current = []
+        current.append(i)
+    if current:
+        buckets.append(current)
+    return [(torch.tensor([rows[i] for i in bucket], dtype=torch.long),
+             _pad_tables([tables[i] for i in bucket]),
+             _decode_mask([lens[i] for i in bucket], block_size, [tables[i] for i in bucket]))
+            for bucket in buckets]
 
 
 def _pad_tables(tables: list[list[int]]) -> torch.Tensor:
