@@ -17,6 +17,17 @@ from tierserve.request import SamplingParams
 from tierserve.sched.plan import ScheduledChunk
 
 
+def median_step(runner, rows: list[ScheduledChunk], repeats: int = 5) -> float:
+    """Median seconds of one forward over ``rows`` (inputs prepared each time, as a step does)."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        input_ids, positions, meta = runner._prepare(rows)
+        runner.model.forward(input_ids, positions, runner.kv_cache, meta)
+        samples.append(time.perf_counter() - started)
+    return sorted(samples)[len(samples) // 2]
+
+
 def time_step(llm, decodes: int, chunk: int, context: int, repeats: int) -> float:
     """Median seconds of a forward with ``decodes`` 1-token rows and one ``chunk``-token prefill."""
     runner, pool = llm.engine.runner, llm.core.kv.pool
@@ -29,13 +40,7 @@ def time_step(llm, decodes: int, chunk: int, context: int, repeats: int) -> floa
         if chunk:
             rows.append(ScheduledChunk("p", [7] * chunk, 0, tables[-1], True, params,
                                        [7] * chunk, []))
-        samples = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            input_ids, positions, meta = runner._prepare(rows)
-            runner.model.forward(input_ids, positions, runner.kv_cache, meta)
-            samples.append(time.perf_counter() - started)
-        return sorted(samples)[len(samples) // 2]
+        return median_step(runner, rows, repeats)
     finally:
         for table in tables:
             pool.release(table)

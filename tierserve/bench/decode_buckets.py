@@ -6,23 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 import tierserve.model.runner as runner_module
+from tierserve.bench.budget import median_step
 from tierserve.request import SamplingParams
 from tierserve.sched.plan import ScheduledChunk
-
-
-def _median_step(runner, rows, repeats: int = 5) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        input_ids, positions, meta = runner._prepare(rows)
-        runner.model.forward(input_ids, positions, runner.kv_cache, meta)
-        samples.append(time.perf_counter() - started)
-    return sorted(samples)[len(samples) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,12 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(temperature=0.0)
     rows = [ScheduledChunk(f"d{i}", [5], n, tables[i], True, params, [5] * n, [])
             for i, n in enumerate(lens)]
-    bucketed = _median_step(runner, rows)
+    bucketed = median_step(runner, rows)
     buckets = runner_module._decode_buckets
     runner_module._decode_buckets = lambda r, t, lengths, bs: [
         (torch.tensor(r), runner_module._pad_tables(t), runner_module._decode_mask(lengths, bs, t))]
     try:
-        padded = _median_step(runner, rows)
+        padded = median_step(runner, rows)
     finally:
         runner_module._decode_buckets = buckets
     print(f"{count} decodes at {context} tokens + 1 at {args.long}: one padded batch "
