@@ -169,9 +169,7 @@ def _parse(line: int, text: str, llm) -> _Job:
 def _engine_input(job: _Job, llm) -> tuple[tuple[str | None, list[int]], SamplingParams]:
     body = job.body
     if isinstance(body, ChatCompletionRequest):
-        messages = convert.chat_messages(body)
-        text = llm.tokenizer.apply_chat_template(messages, True)
-        return (text, llm.tokenizer.encode_chat(messages)), convert.chat_params(body)
+        return llm.tokenizer.chat_prompt(convert.chat_messages(body)), convert.chat_params(body)
     prompts = convert.encode_prompts(llm.tokenizer, body.prompt)
     if len(prompts) != 1:
         raise InvalidRequestError("a batch line takes one prompt; split the list into lines",

@@ -18,7 +18,7 @@ from tierserve.batch.planner import BatchItem, PlannedGroup, plan_batch
 from tierserve.engine.core import EngineCore
 from tierserve.engine.output import OutputProcessor
 from tierserve.outputs import RequestOutput
-from tierserve.request import Request, RequestStatus, SamplingParams
+from tierserve.request import Request, SamplingParams
 
 
 @dataclass(slots=True)
@@ -89,9 +89,7 @@ class BatchRunner:
                     self.core.add_request(request)
                 in_flight[pending.requests[0].request_id.split("#")[0]] = pending
                 used += pending.need_tokens
-            outputs, to_stop = self.processor.process(self.core.step())
-            if to_stop:
-                self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
+            outputs, _ = self.processor.step(self.core)
             stats.peak_kv_blocks = max(stats.peak_kv_blocks, self.core.kv.pool.num_used)
             for output in outputs:
                 if not output.finished:
@@ -131,15 +129,9 @@ class BatchRunner:
             request_id = f"{self._id_prefix}-{item.index}"
             sampling = params[item.index]
             shared = group.prefix_len if leader_id is not None else 0
-            requests = []
-            for child in range(sampling.n):
-                engine_id = request_id if sampling.n == 1 else f"{request_id}#{child}"
-                child_params = sampling if sampling.seed is None or sampling.n == 1 else \
-                    _with_seed(sampling, sampling.seed + child)
-                leader = leader_id if shared else (f"{request_id}#0" if child else None)
-                requests.append(self.core.make_request(
-                    engine_id, ids, child_params, prefill_leader=leader,
-                    shared_prefix_len=shared or None))
+            requests = self.core.make_requests(request_id, ids, sampling,
+                                               leader=leader_id if shared else None,
+                                               shared_prefix_len=shared or None)
             if group.prefix_len and leader_id is None:
                 leader_id = requests[0].request_id
             self.processor.add(request_id, text, requests)
@@ -148,8 +140,3 @@ class BatchRunner:
             out.append(_Pending(item.index, text, requests, need))
         return out
 
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tierserve.bench.harness import RunRecord, close_engine, drive, open_engine, token_space
+from tierserve.bench.harness import RunRecord, policy_variants, run_variants, token_space
 from tierserve.bench.stats import cumulative_service, latency_stats, service_until, windowed_jain
 from tierserve.bench.workloads import BenchRequest, TokenSpace, WorkloadSpec, make_workload
 from tierserve.config import EngineConfig
@@ -86,17 +86,9 @@ def run_fairness(config: EngineConfig, spec: FairnessSpec, progress: bool = True
     """Serve the same flood and light streams under each policy in ``spec.policies``."""
     results: dict[str, dict] = {}
     service: dict[str, dict] = {}
-    requests: list[BenchRequest] | None = None
-    for policy in spec.policies:
-        policy_config = copy.deepcopy(config)
-        policy_config.scheduler.policy = policy
-        llm = open_engine(policy_config)
-        try:
-            if requests is None:
-                requests = build_requests(spec, token_space(llm))
-            record = drive(llm, requests, progress=policy if progress else None)
-        finally:
-            close_engine(llm)
+    requests, records = run_variants(config, policy_variants(spec.policies),
+                                     lambda llm: build_requests(spec, token_space(llm)), progress)
+    for policy, record in records.items():
         last_light = max(r.arrival_s or 0.0 for r in requests if r.client_id != HEAVY)
         results[policy] = fairness_row(record, record.start + last_light)
         service[policy] = cumulative_service(record.timelines, record.start)

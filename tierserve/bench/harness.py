@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -165,6 +166,37 @@ def _add(core, request_id: str, request: BenchRequest, arrival: float) -> None:
     params = SamplingParams(max_tokens=request.max_tokens, temperature=0.0, ignore_eos=True)
     core.add_request(core.make_request(request_id, request.prompt_token_ids, params,
                                        client_id=request.client_id, arrival_time=arrival))
+
+
+def run_variants(config: EngineConfig, variants: dict[str, Callable[[EngineConfig], None]],
+                 build: Callable[[object], list[BenchRequest]], progress: bool = True
+                 ) -> tuple[list[BenchRequest], dict[str, RunRecord]]:
+    """Serve one workload under each named variant of ``config``, one after the other.
+
+    Each variant edits a private copy of the config and gets a fresh, warmed-up engine; the
+    requests are built once, with the first engine (``build(llm)``), and reused by every variant.
+    """
+    requests: list[BenchRequest] | None = None
+    records: dict[str, RunRecord] = {}
+    for name, adjust in variants.items():
+        variant = copy.deepcopy(config)
+        adjust(variant)
+        llm = open_engine(variant)
+        try:
+            if requests is None:
+                requests = build(llm)
+            records[name] = drive(llm, requests, progress=name if progress else None)
+        finally:
+            close_engine(llm)
+    return requests or [], records
+
+
+def policy_variants(policies) -> dict[str, Callable[[EngineConfig], None]]:
+    """One variant per scheduling policy name."""
+    def use(policy: str) -> Callable[[EngineConfig], None]:
+        return lambda config: setattr(config.scheduler, "policy", policy)
+
+    return {policy: use(policy) for policy in policies}
 
 
 def close_engine(llm) -> None:

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from tierserve.bench.harness import RunRecord, close_engine, drive, open_engine, token_space
+from tierserve.bench.harness import RunRecord, policy_variants, run_variants, token_space
 from tierserve.bench.stats import poisson_arrivals
 from tierserve.bench.workloads import BenchRequest, WorkloadSpec, describe, make_workload
 from tierserve.config import EngineConfig
@@ -62,17 +62,9 @@ def run_online(config: EngineConfig, spec: OnlineSpec, progress: bool = True) ->
     """Serve the workload under each policy in ``spec.policies``, one after the other."""
     results: dict[str, dict] = {}
     samples: dict[str, dict[str, list[float]]] = {}
-    requests: list[BenchRequest] | None = None
-    for policy in spec.policies:
-        policy_config = copy.deepcopy(config)
-        policy_config.scheduler.policy = policy
-        llm = open_engine(policy_config)
-        try:
-            if requests is None:
-                requests = build_requests(spec, llm)
-            record = drive(llm, requests, progress=policy if progress else None)
-        finally:
-            close_engine(llm)
+    requests, records = run_variants(config, policy_variants(spec.policies),
+                                     lambda llm: build_requests(spec, llm), progress)
+    for policy, record in records.items():
         results[policy] = online_row(record)
         samples[policy] = {"ttft": [t.ttft for t in record.timelines if t.ttft is not None],
                            "tbt": [gap for t in record.timelines for gap in t.tbts]}

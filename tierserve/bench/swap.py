@@ -8,12 +8,11 @@ across sizes (block placement must never change what the model computes).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field
 
-from tierserve.bench.harness import RunRecord, close_engine, drive, open_engine, token_space
+from tierserve.bench.harness import RunRecord, run_variants, token_space
 from tierserve.bench.stats import mean
-from tierserve.bench.workloads import BenchRequest, WorkloadSpec, describe, make_workload
+from tierserve.bench.workloads import WorkloadSpec, describe, make_workload
 from tierserve.config import EngineConfig
 
 SWAP_COLUMNS = ("swap_outs", "swap_ins", "copies_per_swap_mean", "blocks_per_swap_mean",
@@ -46,20 +45,19 @@ def run_swap(config: EngineConfig, spec: SwapSpec, progress: bool = True) -> Swa
     """Serve the workload (all at once) under each block group size with swap preemption."""
     results: dict[str, dict] = {}
     outputs: dict[str, dict[str, list[int]]] = {}
-    requests: list[BenchRequest] | None = None
-    for group_size in spec.group_sizes:
-        variant_config = copy.deepcopy(config)
-        variant_config.cache.block_group_size = group_size
-        variant_config.scheduler.preemption_mode = "swap"
-        llm = open_engine(variant_config)
-        try:
-            if requests is None:
-                requests = make_workload(spec.workload, token_space(llm),
-                                         encode=llm.tokenizer.encode)
-            name = variant_name(group_size)
-            record = drive(llm, requests, progress=name if progress else None)
-        finally:
-            close_engine(llm)
+
+    def swap_with_groups(group_size: int):
+        def adjust(variant: EngineConfig) -> None:
+            variant.cache.block_group_size = group_size
+            variant.scheduler.preemption_mode = "swap"
+
+        return adjust
+
+    requests, records = run_variants(
+        config, {variant_name(g): swap_with_groups(g) for g in spec.group_sizes},
+        lambda llm: make_workload(spec.workload, token_space(llm), encode=llm.tokenizer.encode),
+        progress)
+    for name, record in records.items():
         results[name] = swap_row(record)
         outputs[name] = record.outputs
     identical = all(o == next(iter(outputs.values())) for o in outputs.values())

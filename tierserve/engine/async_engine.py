@@ -15,12 +15,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from tierserve.engine.loading import LoadedEngine
 from tierserve.engine.output import OutputProcessor
 from tierserve.outputs import RequestOutput
-from tierserve.request import Request, RequestStatus, SamplingParams
+from tierserve.request import Request, SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,8 @@ class AsyncEngine:
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
                       client_id: str | None = None, priority: int = 0) -> list[Request]:
         """Validate and build the engine requests for one user request (``n`` of them)."""
-        requests = []
-        for index in range(params.n):
-            child = params
-            if params.n > 1 and params.seed is not None:
-                child = replace(params, seed=params.seed + index)
-            engine_id = request_id if params.n == 1 else f"{request_id}#{index}"
-            leader = f"{request_id}#0" if index else None
-            requests.append(self.core.make_request(engine_id, prompt_ids, child,
-                                                   client_id=client_id, priority=priority,
-                                                   prefill_leader=leader))
-        return requests
+        return self.core.make_requests(request_id, prompt_ids, params, client_id=client_id,
+                                       priority=priority)
 
     async def generate(self, request_id: str, prompt: str | None, requests: list[Request]
                        ) -> AsyncIterator[RequestOutput]:
@@ -178,10 +169,7 @@ class AsyncEngine:
             self._deliver(RequestOutput(request_id, None, [], [], finished=True))
 
     def _step(self) -> None:
-        outputs, to_stop = self._processor.process(self.core.step())
-        if to_stop:
-            self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
-        for output in outputs:
+        for output in self._processor.step(self.core)[0]:
             self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from tierserve.config import EngineConfig, tier_block_counts
@@ -88,6 +88,31 @@ class EngineCore:
         return Request(request_id, list(prompt_token_ids), params,
                        eos_token_ids=self.eos_token_ids, max_tokens=max_tokens, **fields)
 
+    def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
+                      client_id: str | None = None, priority: int = 0,
+                      leader: str | None = None, shared_prefix_len: int | None = None
+                      ) -> list[Request]:
+        """The engine requests of one user request, one per completion (``n``).
+
+        Completion i > 0 waits until completion 0 has computed the prompt, then shares its
+        blocks; with a seed, completion i samples with ``seed + i``. ``leader`` names another
+        request that computes a shared prefix of ``shared_prefix_len`` tokens first (a batch
+        group); then every completion waits for it instead.
+        """
+        requests = []
+        for index in range(params.n):
+            child = params if params.seed is None or index == 0 else \
+                replace(params, seed=params.seed + index)
+            engine_id = request_id if params.n == 1 else f"{request_id}#{index}"
+            if leader is not None:
+                wait_for, shared = leader, shared_prefix_len
+            else:
+                wait_for, shared = (f"{request_id}#0" if index else None), None
+            requests.append(self.make_request(engine_id, prompt_ids, child, client_id=client_id,
+                                              priority=priority, prefill_leader=wait_for,
+                                              shared_prefix_len=shared))
+        return requests
+
     def add_request(self, request: Request) -> None:
         self.scheduler.add_request(request)
         client = request.client_id or f"anon:{request.request_id}"
@@ -127,10 +152,8 @@ class EngineCore:
         now = time.monotonic()
         for chunk in plan.chunks:
             metrics.on_scheduled(chunk.request_id, now=now)
-            prompt_part = max(0, min(chunk.start_pos + chunk.num_tokens,
-                                     len(chunk.prompt_token_ids)) - chunk.start_pos)
             metrics.on_service(self._clients.get(chunk.request_id, chunk.request_id),
-                               prompt_part, int(chunk.sample))
+                               chunk.num_prompt_tokens, int(chunk.sample))
             request = scheduler.requests.get(chunk.request_id)
             if request is not None and request.num_cached_tokens:
                 metrics.on_cached(chunk.request_id, request.num_cached_tokens)

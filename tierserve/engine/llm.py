@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -16,7 +15,7 @@ from tierserve.engine.loading import build_engine
 from tierserve.engine.output import OutputProcessor
 from tierserve.errors import InvalidRequestError
 from tierserve.outputs import RequestOutput
-from tierserve.request import Request, RequestStatus, SamplingParams
+from tierserve.request import Request, SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]
 
@@ -104,11 +103,7 @@ class LLM:
              ) -> list[RequestOutput]:
         """Answer one conversation (a list of {"role", "content"}) or a list of them."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        encoded = []
-        for conversation in conversations:
-            text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt)
-            encoded.append((text, self.tokenizer.encode_chat(conversation,
-                                                             add_generation_prompt)))
+        encoded = [self.tokenizer.chat_prompt(c, add_generation_prompt) for c in conversations]
         return self._run(encoded, sampling_params, use_tqdm)
 
     def stream_chat(self, messages: list[dict], sampling_params: SamplingParams | None = None
@@ -118,19 +113,15 @@ class LLM:
         Closing the iterator early (or Ctrl-C) aborts the request and frees its KV blocks.
         """
         params = sampling_params or SamplingParams()
-        text = self.tokenizer.apply_chat_template(messages, True)
-        request_id, requests = self._make_requests(text, self.tokenizer.encode_chat(messages),
-                                                   params)
+        text, ids = self.tokenizer.chat_prompt(messages)
+        request_id, requests = self._make_requests(ids, params)
         processor = OutputProcessor(self.tokenizer)
         processor.add(request_id, text, requests)
         for request in requests:
             self.core.add_request(request)
         try:
             while processor.num_unfinished:
-                outputs, to_stop = processor.process(self.core.step())
-                if to_stop:
-                    self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
-                yield from outputs
+                yield from processor.step(self.core)[0]
         finally:
             self.core.abort([r.request_id for r in requests])
 
@@ -154,8 +145,8 @@ class LLM:
              use_tqdm: bool) -> list[RequestOutput]:
         sampling_params = self._per_prompt(sampling_params, len(encoded))
         processor = OutputProcessor(self.tokenizer)
-        batches = [self._make_requests(text, ids, params)
-                   for (text, ids), params in zip(encoded, sampling_params)]
+        batches = [self._make_requests(ids, params)
+                   for (_, ids), params in zip(encoded, sampling_params)]
         order = {}
         for (text, _), (request_id, requests) in zip(encoded, batches):
             processor.add(request_id, text, requests)
@@ -172,18 +163,9 @@ class LLM:
             raise
         return sorted(finished, key=lambda out: order[out.request_id])
 
-    def _make_requests(self, text: str | None, ids: list[int], params: SamplingParams
-                       ) -> tuple[str, list[Request]]:
+    def _make_requests(self, ids: list[int], params: SamplingParams) -> tuple[str, list[Request]]:
         request_id = str(next(self._ids))
-        if params.n == 1:
-            return request_id, [self.core.make_request(request_id, ids, params)]
-        requests = []
-        for index in range(params.n):
-            child = params if params.seed is None else replace(params, seed=params.seed + index)
-            leader = f"{request_id}#0" if index else None
-            requests.append(self.core.make_request(f"{request_id}#{index}", ids, child,
-                                                   prefill_leader=leader))
-        return request_id, requests
+        return request_id, self.core.make_requests(request_id, ids, params)
 
     def _drive(self, processor: OutputProcessor, total: int, use_tqdm: bool
                ) -> list[RequestOutput]:
@@ -192,11 +174,8 @@ class LLM:
         started, tokens = time.perf_counter(), 0
         with bar:
             while processor.num_unfinished:
-                updates = self.core.step()
-                tokens += sum(len(u.new_token_ids) for u in updates)
-                outputs, to_stop = processor.process(updates)
-                if to_stop:
-                    self.core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
+                outputs, new_tokens = processor.step(self.core)
+                tokens += new_tokens
                 for output in outputs:
                     if output.finished:
                         finished.append(output)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from tierserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from tierserve.request import Request
+from tierserve.request import Request, RequestStatus
 from tierserve.sched.plan import RequestUpdate, TokenLogprobs
 
 
@@ -59,6 +59,15 @@ class OutputProcessor:
             parent.completions.append(completion)
             self._by_engine_id[request.request_id] = (parent, completion)
         self._parents[request_id] = parent
+
+    def step(self, core) -> tuple[list[RequestOutput], int]:
+        """Run one engine step and fold its updates in; a stop string that fired ends its
+        request in the engine at once. Returns the changed outputs and the tokens generated."""
+        updates = core.step()
+        outputs, to_stop = self.process(updates)
+        if to_stop:
+            core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
+        return outputs, sum(len(update.new_token_ids) for update in updates)
 
     def engine_ids(self, request_id: str) -> list[str]:
         parent = self._parents.get(request_id)

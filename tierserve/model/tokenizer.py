@@ -224,8 +224,14 @@ class Tokenizer:
         Same as transformers' ``apply_chat_template(tokenize=True)``: a template that wants a bos
         writes ``{{ bos_token }}`` itself, so adding one here would double it.
         """
+        return self.chat_prompt(messages, add_generation_prompt, **kwargs)[1]
+
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> tuple[str, list[int]]:
+        """(rendered text, prompt ids) of a chat, rendering the template once."""
         text = self.apply_chat_template(messages, add_generation_prompt, **kwargs)
-        return self.encode(text, add_special_tokens=False)
+        return text, self.encode(text, add_special_tokens=False)
 
     # ---- helpers ------------------------------------------------------------------------------
 

@@ -31,6 +31,12 @@ class ScheduledChunk:
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def num_prompt_tokens(self) -> int:
+        """How many of this chunk's tokens are prompt (prefill) tokens."""
+        end = min(self.start_pos + len(self.token_ids), len(self.prompt_token_ids))
+        return max(0, end - self.start_pos)
+
 
 @dataclass(slots=True)
 class StepPlan:

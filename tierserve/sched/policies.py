@@ -18,6 +18,8 @@ class Policy:
     name = "base"
     # True: whenever a new prompt can be admitted, a step runs only whole prefills (no decodes).
     prefill_first = False
+    # True: the policy may preempt running requests for a waiting one (see preempt_for).
+    preempts_for_waiting = False
 
     def key(self, request: Request) -> tuple:
         return (request.priority, request.arrival_time, request.request_id)
@@ -78,6 +80,7 @@ class FairPolicy(Policy):
     """
 
     name = "fair"
+    preempts_for_waiting = True
 
     def __init__(self, update_interval: int = 1, prompt_weight: float = 1.0,
                  output_weight: float = 2.0, preempt_margin: float = 16.0) -> None:

@@ -12,7 +12,6 @@ decode phases. The policy orders requests and names victims; this class moves th
 from __future__ import annotations
 
 import logging
-from collections import Counter
 
 from tierserve.config import SchedulerConfig
 from tierserve.kv.manager import KVCacheManager
@@ -207,6 +206,8 @@ class Scheduler:
 
     def _make_room_for_waiting(self, plan: StepPlan) -> None:
         """Let the policy preempt running requests for a waiting one it ranks higher (fair)."""
+        if not self.policy.preempts_for_waiting:
+            return
         candidates = self.policy.order_waiting(self.waiting + self.swapped)
         if not candidates:
             return
@@ -286,10 +287,12 @@ class Scheduler:
             self.kv.waiting_demand.update(hashes)
 
     def _untrack_demand(self, request: Request) -> None:
-        hashes = self._demand.pop(request.request_id, None)
-        if hashes:
-            self.kv.waiting_demand.subtract(hashes)
-            self.kv.waiting_demand += Counter()  # drop zero counts
+        demand = self.kv.waiting_demand
+        for block_hash in self._demand.pop(request.request_id, ()):
+            if demand[block_hash] <= 1:
+                del demand[block_hash]
+            else:
+                demand[block_hash] -= 1
 
     # -- after the step ------------------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
@@ -301,12 +304,10 @@ class Scheduler:
             request = self.requests.get(chunk.request_id)
             if request is None or request.finished:
                 continue  # aborted while the step ran
-            prompt_part = max(0, min(chunk.start_pos + chunk.num_tokens, request.num_prompt_tokens)
-                              - chunk.start_pos)
             request.num_computed_tokens += chunk.num_tokens
-            self.num_prompt_tokens_computed += prompt_part
+            self.num_prompt_tokens_computed += chunk.num_prompt_tokens
             self.kv.commit(request)
-            self.policy.on_service(request, prompt_part, int(chunk.sample))
+            self.policy.on_service(request, chunk.num_prompt_tokens, int(chunk.sample))
             if not chunk.sample:
                 continue
             update = self._append_token(request, result)

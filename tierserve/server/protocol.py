@@ -65,17 +65,17 @@ def completion_logprobs(completion: CompletionOutput, start: int = 0, end: int |
 def chat_choice(index: int, completion: CompletionOutput, top_logprobs: int) -> dict:
     return {"index": index, "message": {"role": "assistant", "content": completion.text},
             "logprobs": chat_logprobs(completion, top=top_logprobs),
-            "finish_reason": _finish_reason(completion)}
+            "finish_reason": finish_reason(completion)}
 
 
 def completion_choice(index: int, completion: CompletionOutput, top: int,
                       prefix: str = "") -> dict:
     return {"index": index, "text": prefix + completion.text,
             "logprobs": completion_logprobs(completion, top=top, text_offset=len(prefix)),
-            "finish_reason": _finish_reason(completion)}
+            "finish_reason": finish_reason(completion)}
 
 
-def _finish_reason(completion: CompletionOutput) -> str | None:
+def finish_reason(completion: CompletionOutput) -> str | None:
     reason = completion.finish_reason
     return "stop" if reason == "abort" else reason
 

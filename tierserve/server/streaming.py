@@ -18,6 +18,27 @@ from tierserve.server import protocol
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 
 
+class _Chunks:
+    """Builds one stream's SSE chunks: same id, object, model and creation time on each."""
+
+    def __init__(self, request_id: str, obj: str, model: str, stream_options) -> None:
+        self.request_id, self.obj, self.model = request_id, obj, model
+        self.created = int(time.time())
+        self.include_usage = bool(stream_options and stream_options.include_usage)
+
+    def __call__(self, choices: list) -> str:
+        envelope = protocol.envelope(self.request_id, self.obj, self.model, choices, self.created)
+        if self.include_usage:
+            envelope["usage"] = None  # OpenAI: null on every chunk but the last
+        return protocol.sse(envelope)
+
+    def usage(self, outputs: list[RequestOutput]) -> str:
+        """The final chunk: no choices, the whole request's usage."""
+        counts = protocol.usage(*protocol.count_tokens(outputs))
+        return protocol.sse(protocol.envelope(self.request_id, self.obj, self.model, [],
+                                              self.created, counts))
+
+
 class _ChoiceState:
     """What has been sent of one choice."""
 
@@ -73,14 +94,7 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]
 
 async def stream_chat(streams, request_id: str, model: str, body: ChatCompletionRequest,
                       params: SamplingParams) -> AsyncIterator[str]:
-    created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices: list) -> str:
-        envelope = protocol.envelope(request_id, "chat.completion.chunk", model, choices, created)
-        if include_usage:
-            envelope["usage"] = None  # OpenAI: null on every chunk but the last
-        return protocol.sse(envelope)
+    chunk = _Chunks(request_id, "chat.completion.chunk", model, body.stream_options)
 
     for index in range(params.n):
         yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""},
@@ -106,25 +120,17 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
                 if completion.finished:
                     state.finished = True
                     yield chunk([{"index": completion.index, "delta": {}, "logprobs": None,
-                                  "finish_reason": protocol._finish_reason(completion)}])
+                                  "finish_reason": protocol.finish_reason(completion)}])
     except EngineDeadError as exc:
         yield protocol.sse(error_body(str(exc), "server_error"))
-    if include_usage and final is not None:
-        yield protocol.sse(protocol.envelope(request_id, "chat.completion.chunk", model, [],
-                                             created, protocol.usage(*protocol.count_tokens([final]))))
+    if chunk.include_usage and final is not None:
+        yield chunk.usage([final])
     yield protocol.sse("[DONE]")
 
 
 async def stream_completion(streams, request_id: str, model: str, body: CompletionRequest,
                             params: SamplingParams) -> AsyncIterator[str]:
-    created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices: list) -> str:
-        envelope = protocol.envelope(request_id, "text_completion", model, choices, created)
-        if include_usage:
-            envelope["usage"] = None
-        return protocol.sse(envelope)
+    chunk = _Chunks(request_id, "text_completion", model, body.stream_options)
 
     holdback = max((len(s) for s in params.stop), default=1) - 1
     states: dict[int, _ChoiceState] = {}
@@ -141,7 +147,7 @@ async def stream_completion(streams, request_id: str, model: str, body: Completi
                 if text or completion.finished:
                     logprobs = protocol.completion_logprobs(completion, state.tokens_sent, tokens,
                                                             body.logprobs or 0, state.text_sent)
-                    reason = protocol._finish_reason(completion) if completion.finished else None
+                    reason = protocol.finish_reason(completion) if completion.finished else None
                     yield chunk([{"index": choice, "text": text, "logprobs": logprobs,
                                   "finish_reason": reason}])
                     state.text_sent += len(text)
@@ -149,9 +155,6 @@ async def stream_completion(streams, request_id: str, model: str, body: Completi
                     state.finished = completion.finished
     except EngineDeadError as exc:
         yield protocol.sse(error_body(str(exc), "server_error"))
-    if include_usage:
-        counts = protocol.count_tokens(list(finals.values()))
-        envelope = protocol.envelope(request_id, "text_completion", model, [], created,
-                                     protocol.usage(*counts))
-        yield protocol.sse(envelope)
+    if chunk.include_usage:
+        yield chunk.usage(list(finals.values()))
     yield protocol.sse("[DONE]")
