@@ -1,4 +1,5 @@
-"""``tierserve bench online | fairness | swap | batch``: run a benchmark, print a table, write JSON and a plot.
+"""``tierserve bench online | fairness | swap | batch | offline | capacity``: run a benchmark, print
+a table, write JSON and a plot.
 
 ``add_bench_parser(subparsers)`` hooks the command into the main CLI; ``python -m
 tierserve.bench.cli ...`` runs it on its own.
@@ -15,9 +16,11 @@ ONLINE_DEFAULT_POLICIES = "sarathi,fcfs-prefill-first"
 
 
 def add_bench_parser(subparsers) -> argparse.ArgumentParser:
-    """Add ``bench`` (with its online, fairness and swap subcommands) to ``subparsers``."""
+    """Add ``bench`` (with its online, fairness, swap, batch, offline and capacity subcommands)
+    to ``subparsers``."""
     bench = subparsers.add_parser(
-        "bench", help="serving benchmarks: online latency, fairness, swap block groups",
+        "bench", help="benchmarks: online latency, fairness, swap, batch, offline vs baselines, "
+        "capacity",
         description="Benchmarks on the in-process engine. Each prints a table; --json writes "
         "{machine, config, results}, --plot a figure.")
     _add_subcommands(bench)
@@ -70,8 +73,12 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                       input_len=96, output_len=160)
 
     from tierserve.bench.batch import add_batch_subcommand
+    from tierserve.bench.capacity import add_capacity_subcommand
+    from tierserve.bench.offline import add_offline_subcommand
 
     add_batch_subcommand(sub, _add_common)
+    add_offline_subcommand(sub, _add_common)
+    add_capacity_subcommand(sub, _add_common)
 
 
 def _add_common(parser: argparse.ArgumentParser, plot_help: str) -> None:
@@ -145,10 +152,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
-def _finish(args: argparse.Namespace, config: dict, results: dict, columns, extra=None) -> None:
+def _finish(args: argparse.Namespace, config: dict, results: dict, columns, extra=None,
+            dtype: str | None = None) -> None:
     from tierserve.bench.report import format_table, machine_info, machine_line, write_json
 
-    machine = machine_info(args.dtype)
+    machine = machine_info(dtype or args.dtype)
     print(machine_line(machine))
     print(format_table(results, columns))
     if args.json:
@@ -214,7 +222,7 @@ def cmd_swap(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m tierserve.bench.cli online|fairness|swap ...``"""
+    """``python -m tierserve.bench.cli online|fairness|swap|batch|offline|capacity ...``"""
     parser = argparse.ArgumentParser(prog="tierserve bench", description="tierserve benchmarks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the engine does")
     _add_subcommands(parser)

@@ -64,13 +64,13 @@ def open_engine(config: EngineConfig, warmup: bool = True):
 
     llm = LLM(config=copy.deepcopy(config))
     if warmup:
-        _warm_up(llm)
+        warm_up(llm)
     llm.core.metrics = MetricsCollector()
     llm.core.executor = RecordingExecutor(llm.core.executor)
     return llm
 
 
-def _warm_up(llm) -> None:
+def warm_up(llm) -> None:
     """Run a couple of short requests so the first measured steps do not pay one-off costs
     (allocator growth, kernel selection). They are unique tokens: nothing stays cached that a
     workload could hit."""
@@ -87,11 +87,16 @@ def _warm_up(llm) -> None:
 
 def token_space(llm) -> TokenSpace:
     """The model's ids minus special and stop ids (prompts never contain control tokens)."""
-    tokenizer = llm.tokenizer
+    return model_token_space(llm.tokenizer, llm.core.limits.vocab_size, llm.core.eos_token_ids)
+
+
+def model_token_space(tokenizer, vocab_size: int, stop_ids) -> TokenSpace:
+    """``token_space`` without an engine: ``vocab_size`` ids minus the tokenizer's special ids
+    and ``stop_ids``."""
     excluded = {i for i, token in tokenizer.backend.get_added_tokens_decoder().items()
                 if token.special}
-    excluded |= set(llm.core.eos_token_ids)
-    return TokenSpace(llm.core.limits.vocab_size, frozenset(excluded))
+    excluded |= set(stop_ids)
+    return TokenSpace(vocab_size, frozenset(excluded))
 
 
 def fit_to_context(requests: list[BenchRequest], context: int) -> tuple[list[BenchRequest], int]:

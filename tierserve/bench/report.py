@@ -158,14 +158,42 @@ def plot_bars(results: dict[str, dict], metrics: Sequence[tuple[str, str]], path
               title: str) -> None:
     """One bar panel per ``(key, label)`` in ``metrics``, one bar per configuration."""
     plt = _pyplot()
-    figure, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.6), squeeze=False)
+    width = max(3.6 * len(metrics), 1.2 * len(results) + 2.0, 5.0)
+    figure, axes = plt.subplots(1, len(metrics), figsize=(width, 3.6), squeeze=False)
     names = list(results)
     for axis, (key, label) in zip(axes[0], metrics):
         values = [results[name].get(key) or 0.0 for name in names]
-        bars = axis.bar(names, values, color=["tab:blue", "tab:orange", "tab:green"][: len(names)])
-        axis.bar_label(bars, fmt="%.3g")
+        bars = axis.bar(names, values, color=[f"C{i}" for i in range(len(names))])
+        axis.bar_label(bars, labels=[_cell(value) for value in values])
         axis.set_title(label, fontsize="medium")
         axis.tick_params(axis="x", labelsize="small")
+    figure.suptitle(title)
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_capacity(probes: dict[str, Sequence], slo: float, capacities: dict[str, float | None],
+                  path: str | Path, title: str) -> None:
+    """P99 TBT against request rate per policy (filled: met the SLO, hollow: missed), the SLO
+    as a horizontal line and each found capacity as a dotted vertical line.
+    ``probes[policy]`` holds objects with ``rate``, ``tbt_p99_s`` and ``met``."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6.4, 4.2))
+    for index, (policy, runs) in enumerate(probes.items()):
+        color = f"C{index}"
+        ordered = sorted(runs, key=lambda probe: probe.rate)
+        axis.plot([p.rate for p in ordered], [p.tbt_p99_s for p in ordered], color=color,
+                  label=policy)
+        for probe in ordered:
+            axis.scatter([probe.rate], [probe.tbt_p99_s], edgecolors=color, zorder=3,
+                         facecolors=color if probe.met else "none")
+        if capacities.get(policy) is not None:
+            axis.axvline(capacities[policy], color=color, linestyle=":", linewidth=1)
+    axis.axhline(slo, color="grey", linestyle="--", linewidth=1, label=f"SLO {slo:g} s")
+    axis.set_xlabel("request rate (requests/s)")
+    axis.set_ylabel("P99 time between tokens (s)")
+    axis.grid(True, alpha=0.3)
+    axis.legend()
     figure.suptitle(title)
     _save(figure, path)
     plt.close(figure)

@@ -1,0 +1,137 @@
+"""`tierserve bench offline`: ratios, HF batch-size choice, contender planning, each scenario's
+numbers on the tiny model, and the CLI with a process per contender."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tierserve.bench.cli import main
+from tierserve.bench.contenders import WorkerJob, best_batch_size, probe_size, run_job
+from tierserve.bench.offline import (
+    LLAMA_CPP_MISSING,
+    SCENARIO_METRIC,
+    OfflineSpec,
+    compute_ratios,
+    plan_contenders,
+)
+
+
+# -- pure parts --------------------------------------------------------------------------------
+def _row(contender: str, dtype: str, tps: float) -> dict:
+    return {"contender": contender, "dtype": dtype, "output_tokens_per_s": tps}
+
+
+def test_ratios_are_tierserve_over_each_baseline_and_ignore_skipped_ones():
+    results = {"tierserve": _row("tierserve", "float32", 30.0), "hf": _row("hf", "float32", 10.0),
+               "llama.cpp": {"contender": "llama.cpp", "skipped": "not installed"}}
+    assert compute_ratios(results, "output_tokens_per_s") == {"hf": pytest.approx(3.0)}
+
+
+def test_ratios_pair_same_dtypes_and_add_best_over_best():
+    results = {"tierserve-float32": _row("tierserve", "float32", 30.0),
+               "hf-float32": _row("hf", "float32", 10.0),
+               "tierserve-bfloat16": _row("tierserve", "bfloat16", 40.0),
+               "hf-bfloat16": _row("hf", "bfloat16", 20.0),
+               "llama.cpp": _row("llama.cpp", "gguf tensor types as stored", 80.0)}
+    ratios = compute_ratios(results, "output_tokens_per_s")
+    assert ratios == pytest.approx({"hf-float32": 3.0, "hf-bfloat16": 2.0, "llama.cpp": 0.5,
+                                    "best/hf": 2.0, "best/llama.cpp": 0.5})
+
+
+def test_no_ratios_without_a_tierserve_result():
+    assert compute_ratios({"hf": _row("hf", "float32", 10.0)}, "output_tokens_per_s") == {}
+
+
+def test_best_batch_size_has_the_most_output_tokens_per_s_and_the_smaller_on_a_tie():
+    probed = {16: {"output_tokens_per_s": 50.0}, 32: {"output_tokens_per_s": 70.0},
+              64: {"output_tokens_per_s": 70.0}}
+    assert best_batch_size(probed) == 32
+    with pytest.raises(ValueError, match="--hf-batch-sizes"):
+        best_batch_size({})
+
+
+def test_a_batch_size_is_probed_on_two_batches_at_most_all_prompts():
+    assert probe_size(100, 16) == 32 and probe_size(20, 16) == 20
+
+
+def test_plan_names_results_by_dtype_only_when_there_are_several():
+    assert plan_contenders(OfflineSpec()) == {"tierserve": ("tierserve", "float32"),
+                                              "hf": ("hf", "float32"),
+                                              "llama.cpp": ("llama.cpp", "gguf")}
+    plan = plan_contenders(OfflineSpec(dtypes=("float32", "bfloat16"), baselines=("hf",)))
+    assert list(plan) == ["tierserve-float32", "hf-float32", "tierserve-bfloat16",
+                          "hf-bfloat16"]
+
+
+def test_unknown_baselines_and_scenarios_name_the_choices():
+    with pytest.raises(ValueError, match="hf,llama.cpp"):
+        OfflineSpec(baselines=("vllm",))
+    with pytest.raises(ValueError, match="single-decode"):
+        OfflineSpec(scenario="decode")
+
+
+def test_scenarios_default_their_prompt_length():
+    assert OfflineSpec(scenario="prefill").prompt_len == 512
+    assert OfflineSpec(scenario="single-decode").prompt_len == 64
+
+
+# -- contenders on the tiny model (in this process) --------------------------------------------
+@pytest.fixture
+def one_torch_thread():
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIO_METRIC))
+def test_tierserve_and_hf_give_each_prompt_its_exact_output_count(tiny_llama_dir, scenario,
+                                                                   one_torch_thread):
+    from tierserve.config import EngineConfig
+
+    engine = EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_threads=1, num_blocks=64,
+                                      swap_space=0)
+    prompts = [[5 + i, 9, 40, 77, 100 + i, 3] for i in range(3)]
+    max_tokens = [1] * 3 if scenario == "prefill" else [6, 3, 5]
+    rows = {contender: run_job(WorkerJob(
+        contender=contender, scenario=scenario, model_path=str(tiny_llama_dir), dtype="float32",
+        threads=1, prompts=prompts, max_tokens=max_tokens, engine=engine, hf_batch_sizes=(1, 2)))
+        for contender in ("tierserve", "hf")}
+    for row in rows.values():
+        assert row["output_tokens"] == sum(max_tokens)
+        assert row[SCENARIO_METRIC[scenario]] > 0 and row["peak_rss_mb"] > 0
+        assert row["prompt_tokens"] == 18 and row["load_s"] >= 0
+    if scenario == "throughput":
+        hf = rows["hf"]
+        assert hf["batch_size"] in (1, 2) and set(hf["per_batch_size"]) == {"1", "2"}
+        # A batch generates its longest output; shorter rows' extra tokens are not counted.
+        assert all(probe["computed_output_tokens"] >= probe["output_tokens"]
+                   for probe in hf["per_batch_size"].values())
+
+
+# -- the command, a process per contender ------------------------------------------------------
+def test_offline_command_runs_each_contender_and_skips_a_missing_llama_cpp(
+        tiny_llama_dir, tmp_path, monkeypatch, capsys, one_torch_thread):
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # `import llama_cpp` fails
+    out = tmp_path / "offline.json"
+    code = main(["offline", "--model", str(tiny_llama_dir), "--num-prompts", "4", "--scale",
+                 "0.05", "--max-output-len", "8", "--hf-batch-sizes", "2,4", "--threads", "1",
+                 "--num-blocks", "64", "--swap-space", "0", "--no-progress", "--json", str(out),
+                 "--plot", str(tmp_path / "offline.png")])
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert set(document) >= {"machine", "config", "results", "ratios", "equal_output_tokens"}
+    results = document["results"]
+    assert results["llama.cpp"] == {"contender": "llama.cpp", "skipped": LLAMA_CPP_MISSING}
+    assert LLAMA_CPP_MISSING in capsys.readouterr().err
+    for name in ("tierserve", "hf"):
+        assert set(results[name]) >= {"output_tokens_per_s", "total_tokens_per_s", "wall_s",
+                                      "load_s", "peak_rss_mb", "dtype", "threads"}
+    assert results["tierserve"]["output_tokens"] == results["hf"]["output_tokens"]
+    assert document["equal_output_tokens"] is True
+    assert set(document["ratios"]) == {"hf"}
+    assert (tmp_path / "offline.png").stat().st_size > 0
