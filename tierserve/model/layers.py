@@ -88,21 +88,28 @@ class AttentionMetadata:
     slot_blocks: torch.Tensor  # (num_tokens,) block id of each token's K/V slot
     slot_offsets: torch.Tensor  # (num_tokens,) offset inside that block
     # Decode buckets, each (rows (B,), block tables (B, max_blocks) padded with block 0,
-    # mask (B, 1, 1, max_blocks * block_size) True where a key is visible).
+    # mask (B, 1, 1, max_blocks * block_size) True where a key is visible). Torch path only.
     decode_buckets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     # Chunks of several tokens: (first row, number of rows, context length, block table).
     chunks: list[tuple[int, int, int, torch.Tensor]]
     chunk_masks: list[torch.Tensor]  # each (q_len, ctx_len), causal with an offset
+    # All decodes at once for the native kernel: rows (B,), block tables (B, max_blocks) int64,
+    # context lengths (B,) int64. None on the torch path or when there are no decodes.
+    decodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    all_decodes: bool = False  # every real row is a decode (rows 0..num_tokens-1, in order)
 
 
 class TorchPagedAttention:
-    """Paged attention in plain torch: gather a request's blocks, then SDPA with GQA."""
+    """Paged attention: decodes through the native kernel (in place over block tables) when it
+    is built, else gathered and run through SDPA in length buckets; chunks of several tokens
+    always gather their blocks and run SDPA with GQA."""
 
-    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, ops=None) -> None:
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
+        self.ops = ops  # tierserve.kernels.cpu_ops() or None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
@@ -114,7 +121,16 @@ class TorchPagedAttention:
         n = meta.num_tokens
         k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
         v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
-        out = torch.zeros_like(q)
+        if meta.decodes is not None:
+            rows, tables, lens = meta.decodes
+            decoded = self.ops.paged_decode_attention(q[:n] if meta.all_decodes else q[rows],
+                                                      k_cache, v_cache, tables, lens, self.scale)
+            if meta.all_decodes and n == q.shape[0]:
+                return decoded.flatten(1)
+            out = torch.zeros_like(q)
+            out[rows] = decoded
+        else:
+            out = torch.zeros_like(q)
         for rows, tables, mask in meta.decode_buckets:
             out[rows] = self._decode(q[rows], k_cache, v_cache, tables, mask)
         for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from tierserve.kernels import cpu_ops
 from tierserve.model.arch import ModelArchConfig
 from tierserve.model.layers import (
     AttentionMetadata,
@@ -17,6 +18,10 @@ from tierserve.model.layers import (
     apply_rotary,
     rms_norm,
 )
+
+# Up to this many rows the native skinny kernel beats stock GEMM (measured: 2.3x at 1 row,
+# 1.4x at 8, bfloat16); above it GEMM's reuse of each weight across rows wins.
+SKINNY_MAX_ROWS = 8
 
 
 class DecoderLayer:
@@ -39,7 +44,7 @@ class LlamaModel:
     """Forward pass over flattened tokens: (T,) ids -> (T, hidden) final hidden states."""
 
     def __init__(self, arch: ModelArchConfig, tensors: dict[str, torch.Tensor],
-                 max_positions: int) -> None:
+                 max_positions: int, use_kernels: bool = True) -> None:
         self.arch = arch
         self.embed = tensors["model.embed_tokens.weight"]
         self.lm_head = tensors.get("lm_head.weight", self.embed)
@@ -49,7 +54,9 @@ class LlamaModel:
         self.dtype = self.embed.dtype
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
-        self.attention = TorchPagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim)
+        self.ops = cpu_ops() if use_kernels else None
+        self.attention = TorchPagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim,
+                                             self.ops)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
 
@@ -73,21 +80,29 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
-            qkv = F.linear(x, layer.qkv_weight, layer.qkv_bias)  # (T, q + 2 kv)
+            qkv = self.linear(x, layer.qkv_weight, layer.qkv_bias)  # (T, q + 2 kv)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rotary(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
             k = apply_rotary(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
             v = v.view(-1, arch.num_kv_heads, arch.head_dim)
             layer_cache = kv_cache[:, index]  # (num_blocks, 2, block_size, nkv, hd)
             attn = self.attention.forward(q, k, v, layer_cache[:, 0], layer_cache[:, 1], meta)
-            hidden = residual + F.linear(attn, layer.o_weight)
+            hidden = residual + self.linear(attn, layer.o_weight)
             residual = hidden
             x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
-            gate, up = F.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
-            hidden = residual + F.linear(F.silu(gate) * up, layer.down_weight)
+            gate, up = self.linear(x, layer.gate_up_weight).chunk(2, dim=-1)
+            hidden = residual + self.linear(F.silu(gate) * up, layer.down_weight)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    def linear(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """x @ weight.T (+ bias). A few rows (decode at small batch) go through the native
+        kernel, which streams the weights near memory bandwidth; more rows, stock GEMM."""
+        if self.ops is not None and x.shape[0] <= SKINNY_MAX_ROWS:
+            return self.ops.skinny_linear(x, weight, bias)
+        return F.linear(x, weight, bias)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(N, hidden) -> (N, vocab) float32 logits."""
-        return F.linear(hidden, self.lm_head).float()
+        return self.linear(hidden, self.lm_head).float()

@@ -131,13 +131,18 @@ class ModelRunner:
         pos = torch.tensor(positions)
         tables = [chunk.block_table for chunk in chunks for _ in range(chunk.num_tokens)]
         slot_blocks = torch.tensor([t[p // block_size] for t, p in zip(tables, positions)])
+        native = self.model.ops is not None and decode_rows
         meta = AttentionMetadata(
             num_tokens=num_tokens,
             slot_blocks=slot_blocks,
             slot_offsets=pos % block_size,
-            decode_buckets=_decode_buckets(decode_rows, decode_tables, decode_lens, block_size),
+            decode_buckets=([] if native else
+                            _decode_buckets(decode_rows, decode_tables, decode_lens, block_size)),
             chunks=spans,
             chunk_masks=masks,
+            decodes=((torch.tensor(decode_rows), _pad_tables(decode_tables),
+                      torch.tensor(decode_lens)) if native else None),
+            all_decodes=bool(native) and len(decode_rows) == num_tokens,
         )
         missing = max(0, self.pad_rows - num_tokens)
         input_ids = torch.tensor(token_ids + [0] * missing)

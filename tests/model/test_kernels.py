@@ -1,0 +1,94 @@
+"""Native CPU kernels against the torch ops they replace, and the model with them on and off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tierserve.engine.llm import LLM
+from tierserve.kernels import cpu_ops
+from tierserve.model.layers import TorchPagedAttention
+from tierserve.request import SamplingParams
+
+ops = cpu_ops()
+pytestmark = pytest.mark.skipif(ops is None, reason="native kernels could not be built here")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 8])
+@pytest.mark.parametrize("k", [576, 100])  # 100: not a multiple of the vector width
+def test_skinny_linear_matches_f_linear(dtype, rows, k):
+    gen = torch.Generator().manual_seed(rows * k)
+    x = torch.randn(rows, k, generator=gen).to(dtype)
+    w = torch.randn(300, k, generator=gen).to(dtype)
+    bias = torch.randn(300, generator=gen).to(dtype)
+    exact = F.linear(x.double(), w.double(), bias.double())
+    got = ops.skinny_linear(x, w, bias)
+    assert got.dtype == dtype and got.shape == (rows, 300)
+    # float32: summation order only; bfloat16: one rounding of the float32 sum (2^-8 relative).
+    tolerance = 1e-4 if dtype == torch.float32 else 2 ** -8 * exact.abs().max().item()
+    assert (got.double() - exact).abs().max().item() <= tolerance
+    reference = F.linear(x, w, bias).double()
+    assert (got.double() - reference).abs().max().item() <= 2 * tolerance
+
+
+def test_skinny_linear_rejects_what_it_cannot_do():
+    with pytest.raises(RuntimeError, match="at most 8 rows"):
+        ops.skinny_linear(torch.zeros(9, 4), torch.zeros(3, 4), None)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ops.skinny_linear(torch.zeros(1, 4), torch.zeros(3, 4, dtype=torch.bfloat16), None)
+
+
+def _paged_case(batch: int, num_heads: int, num_kv_heads: int, dtype, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    head_dim, block_size, num_blocks, layers = 64, 16, 320, 3
+    cache = torch.randn(num_blocks, layers, 2, block_size, num_kv_heads, head_dim,
+                        generator=gen).to(dtype)
+    lens = torch.randint(1, 200, (batch,), generator=gen)
+    width = int(-(-lens.max() // block_size))
+    tables = torch.randperm(num_blocks, generator=gen)[: batch * width].view(batch, width)
+    q = torch.randn(batch, num_heads, head_dim, generator=gen).to(dtype)
+    return q, cache[:, 1, 0], cache[:, 1, 1], tables, lens
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 20])  # 20: whole sequences per task, else per kv head
+@pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
+def test_paged_decode_attention_matches_sdpa(dtype, batch, heads):
+    num_heads, num_kv_heads = heads
+    q, k_cache, v_cache, tables, lens = _paged_case(batch, num_heads, num_kv_heads, dtype)
+    attention = TorchPagedAttention(num_heads, num_kv_heads, 64)
+    width = tables.shape[1] * 16
+    mask = (torch.arange(width)[None, :] < lens[:, None]).view(batch, 1, 1, width)
+    reference = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, mask)
+    got = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, attention.scale)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (got.float() - reference).abs().max().item() < tolerance
+
+
+def test_paged_decode_attention_row_does_not_depend_on_the_batch():
+    q, k_cache, v_cache, tables, lens = _paged_case(20, 9, 3, torch.float32, seed=3)
+    together = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    for row in (0, 7, 19):
+        alone = ops.paged_decode_attention(q[row : row + 1], k_cache, v_cache,
+                                           tables[row : row + 1], lens[row : row + 1], 0.125)
+        assert torch.equal(alone[0], together[row])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_model_gives_the_same_tokens_with_kernels_off(tiny_llama_dir, monkeypatch, dtype):
+    prompts = [[1, 5, 9, 14, 3] * k for k in (1, 4, 13)]
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+    def run():
+        llm = LLM(str(tiny_llama_dir), num_blocks=64, dtype=dtype)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        return llm, [o.outputs[0].token_ids for o in outputs]
+
+    with_kernels, tokens = run()
+    assert with_kernels.engine.runner.model.ops is not None
+    monkeypatch.setenv("TIERSERVE_KERNELS", "0")
+    without, reference = run()
+    assert without.engine.runner.model.ops is None
+    assert tokens == reference

@@ -1,0 +1,61 @@
+"""Native CPU kernels (cpu_ops.cpp), compiled for this machine at first use.
+
+``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
+no ninja, TIERSERVE_KERNELS=0): callers then take the plain torch path, which gives the same
+results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
+the source, the torch version and the flags, so later runs load it in well under a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+from tierserve.model.hub import tierserve_home
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("TIERSERVE_KERNELS", "1").lower() not in ("0", "false", "no", "off")
+
+
+def cpu_ops():
+    """The compiled kernel module, built on first call; None if disabled or the build fails."""
+    if not enabled():
+        return None
+    if "module" in _state:
+        return _state["module"]
+    with _lock:
+        if "module" not in _state:
+            _state["module"] = _build()
+    return _state["module"]
+
+
+def _build():
+    source = SOURCE.read_text()
+    key = hashlib.sha256("\0".join([source, torch.__version__, *CFLAGS]).encode()).hexdigest()[:16]
+    build_dir = tierserve_home() / "kernels" / key
+    build_dir.mkdir(parents=True, exist_ok=True)
+    if not (build_dir / "tierserve_cpu_ops.so").exists():
+        logger.info("compiling tierserve CPU kernels into %s (once, about a minute)", build_dir)
+    try:
+        from torch.utils.cpp_extension import load
+
+        return load(name="tierserve_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    except Exception as error:  # no compiler, no ninja, a compile error: fall back, say so
+        logger.warning("tierserve CPU kernels unavailable (%s: %s); using plain torch ops",
+                       type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return None

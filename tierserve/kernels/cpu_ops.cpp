@@ -1,0 +1,331 @@
+// CPU kernels for the two places where stock torch leaves most of the machine unused:
+//
+//  * skinny_linear: y = x @ w.T for a few rows of x (decode at small batch). Stock bfloat16
+//    F.linear reads weights at ~10 GB/s here; this streams each weight row once, for all rows of
+//    x, with AVX-512 BF16 dot products where the CPU has them.
+//  * paged_decode_attention: one query token per sequence attends to its keys and values in place,
+//    through its block table: no gather of the cache into a contiguous copy, no padding to the
+//    longest sequence. Each (sequence, kv head) is one task, so a row's result never depends on
+//    what else is in the batch.
+//
+// Both accumulate in float32 and round once to the output dtype. Built at first use by
+// tierserve/kernels/__init__.py (torch.utils.cpp_extension.load_inline).
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float bf16_to_float(uint16_t bits) {
+  uint32_t widened = static_cast<uint32_t>(bits) << 16;
+  float out;
+  std::memcpy(&out, &widened, sizeof(out));
+  return out;
+}
+
+inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16) {
+    __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(bits + i));
+    __m512i widened = _mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16);
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(widened));
+  }
+#endif
+  for (; i < n; ++i) dst[i] = bf16_to_float(bits[i]);
+}
+
+inline void to_float(const float* src, float* dst, int64_t n) {
+  std::memcpy(dst, src, n * sizeof(float));
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  int64_t i = 0;
+  float sum = 0.f;
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  sum = _mm512_reduce_add_ps(acc);
+#endif
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+// s[i] = exp(s[i] - top) for all i; returns the sum. Vectorized with a degree-6 polynomial on
+// the reduced argument (relative error ~2e-7, as good as expf for softmax weights).
+inline float exp_shifted_sum(float* s, int64_t n, float top) {
+  int64_t i = 0;
+  float total = 0.f;
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(top), log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 lowest = _mm512_set1_ps(-87.3f);
+  const __m512 c1 = _mm512_set1_ps(1.9875691500e-4f), c2 = _mm512_set1_ps(1.3981999507e-3f);
+  const __m512 c3 = _mm512_set1_ps(8.3334519073e-3f), c4 = _mm512_set1_ps(4.1665795894e-2f);
+  const __m512 c5 = _mm512_set1_ps(1.6666665459e-1f), c6 = _mm512_set1_ps(5.0000001201e-1f);
+  const __m512 one = _mm512_set1_ps(1.f);
+  __m512 sum = _mm512_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), shift), lowest);
+    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(k, ln2_hi, x);
+    r = _mm512_fnmadd_ps(k, ln2_lo, r);
+    __m512 p = c1;
+    p = _mm512_fmadd_ps(p, r, c2);
+    p = _mm512_fmadd_ps(p, r, c3);
+    p = _mm512_fmadd_ps(p, r, c4);
+    p = _mm512_fmadd_ps(p, r, c5);
+    p = _mm512_fmadd_ps(p, r, c6);
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
+    __m512 e = _mm512_scalef_ps(p, k);  // p * 2^k
+    _mm512_storeu_ps(s + i, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; i < n; ++i) {
+    s[i] = std::exp(s[i] - top);
+    total += s[i];
+  }
+  return total;
+}
+
+// y += p * x
+inline void axpy(float p, const float* x, float* y, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  const __m512 scale = _mm512_set1_ps(p);
+  for (; i + 16 <= n; i += 16) {
+    _mm512_storeu_ps(y + i, _mm512_fmadd_ps(scale, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
+  }
+#endif
+  for (; i < n; ++i) y[i] += p * x[i];
+}
+
+// ---- skinny linear ---------------------------------------------------------------------------
+
+// Dot products of rows x[0..m) (each k long) with one weight row, into acc[0..m).
+inline void dot_rows_bf16(const at::BFloat16* x, int64_t m, const at::BFloat16* w, int64_t k,
+                          float* acc) {
+#if defined(__AVX512BF16__)
+  __m512 sums[8];
+  for (int64_t r = 0; r < m; ++r) sums[r] = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= k; i += 32) {
+    __m512bh wv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + i));
+    for (int64_t r = 0; r < m; ++r) {
+      __m512bh xv = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(x + r * k + i));
+      sums[r] = _mm512_dpbf16_ps(sums[r], xv, wv);
+    }
+  }
+  if (i < k) {
+    __mmask32 tail = static_cast<__mmask32>((1ULL << (k - i)) - 1);
+    __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(tail, w + i);
+    for (int64_t r = 0; r < m; ++r) {
+      __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + r * k + i);
+      sums[r] = _mm512_dpbf16_ps(sums[r], xv, wv);
+    }
+  }
+  for (int64_t r = 0; r < m; ++r) acc[r] = _mm512_reduce_add_ps(sums[r]);
+#else
+  const uint16_t* wb = reinterpret_cast<const uint16_t*>(w);
+  const uint16_t* xb = reinterpret_cast<const uint16_t*>(x);
+  for (int64_t r = 0; r < m; ++r) {
+    float sum = 0.f;
+    for (int64_t i = 0; i < k; ++i) sum += bf16_to_float(xb[r * k + i]) * bf16_to_float(wb[i]);
+    acc[r] = sum;
+  }
+#endif
+}
+
+inline void dot_rows_f32(const float* x, int64_t m, const float* w, int64_t k, float* acc) {
+  for (int64_t r = 0; r < m; ++r) {
+    float sum = 0.f;
+    const float* xr = x + r * k;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < k; ++i) sum += xr[i] * w[i];
+    acc[r] = sum;
+  }
+}
+
+template <typename T>
+void skinny_linear_impl(const T* x, const T* w, const T* bias, T* y, int64_t m, int64_t n,
+                        int64_t k) {
+  // Grain: 64 weight rows (~72 KB of bfloat16 at k = 576) per task.
+  at::parallel_for(0, n, 64, [&](int64_t begin, int64_t end) {
+    float acc[8];
+    for (int64_t j = begin; j < end; ++j) {
+      if constexpr (std::is_same_v<T, at::BFloat16>) {
+        dot_rows_bf16(x, m, w + j * k, k, acc);
+      } else {
+        dot_rows_f32(x, m, w + j * k, k, acc);
+      }
+      float b = bias ? static_cast<float>(bias[j]) : 0.f;
+      for (int64_t r = 0; r < m; ++r) y[r * n + j] = static_cast<T>(acc[r] + b);
+    }
+  });
+}
+
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes: x (m, k), w (n, k)");
+  TORCH_CHECK(x.size(0) <= 8, "skinny_linear takes at most 8 rows");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "x and w must share a dtype");
+  x = x.contiguous();
+  TORCH_CHECK(w.is_contiguous(), "w must be contiguous");
+  int64_t m = x.size(0), n = w.size(0), k = x.size(1);
+  auto y = torch::empty({m, n}, x.options());
+  torch::Tensor b;
+  if (bias.has_value()) b = bias->contiguous();
+  if (x.scalar_type() == at::kBFloat16) {
+    skinny_linear_impl<at::BFloat16>(x.data_ptr<at::BFloat16>(), w.data_ptr<at::BFloat16>(),
+                                     b.defined() ? b.data_ptr<at::BFloat16>() : nullptr,
+                                     y.data_ptr<at::BFloat16>(), m, n, k);
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "float32 or bfloat16 only");
+    skinny_linear_impl<float>(x.data_ptr<float>(), w.data_ptr<float>(),
+                              b.defined() ? b.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                              m, n, k);
+  }
+  return y;
+}
+
+// ---- paged decode attention ------------------------------------------------------------------
+
+// Cached rows of one head in block ``index`` of a table: the hardware prefetcher does not follow
+// a sequence from one block to the next (they are pages apart), so ask for the next one ahead.
+template <typename T>
+inline void prefetch_block(const T* base, const int64_t* table, int64_t index, int64_t len,
+                           int64_t block_size, int64_t block_stride, int64_t row_stride,
+                           int64_t head_offset, int64_t row_elems) {
+#if defined(__AVX512F__)
+  if (index * block_size >= len) return;
+  const char* block = reinterpret_cast<const char*>(base + table[index] * block_stride + head_offset);
+  const int64_t rows = std::min(block_size, len - index * block_size);
+  const int64_t row_bytes = row_elems * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(block + r * row_stride * static_cast<int64_t>(sizeof(T)) + b, _MM_HINT_T0);
+    }
+  }
+#endif
+}
+
+template <typename T>
+void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
+                           const torch::Tensor& v_cache, const torch::Tensor& tables,
+                           const torch::Tensor& lens, double scale, torch::Tensor& out) {
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads;
+  // Cache strides (elements): block, offset in block, kv head; head_dim is contiguous.
+  const int64_t kb = k_cache.stride(0), ko = k_cache.stride(1), kh = k_cache.stride(2);
+  const int64_t vb = v_cache.stride(0), vo = v_cache.stride(1), vh = v_cache.stride(2);
+  const T* kp = k_cache.data_ptr<T>();
+  const T* vp = v_cache.data_ptr<T>();
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  const int64_t table_width = tables.size(1);
+  const float fscale = static_cast<float>(scale);
+
+  // A task is one sequence with all its kv heads (each cached row is then read front to back),
+  // or, when there are too few sequences to keep every thread busy, one (sequence, kv head).
+  const int64_t span = batch >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+  const int64_t tasks_per_seq = num_kv_heads / span;
+  at::parallel_for(0, batch * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+    const int64_t queries = span * group;  // query heads of one task
+    std::vector<float> query(queries * head_dim), acc(queries * head_dim), row(head_dim), scores,
+        denom(queries);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * span;
+      const int64_t len = lp[b];
+      const int64_t* table = tp + b * table_width;
+      to_float(qp + (b * num_heads + h0 * group) * head_dim, query.data(), queries * head_dim);
+      scores.assign(queries * len, 0.f);
+      const int64_t num_blocks = (len + block_size - 1) / block_size;
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        prefetch_block(kp, table, blk + 1, len, block_size, kb, ko, h0 * kh, span * kh);
+        const T* block = kp + table[blk] * kb;
+        const int64_t first = blk * block_size, rows = std::min(block_size, len - first);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < span; ++i) {
+            to_float(block + r * ko + (h0 + i) * kh, row.data(), head_dim);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t qi = i * group + g;
+              scores[qi * len + first + r] =
+                  dot(query.data() + qi * head_dim, row.data(), head_dim) * fscale;
+            }
+          }
+        }
+      }
+      for (int64_t qi = 0; qi < queries; ++qi) {
+        float* s = scores.data() + qi * len;
+        denom[qi] = exp_shifted_sum(s, len, *std::max_element(s, s + len));
+      }
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t blk = 0; blk < num_blocks; ++blk) {
+        prefetch_block(vp, table, blk + 1, len, block_size, vb, vo, h0 * vh, span * vh);
+        const T* block = vp + table[blk] * vb;
+        const int64_t first = blk * block_size, rows = std::min(block_size, len - first);
+        for (int64_t r = 0; r < rows; ++r) {
+          for (int64_t i = 0; i < span; ++i) {
+            to_float(block + r * vo + (h0 + i) * vh, row.data(), head_dim);
+            for (int64_t g = 0; g < group; ++g) {
+              const int64_t qi = i * group + g;
+              axpy(scores[qi * len + first + r], row.data(), acc.data() + qi * head_dim,
+                   head_dim);
+            }
+          }
+        }
+      }
+      T* out_row = op + (b * num_heads + h0 * group) * head_dim;
+      for (int64_t qi = 0; qi < queries; ++qi) {
+        const float inv = 1.f / denom[qi];
+        for (int64_t d = 0; d < head_dim; ++d) {
+          out_row[qi * head_dim + d] = static_cast<T>(acc[qi * head_dim + d] * inv);
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3, "q: (batch, heads, head_dim)");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4,
+              "caches: (blocks, block_size, kv_heads, head_dim)");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
+              "tables and lens are int64");
+  q = q.contiguous();
+  tables = tables.contiguous();
+  lens = lens.contiguous();
+  auto out = torch::empty_like(q);
+  if (q.scalar_type() == at::kBFloat16) {
+    decode_attention_impl<at::BFloat16>(q, k_cache, v_cache, tables, lens, scale, out);
+  } else {
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 or bfloat16 only");
+    decode_attention_impl<float>(q, k_cache, v_cache, tables, lens, scale, out);
+  }
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skinny_linear", &skinny_linear, "x @ w.T (+ bias) for at most 8 rows of x");
+  m.def("paged_decode_attention", &paged_decode_attention,
+        "one query per sequence over its paged K/V, in place");
+}
