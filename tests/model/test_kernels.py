@@ -40,9 +40,10 @@ def test_skinny_linear_rejects_what_it_cannot_do():
         ops.skinny_linear(torch.zeros(1, 4), torch.zeros(3, 4, dtype=torch.bfloat16), None)
 
 
-def _paged_case(batch: int, num_heads: int, num_kv_heads: int, dtype, seed: int = 0):
+def _paged_case(batch: int, num_heads: int, num_kv_heads: int, dtype, seed: int = 0,
+                head_dim: int = 64):
     gen = torch.Generator().manual_seed(seed)
-    head_dim, block_size, num_blocks, layers = 64, 16, 320, 3
+    block_size, num_blocks, layers = 16, 320, 3
     cache = torch.randn(num_blocks, layers, 2, block_size, num_kv_heads, head_dim,
                         generator=gen).to(dtype)
     lens = torch.randint(1, 200, (batch,), generator=gen)
@@ -54,11 +55,13 @@ def _paged_case(batch: int, num_heads: int, num_kv_heads: int, dtype, seed: int 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3, 20])  # 20: whole sequences per task, else per kv head
-@pytest.mark.parametrize("heads", [(9, 3), (4, 4)])
+# Head sizes 64 and 128 take the register-resident path; 32 the generic loop.
+@pytest.mark.parametrize("heads", [(9, 3, 64), (4, 4, 64), (8, 2, 128), (8, 2, 32)])
 def test_paged_decode_attention_matches_sdpa(dtype, batch, heads):
-    num_heads, num_kv_heads = heads
-    q, k_cache, v_cache, tables, lens = _paged_case(batch, num_heads, num_kv_heads, dtype)
-    attention = TorchPagedAttention(num_heads, num_kv_heads, 64)
+    num_heads, num_kv_heads, head_dim = heads
+    q, k_cache, v_cache, tables, lens = _paged_case(batch, num_heads, num_kv_heads, dtype,
+                                                    head_dim=head_dim)
+    attention = TorchPagedAttention(num_heads, num_kv_heads, head_dim)
     width = tables.shape[1] * 16
     mask = (torch.arange(width)[None, :] < lens[:, None]).view(batch, 1, 1, width)
     reference = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, mask)

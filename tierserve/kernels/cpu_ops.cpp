@@ -214,11 +214,114 @@ inline void prefetch_block(const T* base, const int64_t* table, int64_t index, i
   const int64_t row_bytes = row_elems * static_cast<int64_t>(sizeof(T));
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t b = 0; b < row_bytes; b += 64) {
-      _mm_prefetch(block + r * row_stride * static_cast<int64_t>(sizeof(T)) + b, _MM_HINT_T0);
+      _mm_prefetch(block + r * row_stride * static_cast<int64_t>(sizeof(T)) + b, _MM_HINT_T1);
     }
   }
 #endif
 }
+
+#if defined(__AVX512F__)
+template <typename T>
+inline __m512 load16(const T* p);
+template <>
+inline __m512 load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
+  __m256i packed = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(packed), 16));
+}
+
+// One kv head of one sequence, for a head size and group size known at compile time: the
+// queries and the output accumulators stay in registers while the keys and values stream past.
+// Same arithmetic, in the same order, as the generic loop below.
+constexpr int64_t kPrefetchBlocks = 2;  // blocks of one head requested ahead of use
+
+template <typename T, int HD, int G>
+void attend_head(const float* query, const T* kp, const T* vp, const int64_t* table, int64_t len,
+                 int64_t block_size, int64_t kb, int64_t ko, int64_t vb, int64_t vo,
+                 int64_t k_head, int64_t v_head, float scale, float* scores, float* out) {
+  constexpr int V = HD / 16;
+  __m512 q[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V; ++j) q[g][j] = _mm512_loadu_ps(query + g * HD + j * 16);
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  for (int64_t ahead = 0; ahead < kPrefetchBlocks; ++ahead) {
+    prefetch_block(kp, table, ahead, len, block_size, kb, ko, k_head, HD);
+  }
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    prefetch_block(kp, table, blk + kPrefetchBlocks, len, block_size, kb, ko, k_head, HD);
+    if (blk + kPrefetchBlocks >= num_blocks) {  // keys nearly done: start on the values
+      prefetch_block(vp, table, blk + kPrefetchBlocks - num_blocks, len, block_size, vb, vo,
+                     v_head, HD);
+    }
+    const T* block = kp + table[blk] * kb + k_head;
+    const int64_t first = blk * block_size, rows = std::min(block_size, len - first);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 k[V];
+      for (int j = 0; j < V; ++j) k[j] = load16(block + r * ko + j * 16);
+      for (int g = 0; g < G; ++g) {
+        __m512 sum = _mm512_mul_ps(q[g][0], k[0]);
+        for (int j = 1; j < V; ++j) sum = _mm512_fmadd_ps(q[g][j], k[j], sum);
+        scores[g * len + first + r] = _mm512_reduce_add_ps(sum) * scale;
+      }
+    }
+  }
+  float denom[G];
+  for (int g = 0; g < G; ++g) {
+    float* s = scores + g * len;
+    denom[g] = exp_shifted_sum(s, len, *std::max_element(s, s + len));
+  }
+  __m512 acc[G][V];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V; ++j) acc[g][j] = _mm512_setzero_ps();
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    prefetch_block(vp, table, blk + kPrefetchBlocks, len, block_size, vb, vo, v_head, HD);
+    const T* block = vp + table[blk] * vb + v_head;
+    const int64_t first = blk * block_size, rows = std::min(block_size, len - first);
+    for (int64_t r = 0; r < rows; ++r) {
+      __m512 v[V];
+      for (int j = 0; j < V; ++j) v[j] = load16(block + r * vo + j * 16);
+      for (int g = 0; g < G; ++g) {
+        const __m512 p = _mm512_set1_ps(scores[g * len + first + r]);
+        for (int j = 0; j < V; ++j) acc[g][j] = _mm512_fmadd_ps(p, v[j], acc[g][j]);
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const float inv = 1.f / denom[g];
+    for (int j = 0; j < V; ++j) {
+      _mm512_storeu_ps(out + g * HD + j * 16, _mm512_mul_ps(acc[g][j], _mm512_set1_ps(inv)));
+    }
+  }
+}
+
+template <typename T>
+using AttendHead = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
+                            int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*,
+                            float*);
+
+template <typename T, int HD>
+AttendHead<T> attend_head_for_group(int64_t group) {
+  switch (group) {
+    case 1: return attend_head<T, HD, 1>;
+    case 2: return attend_head<T, HD, 2>;
+    case 3: return attend_head<T, HD, 3>;
+    case 4: return attend_head<T, HD, 4>;
+    case 5: return attend_head<T, HD, 5>;
+    case 6: return attend_head<T, HD, 6>;
+    case 7: return attend_head<T, HD, 7>;
+    case 8: return attend_head<T, HD, 8>;
+    default: return nullptr;
+  }
+}
+
+template <typename T>
+AttendHead<T> attend_head_for(int64_t head_dim, int64_t group) {
+  if (head_dim == 64) return attend_head_for_group<T, 64>(group);
+  if (head_dim == 128) return attend_head_for_group<T, 128>(group);
+  return nullptr;
+}
+#endif
 
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
@@ -243,6 +346,9 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   // or, when there are too few sequences to keep every thread busy, one (sequence, kv head).
   const int64_t span = batch >= 2 * at::get_num_threads() ? num_kv_heads : 1;
   const int64_t tasks_per_seq = num_kv_heads / span;
+#if defined(__AVX512F__)
+  const AttendHead<T> fast = attend_head_for<T>(head_dim, group);
+#endif
   at::parallel_for(0, batch * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
     const int64_t queries = span * group;  // query heads of one task
     std::vector<float> query(queries * head_dim), acc(queries * head_dim), row(head_dim), scores,
@@ -253,6 +359,18 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
       const int64_t* table = tp + b * table_width;
       to_float(qp + (b * num_heads + h0 * group) * head_dim, query.data(), queries * head_dim);
       scores.assign(queries * len, 0.f);
+#if defined(__AVX512F__)
+      if (fast != nullptr) {
+        for (int64_t i = 0; i < span; ++i) {
+          fast(query.data() + i * group * head_dim, kp, vp, table, len, block_size, kb, ko, vb,
+               vo, (h0 + i) * kh, (h0 + i) * vh, fscale, scores.data() + i * group * len,
+               acc.data() + i * group * head_dim);
+        }
+        T* out_row = op + (b * num_heads + h0 * group) * head_dim;
+        for (int64_t e = 0; e < queries * head_dim; ++e) out_row[e] = static_cast<T>(acc[e]);
+        continue;
+      }
+#endif
       const int64_t num_blocks = (len + block_size - 1) / block_size;
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
         prefetch_block(kp, table, blk + 1, len, block_size, kb, ko, h0 * kh, span * kh);
