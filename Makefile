@@ -43,6 +43,8 @@ test-fast: $(STAMP)
 demo: $(STAMP) $(MODEL_STAMP)
 	$(PY) examples/demo.py
 
+SERVE_ARGS ?= --dtype auto
+
 serve: $(STAMP) $(MODEL_STAMP)
 	$(PY) -m tierserve.cli serve --model smollm2 $(SERVE_ARGS)
 

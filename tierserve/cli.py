@@ -16,8 +16,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("engine")
     group.add_argument("--model", default="smollm2",
                        help="known name (smollm2), a .gguf file, or an HF folder (default: %(default)s)")
-    group.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                       help="weights and KV cache dtype (default: %(default)s)")
+    group.add_argument("--dtype", default="float32",
+                       choices=["float32", "bfloat16", "float16", "auto"],
+                       help="weights and KV cache dtype; auto: bfloat16 where the CPU/GPU computes "
+                       "it natively (about 2x faster here, not batch-invariant), else float32 "
+                       "(default: %(default)s)")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's own)")
     group.add_argument("--kv-cache-memory", default="1GiB",

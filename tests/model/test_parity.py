@@ -150,3 +150,29 @@ def test_smollm2_greedy_is_batch_invariant(smollm2_path, smol_llm, smol_prompts)
         assert small_pool.core.scheduler.num_preemptions > 0
         assert (small_pool.core.scheduler.num_swap_preemptions > 0) == (mode == "swap")
         assert preempted == batched
+
+
+@pytest.mark.slow
+def test_smollm2_bfloat16_decode_matches_transformers_bfloat16(smollm2_path, smol_prompts,
+                                                               hf_smollm2):
+    """The fast path (bfloat16: skinny-GEMV and paged-attention kernels in decode, oneDNN-packed
+    GEMMs in prefill) against transformers in bfloat16. Both round to bfloat16 at different
+    points, so logits agree to bfloat16 precision (~2^-8 relative) and tokens may part only at a
+    near-tie of that size."""
+    import copy
+
+    hf_bf16 = copy.deepcopy(hf_smollm2).to(torch.bfloat16)
+    llm = LLM(str(smollm2_path), dtype="bfloat16", kv_cache_memory="128MiB")
+    prompts = smol_prompts[:3]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           _greedy(16, logprobs=2), use_tqdm=False)
+    for prompt, output in zip(prompts, outputs):
+        expected, logits = hf_greedy(hf_bf16, prompt, 16)
+        completion = output.outputs[0]
+        assert_same_or_near_tie(completion.token_ids, completion.logprobs, expected, logits,
+                                tie=0.25)
+    ours = tierserve_logits(llm, smol_prompts[-1])
+    theirs = hf_logits(hf_bf16, smol_prompts[-1])
+    scale = theirs.abs().max().item()
+    assert (ours - theirs).abs().max().item() < 0.05 * scale
+    assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item() > 0.9

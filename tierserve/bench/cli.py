@@ -75,10 +75,12 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from tierserve.bench.batch import add_batch_subcommand
     from tierserve.bench.capacity import add_capacity_subcommand
     from tierserve.bench.offline import add_offline_subcommand
+    from tierserve.bench.roofline import add_roofline_subcommand
 
     add_batch_subcommand(sub, _add_common)
     add_offline_subcommand(sub, _add_common)
     add_capacity_subcommand(sub, _add_common)
+    add_roofline_subcommand(sub, _add_common)
 
 
 def _add_common(parser: argparse.ArgumentParser, plot_help: str) -> None:

@@ -37,12 +37,13 @@ class Sampler:
         params = [row.sampling_params for row in rows]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(p.logprobs is not None for p in params) else None)
-        logits = logits.clone()
-        self._mask_early_stops(logits, rows)
-        self._apply_penalties(logits, rows)
-        greedy = torch.tensor([p.greedy for p in params])
+        if any(_edits_logits(row) for row in rows):  # else argmax reads them untouched
+            logits = logits.clone()
+            self._mask_early_stops(logits, rows)
+            self._apply_penalties(logits, rows)
         tokens = logits.argmax(dim=-1)
-        if not bool(greedy.all()):
+        if not all(p.greedy for p in params):
+            greedy = torch.tensor([p.greedy for p in params])
             sampled = self._sample_random(logits, rows)
             tokens = torch.where(greedy, tokens, sampled)
         token_list = tokens.tolist()
@@ -122,6 +123,13 @@ class Sampler:
             out.append(TokenLogprobs(int(tokens[index]), float(chosen[index, 0]),
                                      int(ranks[index]), top))
         return out
+
+
+def _edits_logits(row: ScheduledChunk) -> bool:
+    """Whether a row's logits are changed before sampling (an early stop masked, a penalty)."""
+    params = row.sampling_params
+    return (len(row.output_token_ids) < params.min_tokens or params.repetition_penalty != 1.0
+            or bool(params.presence_penalty) or bool(params.frequency_penalty))
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
