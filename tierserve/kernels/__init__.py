@@ -49,7 +49,9 @@ def _build():
     build_dir = tierserve_home() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / "tierserve_cpu_ops.so").exists():
-        logger.info("compiling tierserve CPU kernels into %s (once, about a minute)", build_dir)
+        # Shown at the default log level: it explains a first start that takes ~30 s longer.
+        logger.warning("compiling tierserve's CPU kernels for this machine into %s "
+                       "(once, about 30 s)", build_dir)
     try:
         from torch.utils.cpp_extension import load
 
