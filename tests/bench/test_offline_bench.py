@@ -9,7 +9,14 @@ import sys
 import pytest
 
 from tierserve.bench.cli import main
-from tierserve.bench.contenders import WorkerJob, best_batch_size, probe_size, run_job
+from tierserve.bench.contenders import (
+    WorkerJob,
+    batch_groups,
+    best_batch_size,
+    probe_size,
+    probe_then_run,
+    run_job,
+)
 from tierserve.bench.offline import (
     LLAMA_CPP_MISSING,
     SCENARIO_METRIC,
@@ -55,6 +62,44 @@ def test_best_batch_size_has_the_most_output_tokens_per_s_and_the_smaller_on_a_t
 
 def test_a_batch_size_is_probed_on_two_batches_at_most_all_prompts():
     assert probe_size(100, 16) == 32 and probe_size(20, 16) == 20
+
+
+def test_batch_groups_put_the_longest_outputs_first_in_groups_of_size():
+    prompts = [[1], [1, 2], [1, 2, 3], [1], [1, 2]]
+    max_tokens = [4, 8, 8, 2, 4]
+    assert batch_groups(prompts, max_tokens, 2) == [[2, 1], [4, 0], [3]]
+    assert batch_groups(prompts, max_tokens, 8) == [[2, 1, 4, 0, 3]]
+
+
+def _fake_run(speed: dict[int, float], calls: list[tuple[int, int]]):
+    def run(prompts, max_tokens, size):
+        calls.append((len(prompts), size))
+        return {"num_prompts": len(prompts), "wall_s": 1.0, "output_tokens": sum(max_tokens),
+                "output_tokens_per_s": speed[size]}
+    return run
+
+
+def test_probe_then_run_probes_each_size_and_runs_the_fastest_on_all_prompts():
+    calls: list[tuple[int, int]] = []
+    full = probe_then_run((1, 16, 64), [[1]] * 40, [2] * 40, _fake_run({1: 5.0, 16: 9.0, 64: 7.0},
+                                                                       calls))
+    assert calls == [(2, 1), (32, 16), (40, 64), (40, 16)]
+    assert full["batch_size"] == 16 and full["num_prompts"] == 40
+    assert list(full["per_batch_size"]) == ["1", "16", "64"]
+
+
+def test_probe_then_run_reuses_a_probe_that_ran_every_prompt_and_skips_probing_one_size():
+    calls: list[tuple[int, int]] = []
+    full = probe_then_run((1, 64), [[1]] * 40, [2] * 40, _fake_run({1: 5.0, 64: 7.0}, calls))
+    assert calls == [(2, 1), (40, 64)] and full["batch_size"] == 64
+    calls.clear()
+    full = probe_then_run((1,), [[1]] * 40, [2] * 40, _fake_run({1: 5.0}, calls))
+    assert calls == [(40, 1)] and full["per_batch_size"] == {}
+
+
+def test_llama_cpp_batch_sizes_must_be_positive():
+    with pytest.raises(ValueError, match="--llama-cpp-batch-sizes"):
+        OfflineSpec(llama_cpp_batch_sizes=(0, 16))
 
 
 def test_plan_names_results_by_dtype_only_when_there_are_several():

@@ -39,6 +39,7 @@ class WorkerJob:
     engine: EngineConfig | None = None  # tierserve's engine settings
     hf_batch_sizes: tuple[int, ...] = (16, 32, 64)
     llama_cpp_n_batch: int = 512
+    llama_cpp_batch_sizes: tuple[int, ...] = (1,)  # 1: sequential Llama.generate
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +82,8 @@ def run_job(job: WorkerJob) -> dict:
     row.update(prompt_tokens=prompt_tokens, num_prompts=len(job.prompts),
                total_tokens_per_s=(prompt_tokens + row["output_tokens"]) / row["wall_s"],
                output_tokens_per_s=row["output_tokens"] / row["wall_s"])
+    # The scenario's own record (e.g. the batched mode it ran) wins over load-time settings.
+    settings = {key: value for key, value in settings.items() if key not in row}
     return {"contender": job.contender, "dtype": settings.pop("dtype", job.dtype),
             **_rounded(row), "load_s": round(load_s, 3), "warmup_s": round(warmup_s, 3),
             "peak_rss_mb": round(peak_rss_mb(), 1), "threads": job.threads, **settings}
@@ -223,31 +226,16 @@ class HFContender:
         return clock.token_times
 
     def generate_all(self, prompts: list[list[int]], max_tokens: list[int]) -> dict:
-        sizes = self.job.hf_batch_sizes
-        per_batch_size: dict[int, dict] = {}
-        if len(sizes) > 1:  # probe each size on the first prompts, run the best on all
-            for size in sizes:
-                count = probe_size(len(prompts), size)
-                per_batch_size[size] = self._batches(prompts[:count], max_tokens[:count], size)
-        best = best_batch_size(per_batch_size) if per_batch_size else sizes[0]
-        probed = per_batch_size.get(best)
-        if probed is not None and probed["num_prompts"] == len(prompts):
-            full = dict(probed)  # the probe already ran every prompt
-        else:
-            full = self._batches(prompts, max_tokens, best)
-        full.update(batch_size=best, per_batch_size={str(k): v for k, v in per_batch_size.items()},
-                    batching="static batches of batch_size prompts sorted by output then prompt "
+        full = probe_then_run(self.job.hf_batch_sizes, prompts, max_tokens, self._batches)
+        full.update(batching="static batches of batch_size prompts sorted by output then prompt "
                     "length (longest first), left-padded; a batch generates its longest "
                     "max_tokens and each row counts only its own")
         return full
 
     def _batches(self, prompts: list[list[int]], max_tokens: list[int], size: int) -> dict:
-        order = sorted(range(len(prompts)), key=lambda i: (max_tokens[i], len(prompts[i])),
-                       reverse=True)
         counted = computed = 0
         started = time.monotonic()
-        for first in range(0, len(order), size):
-            batch = order[first: first + size]
+        for batch in batch_groups(prompts, max_tokens, size):
             count = max(max_tokens[i] for i in batch)
             new = self._generate([prompts[i] for i in batch], count)  # (batch, count)
             computed += new.numel()
@@ -258,6 +246,37 @@ class HFContender:
                 "output_tokens_per_s": round(counted / wall, 3)}
 
 
+def batch_groups(prompts: list[list[int]], max_tokens: list[int], size: int) -> list[list[int]]:
+    """Prompt indices in groups of ``size``, sorted by output then prompt length, longest
+    first, so a group's sequences finish close together."""
+    if size < 1:
+        raise ValueError(f"batch size must be positive, got {size}")
+    order = sorted(range(len(prompts)), key=lambda i: (max_tokens[i], len(prompts[i])),
+                   reverse=True)
+    return [order[first: first + size] for first in range(0, len(order), size)]
+
+
+def probe_then_run(sizes: tuple[int, ...], prompts: list[list[int]], max_tokens: list[int],
+                   run) -> dict:
+    """With several ``sizes``, ``run(prompts, max_tokens, size)`` each on its ``probe_size``
+    first prompts, then the best by output tokens/s on all of them (one size: just that).
+    ``run`` returns ``num_prompts``, ``wall_s``, ``output_tokens``, ``output_tokens_per_s``;
+    the full run's record gains ``batch_size`` and ``per_batch_size`` (the probes)."""
+    per_batch_size: dict[int, dict] = {}
+    if len(sizes) > 1:  # probe each size on the first prompts, run the best on all
+        for size in sizes:
+            count = probe_size(len(prompts), size)
+            per_batch_size[size] = run(prompts[:count], max_tokens[:count], size)
+    best = best_batch_size(per_batch_size) if per_batch_size else sizes[0]
+    probed = per_batch_size.get(best)
+    if probed is not None and probed["num_prompts"] == len(prompts):
+        full = dict(probed)  # the probe already ran every prompt
+    else:
+        full = run(prompts, max_tokens, best)
+    full.update(batch_size=best, per_batch_size={str(k): v for k, v in per_batch_size.items()})
+    return full
+
+
 def probe_size(num_prompts: int, batch_size: int) -> int:
     """Prompts a batch size is probed on: two batches' worth, at most all of them."""
     return min(num_prompts, 2 * batch_size)
@@ -266,7 +285,8 @@ def probe_size(num_prompts: int, batch_size: int) -> int:
 def best_batch_size(per_batch_size: dict[int, dict]) -> int:
     """The probed batch size with the most output tokens/s (the smaller one on a tie)."""
     if not per_batch_size:
-        raise ValueError("no batch size was probed; give --hf-batch-sizes")
+        raise ValueError("no batch size was probed; give --hf-batch-sizes or "
+                         "--llama-cpp-batch-sizes")
     return max(sorted(per_batch_size), key=lambda size: per_batch_size[size]["output_tokens_per_s"])
 
 
@@ -288,9 +308,14 @@ class _TokenClock:
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------
+SEQUENTIAL_MODE = "sequential, one KV cache (Llama.generate, top_k=1, reset per prompt)"
+
+
 class LlamaCppContender:
-    """llama-cpp-python's ``Llama.generate`` with greedy sampling, one prompt at a time on one
-    KV cache (its high-level API has no batching), reset between prompts."""
+    """llama-cpp-python, greedy. Batch size 1: ``Llama.generate`` one prompt at a time on one
+    KV cache (its high-level API has no batching), reset between prompts. Batch size B > 1
+    (throughput only): B sequences per ``llama_decode`` on the low-level API, one KV cache per
+    sequence (``BatchedGreedyDecoder``). ``llama_cpp_batch_sizes`` are probed like HF's."""
 
     def __init__(self, job: WorkerJob) -> None:
         self.job = job
@@ -301,12 +326,13 @@ class LlamaCppContender:
         longest = max(len(p) + n for p, n in zip(self.job.prompts, self.job.max_tokens))
         n_ctx = -(-(longest + 1) // 256) * 256
         n_batch = min(self.job.llama_cpp_n_batch, n_ctx)
+        self.n_ctx, self.n_batch = n_ctx, n_batch
         self.llm = llama_cpp.Llama(model_path=self.job.model_path, n_ctx=n_ctx, n_batch=n_batch,
                                    n_threads=self.job.threads, n_threads_batch=self.job.threads,
                                    logits_all=False, verbose=False, seed=0)
         return {"dtype": "gguf tensor types as stored", "n_ctx": n_ctx, "n_batch": n_batch,
                 "llama_cpp_python": llama_cpp.__version__,
-                "mode": "sequential, one KV cache (Llama.generate, top_k=1, reset per prompt)"}
+                "mode": SEQUENTIAL_MODE}
 
     def warm_up(self) -> None:
         self.generate_one(self.job.prompts[0][:16], WARMUP_TOKENS)
@@ -324,9 +350,38 @@ class LlamaCppContender:
         return times
 
     def generate_all(self, prompts: list[list[int]], max_tokens: list[int]) -> dict:
-        started = time.monotonic()
-        produced = sum(len(self.generate_one(p, n)) for p, n in zip(prompts, max_tokens))
-        return {"wall_s": time.monotonic() - started, "output_tokens": produced}
+        return probe_then_run(self.job.llama_cpp_batch_sizes, prompts, max_tokens, self._run)
+
+    def _run(self, prompts: list[list[int]], max_tokens: list[int], size: int) -> dict:
+        if size == 1:
+            started = time.monotonic()
+            produced = sum(len(self.generate_one(p, n)) for p, n in zip(prompts, max_tokens))
+            return _timed(prompts, produced, time.monotonic() - started, mode=SEQUENTIAL_MODE)
+        from tierserve.bench.llama_cpp_batch import BatchedGreedyDecoder
+
+        # The context (B x n_ctx tokens of KV) is made and warmed up outside wall_s.
+        decoder = BatchedGreedyDecoder(self.llm, size, self.n_ctx, self.n_batch)
+        try:
+            warm = prompts[:size]
+            decoder.generate([p[:16] for p in warm], [WARMUP_TOKENS] * len(warm))
+            produced = 0
+            started = time.monotonic()
+            for group in batch_groups(prompts, max_tokens, size):
+                outputs = decoder.generate([prompts[i] for i in group],
+                                           [max_tokens[i] for i in group])
+                produced += sum(map(len, outputs))
+            wall = time.monotonic() - started
+        finally:
+            decoder.close()
+        mode = (f"batched, {size} sequences per llama_decode, one KV cache per sequence "
+                f"(kv_unified={decoder.kv_unified}), greedy argmax; prompts in groups of {size} "
+                "sorted by output then prompt length, a finished sequence leaves the batch")
+        return _timed(prompts, produced, wall, mode=mode, **decoder.settings())
+
+
+def _timed(prompts: list[list[int]], produced: int, wall: float, **settings) -> dict:
+    return {"num_prompts": len(prompts), "wall_s": round(wall, 4), "output_tokens": produced,
+            "output_tokens_per_s": round(produced / wall, 3), **settings}
 
 
 _CONTENDER_CLASSES = {"tierserve": TierserveContender, "hf": HFContender,

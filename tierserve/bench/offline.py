@@ -4,7 +4,8 @@ the same prompt token ids and the same output token counts, each contender in it
 Scenarios:
     throughput     the seeded workload through each contender's batched path (tierserve: all
                    prompts at once; hf: static batches at its best probed batch size; llama.cpp:
-                   one prompt after another); output and total tokens/s
+                   one prompt after another, or with --llama-cpp-batch-sizes B sequences per
+                   llama_decode at its best probed B); output and total tokens/s
     prefill        each prompt (--prompt-len, default 512 tokens) alone, one output token;
                    prompt tokens/s
     single-decode  one request at a time (--prompt-len, default 64; --output-len, default 128);
@@ -59,6 +60,7 @@ class OfflineSpec:
     prompt_len: int | None = None  # prefill, single-decode (None: the scenario's default)
     threads: int = 1
     llama_cpp_n_batch: int = 512
+    llama_cpp_batch_sizes: tuple[int, ...] = (1,)  # 1: sequential; B: B sequences per decode
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -72,6 +74,9 @@ class OfflineSpec:
             raise ValueError(f"--dtypes takes float32,bfloat16,float16; got {self.dtypes}")
         if not self.hf_batch_sizes or min(self.hf_batch_sizes) < 1:
             raise ValueError(f"--hf-batch-sizes must be positive, got {self.hf_batch_sizes}")
+        if not self.llama_cpp_batch_sizes or min(self.llama_cpp_batch_sizes) < 1:
+            raise ValueError("--llama-cpp-batch-sizes must be positive (1: sequential), got "
+                             f"{self.llama_cpp_batch_sizes}")
         if self.threads < 1:
             raise ValueError(f"--threads must be positive, got {self.threads}")
         if self.prompt_len is None:
@@ -150,14 +155,16 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, progress: bool = True) 
                         max_tokens=[r.max_tokens for r in requests],
                         engine=engine if contender == "tierserve" else None,
                         hf_batch_sizes=spec.hf_batch_sizes,
-                        llama_cpp_n_batch=spec.llama_cpp_n_batch)
+                        llama_cpp_n_batch=spec.llama_cpp_n_batch,
+                        llama_cpp_batch_sizes=spec.llama_cpp_batch_sizes)
         results[name] = run_worker(job)
     measured = [row["output_tokens"] for row in results.values() if "output_tokens" in row]
     metric = SCENARIO_METRIC[spec.scenario]
     document_config = {
         "scenario": spec.scenario, "model": str(model_path), "threads": spec.threads,
         "dtypes": list(spec.dtypes), "baselines": list(spec.baselines),
-        "hf_batch_sizes": list(spec.hf_batch_sizes), "prompt_len": spec.prompt_len,
+        "hf_batch_sizes": list(spec.hf_batch_sizes),
+        "llama_cpp_batch_sizes": list(spec.llama_cpp_batch_sizes), "prompt_len": spec.prompt_len,
         "ratio_metric": metric, "workload": asdict(spec.workload), "requests": describe(requests),
         "engine": asdict(config)}
     return OfflineResult(document_config, results, compute_ratios(results, metric),
@@ -217,12 +224,13 @@ def add_offline_subcommand(sub, add_common) -> None:
         "offline", help="tierserve vs HF transformers vs llama.cpp: throughput, prefill, decode",
         description="The same seeded prompt token ids through tierserve (LLM.generate), HF "
         "transformers (generate, static left-padded batches) and llama.cpp (llama-cpp-python, "
-        "sequential), greedy, every contender forced to exactly each prompt's output length. "
+        "sequential, or batched with --llama-cpp-batch-sizes), greedy, every contender forced to exactly each prompt's output length. "
         "Each contender runs in its own process, so peak_rss_mb is its own (tierserve's includes "
         "the touched part of its --kv-cache-memory pool and --swap-space tier); load_s and warmup_s are timed "
         "apart from wall_s. HF batch sizes: each size in --hf-batch-sizes is probed on "
         "min(N, 2 x size) prompts, the best by output tokens/s then runs all N prompts (running "
-        "all N at every size would take too long). Ratios are tierserve over each baseline.")
+        "all N at every size would take too long); --llama-cpp-batch-sizes are probed the same "
+        "way. Ratios are tierserve over each baseline.")
     add_common(offline, plot_help="bars of the scenario's tokens/s per contender")
     offline.add_argument("--num-prompts", dest="num_requests", type=int, default=None,
                          help="prompts (default: throughput 64, prefill 8, single-decode 1)")
@@ -242,6 +250,11 @@ def add_offline_subcommand(sub, add_common) -> None:
                          help="prefill / single-decode prompt tokens (default: 512 / 64)")
     offline.add_argument("--llama-cpp-n-batch", type=int, default=512,
                          help="llama.cpp prompt batch (n_batch) (default: %(default)s)")
+    offline.add_argument("--llama-cpp-batch-sizes", default="1",
+                         help="llama.cpp sizes to probe in the throughput scenario, e.g. 1,16,64: "
+                         "1 is Llama.generate one prompt at a time; B > 1 decodes B sequences "
+                         "per llama_decode (low-level API, one KV cache per sequence) "
+                         "(default: %(default)s)")
     offline.set_defaults(func=cmd_offline)
 
 
@@ -259,7 +272,9 @@ def cmd_offline(args) -> int:
                        baselines=cli._names(args.baselines), dtypes=dtypes,
                        hf_batch_sizes=tuple(int(s) for s in cli._names(args.hf_batch_sizes)),
                        prompt_len=args.prompt_len, threads=threads,
-                       llama_cpp_n_batch=args.llama_cpp_n_batch)
+                       llama_cpp_n_batch=args.llama_cpp_n_batch,
+                       llama_cpp_batch_sizes=tuple(
+                           int(s) for s in cli._names(args.llama_cpp_batch_sizes)))
     outcome = run_offline(cli._engine_config(args), spec, progress=not args.no_progress)
     cli._finish(args, outcome.config, outcome.results, SCENARIO_COLUMNS[spec.scenario],
                 extra={"ratios": outcome.ratios,
