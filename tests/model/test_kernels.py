@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from tierserve.engine.llm import LLM
 from tierserve.kernels import cpu_ops
-from tierserve.model.layers import TorchPagedAttention
+from tierserve.model.layers import TorchPagedAttention, apply_rotary, rms_norm
 from tierserve.request import SamplingParams
 
 ops = cpu_ops()
@@ -70,13 +70,79 @@ def test_paged_decode_attention_matches_sdpa(dtype, batch, heads):
     assert (got.float() - reference).abs().max().item() < tolerance
 
 
-def test_paged_decode_attention_row_does_not_depend_on_the_batch():
-    q, k_cache, v_cache, tables, lens = _paged_case(20, 9, 3, torch.float32, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_row_does_not_depend_on_the_batch(dtype):
+    q, k_cache, v_cache, tables, lens = _paged_case(20, 9, 3, dtype, seed=3)
     together = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
     for row in (0, 7, 19):
         alone = ops.paged_decode_attention(q[row : row + 1], k_cache, v_cache,
                                            tables[row : row + 1], lens[row : row + 1], 0.125)
         assert torch.equal(alone[0], together[row])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(1, 576), (7, 100), (64, 576)])  # 100: masked tail
+def test_add_rms_norm_matches_residual_add_then_rms_norm(dtype, rows, width):
+    gen = torch.Generator().manual_seed(rows + width)
+    x = torch.randn(rows, width, generator=gen).to(dtype)
+    residual = torch.randn(rows, width, generator=gen).to(dtype)
+    weight = (1 + 0.1 * torch.randn(width, generator=gen)).to(dtype)
+    out, hidden = ops.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(hidden, residual + x)  # the add rounds exactly as torch's does
+    alone, same = ops.add_rms_norm(x, None, weight, 1e-5)
+    assert same.data_ptr() == x.data_ptr()  # no residual: x is the residual stream, not copied
+    for got, source in ((out, residual + x), (alone, x)):
+        reference = rms_norm(source, weight, 1e-5)
+        if dtype == torch.bfloat16:  # float32 sums in another order, then the same roundings
+            assert torch.equal(got, reference)
+        else:
+            assert (got - reference).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, heads, kv_heads, head_dim", [(1, 9, 3, 64), (33, 9, 3, 64),
+                                                             (5, 4, 2, 40)])
+def test_rotary_in_place_equals_apply_rotary(dtype, rows, heads, kv_heads, head_dim):
+    gen = torch.Generator().manual_seed(rows * heads)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * head_dim, generator=gen).to(dtype)
+    positions = torch.randint(0, 4000, (rows,), generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    angles = positions[:, None].float() * inv_freq[None]
+    cos = torch.cat([angles, angles], -1).cos().to(dtype)
+    sin = torch.cat([angles, angles], -1).sin().to(dtype)
+    sizes = [heads * head_dim, kv_heads * head_dim, kv_heads * head_dim]
+    q, k, v = (t.clone() for t in qkv.split(sizes, -1))
+    ops.rotary_(qkv, cos, sin, heads + kv_heads, head_dim)
+    got_q, got_k, got_v = qkv.split(sizes, -1)
+    assert torch.equal(got_q.view(rows, heads, head_dim),
+                       apply_rotary(q.view(rows, heads, head_dim), cos[:, None], sin[:, None]))
+    assert torch.equal(got_k.view(rows, kv_heads, head_dim),
+                       apply_rotary(k.view(rows, kv_heads, head_dim), cos[:, None], sin[:, None]))
+    assert torch.equal(got_v, v)  # values are not rotated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows, width", [(1, 1536), (9, 1000), (64, 1536)])
+def test_silu_mul_matches_torch(dtype, rows, width):
+    gen = torch.Generator().manual_seed(rows + width)
+    gate_up = (3 * torch.randn(rows, 2 * width, generator=gen)).to(dtype)
+    gate, up = gate_up.chunk(2, dim=-1)
+    reference = F.silu(gate) * up
+    got = ops.silu_mul(gate_up)
+    # exp to ~2 float32 ulps instead of Sleef's 1: equal after bfloat16 rounding but for ties.
+    mismatched = (got != reference).float().mean().item()
+    assert mismatched <= (1e-3 if dtype == torch.bfloat16 else 0.2)
+    relative = (got.float() - reference.float()).abs() / reference.float().abs().clamp_min(1e-30)
+    assert relative.max().item() <= (2 ** -8 if dtype == torch.bfloat16 else 1e-6)
+
+
+def test_fused_kernels_reject_bad_shapes():
+    with pytest.raises(RuntimeError, match="residual must match"):
+        ops.add_rms_norm(torch.zeros(2, 8), torch.zeros(3, 8), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="heads \\* head_dim > width"):
+        ops.rotary_(torch.zeros(2, 64), torch.zeros(2, 64), torch.zeros(2, 64), 2, 64)
+    with pytest.raises(RuntimeError, match="rows, 2 \\* n"):
+        ops.silu_mul(torch.zeros(2, 7))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -1,4 +1,4 @@
-"""Native CPU kernels (cpu_ops.cpp), compiled for this machine at first use.
+"""Native CPU kernels (cpu_ops.cpp, elementwise.cpp), compiled for this machine at first use.
 
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
 no ninja, TIERSERVE_KERNELS=0): callers then take the plain torch path, which gives the same
@@ -20,7 +20,9 @@ from tierserve.model.hub import tierserve_home
 
 logger = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("cpu_ops.cpp")
+HERE = Path(__file__).parent
+SOURCES = [HERE / "cpu_ops.cpp", HERE / "elementwise.cpp"]  # the module itself is in cpu_ops.cpp
+HEADERS = [HERE / "common.h", HERE / "elementwise.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 _lock = threading.Lock()
@@ -44,8 +46,8 @@ def cpu_ops():
 
 
 def _build():
-    source = SOURCE.read_text()
-    key = hashlib.sha256("\0".join([source, torch.__version__, *CFLAGS]).encode()).hexdigest()[:16]
+    texts = [path.read_text() for path in SOURCES + HEADERS]
+    key = hashlib.sha256("\0".join([*texts, torch.__version__, *CFLAGS]).encode()).hexdigest()[:16]
     build_dir = tierserve_home() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / "tierserve_cpu_ops.so").exists():
@@ -55,7 +57,8 @@ def _build():
     try:
         from torch.utils.cpp_extension import load
 
-        return load(name="tierserve_cpu_ops", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+        return load(name="tierserve_cpu_ops", sources=[str(p) for p in SOURCES],
+                    extra_cflags=CFLAGS, extra_include_paths=[str(HERE)],
                     extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
     except Exception as error:  # no compiler, no ninja, a compile error: fall back, say so
         logger.warning("tierserve CPU kernels unavailable (%s: %s); using plain torch ops",

@@ -11,26 +11,20 @@
 // Both accumulate in float32 and round once to the output dtype. Built at first use by
 // tierserve/kernels/__init__.py (torch.utils.cpp_extension.load_inline).
 
-#include <torch/extension.h>
+#include "common.h"
+#include "elementwise.h"
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
-
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 namespace {
 
-inline float bf16_to_float(uint16_t bits) {
-  uint32_t widened = static_cast<uint32_t>(bits) << 16;
-  float out;
-  std::memcpy(&out, &widened, sizeof(out));
-  return out;
-}
+using tierserve::bf16_to_float;
 
 inline void to_float(const at::BFloat16* src, float* dst, int64_t n) {
   const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
@@ -67,27 +61,10 @@ inline float exp_shifted_sum(float* s, int64_t n, float top) {
   int64_t i = 0;
   float total = 0.f;
 #if defined(__AVX512F__)
-  const __m512 shift = _mm512_set1_ps(top), log2e = _mm512_set1_ps(1.44269504088896341f);
-  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 lowest = _mm512_set1_ps(-87.3f);
-  const __m512 c1 = _mm512_set1_ps(1.9875691500e-4f), c2 = _mm512_set1_ps(1.3981999507e-3f);
-  const __m512 c3 = _mm512_set1_ps(8.3334519073e-3f), c4 = _mm512_set1_ps(4.1665795894e-2f);
-  const __m512 c5 = _mm512_set1_ps(1.6666665459e-1f), c6 = _mm512_set1_ps(5.0000001201e-1f);
-  const __m512 one = _mm512_set1_ps(1.f);
+  const __m512 shift = _mm512_set1_ps(top);
   __m512 sum = _mm512_setzero_ps();
   for (; i + 16 <= n; i += 16) {
-    __m512 x = _mm512_max_ps(_mm512_sub_ps(_mm512_loadu_ps(s + i), shift), lowest);
-    __m512 k = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT);
-    __m512 r = _mm512_fnmadd_ps(k, ln2_hi, x);
-    r = _mm512_fnmadd_ps(k, ln2_lo, r);
-    __m512 p = c1;
-    p = _mm512_fmadd_ps(p, r, c2);
-    p = _mm512_fmadd_ps(p, r, c3);
-    p = _mm512_fmadd_ps(p, r, c4);
-    p = _mm512_fmadd_ps(p, r, c5);
-    p = _mm512_fmadd_ps(p, r, c6);
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, one));
-    __m512 e = _mm512_scalef_ps(p, k);  // p * 2^k
+    __m512 e = tierserve::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + i), shift));
     _mm512_storeu_ps(s + i, e);
     sum = _mm512_add_ps(sum, e);
   }
@@ -236,6 +213,51 @@ inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
 // Same arithmetic, in the same order, as the generic loop below.
 constexpr int64_t kPrefetchBlocks = 2;  // blocks of one head requested ahead of use
 
+#if defined(__AVX512BF16__)
+// Sixteen vectors in, one out: lane r of the result is the sum of v[r]'s sixteen lanes. A
+// transpose-and-add tree, ~3 instructions a vector where sixteen separate reductions take ~10.
+inline __m512 reduce16(__m512 v[16]) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) {  // per 128-bit chunk: [x0+x2, y0+y2, x1+x3, y1+y3]
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]),
+                         _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  for (int i = 0; i < 4; ++i) {  // per chunk: rows 4i..4i+3, each summed over that chunk
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  for (int i = 0; i < 2; ++i) {  // chunks: [b0 (c0+c1), b0 (c2+c3), b1 (c0+c1), b1 (c2+c3)]
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                       _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// Scores of G bfloat16 queries against the ``rows`` (<= 16) cached bfloat16 keys at ``keys``:
+// AVX-512 BF16 dot products (exact products, float32 sums), sixteen rows reduced at once.
+template <int HD, int G>
+inline void score_rows_bf16(const __m512bh (&q)[G][HD / 32], const at::BFloat16* keys,
+                            int64_t row_stride, int64_t rows, float scale, float* scores,
+                            int64_t len) {
+  const __mmask16 valid = static_cast<__mmask16>((1u << rows) - 1);
+  for (int g = 0; g < G; ++g) {
+    __m512 sums[16];
+    for (int64_t r = 0; r < 16; ++r) {
+      sums[r] = _mm512_setzero_ps();
+      if (r >= rows) continue;
+      for (int j = 0; j < HD / 32; ++j) {
+        __m512bh k = (__m512bh)_mm512_loadu_si512(keys + r * row_stride + j * 32);
+        sums[r] = _mm512_dpbf16_ps(sums[r], k, q[g][j]);
+      }
+    }
+    _mm512_mask_storeu_ps(scores + g * len, valid,
+                          _mm512_mul_ps(reduce16(sums), _mm512_set1_ps(scale)));
+  }
+}
+#endif
+
 template <typename T, int HD, int G>
 void attend_head(const float* query, const T* kp, const T* vp, const int64_t* table, int64_t len,
                  int64_t block_size, int64_t kb, int64_t ko, int64_t vb, int64_t vo,
@@ -244,6 +266,12 @@ void attend_head(const float* query, const T* kp, const T* vp, const int64_t* ta
   __m512 q[G][V];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < V; ++j) q[g][j] = _mm512_loadu_ps(query + g * HD + j * 16);
+#if defined(__AVX512BF16__)
+  // The queries were bfloat16: packing them back is exact. Used by the keys' dot products.
+  __m512bh qb[G][HD / 32];
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < HD / 32; ++j) qb[g][j] = _mm512_cvtne2ps_pbh(q[g][2 * j + 1], q[g][2 * j]);
+#endif
   const int64_t num_blocks = (len + block_size - 1) / block_size;
   for (int64_t ahead = 0; ahead < kPrefetchBlocks; ++ahead) {
     prefetch_block(kp, table, ahead, len, block_size, kb, ko, k_head, HD);
@@ -256,6 +284,15 @@ void attend_head(const float* query, const T* kp, const T* vp, const int64_t* ta
     }
     const T* block = kp + table[blk] * kb + k_head;
     const int64_t first = blk * block_size, rows = std::min(block_size, len - first);
+#if defined(__AVX512BF16__)
+    if constexpr (std::is_same_v<T, at::BFloat16>) {
+      for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+        score_rows_bf16<HD, G>(qb, block + r0 * ko, ko, std::min<int64_t>(16, rows - r0), scale,
+                               scores + first + r0, len);
+      }
+      continue;
+    }
+#endif
     for (int64_t r = 0; r < rows; ++r) {
       __m512 k[V];
       for (int j = 0; j < V; ++j) k[j] = load16(block + r * ko + j * 16);
@@ -446,4 +483,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &skinny_linear, "x @ w.T (+ bias) for at most 8 rows of x");
   m.def("paged_decode_attention", &paged_decode_attention,
         "one query per sequence over its paged K/V, in place");
+  m.def("add_rms_norm", &tierserve::add_rms_norm,
+        "(weight * rmsnorm(x + residual), x + residual), HF's roundings");
+  m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");
+  m.def("silu_mul", &tierserve::silu_mul, "silu(gate_up[:, :n]) * gate_up[:, n:]");
 }

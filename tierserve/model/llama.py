@@ -111,6 +111,8 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
+        if self.ops is not None:
+            return self._forward_fused(input_ids, positions, kv_cache, meta)
         arch = self.arch
         hidden = self.embed[input_ids]  # (T, hidden)
         cos, sin = self.rotary.tables(positions, self.dtype)
@@ -131,6 +133,31 @@ class LlamaModel:
             gate, up = layer.gate_up(x).chunk(2, dim=-1)
             hidden = residual + layer.down(F.silu(gate) * up)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                       kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """``forward`` with the native element-wise kernels: each residual add is fused into
+        the norm after it, rotary is applied in place on the qkv output, SiLU into its product.
+        Same roundings as the torch ops (bfloat16 bitwise; float32 to the last bit of a sum)."""
+        arch, ops, eps = self.arch, self.ops, self.arch.rms_norm_eps
+        cos, sin = self.rotary.tables(positions, self.dtype)
+        cos, sin = cos[:, 0], sin[:, 0]  # (T, head_dim)
+        rotated_heads = arch.num_heads + arch.num_kv_heads  # q then k lead each qkv row
+        x, hidden = ops.add_rms_norm(self.embed[input_ids], None, self.layers[0].input_norm, eps)
+        norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        for index, (layer, next_norm) in enumerate(zip(self.layers, norms)):
+            qkv = layer.qkv(x)
+            ops.rotary_(qkv, cos, sin, rotated_heads, arch.head_dim)
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            layer_cache = kv_cache[:, index].transpose(2, 3)
+            attn = self.attention.forward(q.view(-1, arch.num_heads, arch.head_dim),
+                                          k.view(-1, arch.num_kv_heads, arch.head_dim),
+                                          v.view(-1, arch.num_kv_heads, arch.head_dim),
+                                          layer_cache[:, 0], layer_cache[:, 1], meta)
+            x, hidden = ops.add_rms_norm(layer.o(attn), hidden, layer.post_attention_norm, eps)
+            x, hidden = ops.add_rms_norm(layer.down(ops.silu_mul(layer.gate_up(x))), hidden,
+                                         next_norm, eps)
+        return x
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
