@@ -1,9 +1,20 @@
-"""AsyncEngine: the engine loop on its own thread, with per-request async streams for the server.
+"""AsyncEngine: the engine loop and the output work on background threads, with per-request async
+streams for the server.
 
-The asyncio event loop never runs a model step or tokenizes: it hands commands (add, abort) to the
-engine thread through a queue and receives RequestOutputs through per-request asyncio queues. An
-aborted request (a client that went away) is dropped at the start of the next engine step, which
-frees its KV blocks.
+```
+  asyncio loop  --add, abort-------------------> engine thread  (core.step, and commands between)
+  engine thread --add, step updates, abort-----> output thread  (OutputProcessor: detokenize,
+  output thread --stop (a stop string fired)---> engine thread   stop strings, logprobs)
+  output thread --RequestOutput (call_soon_threadsafe)--> the request's asyncio stream
+```
+
+The asyncio event loop never runs a model step or tokenizes. The engine thread runs only model
+steps and the commands between them, so the text work of one step overlaps the next model step
+(torch ops release the GIL). The output thread owns the OutputProcessor alone; the engine thread
+keeps its own map of user request -> engine requests for aborts. An aborted request (a client
+that went away) is dropped at the start of the next engine step, which frees its KV blocks; so is
+a request a stop string ended (the engine may have run a step or two more of it meanwhile, whose
+tokens the client never sees).
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ from dataclasses import dataclass
 from tierserve.engine.loading import LoadedEngine
 from tierserve.engine.output import OutputProcessor
 from tierserve.outputs import RequestOutput
-from tierserve.request import Request, SamplingParams
+from tierserve.request import Request, RequestStatus, SamplingParams
+from tierserve.sched.plan import RequestUpdate
 
 log = logging.getLogger(__name__)
 
@@ -37,31 +49,37 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
-    engine_ids: list[str]
 
 
 class AsyncEngine:
-    """Runs ``EngineCore.step`` in a loop on a background thread."""
+    """Runs ``EngineCore.step`` in a loop on a background thread and turns its updates into
+    RequestOutputs on a second one."""
 
     def __init__(self, engine: LoadedEngine, max_waiting_requests: int | None = None) -> None:
         self.engine = engine
         self.core = engine.core
         self.tokenizer = engine.tokenizer
         self.max_waiting_requests = max_waiting_requests
-        self._processor = OutputProcessor(self.tokenizer)
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()  # -> engine thread
         self._wake = threading.Event()
+        self._engine_ids: dict[str, list[str]] = {}  # user -> engine request ids; engine thread
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # -> output thread; None ends it
+        self._processor = OutputProcessor(self.tokenizer)  # the output thread's alone
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopping = False
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tierserve-engine", daemon=True)
+        self._output_thread = threading.Thread(target=self._run_outputs, name="tierserve-output",
+                                               daemon=True)
+        self._output_thread.start()
         self._thread.start()
 
     # -- status --------------------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.error is None
+        return (self._thread.is_alive() and self._output_thread.is_alive()
+                and self.error is None)
 
     @property
     def num_in_flight(self) -> int:
@@ -89,11 +107,9 @@ class AsyncEngine:
         if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
             raise QueueFullError(f"{waiting} requests are already waiting "
                                  f"(--max-waiting-requests {self.max_waiting_requests})")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(),
-                         [r.request_id for r in requests])
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._command(("add", request_id, prompt, requests))
-        finished = False
         try:
             while True:
                 item = await stream.queue.get()
@@ -101,22 +117,24 @@ class AsyncEngine:
                     raise item
                 yield item
                 if item.finished:
-                    finished = True
                     return
         finally:
             self._streams.pop(request_id, None)
-            if not finished:
-                self.abort(request_id)
+            # NOTE: also after a finished output: it drops the engine thread's id map entry, and
+            # ending requests that already finished changes nothing. A stop string's own "stop"
+            # command was queued before its finished output was delivered, so it comes first.
+            self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a user request (all its completions); safe from any thread, idempotent."""
         self._command(("abort", request_id))
 
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Abort everything in flight and stop the engine thread."""
+        """Abort everything in flight and stop the engine and output threads."""
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout)
+        self._output_thread.join(timeout)
         self.engine.runner.close()
 
     # -- the engine thread ---------------------------------------------------------------------
@@ -126,20 +144,20 @@ class AsyncEngine:
 
     def _run(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping and self.error is None:
                 self._apply_commands()
                 if not self.core.has_unfinished() and not self.core.kv.has_inflight:
                     self._wake.wait(timeout=0.5)
                     self._wake.clear()
                     continue
-                self._step()
+                updates = self.core.step()
+                if updates:
+                    self._outputs.put(("updates", updates))
             self._abort_all()
         except BaseException as exc:  # a bug: fail every stream loudly, keep the error
-            log.exception("engine loop died")
-            self.error = exc
-            for stream in list(self._streams.values()):
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait,
-                                                 EngineDeadError(f"engine loop died: {exc}"))
+            self._fail("engine loop", exc)
+        finally:
+            self._outputs.put(None)  # the output thread ends after what is queued before it
 
     def _apply_commands(self) -> None:
         while True:
@@ -147,29 +165,63 @@ class AsyncEngine:
                 command = self._commands.get_nowait()
             except queue.Empty:
                 return
-            if command[0] == "add":
+            kind = command[0]
+            if kind == "add":
                 _, request_id, prompt, requests = command
                 if request_id not in self._streams:
                     continue  # the client left before the request reached the engine
-                self._processor.add(request_id, prompt, requests)
+                # The add reaches the output thread before any update of these requests.
+                self._outputs.put(command)
+                self._engine_ids[request_id] = [r.request_id for r in requests]
                 for request in requests:
                     self.core.add_request(request)
+            elif kind == "stop":
+                self.core.abort(command[1], status=RequestStatus.FINISHED_STOPPED)
             else:
                 self._abort(command[1])
 
     def _abort(self, request_id: str) -> None:
-        engine_ids = self._processor.engine_ids(request_id)
-        if engine_ids:
-            self.core.abort(engine_ids)
-            self._processor.abort(request_id)
+        self.core.abort(self._engine_ids.pop(request_id, []))
+        self._outputs.put(("abort", request_id))
 
     def _abort_all(self) -> None:
-        for request_id in list(self._streams):
-            self._abort(request_id)
-            self._deliver(RequestOutput(request_id, None, [], [], finished=True))
+        # Also the requests of streams already closed whose aborts were not applied (the loop
+        # stopped on an output thread error): their blocks go back too.
+        for request_id in set(self._streams) | set(self._engine_ids):
+            self._abort(request_id)  # the output thread then ends a stream still open
 
-    def _step(self) -> None:
-        for output in self._processor.step(self.core)[0]:
+    def _fail(self, where: str, exc: BaseException) -> None:
+        log.exception("%s died", where)
+        if self.error is None:
+            self.error = exc
+        for stream in list(self._streams.values()):
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait,
+                                             EngineDeadError(f"{where} died: {exc}"))
+        self._wake.set()  # the engine loop sees the error and stops
+
+    # -- the output thread ---------------------------------------------------------------------
+    def _run_outputs(self) -> None:
+        processor = self._processor
+        try:
+            while (item := self._outputs.get()) is not None:
+                kind = item[0]
+                if kind == "updates":
+                    self._process(item[1])
+                elif kind == "add":
+                    _, request_id, prompt, requests = item
+                    processor.add(request_id, prompt, requests)
+                else:
+                    processor.abort(item[1])
+                    # Reaches only a stream still open (shutdown): a client abort closed its own.
+                    self._deliver(RequestOutput(item[1], None, [], [], finished=True))
+        except BaseException as exc:  # a bug: same as an engine loop death
+            self._fail("output thread", exc)
+
+    def _process(self, updates: list[RequestUpdate]) -> None:
+        outputs, to_stop = self._processor.process(updates)
+        if to_stop:  # before the outputs go out: see the NOTE in generate()
+            self._command(("stop", to_stop))
+        for output in outputs:
             self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:

@@ -69,16 +69,15 @@ class OutputProcessor:
             core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
         return outputs, sum(len(update.new_token_ids) for update in updates)
 
-    def engine_ids(self, request_id: str) -> list[str]:
-        parent = self._parents.get(request_id)
-        return [c.request.request_id for c in parent.completions] if parent else []
-
     @property
     def num_unfinished(self) -> int:
         return len(self._parents)
 
     def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's updates. Returns changed RequestOutputs and engine ids to stop."""
+        """Apply one step's updates. Returns changed RequestOutputs and engine ids to stop.
+
+        Updates for a completion that has already finished are ignored: under AsyncEngine the
+        engine may run more steps of a request that a stop string ended here before it hears."""
         changed: dict[str, _Parent] = {}
         to_stop: list[str] = []
         now = time.monotonic()
@@ -87,6 +86,8 @@ class OutputProcessor:
             if entry is None:
                 continue
             parent, completion = entry
+            if completion.finish_reason is not None:
+                continue  # a stop string ended it here; the engine had not stopped it yet
             if parent.metrics.first_token_time is None and update.new_token_ids:
                 parent.metrics.first_token_time = now
             if self._apply(completion, update):
