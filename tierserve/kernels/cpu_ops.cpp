@@ -1,15 +1,16 @@
-// CPU kernels for the two places where stock torch leaves most of the machine unused:
+// CPU kernels for the places where stock torch leaves most of the machine unused (the fused
+// element-wise ones are in elementwise.cpp):
 //
 //  * skinny_linear: y = x @ w.T for a few rows of x (decode at small batch). Stock bfloat16
 //    F.linear reads weights at ~10 GB/s here; this streams each weight row once, for all rows of
 //    x, with AVX-512 BF16 dot products where the CPU has them.
 //  * paged_decode_attention: one query token per sequence attends to its keys and values in place,
 //    through its block table: no gather of the cache into a contiguous copy, no padding to the
-//    longest sequence. Each (sequence, kv head) is one task, so a row's result never depends on
-//    what else is in the batch.
+//    longest sequence. Each task (a sequence, or one of its kv heads) is computed the same way
+//    whatever else is in the batch, so a row's result never depends on the batch.
 //
 // Both accumulate in float32 and round once to the output dtype. Built at first use by
-// tierserve/kernels/__init__.py (torch.utils.cpp_extension.load_inline).
+// tierserve/kernels/__init__.py (torch.utils.cpp_extension.load).
 
 #include "common.h"
 #include "elementwise.h"
@@ -17,8 +18,10 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -258,6 +261,78 @@ inline void score_rows_bf16(const __m512bh (&q)[G][HD / 32], const at::BFloat16*
 }
 #endif
 
+#if defined(__AVX512BF16__)
+// sum_r p[g][r] * V[r] for bfloat16 values, with AVX-512 BF16 dot products over pairs of rows:
+// the probabilities are rounded to bfloat16 (as torch's CPU flash attention does before its
+// P @ V) and each product pair summed in float32. Rows r, r+1 are interleaved 16 bits at a time
+// (unpacklo/hi inside each 128-bit lane), so accumulator 2j holds dims 32j + {0-3, 8-11, 16-19,
+// 24-27} and 2j+1 the other four of each eight; the result is put back in order at the end.
+// ``block_size`` must be even (row pairs never straddle blocks).
+template <int HD, int G>
+inline void weigh_values_bf16(const float* probs, const at::BFloat16* vp, const int64_t* table,
+                              int64_t len, int64_t block_size, int64_t vb, int64_t vo,
+                              int64_t v_head, __m512 (&acc)[G][HD / 16]) {
+  constexpr int V = HD / 16;
+  const int64_t num_pairs = (len + 1) / 2;
+  thread_local std::vector<uint32_t> pairs;  // (p[2i], p[2i+1]) as two bfloat16, per query
+  pairs.resize(G * num_pairs);
+  for (int g = 0; g < G; ++g) {
+    const float* p = probs + g * len;
+    uint32_t* out = pairs.data() + g * num_pairs;
+    int64_t i = 0;
+    for (; i + 32 <= len; i += 32) {
+      __m512bh packed = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + i + 16), _mm512_loadu_ps(p + i));
+      _mm512_storeu_si512(out + i / 2, (__m512i)packed);
+    }
+    for (; i < len; i += 2) {
+      const at::BFloat16 lo(p[i]), hi(i + 1 < len ? p[i + 1] : 0.f);
+      out[i / 2] = static_cast<uint32_t>(lo.x) | (static_cast<uint32_t>(hi.x) << 16);
+    }
+  }
+  __m512 part[G][V];  // permuted dims, see above
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < V; ++j) part[g][j] = _mm512_setzero_ps();
+  const int64_t num_blocks = (len + block_size - 1) / block_size;
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    prefetch_block(vp, table, blk + kPrefetchBlocks, len, block_size, vb, vo, v_head, HD);
+    const at::BFloat16* block = vp + table[blk] * vb + v_head;
+    const int64_t first = blk * block_size, rows = std::min(block_size, len - first);
+    for (int64_t r = 0; r < rows; r += 2) {
+      const bool both = r + 1 < rows;  // an odd last row pairs with zeros (and p = 0)
+      for (int j = 0; j < HD / 32; ++j) {
+        const __m512i a = _mm512_loadu_si512(block + r * vo + j * 32);
+        const __m512i b = both ? _mm512_loadu_si512(block + (r + 1) * vo + j * 32)
+                               : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b);
+        const __m512bh hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        for (int g = 0; g < G; ++g) {
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(
+              static_cast<int>(pairs[g * num_pairs + (first + r) / 2]));
+          part[g][2 * j] = _mm512_dpbf16_ps(part[g][2 * j], lo, w);
+          part[g][2 * j + 1] = _mm512_dpbf16_ps(part[g][2 * j + 1], hi, w);
+        }
+      }
+    }
+  }
+  // Back in order: dims 32j + 8L + c come from lane 4L + c of part 2j (c < 4) or 2j+1 (c >= 4).
+  alignas(64) float lo[16], hi[16], ordered[32];
+  for (int g = 0; g < G; ++g) {
+    for (int j = 0; j < HD / 32; ++j) {
+      _mm512_store_ps(lo, part[g][2 * j]);
+      _mm512_store_ps(hi, part[g][2 * j + 1]);
+      for (int lane = 0; lane < 4; ++lane) {
+        for (int c = 0; c < 4; ++c) {
+          ordered[8 * lane + c] = lo[4 * lane + c];
+          ordered[8 * lane + 4 + c] = hi[4 * lane + c];
+        }
+      }
+      acc[g][2 * j] = _mm512_load_ps(ordered);
+      acc[g][2 * j + 1] = _mm512_load_ps(ordered + 16);
+    }
+  }
+}
+#endif
+
 template <typename T, int HD, int G>
 void attend_head(const float* query, const T* kp, const T* vp, const int64_t* table, int64_t len,
                  int64_t block_size, int64_t kb, int64_t ko, int64_t vb, int64_t vo,
@@ -311,6 +386,18 @@ void attend_head(const float* query, const T* kp, const T* vp, const int64_t* ta
   __m512 acc[G][V];
   for (int g = 0; g < G; ++g)
     for (int j = 0; j < V; ++j) acc[g][j] = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    if (block_size % 2 == 0) {
+      weigh_values_bf16<HD, G>(scores, vp, table, len, block_size, vb, vo, v_head, acc);
+      for (int g = 0; g < G; ++g) {
+        const __m512 inv = _mm512_set1_ps(1.f / denom[g]);
+        for (int j = 0; j < V; ++j) _mm512_storeu_ps(out + g * HD + j * 16, _mm512_mul_ps(acc[g][j], inv));
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
     prefetch_block(vp, table, blk + kPrefetchBlocks, len, block_size, vb, vo, v_head, HD);
     const T* block = vp + table[blk] * vb + v_head;
@@ -386,11 +473,22 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 #if defined(__AVX512F__)
   const AttendHead<T> fast = attend_head_for<T>(head_dim, group);
 #endif
-  at::parallel_for(0, batch * tasks_per_seq, 1, [&](int64_t begin, int64_t end) {
+  // Threads take tasks longest context first from a shared counter, so sequences of very
+  // different lengths still finish together (a static split leaves one thread idle).
+  const int64_t num_tasks = batch * tasks_per_seq;
+  std::vector<int64_t> order(num_tasks);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return lp[x / tasks_per_seq] > lp[y / tasks_per_seq];
+  });
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     const int64_t queries = span * group;  // query heads of one task
     std::vector<float> query(queries * head_dim), acc(queries * head_dim), row(head_dim), scores,
         denom(queries);
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t taken = next++; taken < num_tasks; taken = next++) {
+      const int64_t task = order[taken];
       const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * span;
       const int64_t len = lp[b];
       const int64_t* table = tp + b * table_width;
