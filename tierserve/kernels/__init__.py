@@ -1,4 +1,5 @@
-"""Native CPU kernels (cpu_ops.cpp, elementwise.cpp), compiled for this machine at first use.
+"""Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp; module.cpp binds them),
+compiled for this machine at first use.
 
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
 no ninja, TIERSERVE_KERNELS=0): callers then take the plain torch path, which gives the same
@@ -21,8 +22,8 @@ from tierserve.model.hub import tierserve_home
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "cpu_ops.cpp", HERE / "elementwise.cpp"]  # the module itself is in cpu_ops.cpp
-HEADERS = [HERE / "common.h", HERE / "elementwise.h"]
+SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp")]
+HEADERS = [HERE / "common.h", HERE / "ops.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 
 _lock = threading.Lock()

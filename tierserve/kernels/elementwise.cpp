@@ -8,7 +8,7 @@
 #pragma GCC optimize("fp-contract=off")
 
 #include "common.h"
-#include "elementwise.h"
+#include "ops.h"
 
 #include <ATen/Parallel.h>
 

@@ -1,4 +1,4 @@
-// Fused element-wise steps of a Llama layer (elementwise.cpp).
+// tierserve's native CPU kernels: what module.cpp exposes to Python.
 #pragma once
 
 #include <torch/extension.h>
@@ -7,6 +7,15 @@
 
 namespace tierserve {
 
+// linear.cpp: x @ w.T (+ bias) for at most 8 rows of x.
+torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
+
+// attention.cpp: q (batch, heads, head_dim) over caches (blocks, block_size, kv_heads, head_dim)
+// through tables (batch, max_blocks) int64, each sequence's first lens[b] cached tokens.
+torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                     torch::Tensor tables, torch::Tensor lens, double scale);
+
+// elementwise.cpp, the fused steps of a Llama layer:
 // (weight * norm(x + residual), x + residual); without a residual, (weight * norm(x), x).
 std::tuple<torch::Tensor, torch::Tensor> add_rms_norm(torch::Tensor x,
                                                       c10::optional<torch::Tensor> residual,

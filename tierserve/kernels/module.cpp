@@ -1,0 +1,14 @@
+// tierserve's native CPU kernels as one Python module (built by tierserve/kernels/__init__.py
+// with torch.utils.cpp_extension.load): linear.cpp, attention.cpp, elementwise.cpp.
+
+#include "ops.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("skinny_linear", &tierserve::skinny_linear, "x @ w.T (+ bias) for at most 8 rows of x");
+  m.def("paged_decode_attention", &tierserve::paged_decode_attention,
+        "one query per sequence over its paged K/V, in place");
+  m.def("add_rms_norm", &tierserve::add_rms_norm,
+        "(weight * rmsnorm(x + residual), x + residual), HF's roundings");
+  m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");
+  m.def("silu_mul", &tierserve::silu_mul, "silu(gate_up[:, :n]) * gate_up[:, n:]");
+}
