@@ -36,8 +36,9 @@ def tierserve_logits(llm, token_ids: list[int]) -> torch.Tensor:
     table = pool.allocate(-(-len(token_ids) // runner.block_size))
     try:
         chunk = ScheduledChunk("ref", token_ids, 0, table, True, SamplingParams(), token_ids, [])
-        input_ids, positions, meta = runner._prepare([chunk])
-        hidden = runner.model.forward(input_ids, positions, runner.kv_cache, meta)
+        inputs = runner._prepare([chunk])
+        hidden = runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_cache,
+                                      inputs.meta)
         return runner.model.compute_logits(hidden[: len(token_ids)])
     finally:
         pool.release(table)

@@ -106,3 +106,30 @@ def test_logprobs_report_rank_and_top_alternatives():
     assert tokens == [7] and entry.rank == 1
     assert [t for t, _ in entry.top] == [7, 0, 1]
     assert entry.logprob == pytest.approx(reference[7].item())
+
+
+def test_batched_penalties_and_masks_equal_each_row_alone():
+    """Mixed rows in one batch get exactly what each would get alone (flat-index scatter)."""
+    rows = [
+        _row("a", prompt=(1, 2, 2), output=(3, 3, 5), repetition_penalty=1.3,
+             frequency_penalty=0.2),
+        _row("b", prompt=(0,), output=(), temperature=0.0),
+        _row("c", prompt=(4,), output=(7, 1, 1), presence_penalty=0.7, min_tokens=5,
+             stop_token_ids=[2]),
+        _row("d", prompt=(6, 6), output=(6,), repetition_penalty=0.8, min_tokens=2,
+             ignore_eos=True),
+    ]
+    logits = torch.randn(len(rows), VOCAB, generator=torch.Generator().manual_seed(4))
+    together = logits.clone()
+    Sampler._mask_early_stops(together, rows)
+    Sampler._apply_penalties(together, rows)
+    for index, row in enumerate(rows):
+        alone = logits[index : index + 1].clone()
+        Sampler._mask_early_stops(alone, [row])
+        Sampler._apply_penalties(alone, [row])
+        assert torch.equal(together[index], alone[0]), row.request_id
+    assert together[2, 7] == -math.inf and together[2, 2] == -math.inf  # eos and stop id
+    assert together[3, 7] != -math.inf  # ignore_eos keeps eos
+    assert torch.equal(together[1], logits[1])  # a plain row is untouched
+    expected = logits[0, 3] / 1.3 if logits[0, 3] > 0 else logits[0, 3] * 1.3
+    assert together[0, 3].item() == pytest.approx(expected.item() - 2 * 0.2)

@@ -22,8 +22,8 @@ def median_step(runner, rows: list[ScheduledChunk], repeats: int = 5) -> float:
     samples = []
     for _ in range(repeats):
         started = time.perf_counter()
-        input_ids, positions, meta = runner._prepare(rows)
-        runner.model.forward(input_ids, positions, runner.kv_cache, meta)
+        inputs = runner._prepare(rows)
+        runner.model.forward(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.meta)
         samples.append(time.perf_counter() - started)
     return sorted(samples)[len(samples) // 2]
 

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-import tierserve.model.runner as runner_module
 from tierserve.bench.budget import median_step
 from tierserve.request import SamplingParams
 from tierserve.sched.plan import ScheduledChunk
@@ -31,14 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     params = SamplingParams(temperature=0.0)
     rows = [ScheduledChunk(f"d{i}", [5], n, tables[i], True, params, [5] * n, [])
             for i, n in enumerate(lens)]
+    runner.inputs.native = False  # the torch path, where decodes are bucketed
     bucketed = median_step(runner, rows)
-    buckets = runner_module._decode_buckets
-    runner_module._decode_buckets = lambda r, t, lengths, bs: [
-        (torch.tensor(r), runner_module._pad_tables(t), runner_module._decode_mask(lengths, bs, t))]
-    try:
-        padded = median_step(runner, rows)
-    finally:
-        runner_module._decode_buckets = buckets
+    runner.inputs.bucket_ratio = None  # every decode in one padded batch
+    padded = median_step(runner, rows)
     print(f"{count} decodes at {context} tokens + 1 at {args.long}: one padded batch "
           f"{padded:.3f} s, length buckets {bucketed:.3f} s ({padded / bucketed:.1f}x)")
     return 0

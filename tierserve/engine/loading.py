@@ -54,7 +54,9 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
     num_host, num_disk = tier_block_counts(config.cache, bytes_per_block)
     runner = ModelRunner(model, num_blocks, block_size, seed=config.model.seed,
                          batch_invariant=config.model.batch_invariant, num_host_blocks=num_host,
-                         num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir)
+                         num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir,
+                         max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                         max_num_seqs=config.scheduler.max_num_seqs)
     limits = EngineLimits(max_model_len, arch.vocab_size, num_blocks * block_size,
                           bytes_per_block)
     eos = frozenset(tokenizer.stop_token_ids) | frozenset(arch.eos_token_ids)

@@ -81,6 +81,7 @@ class LlamaModel:
     def __init__(self, arch: ModelArchConfig, tensors: dict[str, torch.Tensor],
                  max_positions: int, use_kernels: bool = True) -> None:
         self.arch = arch
+        self.max_positions = max_positions
         self.embed = tensors["model.embed_tokens.weight"]
         self.ops = cpu_ops() if use_kernels else None
         pack = _pack_enabled()

@@ -1,8 +1,9 @@
 """Sampler: logits -> next tokens. Greedy, temperature, top-k/p, min-p, penalties, seeds, logprobs.
 
-Everything is batched over rows; the only per-row work is building small index tensors for
-penalties and drawing noise for requests that carry their own seed (each such request owns a
-generator, so its samples do not depend on what else is in the batch).
+Everything is batched over rows: penalties and early-stop masks gather every row's token ids into
+one flat index and touch the logits once. The only per-row tensor work is drawing noise for
+requests that carry their own seed (each such request owns a generator, so its samples do not
+depend on what else is in the batch).
 
 Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p exactly.
 """
@@ -10,6 +11,7 @@ Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import chain
 
 import torch
 
@@ -52,30 +54,47 @@ class Sampler:
     # -- logits processing ---------------------------------------------------------------------
     @staticmethod
     def _mask_early_stops(logits: torch.Tensor, rows: Sequence[ScheduledChunk]) -> None:
-        for index, row in enumerate(rows):
+        """Stop ids (and EOS unless ignored) of rows short of ``min_tokens``, all in one fill."""
+        masked: list[list[int]] = []
+        for row in rows:
             params = row.sampling_params
+            stops: list[int] = []
             if len(row.output_token_ids) < params.min_tokens:
-                stops = list(params.stop_token_ids)
+                stops.extend(params.stop_token_ids)
                 if not params.ignore_eos:
                     stops.extend(row.eos_token_ids)
-                if stops:
-                    logits[index, stops] = NEG_INF
+            masked.append(stops)
+        index = _flat_index(masked, logits.shape[1])
+        if index.numel():
+            logits.view(-1).index_fill_(0, index, NEG_INF)
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, rows: Sequence[ScheduledChunk]) -> None:
+        """Repetition (prompt and output tokens), presence and frequency (output tokens) penalties
+        for the whole batch at once: token ids are scattered into per-row counts by flat index."""
         vocab = logits.shape[1]
-        for index, row in enumerate(rows):
-            params = row.sampling_params
-            if params.repetition_penalty != 1.0:
-                seen = torch.tensor(row.prompt_token_ids + row.output_token_ids, dtype=torch.long)
-                values = logits[index, seen]
-                penalty = params.repetition_penalty
-                logits[index, seen] = torch.where(values > 0, values / penalty, values * penalty)
-            if (params.presence_penalty or params.frequency_penalty) and row.output_token_ids:
-                outputs = torch.tensor(row.output_token_ids, dtype=torch.long)
-                counts = torch.bincount(outputs, minlength=vocab).to(logits.dtype)
-                logits[index] -= params.frequency_penalty * counts
-                logits[index] -= params.presence_penalty * (counts > 0).to(logits.dtype)
+        params = [row.sampling_params for row in rows]
+        repeat = [p.repetition_penalty != 1.0 for p in params]
+        if any(repeat):
+            seen = torch.zeros(logits.numel(), dtype=torch.bool)
+            seen[_flat_index([row.prompt_token_ids + row.output_token_ids if on else []
+                              for row, on in zip(rows, repeat)], vocab)] = True
+            seen = seen.view_as(logits)
+            penalty = torch.tensor([p.repetition_penalty for p in params],
+                                   dtype=logits.dtype)[:, None]
+            penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+            logits.copy_(torch.where(seen, penalized, logits))
+        counted = [bool(p.presence_penalty or p.frequency_penalty) for p in params]
+        if any(counted):
+            index = _flat_index([row.output_token_ids if on else []
+                                 for row, on in zip(rows, counted)], vocab)
+            counts = torch.zeros(logits.numel(), dtype=logits.dtype)
+            counts.index_add_(0, index, torch.ones(index.numel(), dtype=logits.dtype))
+            counts = counts.view_as(logits)
+            frequency = torch.tensor([p.frequency_penalty for p in params], dtype=logits.dtype)
+            presence = torch.tensor([p.presence_penalty for p in params], dtype=logits.dtype)
+            logits -= frequency[:, None] * counts
+            logits -= presence[:, None] * (counts > 0).to(logits.dtype)
 
     def _sample_random(self, logits: torch.Tensor, rows: Sequence[ScheduledChunk]) -> torch.Tensor:
         params = [row.sampling_params for row in rows]
@@ -111,6 +130,10 @@ class Sampler:
         ranks = (raw > chosen).sum(dim=-1) + 1
         max_k = max(p.logprobs or 0 for p in params)
         top_values, top_ids = raw.topk(max_k, dim=-1) if max_k else (None, None)
+        token_list, chosen_list, rank_list = (tokens.tolist(), chosen[:, 0].tolist(),
+                                              ranks.tolist())
+        top_id_list = top_ids.tolist() if max_k else None
+        top_value_list = top_values.tolist() if max_k else None
         out: list[TokenLogprobs | None] = []
         for index, p in enumerate(params):
             if p.logprobs is None:
@@ -118,10 +141,9 @@ class Sampler:
                 continue
             top = []
             if p.logprobs:
-                top = list(zip(top_ids[index, : p.logprobs].tolist(),
-                               top_values[index, : p.logprobs].tolist()))
-            out.append(TokenLogprobs(int(tokens[index]), float(chosen[index, 0]),
-                                     int(ranks[index]), top))
+                top = list(zip(top_id_list[index][: p.logprobs],
+                               top_value_list[index][: p.logprobs]))
+            out.append(TokenLogprobs(token_list[index], chosen_list[index], rank_list[index], top))
         return out
 
 
@@ -130,6 +152,14 @@ def _edits_logits(row: ScheduledChunk) -> bool:
     params = row.sampling_params
     return (len(row.output_token_ids) < params.min_tokens or params.repetition_penalty != 1.0
             or bool(params.presence_penalty) or bool(params.frequency_penalty))
+
+
+def _flat_index(ids_per_row: Sequence[Sequence[int]], vocab: int) -> torch.Tensor:
+    """Indices into a flattened (rows, vocab) tensor: row * vocab + id for each row's ids."""
+    lengths = torch.tensor([len(ids) for ids in ids_per_row], dtype=torch.long)
+    flat = torch.tensor(list(chain.from_iterable(ids_per_row)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(ids_per_row)), lengths)
+    return rows * vocab + flat
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:
