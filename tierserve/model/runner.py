@@ -36,7 +36,7 @@ class ModelRunner:
         self.inputs = StepInputBuilder(
             block_size, self.pad_rows, native=model.ops is not None,
             max_tokens=max_num_batched_tokens, max_seqs=max_num_seqs,
-            max_blocks_per_seq=-(-model.max_positions // block_size))
+            max_blocks_per_seq=min(num_blocks, -(-model.max_positions // block_size)))
         self.swapper: SwapWorker | None = None
         if num_host_blocks or num_disk_blocks:
             if num_disk_blocks and swap_dir is None:
