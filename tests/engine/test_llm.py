@@ -220,3 +220,39 @@ def test_random_generate_calls_never_leak_blocks(tiny_llama_dir):
                   for _ in lengths]
         engine.generate(_prompts(seed=round_, lengths=lengths), params, use_tqdm=False)
         _assert_no_blocks_held(engine)
+
+
+def test_text_work_runs_beside_the_model_steps_and_its_errors_surface(llm, monkeypatch):
+    """Detokenization runs on the output thread, not the caller's; a failure there stops the
+    run, reaches the caller, and leaves no block held."""
+    import threading
+
+    from tierserve.engine.output import OutputProcessor
+
+    threads = set()
+    process = OutputProcessor.process
+
+    def recording(self, updates):
+        threads.add(threading.current_thread().name)
+        return process(self, updates)
+
+    monkeypatch.setattr(OutputProcessor, "process", recording)
+    expected = _tokens(llm.generate(_prompts(seed=5)[:6], _greedy(8), use_tqdm=False))
+    assert threads == {"tierserve-output"}
+    assert all(len(tokens) == 8 for tokens in expected)
+
+    calls = 0
+
+    def failing(self, updates):
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            raise ValueError("detokenizer broke")
+        return process(self, updates)
+
+    monkeypatch.setattr(OutputProcessor, "process", failing)
+    with pytest.raises(ValueError, match="detokenizer broke"):
+        llm.generate(_prompts(seed=5)[:6], _greedy(40), use_tqdm=False)
+    _assert_no_blocks_held(llm)
+    monkeypatch.setattr(OutputProcessor, "process", process)
+    assert _tokens(llm.generate(_prompts(seed=5)[:6], _greedy(8), use_tqdm=False)) == expected

@@ -158,6 +158,9 @@ class LLM:
                     self.core.add_request(request)
                     added.append(request.request_id)
             finished = self._drive(processor, len(batches), use_tqdm)
+            if len(finished) != len(batches):
+                raise RuntimeError(f"the engine stopped with {len(batches) - len(finished)} of "
+                                   f"{len(batches)} requests unfinished")
         except BaseException:
             self.core.abort(added)  # Ctrl-C or an error: free every block before re-raising
             raise
@@ -172,15 +175,17 @@ class LLM:
         finished: list[RequestOutput] = []
         bar = tqdm(total=total, desc="generate", unit="req", disable=not use_tqdm or total < 2)
         started, tokens = time.perf_counter(), 0
-        with bar:
-            while processor.num_unfinished:
-                outputs, new_tokens = processor.step(self.core)
-                tokens += new_tokens
-                for output in outputs:
-                    if output.finished:
-                        finished.append(output)
-                        bar.update(1)
-                elapsed = time.perf_counter() - started
-                bar.set_postfix_str(f"{tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
-        return finished
 
+        def on_step(outputs: list[RequestOutput], new_tokens: int) -> None:  # output thread
+            nonlocal tokens
+            tokens += new_tokens
+            for output in outputs:
+                if output.finished:
+                    finished.append(output)
+                    bar.update(1)
+            elapsed = time.perf_counter() - started
+            bar.set_postfix_str(f"{tokens / max(elapsed, 1e-9):.1f} tok/s", refresh=False)
+
+        with bar:
+            processor.drive(self.core, on_step)
+        return finished

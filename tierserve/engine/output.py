@@ -6,7 +6,10 @@ one RequestOutput and tells the engine which engine requests a stop string has e
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tierserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -68,6 +71,43 @@ class OutputProcessor:
         if to_stop:
             core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
         return outputs, sum(len(update.new_token_ids) for update in updates)
+
+    def drive(self, core, on_step: Callable[[list[RequestOutput], int], None]) -> None:
+        """Step ``core`` until it has nothing left, with the text work on a second thread.
+
+        The calling thread only runs model steps; a ``tierserve-output`` thread folds each step's
+        updates in (detokenize, stop strings, logprobs) while the next step runs, and calls
+        ``on_step(changed outputs, tokens generated)`` once per step. A stop string ends its
+        request in the engine before the step after the one that was running when it fired
+        (that step's tokens of it are ignored here). An error on either thread stops both and is
+        raised here.
+        """
+        steps: queue.SimpleQueue = queue.SimpleQueue()  # updates of each step; None ends
+        stops: queue.SimpleQueue = queue.SimpleQueue()  # engine ids a stop string ended
+        failed: list[BaseException] = []
+
+        def fold() -> None:
+            try:
+                while (updates := steps.get()) is not None:
+                    outputs, to_stop = self.process(updates)
+                    if to_stop:
+                        stops.put(to_stop)
+                    on_step(outputs, sum(len(update.new_token_ids) for update in updates))
+            except BaseException as exc:  # handed to the stepping thread, which raises it
+                failed.append(exc)
+
+        worker = threading.Thread(target=fold, name="tierserve-output", daemon=True)
+        worker.start()
+        try:
+            while core.has_unfinished() and not failed:
+                while not stops.empty():
+                    core.abort(stops.get(), status=RequestStatus.FINISHED_STOPPED)
+                steps.put(core.step())
+        finally:
+            steps.put(None)
+            worker.join()
+        if failed:
+            raise failed[0]
 
     @property
     def num_unfinished(self) -> int:
