@@ -292,7 +292,8 @@ def cmd_offline(args) -> int:
         measured = {name: row for name, row in outcome.results.items()
                     if SCENARIO_METRIC[spec.scenario] in row}
         plot_bars(measured, [(SCENARIO_METRIC[spec.scenario],
-                              SCENARIO_METRIC[spec.scenario].replace("_", " "))],
+                              SCENARIO_METRIC[spec.scenario].replace("_", " ")),
+                             ("peak_rss_mb", "peak RSS (MB)")],
                   args.plot, f"offline {spec.scenario}: {Path(outcome.config['model']).name}, "
                   f"{num_prompts} prompts, {threads} threads")
         print(f"wrote {args.plot}")

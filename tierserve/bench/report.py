@@ -6,6 +6,7 @@ import json
 import math
 import os
 import platform
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -98,6 +99,13 @@ def _pyplot():
     return plt
 
 
+def _suptitle(figure, title: str) -> None:
+    """The figure's title, wrapped to its width (about 9 characters an inch at the default size)
+    so a long model name or configuration is not cut at the edges."""
+    width_inches = figure.get_size_inches()[0]
+    figure.suptitle(textwrap.fill(title, width=max(int(width_inches * 9), 20)))
+
+
 def _save(figure, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -129,7 +137,7 @@ def plot_latency_cdfs(samples: dict[str, dict[str, list[float]]], path: str | Pa
         axis.set_ylabel("fraction of samples > x" if tail else "fraction of samples <= x")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
-    figure.suptitle(title)
+    _suptitle(figure, title)
     _save(figure, path)
     plt.close(figure)
 
@@ -149,7 +157,7 @@ def plot_service(series: dict[str, dict[str, tuple[list[float], list[int]]]],
         axis.grid(True, alpha=0.3)
         axis.legend(fontsize="small")
     axes[0][0].set_ylabel("cumulative tokens served (prompt + output)")
-    figure.suptitle(title)
+    _suptitle(figure, title)
     _save(figure, path)
     plt.close(figure)
 
@@ -167,7 +175,7 @@ def plot_bars(results: dict[str, dict], metrics: Sequence[tuple[str, str]], path
         axis.bar_label(bars, labels=[_cell(value) for value in values])
         axis.set_title(label, fontsize="medium")
         axis.tick_params(axis="x", labelsize="small")
-    figure.suptitle(title)
+    _suptitle(figure, title)
     _save(figure, path)
     plt.close(figure)
 
@@ -194,6 +202,6 @@ def plot_capacity(probes: dict[str, Sequence], slo: float, capacities: dict[str,
     axis.set_ylabel("P99 time between tokens (s)")
     axis.grid(True, alpha=0.3)
     axis.legend()
-    figure.suptitle(title)
+    _suptitle(figure, title)
     _save(figure, path)
     plt.close(figure)
