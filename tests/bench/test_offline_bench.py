@@ -8,15 +8,9 @@ import sys
 
 import pytest
 
+from tierserve.bench.batch_sizes import batch_groups, best_batch_size, probe_size, probe_then_run
 from tierserve.bench.cli import main
-from tierserve.bench.contenders import (
-    WorkerJob,
-    batch_groups,
-    best_batch_size,
-    probe_size,
-    probe_then_run,
-    run_job,
-)
+from tierserve.bench.contenders import WorkerJob, run_job
 from tierserve.bench.offline import (
     LLAMA_CPP_MISSING,
     SCENARIO_METRIC,

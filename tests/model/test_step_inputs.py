@@ -6,7 +6,6 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
 
 from tierserve.model.step_inputs import StepInputBuilder
 from tierserve.request import SamplingParams
