@@ -124,7 +124,10 @@ def test_smollm2_prefill_logits_close_to_transformers(smol_llm, smol_prompts, hf
     prompt = smol_prompts[-1]
     ours = tierserve_logits(smol_llm, prompt)
     theirs = hf_logits(hf_smollm2, prompt)
-    assert (ours - theirs).abs().max().item() < 1e-4
+    # float32 over 30 layers, logits up to ~45: the summation order (our kernels vs oneDNN's,
+    # which differs between CPUs) moves a few of 31M logits by ~1e-4, so the bound scales with
+    # the logit: |ours - theirs| <= 1e-4 + 1e-5 |theirs|. A real bug moves them by far more.
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.slow
