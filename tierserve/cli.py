@@ -219,10 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except Exception as exc:  # a clean message, not a traceback, for user errors
+        from tierserve.bench.remote import RemoteError
         from tierserve.errors import InvalidRequestError
         from tierserve.model.hub import ModelNotFoundError
 
-        if isinstance(exc, (InvalidRequestError, ModelNotFoundError, ValueError)):
+        if isinstance(exc, (InvalidRequestError, ModelNotFoundError, RemoteError, ValueError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2
         raise

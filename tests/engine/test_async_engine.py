@@ -11,7 +11,7 @@ import pytest
 
 from tierserve import LLM, SamplingParams
 from tierserve.config import EngineConfig
-from tierserve.engine.async_engine import AsyncEngine, EngineDeadError
+from tierserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
 from tierserve.engine.loading import build_engine
 from tierserve.engine.output import OutputProcessor
 from tierserve.model.tokenizer import IncrementalDetokenizer
@@ -161,3 +161,40 @@ def test_shutdown_ends_open_streams_and_joins_both_threads(engine):
     assert outputs[-1].finished
     assert not engine._thread.is_alive() and not engine._output_thread.is_alive()
     _wait_until_no_blocks_held(engine)
+
+
+def test_admission_is_decided_at_submission_so_requests_sent_together_count_each_other(
+        tiny_llama_dir):
+    config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_blocks=64, max_num_seqs=1)
+    busy = AsyncEngine(build_engine(config), max_waiting_requests=1)
+
+    async def submit_three():
+        streams, refused = [], 0
+        for index in range(3):  # no await between them: the engine thread has seen none yet
+            requests = busy.make_requests(f"r{index}", _prompt(index), _greedy(5))
+            try:
+                streams.append(busy.generate(f"r{index}", None, requests))
+            except QueueFullError:
+                refused += 1
+        outputs = [[output async for output in stream] for stream in streams]
+        return refused, outputs
+
+    try:
+        refused, outputs = asyncio.run(submit_three())
+        assert refused == 2 and len(outputs) == 1 and outputs[0][-1].finished
+        _wait_until_no_blocks_held(busy)
+    finally:
+        busy.shutdown()
+
+
+def test_a_stream_dropped_before_its_first_iteration_aborts_its_request(engine):
+    async def submit_and_drop():
+        requests = engine.make_requests("dropped", _prompt(5), _greedy(400))
+        engine.generate("dropped", None, requests)  # never iterated: collected at once
+        await asyncio.sleep(0.05)
+
+    asyncio.run(submit_and_drop())
+    _wait_until_no_blocks_held(engine)
+    assert engine.num_in_flight == 0
+    # aborted on the engine thread, or dropped there before it was added: never run to the end
+    assert all(t.num_output_tokens < 400 for t in engine.core.metrics.finished_timelines())

@@ -21,6 +21,15 @@ def test_models_lists_the_served_name(client):
     assert [m.id for m in client.models.list().data] == ["tiny"]
 
 
+def test_models_reports_the_context_that_requests_are_checked_against(client):
+    context = client.models.list().data[0].max_model_len  # vLLM's extra field
+    fits = client.completions.create(model="tiny", prompt=[5] * (context - 1), max_tokens=1,
+                                     temperature=0)
+    assert fits.usage.prompt_tokens == context - 1
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="tiny", prompt=[5] * (context + 1), max_tokens=1)
+
+
 def test_chat_completion_has_openai_shape(client):
     response = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=12,
                                               temperature=0)

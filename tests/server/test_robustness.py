@@ -74,12 +74,14 @@ def test_64_concurrent_streams_some_leaving_early(server):
     assert server.rss_mb() < baseline_rss + 64  # no per-request state left behind
 
 
-def test_full_waiting_queue_answers_503_with_retry_after(tiny_llama_dir):
+@pytest.mark.parametrize("stream", [False, True])
+def test_full_waiting_queue_answers_503_with_retry_after(tiny_llama_dir, stream):
     busy = ServerProcess(tiny_llama_dir, "--max-waiting-requests", "1", "--max-num-seqs", "1")
     try:
         async def run():
             async with httpx.AsyncClient(timeout=60) as http:
-                body = {**LONG, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}]}
+                body = {**LONG, "max_tokens": 60, "messages": [{"role": "user", "content": "x"}],
+                        "stream": stream}
                 return await asyncio.gather(*[
                     http.post(busy.url + "/v1/chat/completions", json=body) for _ in range(6)])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shlex
 import sys
 
@@ -38,8 +39,19 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                         help="mean arrivals per second (inf: all at once) (default: %(default)s)")
     online.add_argument("--duration", type=float, default=None,
                         help="seconds of arrivals (default: 60 unless --num-requests is given)")
-    online.add_argument("--policies", default=ONLINE_DEFAULT_POLICIES,
-                        help="comma-separated scheduling policies (default: %(default)s)")
+    online.add_argument("--policies", default=None,
+                        help="comma-separated scheduling policies, each run on a fresh "
+                        f"in-process engine (default: {ONLINE_DEFAULT_POLICIES})")
+    remote = online.add_argument_group(
+        "a running server instead of the in-process engine",
+        "Streamed /v1/completions with token-id prompts (tierserve serve, vLLM, SGLang, llama.cpp "
+        "server); timing is the client's. --model then only names the tokenizer that builds "
+        "the prompts (the model the server runs); the engine flags do not apply.")
+    remote.add_argument("--url", default=None,
+                        help="server base URL, e.g. http://127.0.0.1:8000; NAME=URL,NAME=URL "
+                        "runs several servers one after the other (e.g. one per policy)")
+    remote.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
+                        help="bearer token for the server (default: $OPENAI_API_KEY)")
     online.set_defaults(func=cmd_online)
 
     fairness = sub.add_parser(
@@ -169,21 +181,36 @@ def _finish(args: argparse.Namespace, config: dict, results: dict, columns, extr
 
 
 def cmd_online(args: argparse.Namespace) -> int:
-    from tierserve.bench.online import ONLINE_COLUMNS, OnlineSpec, run_online
+    from tierserve.bench.online import ONLINE_COLUMNS, OnlineSpec, run_online, run_online_remote
     from tierserve.bench.report import plot_latency_cdfs
 
+    if args.url and args.policies:
+        raise ValueError("--policies picks in-process engines; with --url, start one server per "
+                         "policy and name them: --url sarathi=http://127.0.0.1:8000,"
+                         "fcfs=http://127.0.0.1:8001")
     duration = args.duration if args.duration is not None or args.num_requests else 60.0
     spec = OnlineSpec(workload=_workload_spec(args, args.num_requests or 0),
                       request_rate=args.request_rate, duration=duration,
-                      num_requests=args.num_requests, policies=_names(args.policies),
-                      seed=args.seed)
-    result = run_online(_engine_config(args), spec, progress=not args.no_progress)
+                      num_requests=args.num_requests,
+                      policies=_names(args.policies or ONLINE_DEFAULT_POLICIES), seed=args.seed)
+    if args.url:
+        from tierserve.bench.remote import parse_targets
+        from tierserve.model.hub import resolve_model
+
+        result = run_online_remote(parse_targets(args.url), spec, resolve_model(args.model),
+                                   api_key=args.api_key, progress=not args.no_progress)
+    else:
+        result = run_online(_engine_config(args), spec, progress=not args.no_progress)
     _finish(args, result.config, result.results, ONLINE_COLUMNS)
     if args.plot:
         plot_latency_cdfs(result.samples, args.plot,
                           f"{args.workload}, {args.request_rate} req/s, {args.model}")
         print(f"wrote {args.plot}")
-    return 0
+    failed = {name: row["failed_requests"] for name, row in result.results.items()
+              if row["failed_requests"]}
+    for name, count in failed.items():
+        print(f"{name}: {count} requests failed; first: {result.errors[name][0]}")
+    return 1 if failed else 0
 
 
 def cmd_fairness(args: argparse.Namespace) -> int:
@@ -233,9 +260,13 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except Exception as exc:  # a clean message for bad flags and unreachable servers
+        from tierserve.bench.remote import RemoteError
+
+        if isinstance(exc, (ValueError, RemoteError)):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

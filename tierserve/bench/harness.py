@@ -32,13 +32,14 @@ class RunRecord:
     summary: dict  # core.metrics.summary()
     start: float  # monotonic time of arrival offset 0
     wall_s: float  # first arrival to last finish
-    num_steps: int
-    preemptions: int
-    swap_preemptions: int
+    num_steps: int | None  # None: a remote server's (not known to the client)
+    preemptions: int | None  # None: the server does not report them
+    swap_preemptions: int | None
     swaps: list[SwapDone] = field(default_factory=list)  # finished copies (out, in, victim)
     copies_per_swap: list[int] = field(default_factory=list)  # decided swap outs and ins
     blocks_per_swap: list[int] = field(default_factory=list)
     clipped: int = 0  # requests shortened to fit the context
+    errors: list[str] = field(default_factory=list)  # requests that failed (remote runs)
 
     @property
     def output_tokens(self) -> int:
@@ -97,6 +98,20 @@ def model_token_space(tokenizer, vocab_size: int, stop_ids) -> TokenSpace:
                 if token.special}
     excluded |= set(stop_ids)
     return TokenSpace(vocab_size, frozenset(excluded))
+
+
+def local_prompt_space(model_path) -> tuple[object, TokenSpace]:
+    """The tokenizer of a model file or folder and the ids prompts are drawn from, without
+    loading weights: below both the checkpoint's and the tokenizer's vocabulary (an id past the
+    tokenizer's has no token in llama.cpp or a server), minus special and stop ids."""
+    from tierserve.model.loader import load_arch_config
+    from tierserve.model.tokenizer import Tokenizer
+
+    arch = load_arch_config(model_path)
+    tokenizer = Tokenizer.from_path(model_path)
+    space = model_token_space(tokenizer, min(arch.vocab_size, tokenizer.vocab_size),
+                              set(tokenizer.stop_token_ids) | set(arch.eos_token_ids))
+    return tokenizer, space
 
 
 def fit_to_context(requests: list[BenchRequest], context: int) -> tuple[list[BenchRequest], int]:

@@ -95,15 +95,9 @@ class OfflineResult:
 
 def build_prompts(spec: OfflineSpec, model_path: Path, context: int) -> list[BenchRequest]:
     """The seeded prompts every contender gets, fitted to ``context`` tokens."""
-    from tierserve.bench.harness import fit_to_context, model_token_space
-    from tierserve.model.loader import load_arch_config
-    from tierserve.model.tokenizer import Tokenizer
+    from tierserve.bench.harness import fit_to_context, local_prompt_space
 
-    arch = load_arch_config(model_path)
-    tokenizer = Tokenizer.from_path(model_path)
-    # Ids past the tokenizer's vocabulary have no token in llama.cpp: draw below both sizes.
-    space = model_token_space(tokenizer, min(arch.vocab_size, tokenizer.vocab_size),
-                              set(tokenizer.stop_token_ids) | set(arch.eos_token_ids))
+    tokenizer, space = local_prompt_space(model_path)
     workload = copy.copy(spec.workload)
     if spec.scenario != "throughput":
         output_len = 1 if spec.scenario == "prefill" else workload.output_len

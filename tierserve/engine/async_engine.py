@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -95,21 +96,37 @@ class AsyncEngine:
         return self.core.make_requests(request_id, prompt_ids, params, client_id=client_id,
                                        priority=priority)
 
-    async def generate(self, request_id: str, prompt: str | None, requests: list[Request]
-                       ) -> AsyncIterator[RequestOutput]:
-        """Submit a user request and yield its RequestOutput after every step that changed it.
-
-        Closing the iterator early (a client that disconnected) aborts the request.
-        """
+    def check_admission(self) -> None:
+        """Raise EngineDeadError or QueueFullError if a new request would be refused now."""
         if not self.alive:
             raise EngineDeadError("the engine loop is not running")
         waiting = self.core.scheduler.num_waiting + self._commands.qsize()
         if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
             raise QueueFullError(f"{waiting} requests are already waiting "
                                  f"(--max-waiting-requests {self.max_waiting_requests})")
+
+    def generate(self, request_id: str, prompt: str | None, requests: list[Request]
+                 ) -> AsyncIterator[RequestOutput]:
+        """Submit a user request now and return an iterator of its RequestOutput after every
+        step that changed it. Call from the event loop.
+
+        Admission is decided here, not at the first iteration, so a server refuses a streamed
+        request (EngineDeadError, QueueFullError) before its response starts, and requests
+        submitted together count each other as waiting. Closing the iterator early (a client
+        that disconnected) aborts the request; so does dropping it before its first iteration.
+        """
+        self.check_admission()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._command(("add", request_id, prompt, requests))
+        outputs = self._follow(request_id, stream)
+        # NOTE: an async generator that never started does not run its finally when closed or
+        # collected (e.g. a client gone before its streamed response began): release on
+        # collection too. Releasing twice changes nothing.
+        weakref.finalize(outputs, self._release, request_id)
+        return outputs
+
+    async def _follow(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         try:
             while True:
                 item = await stream.queue.get()
@@ -119,11 +136,15 @@ class AsyncEngine:
                 if item.finished:
                     return
         finally:
-            self._streams.pop(request_id, None)
-            # NOTE: also after a finished output: it drops the engine thread's id map entry, and
-            # ending requests that already finished changes nothing. A stop string's own "stop"
-            # command was queued before its finished output was delivered, so it comes first.
-            self.abort(request_id)
+            self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        if self._streams.pop(request_id, None) is None:
+            return  # released already
+        # NOTE: also after a finished output: it drops the engine thread's id map entry, and
+        # ending requests that already finished changes nothing. A stop string's own "stop"
+        # command was queued before its finished output was delivered, so it comes first.
+        self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
         """Abort a user request (all its completions); safe from any thread, idempotent."""

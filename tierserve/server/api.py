@@ -103,8 +103,10 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
 
     @router.get("/models", summary="The served model")
     async def models():
+        # max_model_len as vLLM reports it: clients (e.g. tierserve bench --url) fit prompts to it.
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
-                                            "created": int(time.time()), "owned_by": "tierserve"}]}
+                                            "created": int(time.time()), "owned_by": "tierserve",
+                                            "max_model_len": engine.core.limits.max_model_len}]}
 
     @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
     async def chat_completions(body: ChatCompletionRequest, request: Request):
