@@ -176,7 +176,9 @@ def test_admission_is_decided_at_submission_so_requests_sent_together_count_each
                 streams.append(busy.generate(f"r{index}", None, requests))
             except QueueFullError:
                 refused += 1
-        outputs = [[output async for output in stream] for stream in streams]
+        outputs = []
+        for stream in streams:
+            outputs.append([output async for output in stream])
         return refused, outputs
 
     try:
