@@ -60,6 +60,8 @@ def test_online_over_http_counts_what_the_server_generated(fair_server, tiny_lla
     assert row["ttft_p99_s"] >= row["ttft_p50_s"] > 0 and row["e2e_p99_s"] >= row["ttft_p99_s"]
     assert row["tbt_p50_s"] > 0 and row["throughput_tokens_per_s"] > 0
     assert row["preemptions"] == 0  # read from the server's /metrics: it reports them
+    # the server stamps arrival after the request reached it and the token before it left
+    assert 0 < row["server_ttft_mean_s"] <= row["ttft_mean_s"]
     assert document["config"]["servers"]["fair"]["model"] == "tiny"
     assert (tmp_path / "cdf.png").stat().st_size > 0
 

@@ -128,6 +128,7 @@ def online_row(record: RunRecord) -> dict:
     summary = record.summary
     return {
         "ttft_p50_s": summary["ttft"]["p50"], "ttft_p99_s": summary["ttft"]["p99"],
+        "ttft_mean_s": summary["ttft"]["mean"],
         "tbt_p50_s": summary["tbt"]["p50"], "tbt_p99_s": summary["tbt"]["p99"],
         "tbt_max_s": max((gap for t in record.timelines for gap in t.tbts), default=0.0),
         "e2e_p99_s": summary["e2e_latency"]["p99"],
@@ -141,4 +142,6 @@ def online_row(record: RunRecord) -> dict:
         "prefix_cache_hit_rate": summary["prefix_cache_hit_rate"],
         "clipped_requests": record.clipped,
         "failed_requests": len(record.errors),
+        **({"server_ttft_mean_s": summary["server_ttft_mean_s"]}
+           if "server_ttft_mean_s" in summary else {}),
     }

@@ -8,8 +8,9 @@ server all accept both. Each request runs on its own thread and its own connecti
 Timing is the client's, as vLLM's ``benchmark_serving`` does it: TTFT is arrival (the scheduled
 send time) to the first streamed chunk with text; TBT is the gap between consecutive chunks with
 text, so a server that sends several tokens in one chunk shows one longer gap. Output token
-counts come from the final ``usage`` chunk. Preemptions are read from the server's Prometheus
-``/metrics`` (any counter named ``*preemptions_total``) before and after, where it has one.
+counts come from the final ``usage`` chunk. Preemptions and the server's own mean TTFT are read
+from its Prometheus ``/metrics`` (``*preemptions_total``, ``*time_to_first_token_seconds``)
+before and after, where it has them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ from tierserve.bench.workloads import BenchRequest
 from tierserve.metrics import MetricsCollector
 
 STREAM_TIMEOUT_S = 600.0  # one read on the socket; a stalled server fails the request
+# Read from the server's /metrics before and after a run, to report its own view beside ours.
+SERVER_COUNTERS = ("preemptions_total", "time_to_first_token_seconds_sum",
+                   "time_to_first_token_seconds_count")
 
 
 class RemoteError(RuntimeError):
@@ -111,19 +115,23 @@ class ServerClient:
             raise RemoteError(f"{self.url}/v1/models lists no model")
         return data[0]["id"], data[0].get("max_model_len")
 
-    def preemptions(self) -> float | None:
-        """The server's preemption counter from ``/metrics`` (None: it exposes none)."""
+    def server_counters(self) -> dict[str, float]:
+        """Sums of the server's Prometheus series whose names end with one of
+        ``SERVER_COUNTERS`` (tierserve's ``tierserve_*`` and vLLM's ``vllm:*`` alike); empty
+        when it has no ``/metrics``."""
         try:
             text = self.get("/metrics")
         except RemoteError:
-            return None
-        total = None
+            return {}
+        totals: dict[str, float] = {}
         for line in text.splitlines():
             name, _, value = line.rpartition(" ")
-            if line.startswith("#") or not name.split("{")[0].endswith("preemptions_total"):
+            name = name.split("{")[0]
+            suffix = next((s for s in SERVER_COUNTERS if name.endswith(s)), None)
+            if line.startswith("#") or suffix is None:
                 continue
-            total = (total or 0.0) + float(value)
-        return total
+            totals[suffix] = totals.get(suffix, 0.0) + float(value)
+        return totals
 
     def stream_completion(self, body: dict, on_text) -> dict:
         """POST a streamed completion; ``on_text(monotonic_time)`` for each chunk with text.
@@ -183,7 +191,7 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
     metrics = MetricsCollector()
     errors: list[str] = []
     lock = threading.Lock()
-    preemptions0 = client.preemptions()
+    counters0 = client.server_counters()
     bar = tqdm(total=len(requests), desc=progress or "bench", unit="req",
                disable=progress is None, leave=False)
 
@@ -218,14 +226,20 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
             threads.append(thread)
         for thread in threads:
             thread.join()
-    preemptions1 = client.preemptions()
+    counters1 = client.server_counters()
+    served = {key: counters1[key] - counters0[key] for key in counters1 if key in counters0}
     timelines = metrics.finished_timelines()
     end = max((t.finished_time for t in timelines), default=start)
     first = min((t.arrival_time for t in timelines), default=start)
-    preempted = (None if preemptions0 is None or preemptions1 is None
-                 else int(preemptions1 - preemptions0))
+    preempted = served.get("preemptions_total")
+    ttft_count = served.get("time_to_first_token_seconds_count")
     summary = metrics.summary()
     summary["prefix_cache_hit_rate"] = None  # the server's, which the client does not see
+    # The server's own mean TTFT over the run, beside the client's: the gap is HTTP, the
+    # event loop and this client.
+    summary["server_ttft_mean_s"] = (served["time_to_first_token_seconds_sum"] / ttft_count
+                                     if ttft_count else None)
     return RunRecord(timelines=timelines, outputs={}, summary=summary, start=start,
-                     wall_s=end - first, num_steps=None, preemptions=preempted,
+                     wall_s=end - first, num_steps=None,
+                     preemptions=None if preempted is None else int(preempted),
                      swap_preemptions=None, clipped=clipped, errors=errors)
