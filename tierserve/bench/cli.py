@@ -204,7 +204,8 @@ def cmd_online(args: argparse.Namespace) -> int:
     _finish(args, result.config, result.results, ONLINE_COLUMNS)
     if args.plot:
         plot_latency_cdfs(result.samples, args.plot,
-                          f"{args.workload}, {args.request_rate} req/s, {args.model}")
+                          f"{args.workload}, {args.request_rate} req/s, {args.model}"
+                          + (" (over HTTP)" if args.url else ""))
         print(f"wrote {args.plot}")
     failed = {name: row["failed_requests"] for name, row in result.results.items()
               if row["failed_requests"]}
