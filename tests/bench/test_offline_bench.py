@@ -17,6 +17,7 @@ from tierserve.bench.offline import (
     OfflineSpec,
     compute_ratios,
     plan_contenders,
+    worker_failure,
 )
 
 
@@ -174,3 +175,12 @@ def test_offline_command_runs_each_contender_and_skips_a_missing_llama_cpp(
     assert document["equal_output_tokens"] is True
     assert set(document["ratios"]) == {"hf"}
     assert (tmp_path / "offline.png").stat().st_size > 0
+
+
+def test_a_crashed_worker_is_named_by_its_signal_and_llama_cpp_sigill_says_how_to_rebuild():
+    job = WorkerJob("llama.cpp", "throughput", "m.gguf", "bfloat16", 1, [[1]], [1])
+    message = worker_failure(job, -4)
+    assert message.startswith("worker killed by SIGILL") and "GGML_NATIVE=OFF" in message
+    hf_job = WorkerJob("hf", "throughput", "m.gguf", "bfloat16", 1, [[1]], [1])
+    assert worker_failure(hf_job, -9) == "worker killed by SIGKILL"
+    assert worker_failure(job, 1) == "worker exited with code 1 (traceback above)"

@@ -18,6 +18,7 @@ import copy
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import tempfile
@@ -187,9 +188,25 @@ def run_worker(job: WorkerJob) -> dict:
         proc = subprocess.run([sys.executable, "-m", "tierserve.bench.contenders",
                                str(job_path), str(result_path)], env=env)
         if proc.returncode != 0 or not result_path.is_file():
-            return {"contender": job.contender,
-                    "error": f"worker exited with code {proc.returncode} (traceback above)"}
+            return {"contender": job.contender, "error": worker_failure(job, proc.returncode)}
         return json.loads(result_path.read_text(encoding="utf-8"))
+
+
+def worker_failure(job: WorkerJob, returncode: int) -> str:
+    """What a failed worker's exit says, and for a crash in llama.cpp's native code the fix."""
+    if returncode >= 0:
+        return f"worker exited with code {returncode} (traceback above)"
+    try:
+        name = signal.Signals(-returncode).name
+    except ValueError:
+        name = f"signal {-returncode}"
+    message = f"worker killed by {name}"
+    if job.contender == "llama.cpp" and name == "SIGILL":
+        message += (": llama.cpp was compiled for CPU instructions this machine does not run "
+                    "(e.g. AMX in a VM that does not enable it); rebuild it without them: "
+                    "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON' pip install "
+                    "--force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+    return message
 
 
 def compute_ratios(results: dict[str, dict], metric: str) -> dict[str, float]:
