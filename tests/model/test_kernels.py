@@ -161,3 +161,12 @@ def test_model_gives_the_same_tokens_with_kernels_off(tiny_llama_dir, monkeypatc
     without, reference = run()
     assert without.engine.runner.model.ops is None
     assert tokens == reference
+
+
+def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch):
+    import tierserve.kernels as kernels
+
+    here = kernels.build_key()
+    assert kernels.build_key() == here  # stable on one machine: later runs reuse the build
+    monkeypatch.setattr(kernels, "cpu_identity", lambda: "model name: another CPU\nflags: sse2")
+    assert kernels.build_key() != here  # -march=native code from another CPU is not loaded

@@ -4,7 +4,8 @@ compiled for this machine at first use.
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
 no ninja, TIERSERVE_KERNELS=0): callers then take the plain torch path, which gives the same
 results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
-the source, the torch version and the flags, so later runs load it in well under a second.
+the source, the torch version, the flags and the CPU (model and instruction sets), so later runs
+on the same machine load it in well under a second.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import platform
 import threading
 from pathlib import Path
 
@@ -46,9 +48,33 @@ def cpu_ops():
     return _state["module"]
 
 
-def _build():
+def cpu_identity() -> str:
+    """The CPU model and instruction-set flags. ``-march=native`` code built on one CPU can die
+    with SIGILL on another (a shared $TIERSERVE_HOME, an image built elsewhere, a VM that hides
+    AMX), so the build cache is keyed by this too."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+    except OSError:
+        return f"{platform.machine()} {platform.processor()}"
+    wanted = ("model name", "flags", "Features", "CPU part")  # x86 and Arm spellings
+    seen: dict[str, str] = {}
+    for line in lines:
+        name, _, value = line.partition(":")
+        if name.strip() in wanted:
+            seen.setdefault(name.strip(), value.strip())
+    return "\n".join(f"{name}: {value}" for name, value in sorted(seen.items()))
+
+
+def build_key() -> str:
+    """The build cache's key: sources, torch version, flags and CPU."""
     texts = [path.read_text() for path in SOURCES + HEADERS]
-    key = hashlib.sha256("\0".join([*texts, torch.__version__, *CFLAGS]).encode()).hexdigest()[:16]
+    parts = [*texts, torch.__version__, *CFLAGS, cpu_identity()]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _build():
+    key = build_key()
     build_dir = tierserve_home() / "kernels" / key
     build_dir.mkdir(parents=True, exist_ok=True)
     if not (build_dir / "tierserve_cpu_ops.so").exists():
