@@ -170,3 +170,54 @@ def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch):
     assert kernels.build_key() == here  # stable on one machine: later runs reuse the build
     monkeypatch.setattr(kernels, "cpu_identity", lambda: "model name: another CPU\nflags: sse2")
     assert kernels.build_key() != here  # -march=native code from another CPU is not loaded
+
+
+def test_a_built_library_is_imported_without_compiling(tmp_path, monkeypatch):
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    import tierserve.kernels as kernels
+
+    monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
+    cached = tmp_path / "kernels" / kernels.build_key() / "tierserve_cpu_ops.so"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(ops.__file__, cached)  # as another checkout of the same sources built it
+
+    def no_compiling(**_):
+        raise AssertionError("compiled although a library for this key exists")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiling)
+    module = kernels._build()
+    assert module is not None and module.__spec__.origin == str(cached)
+    x = torch.randn(2, 64)
+    w = torch.randn(8, 64)
+    torch.testing.assert_close(module.skinny_linear(x, w, None), F.linear(x, w))
+
+
+def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(tmp_path, monkeypatch):
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    import tierserve.kernels as kernels
+
+    monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
+    cache_dir = tmp_path / "kernels" / kernels.build_key()
+    (cache_dir / "build-killed").mkdir(parents=True)  # what a killed build leaves: its work
+    (cache_dir / "build-killed" / "lock").touch()  # folder, torch's file lock in it, and
+    (cache_dir / "build.lock").touch()  # our lock file (its flock died with the process)
+    (cache_dir / "lock").touch()  # torch's lock where builds once ran: waited on forever
+    calls = []
+
+    def fake_compile(name, sources, build_directory, **_):  # the compiler's output, quickly
+        calls.append(build_directory)
+        shutil.copy(ops.__file__, f"{build_directory}/{name}.so")
+        return "freshly built"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_compile)
+    assert kernels._build() == "freshly built" and len(calls) == 1
+    assert (cache_dir / "tierserve_cpu_ops.so").stat().st_size > 0
+    assert not list(cache_dir.glob("build-*"))  # the leftover and the work folder are gone
+    assert kernels._build().__spec__.origin == str(cache_dir / "tierserve_cpu_ops.so")
+    assert len(calls) == 1

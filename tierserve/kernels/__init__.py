@@ -10,10 +10,14 @@ on the same machine load it in well under a second.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 
@@ -27,6 +31,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp")]
 HEADERS = [HERE / "common.h", HERE / "ops.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+MODULE_NAME = "tierserve_cpu_ops"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -74,20 +79,67 @@ def build_key() -> str:
 
 
 def _build():
-    key = build_key()
-    build_dir = tierserve_home() / "kernels" / key
-    build_dir.mkdir(parents=True, exist_ok=True)
-    if not (build_dir / "tierserve_cpu_ops.so").exists():
-        # Shown at the default log level: it explains a first start that takes ~30 s longer.
-        logger.warning("compiling tierserve's CPU kernels for this machine into %s "
-                       "(once, about 30 s)", build_dir)
-    try:
-        from torch.utils.cpp_extension import load
+    """Load the cached library for this build key, compiling it first if there is none.
 
-        return load(name="tierserve_cpu_ops", sources=[str(p) for p in SOURCES],
-                    extra_cflags=CFLAGS, extra_include_paths=[str(HERE)],
-                    extra_ldflags=["-fopenmp"], build_directory=str(build_dir), verbose=False)
+    NOTE: compiled in a private work folder and moved into place whole, under an flock that
+    the kernel releases when its holder dies: a build interrupted by Ctrl-C leaves no half
+    library and no lock behind (torch's own build lock is a plain file that, left behind by a
+    killed build, makes every later start wait forever). A library already built is imported
+    directly, without ninja, whatever checkout the sources are in.
+    """
+    cache_dir = tierserve_home() / "kernels" / build_key()
+    library = cache_dir / f"{MODULE_NAME}.so"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        if library.exists():
+            return _import(library)
+        with _exclusive(cache_dir / "build.lock"):
+            if library.exists():  # another process built it while we waited
+                return _import(library)
+            # Shown at the default log level: it explains a first start that takes longer.
+            logger.warning("compiling tierserve's CPU kernels for this machine into %s "
+                           "(once, about a minute)", cache_dir)
+            for leftover in cache_dir.glob("build-*"):  # interrupted builds: we hold the lock
+                shutil.rmtree(leftover, ignore_errors=True)
+            return _compile(library)
     except Exception as error:  # no compiler, no ninja, a compile error: fall back, say so
         logger.warning("tierserve CPU kernels unavailable (%s: %s); using plain torch ops",
                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return None
+
+
+def _compile(library: Path):
+    from torch.utils.cpp_extension import load
+
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
+    try:
+        module = load(name=MODULE_NAME, sources=[str(p) for p in SOURCES],
+                      extra_cflags=CFLAGS, extra_include_paths=[str(HERE)],
+                      extra_ldflags=["-fopenmp"], build_directory=str(work), verbose=False)
+        os.replace(work / library.name, library)  # atomic: later runs see all of it or none
+        return module
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _import(library: Path):
+    spec = importlib.util.spec_from_file_location(MODULE_NAME, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive flock on ``path`` (a no-op where fcntl does not exist)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
