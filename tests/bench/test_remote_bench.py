@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import json
+import threading
 
 import pytest
 
@@ -14,7 +16,7 @@ from tierserve.bench.remote import RemoteError, ServerClient, Target, parse_targ
 # -- pure parts --------------------------------------------------------------------------------
 def test_targets_are_named_server_host_port_or_as_given():
     assert parse_targets("http://127.0.0.1:8000") == [Target("server", "http://127.0.0.1:8000")]
-    assert [t.name for t in parse_targets("http://a:1,http://b:2/v1")] == ["a:1", "b:2"]
+    assert [t.name for t in parse_targets("http://a:1,http://u:pw@b/v1")] == ["a:1", "b"]
     named = parse_targets("sarathi=http://a:1, fcfs=https://b:2")
     assert named == [Target("sarathi", "http://a:1"), Target("fcfs", "https://b:2")]
 
@@ -29,6 +31,47 @@ def test_bad_targets_say_what_to_give(text, message):
 def test_a_base_url_with_or_without_v1_reaches_the_same_paths():
     assert ServerClient("http://h:1/v1/").prefix == ServerClient("http://h:1").prefix == ""
     assert ServerClient("https://h/proxy/v1").prefix == "/proxy"
+
+
+class _BrokenServer(http.server.BaseHTTPRequestHandler):
+    """Lists a model, then cuts every completion stream off mid-body."""
+
+    def do_GET(self):  # noqa: N802 - http.server's naming
+        body = json.dumps({"data": [{"id": "broken"}]}).encode()
+        status = 200 if self.path == "/v1/models" else 404
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "100000")  # promises more than it sends
+        self.end_headers()
+        self.wfile.write(b'data: {"choices": [{"index": 0, "text": "x"}]}\n\n')
+        self.wfile.flush()
+        self.close_connection = True
+
+    def log_message(self, *args):
+        pass
+
+
+def test_a_stream_cut_off_mid_body_counts_as_a_failed_request(tiny_llama_dir, tmp_path, capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _BrokenServer)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code, document = _bench(tmp_path, "--url", f"http://127.0.0.1:{server.server_port}",
+                                "--model", str(tiny_llama_dir), "--workload", "random",
+                                "--input-len", "8", "--output-len", "4", "--request-rate", "inf",
+                                "--num-requests", "3")
+    finally:
+        server.shutdown()
+    row = document["results"]["server"]
+    assert code == 1 and row["failed_requests"] == 3 and row["num_finished"] == 0
+    assert "the stream ended before the request finished" in capsys.readouterr().out
+    assert row["preemptions"] is None  # no /metrics there: not reported, not zero
 
 
 # -- against a real server ---------------------------------------------------------------------

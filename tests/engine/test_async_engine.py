@@ -167,6 +167,14 @@ def test_admission_is_decided_at_submission_so_requests_sent_together_count_each
         tiny_llama_dir):
     config = EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_blocks=64, max_num_seqs=1)
     busy = AsyncEngine(build_engine(config), max_waiting_requests=1)
+    submitted = threading.Event()
+    apply_commands = busy._apply_commands
+
+    def after_submission():  # the engine thread takes no command until all three are in
+        submitted.wait(timeout=30)
+        apply_commands()
+
+    busy._apply_commands = after_submission
 
     async def submit_three():
         streams, refused = [], 0
@@ -176,6 +184,7 @@ def test_admission_is_decided_at_submission_so_requests_sent_together_count_each
                 streams.append(busy.generate(f"r{index}", None, requests))
             except QueueFullError:
                 refused += 1
+        submitted.set()
         outputs = []
         for stream in streams:
             outputs.append([output async for output in stream])
@@ -192,10 +201,13 @@ def test_admission_is_decided_at_submission_so_requests_sent_together_count_each
 def test_a_stream_dropped_before_its_first_iteration_aborts_its_request(engine):
     async def submit_and_drop():
         requests = engine.make_requests("dropped", _prompt(5), _greedy(400))
-        engine.generate("dropped", None, requests)  # never iterated: collected at once
+        stream = engine.generate("dropped", None, requests)  # submitted already
+        in_flight = engine.num_in_flight
+        del stream  # never iterated: its finally never runs; collected here
         await asyncio.sleep(0.05)
+        return in_flight
 
-    asyncio.run(submit_and_drop())
+    assert asyncio.run(submit_and_drop()) == 1
     _wait_until_no_blocks_held(engine)
     assert engine.num_in_flight == 0
     # aborted on the engine thread, or dropped there before it was added: never run to the end

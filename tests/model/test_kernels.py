@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from tierserve.engine.llm import LLM
 from tierserve.kernels import cpu_ops
+from tierserve.model.hub import tierserve_home
 from tierserve.model.layers import TorchPagedAttention, apply_rotary, rms_norm
 from tierserve.request import SamplingParams
 
@@ -172,6 +175,16 @@ def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch):
     assert kernels.build_key() != here  # -march=native code from another CPU is not loaded
 
 
+def _built_library() -> Path:
+    """This machine's built library in the real cache (``ops`` itself may have been loaded from
+    the work folder of a build that has since moved it there)."""
+    import tierserve.kernels as kernels
+
+    path = tierserve_home() / "kernels" / kernels.build_key() / f"{kernels.MODULE_NAME}.so"
+    assert path.is_file()
+    return path
+
+
 def test_a_built_library_is_imported_without_compiling(tmp_path, monkeypatch):
     import shutil
 
@@ -179,10 +192,11 @@ def test_a_built_library_is_imported_without_compiling(tmp_path, monkeypatch):
 
     import tierserve.kernels as kernels
 
+    built = _built_library()
     monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
     cached = tmp_path / "kernels" / kernels.build_key() / "tierserve_cpu_ops.so"
     cached.parent.mkdir(parents=True)
-    shutil.copy(ops.__file__, cached)  # as another checkout of the same sources built it
+    shutil.copy(built, cached)  # as another checkout of the same sources built it
 
     def no_compiling(**_):
         raise AssertionError("compiled although a library for this key exists")
@@ -202,6 +216,7 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(tmp_path, monk
 
     import tierserve.kernels as kernels
 
+    built = _built_library()
     monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
     cache_dir = tmp_path / "kernels" / kernels.build_key()
     (cache_dir / "build-killed").mkdir(parents=True)  # what a killed build leaves: its work
@@ -212,7 +227,7 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(tmp_path, monk
 
     def fake_compile(name, sources, build_directory, **_):  # the compiler's output, quickly
         calls.append(build_directory)
-        shutil.copy(ops.__file__, f"{build_directory}/{name}.so")
+        shutil.copy(built, f"{build_directory}/{name}.so")
         return "freshly built"
 
     monkeypatch.setattr(cpp_extension, "load", fake_compile)
@@ -221,3 +236,25 @@ def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(tmp_path, monk
     assert not list(cache_dir.glob("build-*"))  # the leftover and the work folder are gone
     assert kernels._build().__spec__.origin == str(cache_dir / "tierserve_cpu_ops.so")
     assert len(calls) == 1
+
+
+def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
+    import shutil
+
+    import torch.utils.cpp_extension as cpp_extension
+
+    import tierserve.kernels as kernels
+
+    built = _built_library()
+    monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
+    cached = tmp_path / "kernels" / kernels.build_key() / "tierserve_cpu_ops.so"
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"not a shared library")  # e.g. written by a broken toolchain
+
+    def fake_compile(name, sources, build_directory, **_):
+        shutil.copy(built, f"{build_directory}/{name}.so")
+        return "rebuilt"
+
+    monkeypatch.setattr(cpp_extension, "load", fake_compile)
+    assert kernels._build() == "rebuilt"
+    assert cached.read_bytes()[:4] == b"\x7fELF"

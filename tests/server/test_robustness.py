@@ -91,6 +91,11 @@ def test_full_waiting_queue_answers_503_with_retry_after(tiny_llama_dir, stream)
         rejected = next(r for r in responses if r.status_code == 503)
         assert rejected.headers["Retry-After"] == "1"
         assert rejected.json()["error"]["code"] == "queue_full"
+        # more prompts in one request than may ever wait: a 400 that says why, not a 503
+        too_many = httpx.post(busy.url + "/v1/completions", timeout=60, json={
+            "prompt": ["a", "b"], "max_tokens": 2, "stream": stream})
+        assert too_many.status_code == 400
+        assert "--max-waiting-requests" in too_many.json()["error"]["message"]
     finally:
         busy.stop()
 

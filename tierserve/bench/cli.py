@@ -50,8 +50,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     remote.add_argument("--url", default=None,
                         help="server base URL, e.g. http://127.0.0.1:8000; NAME=URL,NAME=URL "
                         "runs several servers one after the other (e.g. one per policy)")
-    remote.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"),
-                        help="bearer token for the server (default: $OPENAI_API_KEY)")
+    remote.add_argument("--api-key", default=os.environ.get("TIERSERVE_API_KEY"),
+                        help="bearer token for the server (default: $TIERSERVE_API_KEY, as "
+                        "tierserve serve reads it; else none)")
     online.set_defaults(func=cmd_online)
 
     fairness = sub.add_parser(
@@ -171,6 +172,8 @@ def _finish(args: argparse.Namespace, config: dict, results: dict, columns, extr
     from tierserve.bench.report import format_table, machine_info, machine_line, write_json
 
     machine = machine_info(dtype or args.dtype)
+    if getattr(args, "url", None):  # the client's machine; the servers' dtype is not known here
+        machine.update(dtype="the servers'", measured_from="client")
     print(machine_line(machine))
     print(format_table(results, columns))
     if args.json:

@@ -204,8 +204,9 @@ def worker_failure(job: WorkerJob, returncode: int) -> str:
     if job.contender == "llama.cpp" and name == "SIGILL":
         message += (": llama.cpp was compiled for CPU instructions this machine does not run "
                     "(e.g. AMX in a VM that does not enable it); rebuild it without them: "
-                    "CMAKE_ARGS='-DGGML_NATIVE=OFF -DGGML_AVX512=ON' pip install "
-                    "--force-reinstall --no-deps --no-cache-dir llama-cpp-python")
+                    "CMAKE_ARGS='-DGGML_NATIVE=OFF' pip install --force-reinstall --no-deps "
+                    "--no-cache-dir llama-cpp-python (add -DGGML_AVX512=ON to CMAKE_ARGS where "
+                    "the CPU has AVX-512)")
     return message
 
 

@@ -21,7 +21,7 @@ from tierserve.bench.harness import (
     run_variants,
     token_space,
 )
-from tierserve.bench.remote import ServerClient, Target, drive_remote
+from tierserve.bench.remote import ServerClient, Target, drive_remote, host_port
 from tierserve.bench.stats import poisson_arrivals
 from tierserve.bench.workloads import (
     BenchRequest,
@@ -94,7 +94,7 @@ def run_online_remote(targets: list[Target], spec: OnlineSpec, model_path,
     records, served = {}, {}
     for target in targets:
         client = ServerClient(target.url, api_key)
-        served[target.name] = {"url": target.url, "model": client.served_model()[0]}
+        served[target.name] = {"host": host_port(target.url), "model": client.served_model()[0]}
         records[target.name] = drive_remote(client, requests,
                                             progress=target.name if progress else None)
     document_config = {**_spec_config(spec, requests), "servers": served,

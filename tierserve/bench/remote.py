@@ -5,9 +5,10 @@ The same seeded workload and Poisson arrivals as the in-process run, sent as str
 workload's lengths) with greedy ``ignore_eos`` sampling: tierserve, vLLM, SGLang and llama.cpp's
 server all accept both. Each request runs on its own thread and its own connection.
 
-Timing is the client's, as vLLM's ``benchmark_serving`` does it: TTFT is arrival (the scheduled
-send time) to the first streamed chunk with text; TBT is the gap between consecutive chunks with
-text, so a server that sends several tokens in one chunk shows one longer gap. Output token
+Timing is the client's: TTFT runs from arrival (the scheduled send time, so a late send counts
+against it, as a late client would) to the first streamed chunk with text; TBT is the gap between
+consecutive chunks with text, so a server that sends several tokens in one chunk shows one longer
+gap. Output token
 counts come from the final ``usage`` chunk. Preemptions and the server's own mean TTFT are read
 from its Prometheus ``/metrics`` (``*preemptions_total``, ``*time_to_first_token_seconds``)
 before and after, where it has them.
@@ -62,12 +63,18 @@ def parse_targets(text: str) -> list[Target]:
         if not sep or "://" in name:
             name, url = "", item
         if not name:
-            name = "server" if len(items) == 1 else urlsplit(url).netloc
+            name = "server" if len(items) == 1 else host_port(url)
         targets.append(Target(name.strip(), url.strip()))
     names = [t.name for t in targets]
     if len(set(names)) != len(names):
         raise ValueError(f"--url names must differ, got {names}")
     return targets
+
+
+def host_port(url: str) -> str:
+    """``host:port`` of ``url``, without any user:password in it."""
+    parts = urlsplit(url)
+    return f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
 
 
 class ServerClient:
@@ -99,8 +106,8 @@ class ServerClient:
             connection.request("GET", self.prefix + path, headers=self._headers())
             response = connection.getresponse()
             body = response.read().decode("utf-8", "replace")
-        except OSError as exc:
-            raise RemoteError(f"cannot reach {self.url}{path}: {exc}; is the server running "
+        except (OSError, http.client.HTTPException) as exc:
+            raise RemoteError(f"cannot reach {self.url}{path}: {exc!r}; is the server running "
                               "(tierserve serve ...)?") from exc
         finally:
             connection.close()
@@ -152,6 +159,8 @@ class ServerClient:
                 if data == b"[DONE]":
                     break
                 chunk = json.loads(data)
+                if not isinstance(chunk, dict):
+                    raise RemoteError(f"not a completion chunk: {data[:200]!r}")
                 if "error" in chunk:
                     raise RemoteError(f"server error mid-stream: {chunk['error']}")
                 if any(choice.get("text") for choice in chunk.get("choices") or []):
@@ -159,8 +168,8 @@ class ServerClient:
                 for choice in chunk.get("choices") or []:
                     reason = choice.get("finish_reason") or reason
                 usage = chunk.get("usage") or usage
-        except OSError as exc:
-            raise RemoteError(f"connection to {self.url} failed: {exc}") from exc
+        except (OSError, http.client.HTTPException) as exc:  # refused, reset, cut mid-chunk
+            raise RemoteError(f"connection to {self.url} failed: {exc!r}") from exc
         finally:
             connection.close()
         if reason is None:
@@ -207,7 +216,7 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
             if timeline is not None and counted is not None:
                 timeline.num_output_tokens = counted  # chunks may carry several tokens
             metrics.on_finished(request_id, done["finish_reason"] or "unknown", now=finished)
-        except (RemoteError, ValueError) as exc:  # ValueError: a chunk that is not JSON
+        except Exception as exc:  # noqa: BLE001 - any failure is that request's, and counted
             with lock:
                 errors.append(f"{request_id}: {exc}")
         finally:
@@ -227,6 +236,9 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
         for thread in threads:
             thread.join()
     counters1 = client.server_counters()
+    unaccounted = len(requests) - len(metrics.finished_timelines()) - len(errors)
+    if unaccounted > 0:  # a thread that died without saying: count it, never drop it
+        errors.extend(["a request neither finished nor failed"] * unaccounted)
     served = {key: counters1[key] - counters0[key] for key in counters1 if key in counters0}
     timelines = metrics.finished_timelines()
     end = max((t.finished_time for t in timelines), default=start)

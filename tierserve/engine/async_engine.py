@@ -123,8 +123,18 @@ class AsyncEngine:
         # NOTE: an async generator that never started does not run its finally when closed or
         # collected (e.g. a client gone before its streamed response began): release on
         # collection too. Releasing twice changes nothing.
-        weakref.finalize(outputs, self._release, request_id)
+        weakref.finalize(outputs, self._release_soon, stream.loop, request_id)
         return outputs
+
+    def _release_soon(self, loop: asyncio.AbstractEventLoop, request_id: str) -> None:
+        """``_release`` from a weakref callback, which the garbage collector may run on any
+        thread, even one inside a lock ``abort`` takes: hand it to the event loop; a loop
+        already closed gets a bare abort command (a queue put, safe anywhere)."""
+        try:
+            loop.call_soon_threadsafe(self._release, request_id)
+        except RuntimeError:  # the loop is closed
+            self._streams.pop(request_id, None)
+            self._commands.put(("abort", request_id))
 
     async def _follow(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         try:

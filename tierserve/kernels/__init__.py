@@ -4,8 +4,8 @@ compiled for this machine at first use.
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
 no ninja, TIERSERVE_KERNELS=0): callers then take the plain torch path, which gives the same
 results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
-the source, the torch version, the flags and the CPU (model and instruction sets), so later runs
-on the same machine load it in well under a second.
+the source, the torch version, the flags, the CPU (model and instruction sets) and the Python
+ABI, so later runs on the same machine load it in well under a second.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import logging
 import os
 import platform
 import shutil
+import sysconfig
 import tempfile
 import threading
 from pathlib import Path
@@ -72,9 +73,12 @@ def cpu_identity() -> str:
 
 
 def build_key() -> str:
-    """The build cache's key: sources, torch version, flags and CPU."""
+    """The build cache's key: sources, torch version, flags, CPU and Python ABI."""
     texts = [path.read_text() for path in SOURCES + HEADERS]
-    parts = [*texts, torch.__version__, *CFLAGS, cpu_identity()]
+    # EXT_SUFFIX names the Python ABI (e.g. .cpython-311-x86_64-linux-gnu.so): venvs of two
+    # Pythons can share one $TIERSERVE_HOME.
+    parts = [*texts, torch.__version__, *CFLAGS, cpu_identity(),
+             str(sysconfig.get_config_var("EXT_SUFFIX"))]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -91,11 +95,13 @@ def _build():
     library = cache_dir / f"{MODULE_NAME}.so"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        if library.exists():
-            return _import(library)
+        module = _load_cached(library, warn=False)
+        if module is not None:
+            return module
         with _exclusive(cache_dir / "build.lock"):
-            if library.exists():  # another process built it while we waited
-                return _import(library)
+            module = _load_cached(library, warn=True)  # built by another process meanwhile?
+            if module is not None:
+                return module
             # Shown at the default log level: it explains a first start that takes longer.
             logger.warning("compiling tierserve's CPU kernels for this machine into %s "
                            "(once, about a minute)", cache_dir)
@@ -120,6 +126,20 @@ def _compile(library: Path):
         return module
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _load_cached(library: Path, warn: bool):
+    """The cached library, or None where there is none or it does not load (then a build
+    replaces it)."""
+    if not library.exists():
+        return None
+    try:
+        return _import(library)
+    except ImportError as error:
+        if warn:
+            logger.warning("cached kernels %s do not load (%s); building them again", library,
+                           error)
+        return None
 
 
 def _import(library: Path):

@@ -132,6 +132,11 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
         _check_model(body, settings)
         prompts = await asyncio.to_thread(_checked, convert.encode_prompts, engine.tokenizer,
                                           body.prompt)
+        limit = engine.max_waiting_requests
+        if limit is not None and len(prompts) > limit:  # a 503 would never clear: say so
+            raise ApiError(400, f"this request has {len(prompts)} prompts; the server queues at "
+                           f"most {limit} waiting requests (--max-waiting-requests): send fewer "
+                           "prompts per request", param="prompt")
         params = _checked(convert.completion_params, body)
         request_id = engine.next_request_id("cmpl")
         streams = [_submit(engine, f"{request_id}-{i}", text, ids, params, body)
