@@ -70,7 +70,9 @@ def test_a_stream_cut_off_mid_body_counts_as_a_failed_request(tiny_llama_dir, tm
         server.shutdown()
     row = document["results"]["server"]
     assert code == 1 and row["failed_requests"] == 3 and row["num_finished"] == 0
-    assert "the stream ended before the request finished" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the stream ended before the request finished" in out
+    assert "no request finished" in out and not (tmp_path / "cdf.png").exists()
     assert row["preemptions"] is None  # no /metrics there: not reported, not zero
 
 

@@ -205,7 +205,9 @@ def cmd_online(args: argparse.Namespace) -> int:
     else:
         result = run_online(_engine_config(args), spec, progress=not args.no_progress)
     _finish(args, result.config, result.results, ONLINE_COLUMNS)
-    if args.plot:
+    if args.plot and not any(sample["ttft"] for sample in result.samples.values()):
+        print(f"no request finished: {args.plot} not written")
+    elif args.plot:
         plot_latency_cdfs(result.samples, args.plot,
                           f"{args.workload}, {args.request_rate} req/s, {args.model}"
                           + (" (over HTTP)" if args.url else ""))
