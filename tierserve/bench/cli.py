@@ -44,8 +44,8 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                         f"in-process engine (default: {ONLINE_DEFAULT_POLICIES})")
     remote = online.add_argument_group(
         "a running server instead of the in-process engine",
-        "Streamed /v1/completions with token-id prompts (tierserve serve, vLLM, SGLang, llama.cpp "
-        "server); timing is the client's. --model then only names the tokenizer that builds "
+        "Streamed /v1/completions with token-id prompts and ignore_eos (tierserve serve; vLLM, "
+        "SGLang and llama-server document both); timing is the client's. --model then only names the tokenizer that builds "
         "the prompts (the model the server runs); the engine flags do not apply.")
     remote.add_argument("--url", default=None,
                         help="server base URL, e.g. http://127.0.0.1:8000; NAME=URL,NAME=URL "

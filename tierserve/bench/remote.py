@@ -2,8 +2,10 @@
 
 The same seeded workload and Poisson arrivals as the in-process run, sent as streamed
 ``/v1/completions`` requests whose prompts are token ids (so every server sees exactly the
-workload's lengths) with greedy ``ignore_eos`` sampling: tierserve, vLLM, SGLang and llama.cpp's
-server all accept both. Each request runs on its own thread and its own connection.
+workload's lengths) with greedy ``ignore_eos`` sampling. tierserve's server takes both (tested);
+vLLM, SGLang and llama.cpp's llama-server document both (not tested here). A server that ignores
+``ignore_eos`` stops early: its output counts still come from ``usage``. Each request runs on its
+own thread and its own connection.
 
 Timing is the client's: TTFT runs from arrival (the scheduled send time, so a late send counts
 against it, as a late client would) to the first streamed chunk with text; TBT is the gap between
