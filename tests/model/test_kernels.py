@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.utils.cpp_extension as cpp_extension
 
+import tierserve.kernels as kernels
 from tierserve.engine.llm import LLM
 from tierserve.kernels import cpu_ops
 from tierserve.model.hub import tierserve_home
@@ -167,94 +170,57 @@ def test_model_gives_the_same_tokens_with_kernels_off(tiny_llama_dir, monkeypatc
 
 
 def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch):
-    import tierserve.kernels as kernels
-
     here = kernels.build_key()
     assert kernels.build_key() == here  # stable on one machine: later runs reuse the build
     monkeypatch.setattr(kernels, "cpu_identity", lambda: "model name: another CPU\nflags: sse2")
     assert kernels.build_key() != here  # -march=native code from another CPU is not loaded
 
 
-def _built_library() -> Path:
-    """This machine's built library in the real cache (``ops`` itself may have been loaded from
-    the work folder of a build that has since moved it there)."""
-    import tierserve.kernels as kernels
-
-    path = tierserve_home() / "kernels" / kernels.build_key() / f"{kernels.MODULE_NAME}.so"
-    assert path.is_file()
-    return path
-
-
-def test_a_built_library_is_imported_without_compiling(tmp_path, monkeypatch):
-    import shutil
-
-    import torch.utils.cpp_extension as cpp_extension
-
-    import tierserve.kernels as kernels
-
-    built = _built_library()
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """An empty $TIERSERVE_HOME whose compiler is faked: a "build" copies this machine's real
+    library (from the real cache: ``ops`` may have been loaded from a build's work folder since
+    moved) into the work folder, and is recorded in ``compiles``."""
+    built = tierserve_home() / "kernels" / kernels.build_key() / f"{kernels.MODULE_NAME}.so"
+    assert built.is_file()
     monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
-    cached = tmp_path / "kernels" / kernels.build_key() / "tierserve_cpu_ops.so"
-    cached.parent.mkdir(parents=True)
-    shutil.copy(built, cached)  # as another checkout of the same sources built it
+    library = tmp_path / "kernels" / kernels.build_key() / f"{kernels.MODULE_NAME}.so"
+    library.parent.mkdir(parents=True)
+    compiles: list[str] = []
 
-    def no_compiling(**_):
-        raise AssertionError("compiled although a library for this key exists")
+    def fake_compile(name, sources, build_directory, **_):
+        compiles.append(build_directory)
+        shutil.copy(built, f"{build_directory}/{name}.so")
+        return "freshly built"
 
-    monkeypatch.setattr(cpp_extension, "load", no_compiling)
+    monkeypatch.setattr(cpp_extension, "load", fake_compile)
+    return SimpleNamespace(built=built, library=library, compiles=compiles)
+
+
+def test_a_built_library_is_imported_without_compiling(private_cache):
+    shutil.copy(private_cache.built, private_cache.library)  # as another checkout built it
     module = kernels._build()
-    assert module is not None and module.__spec__.origin == str(cached)
+    assert private_cache.compiles == []
+    assert module is not None and module.__spec__.origin == str(private_cache.library)
     x = torch.randn(2, 64)
     w = torch.randn(8, 64)
     torch.testing.assert_close(module.skinny_linear(x, w, None), F.linear(x, w))
 
 
-def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(tmp_path, monkeypatch):
-    import shutil
-
-    import torch.utils.cpp_extension as cpp_extension
-
-    import tierserve.kernels as kernels
-
-    built = _built_library()
-    monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
-    cache_dir = tmp_path / "kernels" / kernels.build_key()
-    (cache_dir / "build-killed").mkdir(parents=True)  # what a killed build leaves: its work
-    (cache_dir / "build-killed" / "lock").touch()  # folder, torch's file lock in it, and
+def test_an_interrupted_build_leaves_nothing_that_blocks_the_next(private_cache):
+    cache_dir = private_cache.library.parent
+    (cache_dir / "build-killed").mkdir()  # what a killed build leaves: its work folder,
+    (cache_dir / "build-killed" / "lock").touch()  # torch's file lock in it, and
     (cache_dir / "build.lock").touch()  # our lock file (its flock died with the process)
     (cache_dir / "lock").touch()  # torch's lock where builds once ran: waited on forever
-    calls = []
-
-    def fake_compile(name, sources, build_directory, **_):  # the compiler's output, quickly
-        calls.append(build_directory)
-        shutil.copy(built, f"{build_directory}/{name}.so")
-        return "freshly built"
-
-    monkeypatch.setattr(cpp_extension, "load", fake_compile)
-    assert kernels._build() == "freshly built" and len(calls) == 1
-    assert (cache_dir / "tierserve_cpu_ops.so").stat().st_size > 0
+    assert kernels._build() == "freshly built" and len(private_cache.compiles) == 1
+    assert private_cache.library.stat().st_size > 0
     assert not list(cache_dir.glob("build-*"))  # the leftover and the work folder are gone
-    assert kernels._build().__spec__.origin == str(cache_dir / "tierserve_cpu_ops.so")
-    assert len(calls) == 1
+    assert kernels._build().__spec__.origin == str(private_cache.library)
+    assert len(private_cache.compiles) == 1
 
 
-def test_a_cached_library_that_does_not_load_is_built_again(tmp_path, monkeypatch):
-    import shutil
-
-    import torch.utils.cpp_extension as cpp_extension
-
-    import tierserve.kernels as kernels
-
-    built = _built_library()
-    monkeypatch.setenv("TIERSERVE_HOME", str(tmp_path))
-    cached = tmp_path / "kernels" / kernels.build_key() / "tierserve_cpu_ops.so"
-    cached.parent.mkdir(parents=True)
-    cached.write_bytes(b"not a shared library")  # e.g. written by a broken toolchain
-
-    def fake_compile(name, sources, build_directory, **_):
-        shutil.copy(built, f"{build_directory}/{name}.so")
-        return "rebuilt"
-
-    monkeypatch.setattr(cpp_extension, "load", fake_compile)
-    assert kernels._build() == "rebuilt"
-    assert cached.read_bytes()[:4] == b"\x7fELF"
+def test_a_cached_library_that_does_not_load_is_built_again(private_cache):
+    private_cache.library.write_bytes(b"not a shared library")  # e.g. a broken toolchain's
+    assert kernels._build() == "freshly built"
+    assert private_cache.library.read_bytes()[:4] == b"\x7fELF"

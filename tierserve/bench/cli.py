@@ -45,8 +45,9 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     remote = online.add_argument_group(
         "a running server instead of the in-process engine",
         "Streamed /v1/completions with token-id prompts and ignore_eos (tierserve serve; vLLM, "
-        "SGLang and llama-server document both); timing is the client's. --model then only names the tokenizer that builds "
-        "the prompts (the model the server runs); the engine flags do not apply.")
+        "SGLang and llama-server document both); timing is the client's. --model then only "
+        "names the tokenizer that builds the prompts (the model the server runs); the engine "
+        "flags do not apply.")
     remote.add_argument("--url", default=None,
                         help="server base URL, e.g. http://127.0.0.1:8000; NAME=URL,NAME=URL "
                         "runs several servers one after the other (e.g. one per policy)")
@@ -168,12 +169,10 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def _finish(args: argparse.Namespace, config: dict, results: dict, columns, extra=None,
-            dtype: str | None = None) -> None:
+            dtype: str | None = None, machine_notes: dict | None = None) -> None:
     from tierserve.bench.report import format_table, machine_info, machine_line, write_json
 
-    machine = machine_info(dtype or args.dtype)
-    if getattr(args, "url", None):  # the client's machine; the servers' dtype is not known here
-        machine.update(dtype="the servers'", measured_from="client")
+    machine = {**machine_info(dtype or args.dtype), **(machine_notes or {})}
     print(machine_line(machine))
     print(format_table(results, columns))
     if args.json:
@@ -204,7 +203,10 @@ def cmd_online(args: argparse.Namespace) -> int:
                                    api_key=args.api_key, progress=not args.no_progress)
     else:
         result = run_online(_engine_config(args), spec, progress=not args.no_progress)
-    _finish(args, result.config, result.results, ONLINE_COLUMNS)
+    # Over HTTP the machine line is the client's; the servers' dtype is not known here.
+    _finish(args, result.config, result.results, ONLINE_COLUMNS,
+            machine_notes={"dtype": "the servers'", "measured_from": "client"} if args.url
+            else None)
     if args.plot and not any(sample["ttft"] for sample in result.samples.values()):
         print(f"no request finished: {args.plot} not written")
     elif args.plot:

@@ -40,6 +40,9 @@ class RunRecord:
     blocks_per_swap: list[int] = field(default_factory=list)
     clipped: int = 0  # requests shortened to fit the context
     errors: list[str] = field(default_factory=list)  # requests that failed (remote runs)
+    # A remote server's own mean TTFT from its /metrics, beside the client's: the gap is HTTP,
+    # its event loop and the client (None in process, or when the server has no such metric).
+    server_ttft_mean_s: float | None = None
 
     @property
     def output_tokens(self) -> int:

@@ -94,8 +94,9 @@ def run_online_remote(targets: list[Target], spec: OnlineSpec, model_path,
     records, served = {}, {}
     for target in targets:
         client = ServerClient(target.url, api_key)
-        served[target.name] = {"host": host_port(target.url), "model": client.served_model()[0]}
-        records[target.name] = drive_remote(client, requests,
+        model, max_model_len = client.served_model()
+        served[target.name] = {"host": host_port(target.url), "model": model}
+        records[target.name] = drive_remote(client, requests, model, max_model_len,
                                             progress=target.name if progress else None)
     document_config = {**_spec_config(spec, requests), "servers": served,
                        "timing": "client side: TTFT to the first streamed chunk with text, TBT "
@@ -142,6 +143,5 @@ def online_row(record: RunRecord) -> dict:
         "prefix_cache_hit_rate": summary["prefix_cache_hit_rate"],
         "clipped_requests": record.clipped,
         "failed_requests": len(record.errors),
-        **({"server_ttft_mean_s": summary["server_ttft_mean_s"]}
-           if "server_ttft_mean_s" in summary else {}),
+        "server_ttft_mean_s": record.server_ttft_mean_s,
     }

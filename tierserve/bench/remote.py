@@ -10,10 +10,9 @@ own thread and its own connection.
 Timing is the client's: TTFT runs from arrival (the scheduled send time, so a late send counts
 against it, as a late client would) to the first streamed chunk with text; TBT is the gap between
 consecutive chunks with text, so a server that sends several tokens in one chunk shows one longer
-gap. Output token
-counts come from the final ``usage`` chunk. Preemptions and the server's own mean TTFT are read
-from its Prometheus ``/metrics`` (``*preemptions_total``, ``*time_to_first_token_seconds``)
-before and after, where it has them.
+gap. Output token counts come from the final ``usage`` chunk. Preemptions and the server's own
+mean TTFT are read from its Prometheus ``/metrics`` (``*preemptions_total``,
+``*time_to_first_token_seconds``) before and after, where it has them.
 """
 
 from __future__ import annotations
@@ -189,13 +188,12 @@ def completion_body(model: str, request: BenchRequest) -> dict:
     return body
 
 
-def drive_remote(client: ServerClient, requests: list[BenchRequest],
-                 progress: str | None = None) -> RunRecord:
-    """Send ``requests`` at their arrival offsets (None: at once), each on its own thread, and
-    wait for all; the timelines are the client's (see the module docstring)."""
+def drive_remote(client: ServerClient, requests: list[BenchRequest], model: str,
+                 max_model_len: int | None, progress: str | None = None) -> RunRecord:
+    """Send ``requests`` to ``model`` at their arrival offsets (None: at once), each on its own
+    thread, and wait for all; the timelines are the client's (see the module docstring)."""
     from tqdm.auto import tqdm
 
-    model, max_model_len = client.served_model()
     clipped = 0
     if max_model_len:
         requests, clipped = fit_to_context(requests, int(max_model_len))
@@ -217,7 +215,7 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
             counted = (done["usage"] or {}).get("completion_tokens")
             if timeline is not None and counted is not None:
                 timeline.num_output_tokens = counted  # chunks may carry several tokens
-            metrics.on_finished(request_id, done["finish_reason"] or "unknown", now=finished)
+            metrics.on_finished(request_id, done["finish_reason"], now=finished)
         except Exception as exc:  # noqa: BLE001 - any failure is that request's, and counted
             with lock:
                 errors.append(f"{request_id}: {exc}")
@@ -238,9 +236,6 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
         for thread in threads:
             thread.join()
     counters1 = client.server_counters()
-    unaccounted = len(requests) - len(metrics.finished_timelines()) - len(errors)
-    if unaccounted > 0:  # a thread that died without saying: count it, never drop it
-        errors.extend(["a request neither finished nor failed"] * unaccounted)
     served = {key: counters1[key] - counters0[key] for key in counters1 if key in counters0}
     timelines = metrics.finished_timelines()
     end = max((t.finished_time for t in timelines), default=start)
@@ -249,11 +244,9 @@ def drive_remote(client: ServerClient, requests: list[BenchRequest],
     ttft_count = served.get("time_to_first_token_seconds_count")
     summary = metrics.summary()
     summary["prefix_cache_hit_rate"] = None  # the server's, which the client does not see
-    # The server's own mean TTFT over the run, beside the client's: the gap is HTTP, the
-    # event loop and this client.
-    summary["server_ttft_mean_s"] = (served["time_to_first_token_seconds_sum"] / ttft_count
-                                     if ttft_count else None)
     return RunRecord(timelines=timelines, outputs={}, summary=summary, start=start,
                      wall_s=end - first, num_steps=None,
                      preemptions=None if preempted is None else int(preempted),
-                     swap_preemptions=None, clipped=clipped, errors=errors)
+                     swap_preemptions=None, clipped=clipped, errors=errors,
+                     server_ttft_mean_s=(served["time_to_first_token_seconds_sum"] / ttft_count
+                                         if ttft_count else None))

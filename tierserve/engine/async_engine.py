@@ -96,15 +96,6 @@ class AsyncEngine:
         return self.core.make_requests(request_id, prompt_ids, params, client_id=client_id,
                                        priority=priority)
 
-    def check_admission(self) -> None:
-        """Raise EngineDeadError or QueueFullError if a new request would be refused now."""
-        if not self.alive:
-            raise EngineDeadError("the engine loop is not running")
-        waiting = self.core.scheduler.num_waiting + self._commands.qsize()
-        if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
-            raise QueueFullError(f"{waiting} requests are already waiting "
-                                 f"(--max-waiting-requests {self.max_waiting_requests})")
-
     def generate(self, request_id: str, prompt: str | None, requests: list[Request]
                  ) -> AsyncIterator[RequestOutput]:
         """Submit a user request now and return an iterator of its RequestOutput after every
@@ -115,7 +106,12 @@ class AsyncEngine:
         submitted together count each other as waiting. Closing the iterator early (a client
         that disconnected) aborts the request; so does dropping it before its first iteration.
         """
-        self.check_admission()
+        if not self.alive:
+            raise EngineDeadError("the engine loop is not running")
+        waiting = self.core.scheduler.num_waiting + self._commands.qsize()
+        if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"{waiting} requests are already waiting "
+                                 f"(--max-waiting-requests {self.max_waiting_requests})")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
         self._command(("add", request_id, prompt, requests))
