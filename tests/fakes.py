@@ -23,21 +23,42 @@ class FakeExecutor:
         self.blocks: dict[tuple[Tier, int], dict[int, int]] = {}
         self.plans: list[StepPlan] = []
         self.copies = 0
+        self.fail_next_copy: str | None = None  # the next copy whose key starts so fails
+        self.failed_copies: list = []
+        self._done_later: list[SwapDone] = []  # copies run by a step that then raised
 
     def _slots(self, tier: Tier, block: int) -> dict[int, int]:
         return self.blocks.setdefault((tier, block), {})
 
-    def execute(self, plan: StepPlan) -> StepResult:
-        self.plans.append(plan)
-        result = StepResult()
+    def copy_only(self, plan: StepPlan) -> list[SwapDone]:
+        """Run the plan's copies (in order) and report them (in the next result if this step
+        raises); the first copy whose key starts with ``fail_next_copy`` fails, and if the step
+        needed it (``wait``) the step raises, as the runner's wait does."""
+        done, needed_failed = [], False
         for order in plan.swap_orders:  # copies run in order, before the forward
+            if self.fail_next_copy and order.key.startswith(self.fail_next_copy):
+                self.fail_next_copy = None
+                self.failed_copies.append(order)
+                done.append(SwapDone(order.key, order.num_blocks, error="injected copy error"))
+                needed_failed |= order.wait
+                continue
             for op in order.ops:
                 for run in op.runs:
                     self.copies += 1
                     for i in range(run.length):
                         src = self.blocks.get((op.src_tier, run.src_start + i), {})
                         self.blocks[(op.dst_tier, run.dst_start + i)] = dict(src)
-            result.swaps_done.append(SwapDone(order.key, order.num_blocks, order.num_copies))
+            done.append(SwapDone(order.key, order.num_blocks, order.num_copies))
+        self._done_later += done
+        if needed_failed:
+            raise RuntimeError("injected copy error in a copy this step needed")
+        return done
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        self.plans.append(plan)
+        result = StepResult()
+        self.copy_only(plan)
+        result.swaps_done, self._done_later = self._done_later, []
         for chunk in plan.chunks:
             table = chunk.block_table
             for offset, token in enumerate(chunk.token_ids):
@@ -90,3 +111,41 @@ def run_to_completion(core: EngineCore, max_steps: int = 100_000) -> None:
             return
         core.step()
     raise AssertionError("engine did not finish")
+
+
+class FaultyExecutor:
+    """Wraps an executor (the fake above or the real ModelRunner) and injects faults:
+
+    - ``fail``: request ids reported failed in ``StepResult.failed`` (the rest of the step runs);
+    - ``raise_for``: request ids whose presence in a plan makes ``execute`` raise RequestError
+      naming them, before anything runs (as the runner does for malformed step inputs);
+    - ``raise_on_calls``: call numbers (1-based) on which ``execute`` raises RuntimeError, as
+      a forward that breaks does, after the plan's copies have run.
+    """
+
+    def __init__(self, inner, fail=(), raise_for=(), raise_on_calls=()) -> None:
+        self.inner = inner
+        self.fail, self.raise_for = set(fail), set(raise_for)
+        self.raise_on_calls = set(raise_on_calls)
+        self.calls = 0
+        self.plans = []
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        from tierserve.sched.plan import RequestError
+
+        self.calls += 1
+        self.plans.append(plan)
+        named = {c.request_id for c in plan.chunks} & self.raise_for
+        if named:
+            raise RequestError({rid: "injected: bad inputs" for rid in sorted(named)})
+        if self.calls in self.raise_on_calls:
+            if plan.swap_orders and hasattr(self.inner, "copy_only"):
+                self.inner.copy_only(plan)
+            raise RuntimeError(f"injected forward failure on call {self.calls}")
+        result = self.inner.execute(plan)
+        for chunk in plan.chunks:
+            if chunk.request_id in self.fail:
+                result.sampled_token_ids.pop(chunk.request_id, None)
+                result.logprobs.pop(chunk.request_id, None)
+                result.failed[chunk.request_id] = "injected: its sampling failed"
+        return result

@@ -141,6 +141,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
     print(f"{summary.lines} lines: {summary.succeeded} succeeded, {summary.failed} failed, "
           f"{summary.skipped_done} already done; {summary.output_tokens} output tokens in "
           f"{summary.wall_s:.1f} s", file=sys.stderr)
+    for error in summary.errors[:5]:
+        print(f"  failed: {error}", file=sys.stderr)
     if stats is not None:
         print(f"plan: {stats.num_groups} groups, {stats.shared_prefix_tokens_saved} prompt tokens "
               f"shared, {stats.prefill_tokens} computed", file=sys.stderr)

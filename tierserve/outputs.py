@@ -21,7 +21,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | None: running
     stop_reason: int | str | None = None  # the stop token id or stop string, if one fired
     # One dict per generated token: the sampled token and the top alternatives.
     logprobs: list[dict[int, Logprob]] | None = None
@@ -52,3 +52,9 @@ class RequestOutput:
     finished: bool = False
     num_cached_tokens: int = 0
     metrics: RequestMetrics | None = None
+    # With SamplingParams.prompt_logprobs: None for the first prompt token, then one dict per
+    # token (the actual token and the top alternatives), as vLLM's.
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    # What went wrong when the request failed (its completions end with "error"); the rest of
+    # the batch is unaffected.
+    error: str | None = None

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from tierserve.errors import InvalidRequestError
+
+# Seeds outside the signed 64-bit range are refused (as vLLM's API does), not reduced into it,
+# so two different seeds never silently give the same stream.
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+MAX_LOGPROBS = 20  # top alternatives per position, as vLLM's default max_logprobs
+
+# vLLM's per-request logits processors: fn(output_ids, logits) or fn(prompt_ids, output_ids,
+# logits) -> logits, on one (vocab,) float32 row; it may edit the row in place.
+LogitsProcessor = Callable[..., object]
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """How to pick tokens and when to stop; the fields and defaults follow vLLM's.
 
-    ``max_tokens=None`` lets the request run to the end of the model's context.
+    ``max_tokens=None`` lets the request run to the end of the model's context; ``0`` only
+    scores the prompt (with ``prompt_logprobs``) and generates nothing. ``prompt_logprobs=k``
+    returns each prompt token's log-probability and the top ``k`` at its position (the first
+    token has none); such a request computes its whole prompt (no prefix-cache hit), as vLLM's.
+    ``logits_processors`` run on the request's own logits row before sampling; one that raises
+    fails that request alone.
     """
 
     n: int = 1
@@ -31,14 +47,17 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None  # number of top alternatives to return with each token
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logits_processors: list[LogitsProcessor] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
+        self.logits_processors = list(self.logits_processors or [])
         if self.top_k == -1:
             self.top_k = 0
         _check(self.n >= 1, "n", self.n, "must be at least 1")
@@ -52,13 +71,21 @@ class SamplingParams:
                self.frequency_penalty, "must be in [-2, 2]")
         _check(self.repetition_penalty > 0.0, "repetition_penalty", self.repetition_penalty,
                "must be > 0")
-        _check(self.max_tokens is None or self.max_tokens >= 1, "max_tokens", self.max_tokens,
-               "must be at least 1")
+        _check(self.max_tokens is None or self.max_tokens >= 0, "max_tokens", self.max_tokens,
+               "must be >= 0 (0: score the prompt only)")
         _check(self.min_tokens >= 0, "min_tokens", self.min_tokens, "must be >= 0")
         _check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
                self.min_tokens, f"must not exceed max_tokens ({self.max_tokens})")
-        _check(self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", self.logprobs,
-               "must be between 0 and 20")
+        _check(self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS, "logprobs",
+               self.logprobs, f"must be between 0 and {MAX_LOGPROBS}")
+        _check(self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+               "prompt_logprobs", self.prompt_logprobs, f"must be between 0 and {MAX_LOGPROBS}")
+        _check(self.seed is None or SEED_MIN <= self.seed <= SEED_MAX, "seed", self.seed,
+               f"must be a signed 64-bit integer ({SEED_MIN} to {SEED_MAX})")
+        _check(all(0 <= t < 2**63 for t in self.stop_token_ids), "stop_token_ids",
+               self.stop_token_ids, "must be token ids (>= 0)")
+        _check(all(callable(fn) for fn in self.logits_processors), "logits_processors",
+               self.logits_processors, "must be callables")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "must be non-empty strings")
 
@@ -66,6 +93,23 @@ class SamplingParams:
     def greedy(self) -> bool:
         """True when sampling reduces to argmax."""
         return self.temperature == 0.0 or self.top_k == 1
+
+    def for_completion(self, index: int) -> SamplingParams:
+        """The parameters of completion ``index`` of ``n``: a seed moves on by the index (so
+        the completions differ), and only completion 0 scores the prompt (they share it)."""
+        if index == 0 or (self.seed is None and self.prompt_logprobs is None):
+            return self
+        # Completion i samples with seed + i, wrapped within the signed 64-bit range.
+        seed = None if self.seed is None else (self.seed + index - SEED_MIN) % 2**64 + SEED_MIN
+        return replace(self, seed=seed, prompt_logprobs=None)
+
+
+def call_logits_processor(fn: LogitsProcessor, prompt_ids: list[int], output_ids: list[int],
+                          row):
+    """vLLM's two signatures: (output_ids, logits) and (prompt_ids, output_ids, logits)."""
+    if len(inspect.signature(fn).parameters) == 3:
+        return fn(prompt_ids, output_ids, row)
+    return fn(output_ids, row)
 
 
 def _check(ok: bool, param: str, value: object, rule: str) -> None:
@@ -123,6 +167,7 @@ class Request:
     num_preemptions: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    prompt_logprobs_next: int = 1  # prompt position whose logprob is sent next (0 has none)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -144,6 +189,12 @@ class Request:
         if start >= prompt_len:
             return self.output_token_ids[start - prompt_len : end - prompt_len]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - prompt_len]
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """Prompt logprobs were asked for and some are still to be computed."""
+        return (self.sampling_params.prompt_logprobs is not None
+                and self.prompt_logprobs_next < len(self.prompt_token_ids))
 
     @property
     def finished(self) -> bool:

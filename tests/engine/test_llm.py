@@ -191,7 +191,13 @@ def test_unknown_model_name_is_a_clear_error():
         LLM("no-such-model")
 
 
-def test_a_failing_step_frees_every_block_and_the_engine_recovers(llm, monkeypatch):
+def test_a_failing_step_fails_its_requests_frees_every_block_and_the_engine_recovers(
+        tiny_llama_dir):
+    """The forward of step 3 raises: the two requests in it fail with the error, the one not
+    yet admitted (max_num_seqs=2) finishes with the tokens it has in a fault-free run."""
+    llm = LLM(str(tiny_llama_dir), num_blocks=64, max_num_seqs=2)
+    prompts, params = _prompts(seed=11, lengths=[30, 4, 50]), _greedy(6)
+    expected = _tokens(llm.generate(prompts, params, use_tqdm=False))
     runner = llm.engine.runner
     real_execute, calls = runner.execute, {"n": 0}
 
@@ -201,12 +207,15 @@ def test_a_failing_step_frees_every_block_and_the_engine_recovers(llm, monkeypat
             raise RuntimeError("injected failure")
         return real_execute(plan)
 
-    monkeypatch.setattr(llm.core, "executor", type("E", (), {"execute": staticmethod(flaky)}))
-    with pytest.raises(RuntimeError, match="injected"):
-        llm.generate(_prompts(seed=11, lengths=[30, 4, 50]), _greedy(), use_tqdm=False)
+    llm.core.executor = type("E", (), {"execute": staticmethod(flaky)})
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    llm.core.executor = runner
+    assert [o.outputs[0].finish_reason for o in outputs] == ["error", "error", "length"]
+    assert all("injected failure" in o.error for o in outputs[:2]) and outputs[2].error is None
+    assert outputs[2].outputs[0].token_ids == expected[2]
+    assert llm.core.num_step_failures == 1 and llm.core.consecutive_step_failures == 0
     _assert_no_blocks_held(llm)
-    monkeypatch.undo()
-    assert llm.generate([[5, 6, 7]], _greedy(3), use_tqdm=False)[0].outputs[0].token_ids
+    assert _tokens(llm.generate(prompts, params, use_tqdm=False)) == expected
 
 
 def test_random_generate_calls_never_leak_blocks(tiny_llama_dir):

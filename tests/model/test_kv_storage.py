@@ -194,18 +194,20 @@ def test_copy_error_is_raised_in_wait_once_and_worker_survives():
         worker.wait(["bad"])  # raised once
         worker.submit("good", [_op(Tier.DEVICE, Tier.HOST, [5], [0])])
         worker.wait(["good"])
-        assert [s.key for s in worker.poll()] == ["good"]  # the failed submit is not listed
+        polled = worker.poll()
+        assert [(s.key, s.error is not None) for s in polled] == [("bad", True), ("good", False)]
+        assert "out of range for the host tier" in polled[0].error
         assert torch.equal(kv.tensor(Tier.HOST)[0], device[5])
 
 
-def test_copy_error_not_waited_for_is_raised_by_poll():
+def test_copy_error_not_waited_for_is_reported_by_poll_with_its_error():
     with KVStorage(_random_cache(torch.float32), 4) as kv, SwapWorker(kv) as worker:
         worker.submit("bad", [SwapOp(Tier.HOST, Tier.DEVICE, (CopyRun(3, 0, 2),))])
         worker.submit("good", [_op(Tier.DEVICE, Tier.HOST, [1], [1])])
         worker.wait(["good"])
-        with pytest.raises(IndexError):
-            worker.poll()
-        assert [s.key for s in worker.poll()] == ["good"]  # kept for the next poll
+        polled = {s.key: s for s in worker.poll()}  # never raises
+        assert polled["bad"].error.startswith("IndexError") and polled["good"].error is None
+        assert worker.poll() == []  # each key is reported once
 
 
 def test_close_finishes_queued_jobs_and_joins_the_thread():

@@ -28,7 +28,7 @@ BASE = (4.0, 3.0, 2.0, 1.0, 0.0, -1.0, -2.0, 5.0)  # token 7 (eos) is the most l
 
 def _draws(params_kw, n=300, logits=BASE, seed=0, **row_kw):
     sampler = Sampler(seed)
-    return [sampler.sample(_logits(*logits), [_row(**row_kw, **params_kw)])[0][0]
+    return [sampler.sample(_logits(*logits), [_row(**row_kw, **params_kw)]).token_ids[0]
             for _ in range(n)]
 
 
@@ -93,14 +93,15 @@ def test_seeded_rows_do_not_depend_on_their_neighbours():
             _row(f"n{i}", temperature=1.0) for i in range(neighbours)]
         logits = torch.randn(1 + neighbours, VOCAB, generator=torch.Generator().manual_seed(0))
         logits[0] = torch.tensor(BASE)
-        return [sampler.sample(logits, rows)[0][0] for _ in range(30)]
+        return [sampler.sample(logits, rows).token_ids[0] for _ in range(30)]
 
     assert draw(0) == draw(3) == draw(5)
 
 
 def test_logprobs_report_rank_and_top_alternatives():
     sampler = Sampler()
-    tokens, logprobs = sampler.sample(_logits(*BASE), [_row(temperature=0.0, logprobs=3)])
+    sampled = sampler.sample(_logits(*BASE), [_row(temperature=0.0, logprobs=3)])
+    tokens, logprobs = sampled.token_ids, sampled.logprobs
     entry = logprobs[0]
     reference = torch.log_softmax(torch.tensor(BASE), -1)
     assert tokens == [7] and entry.rank == 1
@@ -133,3 +134,93 @@ def test_batched_penalties_and_masks_equal_each_row_alone():
     assert torch.equal(together[1], logits[1])  # a plain row is untouched
     expected = logits[0, 3] / 1.3 if logits[0, 3] > 0 else logits[0, 3] * 1.3
     assert together[0, 3].item() == pytest.approx(expected.item() - 2 * 0.2)
+
+
+# -- a row that cannot be sampled fails alone -----------------------------------------------------
+def _mixed_rows():
+    """Greedy, seeded and penalised rows: their tokens must not change when another row fails."""
+    return [_row("greedy", temperature=0.0), _row("seeded", temperature=1.0, seed=7),
+            _row("penalised", temperature=0.0, output=(7, 7), repetition_penalty=3.0,
+                 frequency_penalty=1.0)]
+
+
+def _sample_with(bad_row, bad_logits=None, draws=5):
+    """Tokens of the mixed rows over ``draws`` steps, with ``bad_row`` second in the batch."""
+    sampler, out = Sampler(0), []
+    for _ in range(draws):
+        rows = _mixed_rows()
+        logits = _logits(*BASE).repeat(len(rows), 1)
+        if bad_row is not None:
+            rows.insert(1, bad_row)
+            logits = torch.cat([logits[:1], bad_logits if bad_logits is not None
+                                else _logits(*BASE), logits[1:]])
+        sampled = sampler.sample(logits, rows)
+        tokens = list(sampled.token_ids)
+        if bad_row is not None:
+            assert list(sampled.failed) == [1] and tokens.pop(1) is None
+        out.append((tokens, sampled.failed.get(1)))
+    return out
+
+
+def _raises(output_ids, row):
+    raise ValueError("user code broke")
+
+
+@pytest.mark.parametrize("case", ["nan", "inf", "processor_raises", "masks_everything",
+                                  "bad_stop_id", "bad_seed"])
+def test_a_row_that_cannot_be_sampled_fails_alone_and_the_others_are_unchanged(case):
+    bad_logits = None
+    if case in ("nan", "inf"):
+        bad_logits = _logits(*BASE)
+        bad_logits[0, 3] = float("nan") if case == "nan" else float("inf")
+        bad = _row("bad", temperature=0.0)
+    elif case == "processor_raises":
+        bad = _row("bad", temperature=0.0, logits_processors=[_raises])
+    elif case == "masks_everything":
+        bad = _row("bad", temperature=0.5, logits_processors=[
+            lambda prompt, output, row: row.fill_(float("-inf"))])
+    elif case == "bad_stop_id":  # outside the vocabulary: a batched index op raises
+        bad = _row("bad", temperature=0.0, min_tokens=3)
+        bad.sampling_params.stop_token_ids = [VOCAB + 5]
+    else:  # a seed mutated past what a generator takes, after validation
+        bad = _row("bad", temperature=1.0)
+        bad.sampling_params.seed = 2**70
+    expected = [tokens for tokens, _ in _sample_with(None)]
+    results = _sample_with(bad, bad_logits)
+    assert [tokens for tokens, _ in results] == expected
+    reason = results[0][1]
+    assert {"nan": "non-finite", "inf": "non-finite", "processor_raises": "user code broke",
+            "masks_everything": "no token is left", "bad_stop_id": "sampling failed",
+            "bad_seed": "seed"}[case] in reason
+
+
+def test_logits_processors_take_both_vllm_signatures_and_steer_the_row():
+    def only_token_2(output_ids, row):
+        mask = torch.full_like(row, float("-inf"))
+        mask[2] = 0.0
+        return row + mask
+
+    def saw_prompt(prompt_ids, output_ids, row):
+        seen.append((list(prompt_ids), list(output_ids)))
+        return None  # None: the row is used as edited in place (here untouched)
+
+    seen = []
+    rows = [_row("a", temperature=0.0, logits_processors=[only_token_2]),
+            _row("b", prompt=(4, 5), output=(6,), temperature=0.0, logits_processors=[saw_prompt]),
+            _row("c", temperature=0.0)]
+    sampled = Sampler(0).sample(_logits(*BASE).repeat(3, 1), rows)
+    assert sampled.token_ids == [2, 7, 7] and not sampled.failed
+    assert seen == [([4, 5], [6])]
+
+
+def test_score_tokens_gives_log_softmax_ranks_and_top_alternatives():
+    from tierserve.model.sampler import score_tokens
+
+    logits = torch.tensor([BASE, tuple(reversed(BASE))], dtype=torch.float32)
+    entries = score_tokens(logits, [0, 0], top=2)
+    expected = torch.log_softmax(logits, dim=-1)
+    assert [e.token_id for e in entries] == [0, 0]
+    assert entries[0].logprob == pytest.approx(expected[0, 0].item())
+    assert entries[0].rank == 2 and entries[1].rank == 1  # token 7 (5.0) beats 0 (4.0) in row 0
+    assert [t for t, _ in entries[0].top] == [7, 0] and entries[1].top[0][0] == 0
+    assert entries[1].top[0][1] == pytest.approx(expected[1].max().item())

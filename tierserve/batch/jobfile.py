@@ -76,8 +76,13 @@ def run_batch_file(llm, input_path: str | Path, output_path: str | Path, resume:
 
         def finished(index: int, output: RequestOutput) -> None:
             job = runnable[index]
-            job.result = _success_line(job, output, llm)
-            summary.succeeded += 1
+            if output.error:
+                job.result = _failed_response(job, output.error, None, status=500)
+                summary.failed += 1
+                summary.errors.append(f"line {job.line + 1}: {output.error}")
+            else:
+                job.result = _success_line(job, output, llm)
+                summary.succeeded += 1
             summary.output_tokens += sum(len(c.token_ids) for c in output.outputs)
             elapsed = time.perf_counter() - started_run
             bar.set_postfix_str(f"{summary.output_tokens} tok, "
@@ -196,10 +201,14 @@ def _success_line(job: _Job, output: RequestOutput, llm) -> dict:
             "error": None}
 
 
-def _failed_response(job: _Job, message: str, param: str | None) -> dict:
+def _failed_response(job: _Job, message: str, param: str | None, status: int = 400) -> dict:
+    """A line whose request was refused (400) or failed inside the engine (500, as the
+    server's own answer would be)."""
+    body = (error_body(message, param=param) if status == 400
+            else error_body(message, "server_error"))
     return {"id": f"batch_req_{job.line}", "custom_id": job.custom_id,
-            "response": {"status_code": 400, "request_id": f"batch-{job.line}",
-                         "body": error_body(message, param=param)},
+            "response": {"status_code": status, "request_id": f"batch-{job.line}",
+                         "body": body},
             "error": None}
 
 

@@ -4,7 +4,8 @@ streams for the server.
 ```
   asyncio loop  --add, abort-------------------> engine thread  (core.step, and commands between)
   engine thread --add, step updates, abort-----> output thread  (OutputProcessor: detokenize,
-  output thread --stop (a stop string fired)---> engine thread   stop strings, logprobs)
+  output thread --stop (a stop string fired),--> engine thread   stop strings, logprobs)
+                  fail (its text work failed)
   output thread --RequestOutput (call_soon_threadsafe)--> the request's asyncio stream
 ```
 
@@ -15,6 +16,10 @@ keeps its own map of user request -> engine requests for aborts. An aborted requ
 that went away) is dropped at the start of the next engine step, which frees its KV blocks; so is
 a request a stop string ended (the engine may have run a step or two more of it meanwhile, whose
 tokens the client never sees).
+
+A request that fails (in a step, or in its text work here) ends with an error output on its own
+stream; the engine and every other stream go on. Only a bug in these loops themselves stops
+them (EngineDeadError for everyone).
 """
 
 from __future__ import annotations
@@ -81,6 +86,19 @@ class AsyncEngine:
     def alive(self) -> bool:
         return (self._thread.is_alive() and self._output_thread.is_alive()
                 and self.error is None)
+
+    def health_problem(self, max_consecutive_step_failures: int = 3) -> str | None:
+        """Why this server should be restarted, or None: a loop died, the KV accounting broke,
+        or that many engine steps in a row failed as a whole (the last one's error)."""
+        core = self.core
+        if not self.alive:
+            return f"the engine loop stopped: {self.error!r}"
+        if core.fatal_error is not None:
+            return core.fatal_error
+        if core.consecutive_step_failures >= max_consecutive_step_failures:
+            return (f"{core.consecutive_step_failures} engine steps in a row failed; the last: "
+                    f"{core.last_step_error}")
+        return None
 
     @property
     def num_in_flight(self) -> int:
@@ -200,12 +218,24 @@ class AsyncEngine:
                 # The add reaches the output thread before any update of these requests.
                 self._outputs.put(command)
                 self._engine_ids[request_id] = [r.request_id for r in requests]
-                for request in requests:
-                    self.core.add_request(request)
+                self._add(request_id, requests)
             elif kind == "stop":
                 self.core.abort(command[1], status=RequestStatus.FINISHED_STOPPED)
+            elif kind == "fail":
+                self.core.abort(command[1], status=RequestStatus.FINISHED_ERROR)
             else:
                 self._abort(command[1])
+
+    def _add(self, request_id: str, requests: list[Request]) -> None:
+        try:
+            for request in requests:
+                self.core.add_request(request)
+        except Exception as exc:  # noqa: BLE001 - this request alone cannot start
+            log.exception("request %s could not be added", request_id)
+            failed = [RequestUpdate(r.request_id, [], finished=True, finish_reason="error",
+                                    error=f"it could not be queued: {exc}") for r in requests]
+            self.core.abort([r.request_id for r in requests], status=RequestStatus.FINISHED_ERROR)
+            self._outputs.put(("updates", failed))
 
     def _abort(self, request_id: str) -> None:
         self.core.abort(self._engine_ids.pop(request_id, []))
@@ -235,8 +265,7 @@ class AsyncEngine:
                 if kind == "updates":
                     self._process(item[1])
                 elif kind == "add":
-                    _, request_id, prompt, requests = item
-                    processor.add(request_id, prompt, requests)
+                    self._track(*item[1:])
                 else:
                     processor.abort(item[1])
                     # Reaches only a stream still open (shutdown): a client abort closed its own.
@@ -244,11 +273,24 @@ class AsyncEngine:
         except BaseException as exc:  # a bug: same as an engine loop death
             self._fail("output thread", exc)
 
+    def _track(self, request_id: str, prompt: str | None, requests: list[Request]) -> None:
+        try:
+            self._processor.add(request_id, prompt, requests)
+        except Exception as exc:  # noqa: BLE001 - fails this request, not the thread
+            log.exception("request %s: its output state could not be set up", request_id)
+            self._command(("fail", [r.request_id for r in requests]))
+            self._deliver(RequestOutput(request_id, prompt, requests[0].prompt_token_ids, [],
+                                        finished=True, error=f"setting up its output failed: "
+                                        f"{type(exc).__name__}: {exc}"))
+
     def _process(self, updates: list[RequestUpdate]) -> None:
-        outputs, to_stop = self._processor.process(updates)
-        if to_stop:  # before the outputs go out: see the NOTE in generate()
-            self._command(("stop", to_stop))
-        for output in outputs:
+        folded = self._processor.process(updates)
+        # Before the outputs go out: see the NOTE in generate().
+        if folded.to_stop:
+            self._command(("stop", folded.to_stop))
+        if folded.to_fail:
+            self._command(("fail", folded.to_fail))
+        for output in folded.outputs:
             self._deliver(output)
 
     def _deliver(self, output: RequestOutput) -> None:

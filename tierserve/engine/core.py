@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Protocol
 
 from tierserve.config import EngineConfig, tier_block_counts
@@ -16,13 +16,16 @@ from tierserve.errors import InvalidRequestError
 from tierserve.kv.manager import KVCacheManager
 from tierserve.metrics import MetricsCollector
 from tierserve.request import Request, RequestStatus, SamplingParams
-from tierserve.sched.plan import RequestUpdate, StepPlan, StepResult
+from tierserve.sched.plan import RequestError, RequestUpdate, StepPlan, StepResult
 from tierserve.sched.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 
 class Executor(Protocol):
+    """Runs plans. ``execute`` submits the plan's copies before anything that can raise; each
+    submitted copy is reported, done or failed, in some later ``StepResult.swaps_done``."""
+
     def execute(self, plan: StepPlan) -> StepResult: ...
 
 
@@ -58,6 +61,12 @@ class EngineCore:
         self.metrics = MetricsCollector()
         self._clients: dict[str, str] = {}  # live request -> its client, for service accounting
         self.num_steps = 0
+        self.num_step_failures = 0  # whole steps that failed (their requests failed with them)
+        self.consecutive_step_failures = 0  # reset by the next step that runs
+        self.last_step_error: str | None = None
+        # Set when the KV accounting is found broken after a failure: nothing can be trusted
+        # any more, the process should be restarted (/health says so).
+        self.fatal_error: str | None = None
 
     # -- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -72,7 +81,12 @@ class EngineCore:
             raise InvalidRequestError(
                 f"token id {bad[0]} is outside the vocabulary (0..{limits.vocab_size - 1})", "prompt")
         context = min(limits.max_model_len, limits.kv_capacity_tokens)
-        if num_prompt >= context:
+        bad_stops = [t for t in params.stop_token_ids if not 0 <= t < limits.vocab_size]
+        if bad_stops:
+            raise InvalidRequestError(
+                f"stop token id {bad_stops[0]} is outside the vocabulary "
+                f"(0..{limits.vocab_size - 1})", "stop_token_ids")
+        if num_prompt > context or (num_prompt == context and params.max_tokens != 0):
             raise InvalidRequestError(
                 f"prompt has {num_prompt:,} tokens; {_context_words(limits)} leaves no room for "
                 f"output. Shorten the prompt{_context_fix(limits)}", "prompt", "context_length_exceeded")
@@ -101,8 +115,7 @@ class EngineCore:
         """
         requests = []
         for index in range(params.n):
-            child = params if params.seed is None or index == 0 else \
-                replace(params, seed=params.seed + index)
+            child = params.for_completion(index)
             engine_id = request_id if params.n == 1 else f"{request_id}#{index}"
             if leader is not None:
                 wait_for, shared = leader, shared_prefix_len
@@ -132,19 +145,100 @@ class EngineCore:
 
     # -- the step ------------------------------------------------------------------------------
     def step(self) -> list[RequestUpdate]:
-        """One engine iteration: schedule, execute, update."""
-        plan = self.scheduler.schedule()
+        """One engine iteration: schedule, execute, update.
+
+        Never raises for a request's sake. A failure the executor can pin on requests fails
+        those alone (the others get the tokens they would have had); a failure of the whole
+        step fails the step's requests, the KV accounting is checked, and the loop goes on.
+        """
+        try:
+            plan = self.scheduler.schedule()
+        except Exception as exc:  # noqa: BLE001 - the scheduler's state is unknown: fail all
+            return self._step_failed(list(self.scheduler.requests), "scheduling", exc)
         if plan.is_empty and not plan.finished_request_ids and not self.kv.has_inflight:
             if self.scheduler.has_unfinished():
-                raise RuntimeError("scheduler made no progress with requests pending "
-                                   "(a request cannot fit the KV pool)")
+                return self._fail_stuck()
             return []
         started = time.monotonic()
-        result = self.executor.execute(plan)
+        try:
+            result = self._execute(plan)
+        except Exception as exc:  # noqa: BLE001 - the forward itself: the step's requests fail
+            moved = [order.request_id for order in plan.swap_orders
+                     if order.direction != "victim"]
+            return self._step_failed([c.request_id for c in plan.chunks] + moved, "execute", exc)
         self.num_steps += 1
-        updates = self.scheduler.update(plan, result)
+        self.consecutive_step_failures = 0
+        try:
+            updates = self.scheduler.update(plan, result)
+        except Exception as exc:  # noqa: BLE001
+            return self._step_failed([c.request_id for c in plan.chunks], "update", exc)
         self._record(plan, result, updates, time.monotonic() - started)
         return updates
+
+    def _execute(self, plan: StepPlan) -> StepResult:
+        """``executor.execute``; when it names requests at fault (RequestError), they fail and
+        the step runs again without them (its copies already started the first time)."""
+        failures: dict[str, str] = {}
+        current = plan
+        while True:
+            try:
+                result = self.executor.execute(current)
+            except RequestError as exc:
+                scheduled = {chunk.request_id for chunk in current.chunks}
+                named = {rid: msg for rid, msg in exc.failures.items() if rid in scheduled}
+                if not named:
+                    raise
+                failures.update(named)
+                log.warning("step %d: retrying without %s", self.num_steps + 1, ", ".join(named))
+                current = StepPlan(chunks=[c for c in current.chunks
+                                           if c.request_id not in named])
+                continue
+            result.failed.update(failures)
+            return result
+
+    def _step_failed(self, request_ids: list[str], stage: str, exc: Exception
+                     ) -> list[RequestUpdate]:
+        """Fail ``request_ids`` for a step that failed as a whole, then check the KV books."""
+        self.num_step_failures += 1
+        self.consecutive_step_failures += 1
+        self.last_step_error = f"{stage}: {type(exc).__name__}: {exc}"
+        log.error("engine step failed in %s (%d in a row); failing its %d request(s)", stage,
+                  self.consecutive_step_failures, len(request_ids), exc_info=exc)
+        reason = f"the engine step running it failed ({type(exc).__name__}: {exc})"
+        updates = [u for rid in dict.fromkeys(request_ids)
+                   if (u := self.scheduler.fail(rid, reason)) is not None]
+        self.check_kv_accounting()
+        for update in updates:
+            self.metrics.on_finished(update.request_id, update.finish_reason)
+            self._clients.pop(update.request_id, None)
+        return updates
+
+    def _fail_stuck(self) -> list[RequestUpdate]:
+        """Nothing can be scheduled though requests wait (none can fit the KV pool): fail them
+        rather than spin."""
+        reason = ("it cannot be scheduled: its KV does not fit the cache even with nothing "
+                  "else running (give the KV cache more memory, --kv-cache-memory)")
+        updates = [u for rid in list(self.scheduler.requests)
+                   if (u := self.scheduler.fail(rid, reason)) is not None]
+        for update in updates:
+            self.metrics.on_finished(update.request_id, update.finish_reason)
+        return updates
+
+    def check_kv_accounting(self) -> bool:
+        """Every KV block reference is owned by a live request or a copy in flight. Blocks held
+        for requests that no longer exist are released; a reference count that disagrees with
+        its owners cannot be repaired and marks the engine broken (``fatal_error``)."""
+        orphans = self.kv.owners() - set(self.scheduler.requests)
+        for request_id in orphans:
+            log.error("KV blocks held for %s, which no longer exists: released", request_id)
+            self.kv.free_request_id(request_id)
+        try:
+            self.kv.check_invariants()
+        except AssertionError as exc:
+            self.fatal_error = f"KV accounting is broken: {exc}"
+            log.critical("%s; restart the server", self.fatal_error)
+            return False
+        return True
 
     def _record(self, plan: StepPlan, result: StepResult, updates: list[RequestUpdate],
                 seconds: float) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from tierserve.outputs import RequestOutput
 from tierserve.request import Request, SamplingParams
 
 PromptInput = str | list[int] | dict[str, Any]
+
+log = logging.getLogger(__name__)
 
 
 class LLM:
@@ -49,7 +52,9 @@ class LLM:
                  *, use_tqdm: bool = True, batch_mode: bool = False) -> list[RequestOutput]:
         """Complete each prompt (text, token ids, or {"prompt_token_ids": [...]}); in order.
 
-        ``batch_mode=True`` runs the whole list with the BatchLLM planner (shared prefixes found
+        A request that fails inside the engine (say its logits processor raises) comes back
+        with ``error`` set and its completions' ``finish_reason`` "error"; the others finish
+        as if it had never been there. ``batch_mode=True`` runs the whole list with the BatchLLM planner (shared prefixes found
         across the batch and computed once per group, decode-heavy requests first, admission by
         KV memory): best for large offline jobs; results are the same.
         """
@@ -83,6 +88,7 @@ class LLM:
             except BaseException:
                 self.core.abort(list(self.core.scheduler.requests))
                 raise
+        _warn_failed(results)
         return results  # type: ignore[return-value]
 
     @staticmethod
@@ -164,6 +170,7 @@ class LLM:
         except BaseException:
             self.core.abort(added)  # Ctrl-C or an error: free every block before re-raising
             raise
+        _warn_failed(finished)
         return sorted(finished, key=lambda out: order[out.request_id])
 
     def _make_requests(self, ids: list[int], params: SamplingParams) -> tuple[str, list[Request]]:
@@ -189,3 +196,10 @@ class LLM:
         with bar:
             processor.drive(self.core, on_step)
         return finished
+
+
+def _warn_failed(outputs: Sequence[RequestOutput | None]) -> None:
+    failed = [output for output in outputs if output is not None and output.error]
+    if failed:
+        log.warning("%d of %d requests failed (their outputs carry the error); the first: %s",
+                    len(failed), len(outputs), failed[0].error)

@@ -1,7 +1,9 @@
 """OutputProcessor: RequestUpdates -> RequestOutputs. Detokenizes, applies stop strings, gathers n.
 
 One user request with ``n`` completions is ``n`` engine requests; this class folds them back into
-one RequestOutput and tells the engine which engine requests a stop string has ended.
+one RequestOutput and tells the engine which engine requests a stop string has ended, and which
+to end because their user request failed (here, say its detokenizer raised, or in the engine).
+A failure fails one user request, never the fold of the others.
 """
 
 from __future__ import annotations
@@ -38,6 +40,25 @@ class _Parent:
     prompt_token_ids: list[int]
     completions: list[_Completion]
     metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class Folded:
+    """One step's updates folded in: changed outputs, and engine requests the engine must end
+    (a stop string fired; their user request failed)."""
+
+    outputs: list[RequestOutput] = field(default_factory=list)
+    to_stop: list[str] = field(default_factory=list)
+    to_fail: list[str] = field(default_factory=list)
+
+    def end_in(self, core) -> None:
+        """End ``to_stop`` and ``to_fail`` in ``core`` (an EngineCore) now."""
+        if self.to_stop:
+            core.abort(self.to_stop, status=RequestStatus.FINISHED_STOPPED)
+        if self.to_fail:
+            core.abort(self.to_fail, status=RequestStatus.FINISHED_ERROR)
 
 
 class OutputProcessor:
@@ -53,6 +74,8 @@ class OutputProcessor:
         first = engine_requests[0]
         parent = _Parent(request_id, prompt, first.prompt_token_ids, [],
                          RequestMetrics(arrival_time=first.arrival_time))
+        if first.sampling_params.prompt_logprobs is not None:
+            parent.prompt_logprobs = [None]  # the first prompt token is not scored
         for index, request in enumerate(engine_requests):
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids,
                                            request.sampling_params.skip_special_tokens)
@@ -67,10 +90,9 @@ class OutputProcessor:
         """Run one engine step and fold its updates in; a stop string that fired ends its
         request in the engine at once. Returns the changed outputs and the tokens generated."""
         updates = core.step()
-        outputs, to_stop = self.process(updates)
-        if to_stop:
-            core.abort(to_stop, status=RequestStatus.FINISHED_STOPPED)
-        return outputs, sum(len(update.new_token_ids) for update in updates)
+        folded = self.process(updates)
+        folded.end_in(core)
+        return folded.outputs, sum(len(update.new_token_ids) for update in updates)
 
     def drive(self, core, on_step: Callable[[list[RequestOutput], int], None]) -> None:
         """Step ``core`` until it has nothing left, with the text work on a second thread.
@@ -83,16 +105,16 @@ class OutputProcessor:
         raised here.
         """
         steps: queue.SimpleQueue = queue.SimpleQueue()  # updates of each step; None ends
-        stops: queue.SimpleQueue = queue.SimpleQueue()  # engine ids a stop string ended
+        ends: queue.SimpleQueue = queue.SimpleQueue()  # Folded: engine ids to end
         failed: list[BaseException] = []
 
         def fold() -> None:
             try:
                 while (updates := steps.get()) is not None:
-                    outputs, to_stop = self.process(updates)
-                    if to_stop:
-                        stops.put(to_stop)
-                    on_step(outputs, sum(len(update.new_token_ids) for update in updates))
+                    folded = self.process(updates)
+                    if folded.to_stop or folded.to_fail:
+                        ends.put(folded)
+                    on_step(folded.outputs, sum(len(update.new_token_ids) for update in updates))
             except BaseException as exc:  # handed to the stepping thread, which raises it
                 failed.append(exc)
 
@@ -100,8 +122,8 @@ class OutputProcessor:
         worker.start()
         try:
             while core.has_unfinished() and not failed:
-                while not stops.empty():
-                    core.abort(stops.get(), status=RequestStatus.FINISHED_STOPPED)
+                while not ends.empty():
+                    ends.get().end_in(core)
                 steps.put(core.step())
         finally:
             steps.put(None)
@@ -113,13 +135,14 @@ class OutputProcessor:
     def num_unfinished(self) -> int:
         return len(self._parents)
 
-    def process(self, updates: list[RequestUpdate]) -> tuple[list[RequestOutput], list[str]]:
-        """Apply one step's updates. Returns changed RequestOutputs and engine ids to stop.
+    def process(self, updates: list[RequestUpdate]) -> Folded:
+        """Apply one step's updates: the changed RequestOutputs and the engine ids to end.
 
         Updates for a completion that has already finished are ignored: under AsyncEngine the
-        engine may run more steps of a request that a stop string ended here before it hears."""
+        engine may run more steps of a request that a stop string ended here before it hears.
+        An error while folding one user request's update fails that request alone."""
         changed: dict[str, _Parent] = {}
-        to_stop: list[str] = []
+        folded = Folded()
         now = time.monotonic()
         for update in updates:
             entry = self._by_engine_id.get(update.request_id)
@@ -128,12 +151,38 @@ class OutputProcessor:
             parent, completion = entry
             if completion.finish_reason is not None:
                 continue  # a stop string ended it here; the engine had not stopped it yet
-            if parent.metrics.first_token_time is None and update.new_token_ids:
-                parent.metrics.first_token_time = now
-            if self._apply(completion, update):
-                to_stop.append(update.request_id)
             changed[parent.request_id] = parent
-        return [self._snapshot(parent, now) for parent in changed.values()], to_stop
+            if update.finish_reason == "error":
+                folded.to_fail += self._fail(parent, update.error or "the request failed")
+                continue
+            try:
+                if parent.metrics.first_token_time is None and update.new_token_ids:
+                    parent.metrics.first_token_time = now
+                if self._apply(parent, completion, update):
+                    folded.to_stop.append(update.request_id)
+            except Exception as exc:  # noqa: BLE001 - this request's text work failed
+                folded.to_fail += self._fail(parent, f"processing its output failed: "
+                                                     f"{type(exc).__name__}: {exc}")
+        for parent in changed.values():
+            try:
+                folded.outputs.append(self._snapshot(parent, now))
+            except Exception as exc:  # noqa: BLE001
+                folded.to_fail += self._fail(parent, f"building its output failed: "
+                                                     f"{type(exc).__name__}: {exc}")
+                self._forget(parent)
+                folded.outputs.append(RequestOutput(parent.request_id, parent.prompt,
+                                                    parent.prompt_token_ids, [], True,
+                                                    error=parent.error))
+        return folded
+
+    def _fail(self, parent: _Parent, reason: str) -> list[str]:
+        """Fail a user request: every completion still running ends with "error". Returns the
+        engine ids to end (a completion that errs fails its siblings: the answer is lost)."""
+        parent.error = parent.error or reason
+        running = [c for c in parent.completions if c.finish_reason is None]
+        for completion in running:
+            completion.finish_reason = "error"
+        return [c.request.request_id for c in running]
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Mark every unfinished completion of a user request aborted and stop tracking it."""
@@ -144,8 +193,10 @@ class OutputProcessor:
             completion.finish_reason = completion.finish_reason or "abort"
         return self._snapshot(parent, time.monotonic())
 
-    def _apply(self, completion: _Completion, update: RequestUpdate) -> bool:
+    def _apply(self, parent: _Parent, completion: _Completion, update: RequestUpdate) -> bool:
         """Add the update's tokens; True when a stop string ended the completion here."""
+        if update.new_prompt_logprobs and parent.prompt_logprobs is not None:
+            parent.prompt_logprobs += [self._logprob_dict(e) for e in update.new_prompt_logprobs]
         token_stop = update.finished and update.finish_reason == "stop"
         text_before = len(completion.text)
         for position, token in enumerate(update.new_token_ids):
@@ -180,21 +231,28 @@ class OutputProcessor:
     def _add_logprobs(self, completion: _Completion, entry: TokenLogprobs) -> None:
         if completion.logprobs is None:
             return
+        completion.logprobs.append(self._logprob_dict(entry))
+        completion.cumulative_logprob += entry.logprob
+
+    def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
+        """The actual token first, then the top alternatives (vLLM's shape)."""
         decode = self.tokenizer.decode
         step = {entry.token_id: Logprob(entry.logprob, entry.rank, decode([entry.token_id]))}
         for rank, (token_id, logprob) in enumerate(entry.top, start=1):
             if token_id not in step:
                 step[token_id] = Logprob(logprob, rank, decode([token_id]))
-        completion.logprobs.append(step)
-        completion.cumulative_logprob += entry.logprob
+        return step
+
+    def _forget(self, parent: _Parent) -> None:
+        self._parents.pop(parent.request_id, None)
+        for c in parent.completions:
+            self._by_engine_id.pop(c.request.request_id, None)
 
     def _snapshot(self, parent: _Parent, now: float) -> RequestOutput:
         finished = all(c.finish_reason is not None for c in parent.completions)
         if finished:
             parent.metrics.finished_time = now
-            del self._parents[parent.request_id]
-            for c in parent.completions:
-                self._by_engine_id.pop(c.request.request_id, None)
+            self._forget(parent)
         outputs = [
             CompletionOutput(c.index, c.text, list(c.token_ids), c.finish_reason, c.stop_reason,
                              list(c.logprobs) if c.logprobs is not None else None,
@@ -203,4 +261,6 @@ class OutputProcessor:
         ]
         return RequestOutput(parent.request_id, parent.prompt, parent.prompt_token_ids, outputs,
                              finished, parent.completions[0].request.num_cached_tokens,
-                             parent.metrics)
+                             parent.metrics,
+                             list(parent.prompt_logprobs) if parent.prompt_logprobs else None,
+                             parent.error)

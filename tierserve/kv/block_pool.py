@@ -177,6 +177,12 @@ class BlockPool:
     def check_invariants(self) -> None:
         """Every block is either referenced or free, never both; counts are never negative."""
         for block, count in enumerate(self.ref_counts):
-            assert count >= 0, f"block {block} has ref_count {count}"
-            assert (count == 0) == (block in self._free), f"block {block} free-queue mismatch"
-        assert all(block in self._free for block in self._uncached), "uncached block not free"
+            require(count >= 0, f"block {block} has ref_count {count}")
+            require((count == 0) == (block in self._free), f"block {block} free-queue mismatch")
+        require(all(block in self._free for block in self._uncached), "uncached block not free")
+
+
+def require(condition: bool, message: str) -> None:
+    """An accounting check that holds under ``python -O`` too (the engine relies on it)."""
+    if not condition:
+        raise AssertionError(message)

@@ -47,6 +47,7 @@ class KVCacheManager(TierMovesMixin):
         self._hashes: dict[str, list[BlockHash]] = {}  # chained hashes of committed full blocks
         self._swapped: dict[str, list[tuple[TierStore, int]]] = {}
         self._inflight: dict[str, list[int]] = {}  # copy key -> device blocks it holds
+        self._order_of: dict[str, SwapOrder] = {}  # copy key -> its order, until reported done
         self._reserves: dict[str, list[int]] = {}  # request -> unused blocks of its last group
         self._victims: list[tuple[int, int]] = []  # (device, host) blocks to save this step
         self._orders: list[SwapOrder] = []  # copies decided, not yet handed to the scheduler
@@ -91,19 +92,21 @@ class KVCacheManager(TierMovesMixin):
         return request_id in self._swapped
 
     # -- admission -----------------------------------------------------------------------------
-    def lookup_prefix(self, request: Request) -> tuple[int, SwapOrder | None]:
+    def lookup_prefix(self, request: Request, use_cache: bool = True
+                      ) -> tuple[int, SwapOrder | None]:
         """Attach the longest cached prefix of a request that holds no blocks.
 
         Device hits are shared in place; hits that only the host or disk tier still holds are
         copied up into new device blocks (the returned order; the step must wait for it). Returns
         the number of cached tokens. At least one token is always left to compute.
+        ``use_cache=False`` attaches nothing (the request computes every token).
         """
         if request.request_id in self._tables:
             raise AssertionError(f"{request.request_id} already holds blocks")
         table: list[int] = []
         hashes: list[BlockHash] = []
         copies: list[tuple[TierStore, int, int]] = []  # (source tier, its block, device block)
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_cache:
             parent: BlockHash | None = None
             for index in range((request.num_tokens - 1) // self.block_size):
                 tokens = tuple(request.token_ids(index * self.block_size,
@@ -203,17 +206,40 @@ class KVCacheManager(TierMovesMixin):
 
     def free(self, request: Request) -> None:
         """Release every block of the request in every tier (cached blocks stay cached)."""
-        self._drop_reserve(request.request_id)
-        table = self._tables.pop(request.request_id, None)
-        self._hashes.pop(request.request_id, None)
+        self.free_request_id(request.request_id)
+
+    def free_request_id(self, request_id: str) -> None:
+        """``free`` by id (also for blocks whose request object is gone: a repair)."""
+        self._drop_reserve(request_id)
+        table = self._tables.pop(request_id, None)
+        self._hashes.pop(request_id, None)
         if table:
             self.pool.release(reversed(table))
-        for store, block in reversed(self._swapped.pop(request.request_id, [])):
+        for store, block in reversed(self._swapped.pop(request_id, [])):
             store.pool.release([block])
 
-    def copy_done(self, key: str) -> None:
-        """The executor finished the copies of ``key``: its device blocks may be reused."""
+    def owners(self) -> set[str]:
+        """Every request id that holds blocks in some tier (or a private reserve)."""
+        return set(self._tables) | set(self._swapped) | set(self._reserves)
+
+    def copy_done(self, key: str, failed: bool = False) -> str | None:
+        """The executor finished the copies of ``key``: its device blocks may be reused.
+
+        ``failed``: the copy did not happen, so its destination blocks do not hold the content
+        registered for them: their cache entries are dropped. Returns the request the order
+        moved (None for victim saves); a failed swap leaves that request without its KV."""
+        order = self._order_of.pop(key, None)
+        if failed and order is not None:
+            stores = {store.tier: store for store in [self.device, *self.lower]}
+            for op in order.ops:
+                cache = stores[op.dst_tier].cache
+                for run in op.runs:
+                    for block in range(run.dst_start, run.dst_start + run.length):
+                        cache.evict(block)
         self.pool.release(self._inflight.pop(key, []))
+        if order is None or order.direction == "victim":
+            return None
+        return order.request_id
 
     def reset_prefix_cache(self) -> None:
         """Forget all cached prefixes (blocks in use are untouched)."""

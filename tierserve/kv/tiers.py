@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tierserve.kv.block_pool import BlockPool
+from tierserve.kv.block_pool import BlockPool, require
 from tierserve.kv.prefix_cache import BlockHash, PrefixCache
 from tierserve.kv.tiers_types import SwapOp, Tier, coalesce
 from tierserve.request import Request
@@ -204,6 +204,7 @@ class TierMovesMixin:
         if direction != "victim":
             self._flush_victims()  # saves decided earlier must copy before anything after them
         self._orders.append(order)
+        self._order_of[order.key] = order
         return order
 
     def _on_device_evict(self: KVCacheManager, block: int) -> None:
@@ -256,7 +257,7 @@ class TierMovesMixin:
         for table in owners:
             for block in table:
                 counts[block] += 1
-        assert counts == self.pool.ref_counts, "device ref counts disagree with owners"
+        require(counts == self.pool.ref_counts, "device ref counts disagree with owners")
         for store in self.lower:
             store.pool.check_invariants()
             lower_counts = [0] * store.pool.num_blocks
@@ -264,4 +265,5 @@ class TierMovesMixin:
                 for owner, block in placements:
                     if owner is store:
                         lower_counts[block] += 1
-            assert lower_counts == store.pool.ref_counts, f"{store.tier.value} ref counts disagree"
+            require(lower_counts == store.pool.ref_counts,
+                    f"{store.tier.value} ref counts disagree")

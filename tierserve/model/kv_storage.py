@@ -112,6 +112,7 @@ class SwapStats:
     num_copies: int
     bytes: int
     seconds: float
+    error: str | None = None  # the copy failed (its destination holds nothing usable)
 
 
 @dataclass(slots=True)
@@ -138,7 +139,7 @@ class SwapWorker:
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._pending: dict[str, int] = {}  # key -> submits not finished yet
-        self._errors: dict[str, Exception] = {}  # key -> first copy error, until raised once
+        self._errors: dict[str, Exception] = {}  # key -> first copy error, until wait raises it
         self._finished: list[SwapStats] = []  # since the last poll
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="tierserve-swap", daemon=True)
@@ -156,25 +157,24 @@ class SwapWorker:
             self._pending[key] = self._pending.get(key, 0) + 1
         self._queue.put(_Job(key, list(ops), ready))
 
-    def wait(self, keys: Iterable[str]) -> None:
+    def wait(self, keys: Iterable[str], raise_errors: bool = True) -> None:
         """Block until every submit under ``keys`` has finished; re-raise a copy error of one of
-        them. Unknown or already finished keys return at once."""
+        them (once; ``poll`` still lists it). Unknown or already finished keys return at once."""
         keys = set(keys)
         with self._cond:
             self._cond.wait_for(lambda: keys.isdisjoint(self._pending))
-            for key in keys:
+            for key in keys if raise_errors else ():
                 if key in self._errors:
                     raise self._errors.pop(key)
 
     def poll(self) -> list[SwapStats]:
-        """Submits finished since the last poll, one SwapStats per submit, in finishing order.
-        A failed submit is not listed; its error is raised here unless ``wait`` raised it first
-        (the finished stats are then kept for the next poll)."""
+        """Submits finished since the last poll, one SwapStats per submit, in finishing order;
+        a failed one is listed too, with its ``error`` (never raised here: the caller releases
+        what the copy held and fails its request)."""
         with self._cond:
-            if self._errors:
-                key = next(iter(self._errors))
-                raise self._errors.pop(key)
             finished, self._finished = self._finished, []
+            for stats in finished:
+                self._errors.pop(stats.key, None)  # reported: its request is failed upstream
         return finished
 
     def close(self) -> None:
@@ -209,8 +209,8 @@ class SwapWorker:
                     del self._pending[job.key]
                 if error is not None:
                     self._errors.setdefault(job.key, error)
-                else:
-                    self._finished.append(stats)
+                    stats.error = f"{type(error).__name__}: {error}"
+                self._finished.append(stats)
                 self._cond.notify_all()
 
     def _execute(self, job: _Job) -> int:

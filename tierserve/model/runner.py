@@ -11,13 +11,14 @@ import torch
 
 from tierserve.model.kv_storage import KVStorage, SwapWorker
 from tierserve.model.llama import LlamaModel
-from tierserve.model.sampler import Sampler
+from tierserve.model.sampler import Sampler, score_tokens
 from tierserve.model.step_inputs import StepInputBuilder, StepInputs
-from tierserve.sched.plan import ScheduledChunk, StepPlan, StepResult, SwapDone
+from tierserve.sched.plan import PromptLogprobs, ScheduledChunk, StepPlan, StepResult, SwapDone
 
 # Below this many rows, float32 matmuls on CPU take a different kernel whose rounding differs;
 # padding to it keeps a request's logits independent of the batch it runs in.
 INVARIANT_MIN_ROWS = 16
+PROMPT_SCORE_ROWS = 128  # prompt logprobs go through the LM head this many rows at a time
 
 
 class ModelRunner:
@@ -62,41 +63,72 @@ class ModelRunner:
         self._start_copies(plan)
         result = self._forward(plan) if plan.chunks else StepResult()
         if not plan.chunks and self._outstanding:  # idle: nothing to overlap with
-            self.swapper.wait(list(self._outstanding))
+            self.swapper.wait(list(self._outstanding), raise_errors=False)  # poll reports them
         if self.swapper is not None:
             for stats in self.swapper.poll():
                 self._outstanding.discard(stats.key)
                 result.swaps_done.append(SwapDone(stats.key, stats.num_blocks, stats.num_copies,
-                                                  stats.bytes, stats.seconds))
+                                                  stats.bytes, stats.seconds, stats.error))
         return result
 
     def _start_copies(self, plan: StepPlan) -> None:
-        if plan.wait_keys:
-            self.swapper.wait(plan.wait_keys)
-        if not plan.swap_orders:
-            return
-        if self.swapper is None:
+        """Submit every order of the plan first (so none is lost if a wait below raises), then
+        wait for the ones this step's forward reads: earlier prefetches and ``wait`` orders."""
+        if plan.swap_orders and self.swapper is None:
             raise RuntimeError("the plan moves KV between tiers but no host/disk tier exists")
         for order in plan.swap_orders:
             self.swapper.submit(order.key, order.ops)
             self._outstanding.add(order.key)
-        self.swapper.wait([order.key for order in plan.swap_orders if order.wait])
+        needed = [*plan.wait_keys, *(order.key for order in plan.swap_orders if order.wait)]
+        if needed:
+            self.swapper.wait(needed)  # a failed copy raises: the step cannot run on its KV
 
     def _forward(self, plan: StepPlan) -> StepResult:
         inputs = self._prepare(plan.chunks)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
+        result = StepResult()
+        self._prompt_logprobs(plan.chunks, hidden, result)
         sampling = [chunk for chunk in plan.chunks if chunk.sample]
         if not sampling:
-            return StepResult()
+            return result
         selected = self._pad(hidden[inputs.sample_rows])
         logits = self.model.compute_logits(selected)[: len(sampling)]
-        tokens, logprobs = self.sampler.sample(logits, sampling)
-        result = StepResult()
-        for chunk, token, entry in zip(sampling, tokens, logprobs):
+        sampled = self.sampler.sample(logits, sampling)
+        for index, reason in sampled.failed.items():
+            result.failed[sampling[index].request_id] = reason
+        for chunk, token, entry in zip(sampling, sampled.token_ids, sampled.logprobs):
+            if token is None:
+                continue
             result.sampled_token_ids[chunk.request_id] = token
             if entry is not None:
                 result.logprobs[chunk.request_id] = entry
         return result
+
+    def _prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor,
+                         result: StepResult) -> None:
+        """Score the prompt tokens of chunks that ask for prompt logprobs: row ``p`` of a chunk
+        (position ``p``) gives the log-probability of the prompt token at ``p + 1``."""
+        row = 0
+        for chunk in chunks:
+            k = chunk.sampling_params.prompt_logprobs
+            num_prompt = len(chunk.prompt_token_ids)
+            # positions start .. last - 1 score prompt tokens start + 1 .. last
+            last = min(chunk.start_pos + chunk.num_tokens, num_prompt - 1)
+            if k is not None and last > chunk.start_pos:
+                try:
+                    entries = []
+                    for first in range(chunk.start_pos, last, PROMPT_SCORE_ROWS):
+                        count = min(PROMPT_SCORE_ROWS, last - first)
+                        start = row + first - chunk.start_pos
+                        logits = self.model.compute_logits(self._pad(hidden[start:start + count]))
+                        targets = chunk.prompt_token_ids[first + 1:first + count + 1]
+                        entries += score_tokens(logits[:count], targets, k)
+                    result.prompt_logprobs[chunk.request_id] = PromptLogprobs(
+                        chunk.start_pos + 1, entries)
+                except Exception as exc:  # noqa: BLE001 - fails this request only
+                    result.failed[chunk.request_id] = (
+                        f"scoring its prompt failed: {type(exc).__name__}: {exc}")
+            row += chunk.num_tokens
 
     def _pad(self, rows: torch.Tensor) -> torch.Tensor:
         missing = self.pad_rows - rows.shape[0]

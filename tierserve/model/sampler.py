@@ -1,4 +1,5 @@
-"""Sampler: logits -> next tokens. Greedy, temperature, top-k/p, min-p, penalties, seeds, logprobs.
+"""Sampler: logits -> next tokens. Greedy, temperature, top-k/p, min-p, penalties, seeds, logprobs,
+per-request logits processors; a row that cannot be sampled fails alone.
 
 Everything is batched over rows: penalties and early-stop masks gather every row's token ids into
 one flat index and touch the logits once. The only per-row tensor work is drawing noise for
@@ -11,17 +12,35 @@ Sampling uses the exponential race: argmax(p / E) with E ~ Exp(1) draws from p e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from itertools import chain
 
 import torch
 
+from tierserve.request import call_logits_processor
 from tierserve.sched.plan import ScheduledChunk, TokenLogprobs
 
 NEG_INF = float("-inf")
 
 
+@dataclass(slots=True)
+class Sampled:
+    """One sampler call's results, row by row; a failed row has token None and a reason."""
+
+    token_ids: list[int | None]
+    logprobs: list[TokenLogprobs | None]
+    failed: dict[int, str] = field(default_factory=dict)  # row index -> what went wrong
+
+
 class Sampler:
-    """Stateful only in its generators: one engine-wide, one per seeded request."""
+    """Stateful only in its generators: one engine-wide, one per seeded request.
+
+    A row that cannot be sampled (its logits are not finite, its logits processor raises, every
+    token is masked, its parameters break a batched op) fails alone: the other rows get the
+    tokens they would have had. Greedy and seeded rows are exactly unchanged by a failure
+    elsewhere; unseeded random rows draw from the engine-wide stream, which a failed batch
+    rewinds before the rows are retried one by one.
+    """
 
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
@@ -33,9 +52,46 @@ class Sampler:
             self._request_generators.pop(request_id, None)
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, rows: Sequence[ScheduledChunk]
-               ) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def sample(self, logits: torch.Tensor, rows: Sequence[ScheduledChunk]) -> Sampled:
         """logits: (N, vocab) float32, one row per chunk in ``rows``."""
+        failed: dict[int, str] = {}
+        finite = torch.isfinite(logits.sum(dim=-1))  # a NaN or inf anywhere makes the sum so
+        if not bool(finite.all()):
+            for index in (~finite).nonzero().flatten().tolist():
+                failed[index] = "the model produced non-finite logits (NaN or inf) for it"
+        if any(row.sampling_params.logits_processors for row in rows):
+            logits = self._run_logits_processors(logits.clone(), rows, failed)
+        for index, row in enumerate(rows):
+            if row.sampling_params.seed is not None and index not in failed:
+                try:
+                    self._generator_for(row)
+                except Exception as exc:  # noqa: BLE001 - e.g. a seed the generator refuses
+                    failed[index] = f"its seed cannot seed a generator: {exc}"
+        if failed:  # failed rows stay in the batch (the others' noise is unchanged), as zeros
+            logits = logits.clone()
+            logits[list(failed)] = 0.0
+        states = self._generator_states(rows)
+        try:
+            tokens, logprobs = self._sample_rows(logits, rows, range(len(rows)), failed)
+        except Exception:  # noqa: BLE001 - find the rows at fault one by one
+            self._restore(states)
+            tokens, logprobs = [None] * len(rows), [None] * len(rows)
+            for index in range(len(rows)):
+                if index in failed:
+                    continue
+                try:
+                    (tokens[index],), (logprobs[index],) = self._sample_rows(
+                        logits[index:index + 1], rows[index:index + 1], [index], failed)
+                except Exception as exc:  # noqa: BLE001
+                    failed[index] = f"sampling failed: {type(exc).__name__}: {exc}"
+        for index in failed:
+            tokens[index], logprobs[index] = None, None
+        return Sampled(tokens, logprobs, failed)
+
+    def _sample_rows(self, logits: torch.Tensor, rows: Sequence[ScheduledChunk],
+                     indices: Sequence[int], failed: dict[int, str]
+                     ) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """Sample ``rows`` (their logits); rows found unusable are added to ``failed``."""
         params = [row.sampling_params for row in rows]
         raw_logprobs = (torch.log_softmax(logits, dim=-1)
                         if any(p.logprobs is not None for p in params) else None)
@@ -43,13 +99,56 @@ class Sampler:
             logits = logits.clone()
             self._mask_early_stops(logits, rows)
             self._apply_penalties(logits, rows)
+        if any(_edits_logits(row) or row.sampling_params.logits_processors for row in rows):
+            usable = torch.isfinite(logits.max(dim=-1).values)
+            if not bool(usable.all()):
+                for local in (~usable).nonzero().flatten().tolist():
+                    failed.setdefault(indices[local], "no token is left to sample: every "
+                                      "logit is -inf or NaN after its logits processing")
+                    logits[local] = 0.0
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
             greedy = torch.tensor([p.greedy for p in params])
             sampled = self._sample_random(logits, rows)
             tokens = torch.where(greedy, tokens, sampled)
-        token_list = tokens.tolist()
-        return token_list, self._logprobs(raw_logprobs, tokens, params)
+        return tokens.tolist(), self._logprobs(raw_logprobs, tokens, params)
+
+    @staticmethod
+    def _run_logits_processors(logits: torch.Tensor, rows: Sequence[ScheduledChunk],
+                               failed: dict[int, str]) -> torch.Tensor:
+        """Each request's own processors on its own row; one that raises fails its row only."""
+        for index, row in enumerate(rows):
+            processors = row.sampling_params.logits_processors
+            if not processors or index in failed:
+                continue
+            try:
+                edited = logits[index].clone()
+                for fn in processors:
+                    result = call_logits_processor(fn, row.prompt_token_ids,
+                                                   row.output_token_ids, edited)
+                    if result is not None:
+                        edited = torch.as_tensor(result, dtype=logits.dtype).reshape(
+                            logits.shape[1])
+                logits[index] = edited
+            except Exception as exc:  # noqa: BLE001 - the request's own code
+                failed[index] = f"its logits processor raised {type(exc).__name__}: {exc}"
+        return logits
+
+    def _generator_states(self, rows: Sequence[ScheduledChunk]) -> list | None:
+        """What a retry after a failed batch must rewind: the generators random rows draw from."""
+        if all(row.sampling_params.greedy for row in rows):
+            return None
+        states = [(self.generator, self.generator.get_state())]
+        for row in rows:
+            generator = self._request_generators.get(row.request_id)
+            if generator is not None and not row.sampling_params.greedy:
+                states.append((generator, generator.get_state()))
+        return states
+
+    @staticmethod
+    def _restore(states: list | None) -> None:
+        for generator, state in states or ():
+            generator.set_state(state)
 
     # -- logits processing ---------------------------------------------------------------------
     @staticmethod
@@ -147,6 +246,22 @@ class Sampler:
         return out
 
 
+@torch.inference_mode()
+def score_tokens(logits: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprobs]:
+    """Log-probability and rank of ``targets[i]`` under row ``i`` of ``logits``, with the ``top``
+    most likely tokens of each row (prompt logprobs)."""
+    raw = torch.log_softmax(logits, dim=-1)
+    target = torch.tensor(list(targets), dtype=torch.long)[:, None]
+    chosen = raw.gather(1, target)  # (N, 1)
+    ranks = ((raw > chosen).sum(dim=-1) + 1).tolist()
+    top_values, top_ids = raw.topk(top, dim=-1) if top else (None, None)
+    top_ids = top_ids.tolist() if top else None
+    top_values = top_values.tolist() if top else None
+    return [TokenLogprobs(token, logprob, rank,
+                          list(zip(top_ids[i], top_values[i])) if top else [])
+            for i, (token, logprob, rank) in enumerate(zip(targets, chosen[:, 0].tolist(), ranks))]
+
+
 def _edits_logits(row: ScheduledChunk) -> bool:
     """Whether a row's logits are changed before sampling (an early stop masked, a penalty)."""
     params = row.sampling_params
@@ -158,6 +273,9 @@ def _flat_index(ids_per_row: Sequence[Sequence[int]], vocab: int) -> torch.Tenso
     """Indices into a flattened (rows, vocab) tensor: row * vocab + id for each row's ids."""
     lengths = torch.tensor([len(ids) for ids in ids_per_row], dtype=torch.long)
     flat = torch.tensor(list(chain.from_iterable(ids_per_row)), dtype=torch.long)
+    # An id outside the vocabulary would land in another row: refuse (the caller isolates it).
+    if flat.numel() and not (0 <= int(flat.min()) and int(flat.max()) < vocab):
+        raise IndexError(f"token id outside the vocabulary (0..{vocab - 1})")
     rows = torch.repeat_interleave(torch.arange(len(ids_per_row)), lengths)
     return rows * vocab + flat
 
@@ -166,7 +284,7 @@ def _top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: list[float]) -> 
     """Mask logits outside each row's top-k and nucleus (top-p); at least one token survives."""
     sorted_logits, order = logits.sort(dim=-1, descending=True)
     vocab = logits.shape[1]
-    k = torch.tensor([t if t > 0 else vocab for t in top_k])
+    k = torch.tensor([min(t, vocab) if t > 0 else vocab for t in top_k])
     positions = torch.arange(vocab)[None, :]
     mask = positions >= k[:, None]
     probs = torch.softmax(sorted_logits.masked_fill(mask, NEG_INF), dim=-1)

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from tierserve.model.layers import AttentionMetadata
-from tierserve.sched.plan import ScheduledChunk
+from tierserve.sched.plan import RequestError, ScheduledChunk
 
 log = logging.getLogger(__name__)
 
@@ -86,40 +86,21 @@ class StepInputBuilder:
         self._sample_rows.reserve(len(chunks))
         self._decode_rows.reserve(len(chunks))
         self._decode_lens.reserve(len(chunks))
-        ids, pos, slot_blocks = self._ids.array, self._pos.array, self._slot_blocks.array
-        block_size = self.block_size
-        sample_rows, decode_rows, decode_lens = (self._sample_rows.array, self._decode_rows.array,
-                                                 self._decode_lens.array)
+        ids, pos = self._ids.array, self._pos.array
         decode_tables: list[list[int]] = []
         spans: list[tuple[int, int, int, torch.Tensor]] = []
         masks: list[torch.Tensor] = []
         row = num_samples = 0
         for chunk in chunks:
-            n, start = len(chunk.token_ids), chunk.start_pos
-            end = start + n
-            if n == 1:
-                ids[row] = chunk.token_ids[0]
-                pos[row] = start
-                slot_blocks[row] = chunk.block_table[start // block_size]
-                decode_rows[len(decode_tables)] = row
-                decode_lens[len(decode_tables)] = end
-                decode_tables.append(chunk.block_table)
-            else:
-                table = np.asarray(chunk.block_table, dtype=np.int64)
-                chunk_pos = self._positions(start, end)
-                ids[row:row + n] = chunk.token_ids
-                pos[row:row + n] = chunk_pos
-                slot_blocks[row:row + n] = table[chunk_pos // block_size]
-                spans.append((row, n, end, torch.from_numpy(table)))
-                query = torch.from_numpy(chunk_pos)
-                masks.append(torch.from_numpy(self._positions(0, end))[None, :] <= query[:, None])
-            row += n
-            if chunk.sample:
-                sample_rows[num_samples] = row - 1
-                num_samples += 1
+            try:
+                row, num_samples = self._fill(chunk, row, num_samples, decode_tables, spans,
+                                              masks)
+            except Exception as exc:  # noqa: BLE001 - this chunk's inputs are malformed
+                raise RequestError({chunk.request_id: f"its step inputs could not be built: "
+                                    f"{type(exc).__name__}: {exc}"}) from exc
         ids[num_tokens:rows] = 0
         pos[num_tokens:rows] = 0
-        np.remainder(pos[:num_tokens], block_size, out=self._slot_offsets.array[:num_tokens])
+        np.remainder(pos[:num_tokens], self.block_size, out=self._slot_offsets.array[:num_tokens])
         num_decodes = len(decode_tables)
         native = self.native and num_decodes > 0
         meta = AttentionMetadata(
@@ -135,6 +116,37 @@ class StepInputBuilder:
         )
         return StepInputs(self._ids.tensor[:rows], self._pos.tensor[:rows], meta,
                           self._sample_rows.tensor[:num_samples])
+
+    def _fill(self, chunk: ScheduledChunk, row: int, num_samples: int,
+              decode_tables: list[list[int]], spans: list, masks: list) -> tuple[int, int]:
+        """Copy one chunk into the buffers from ``row``; returns the next row and sample count."""
+        ids, pos, slot_blocks = self._ids.array, self._pos.array, self._slot_blocks.array
+        block_size = self.block_size
+        sample_rows, decode_rows, decode_lens = (self._sample_rows.array, self._decode_rows.array,
+                                                 self._decode_lens.array)
+        n, start = len(chunk.token_ids), chunk.start_pos
+        end = start + n
+        if n == 1:
+            ids[row] = chunk.token_ids[0]
+            pos[row] = start
+            slot_blocks[row] = chunk.block_table[start // block_size]
+            decode_rows[len(decode_tables)] = row
+            decode_lens[len(decode_tables)] = end
+            decode_tables.append(chunk.block_table)
+        else:
+            table = np.asarray(chunk.block_table, dtype=np.int64)
+            chunk_pos = self._positions(start, end)
+            ids[row:row + n] = chunk.token_ids
+            pos[row:row + n] = chunk_pos
+            slot_blocks[row:row + n] = table[chunk_pos // block_size]
+            spans.append((row, n, end, torch.from_numpy(table)))
+            query = torch.from_numpy(chunk_pos)
+            masks.append(torch.from_numpy(self._positions(0, end))[None, :] <= query[:, None])
+        row += n
+        if chunk.sample:
+            sample_rows[num_samples] = row - 1
+            num_samples += 1
+        return row, num_samples
 
     def _positions(self, start: int, end: int) -> np.ndarray:
         if end > self._arange.shape[0]:

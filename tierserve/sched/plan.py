@@ -2,6 +2,11 @@
 
 Plain dataclasses, no tensors: the same plan drives the real model runner, a fake executor in
 tests, and a cost model in the simulator.
+
+Failures are part of the contract. An executor reports a request it could not serve in
+``StepResult.failed`` (its other requests' results stand), or raises ``RequestError`` naming
+the requests at fault before it has results for any (the engine then runs the step again
+without them). Any other exception fails the whole step.
 """
 
 from __future__ import annotations
@@ -72,12 +77,34 @@ class TokenLogprobs:
 
 
 @dataclass(slots=True)
+class PromptLogprobs:
+    """Log-probabilities of prompt tokens ``first_position, first_position + 1, ...`` (each
+    scored by the logits of the position before it), from one chunk."""
+
+    first_position: int
+    entries: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass(slots=True)
 class StepResult:
     """What the executor produced: one sampled token per chunk that asked for one."""
 
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
+    prompt_logprobs: dict[str, PromptLogprobs] = field(default_factory=dict)
     swaps_done: list[SwapDone] = field(default_factory=list)
+    # Requests this step could not serve (their sampling, logits processing, a non-finite
+    # logits row, ...): request id -> what went wrong. They get no token; the others do.
+    failed: dict[str, str] = field(default_factory=dict)
+
+
+class RequestError(Exception):
+    """Raised by an executor that knows which requests made its step fail, before it has any
+    result: ``failures`` maps each to a message. The engine fails them and runs the rest."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        super().__init__("; ".join(f"{rid}: {msg}" for rid, msg in failures.items()))
+        self.failures = failures
 
 
 @dataclass(slots=True)
@@ -89,6 +116,7 @@ class SwapDone:
     num_copies: int = 0
     bytes: int = 0
     seconds: float = 0.0
+    error: str | None = None  # the copy failed: its blocks are released, its request failed
 
 
 @dataclass(slots=True)
@@ -98,6 +126,8 @@ class RequestUpdate:
     request_id: str
     new_token_ids: list[int]
     new_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    new_prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)  # in prompt order
     finished: bool = False
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None
+    error: str | None = None  # with finish_reason "error": what failed, for the client

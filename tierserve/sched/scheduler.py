@@ -65,6 +65,16 @@ class Scheduler:
         self._finish(request, status)
         return request
 
+    def fail(self, request_id: str, reason: str) -> RequestUpdate | None:
+        """End a request with an error (something went wrong on its behalf), freeing its
+        blocks in every tier; the update carries the reason for its client."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        log.warning("request %s failed: %s", request_id, reason)
+        self._finish(request, RequestStatus.FINISHED_ERROR)
+        return RequestUpdate(request_id, [], finished=True, finish_reason="error", error=reason)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
@@ -179,7 +189,10 @@ class Scheduler:
         return num_new
 
     def _admit(self, request: Request, plan: StepPlan, budget: int, whole: bool) -> int | None:
-        cached, _ = self.kv.lookup_prefix(request)  # copies up from host/disk are queued
+        # Cached blocks have no logits: a request still owed prompt logprobs computes them all
+        # (vLLM does the same). Its blocks are cached afterwards as usual.
+        use_cache = not request.needs_prompt_logprobs
+        cached, _ = self.kv.lookup_prefix(request, use_cache)  # copy-ups from host/disk queued
         remaining = request.num_tokens - cached
         num_new = remaining if whole else min(remaining, budget)
         request.num_computed_tokens = cached
@@ -241,7 +254,7 @@ class Scheduler:
             token_ids=request.token_ids(start, start + num_new),
             start_pos=start,
             block_table=self.kv.block_table(request.request_id),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new == request.num_tokens and request.max_tokens > 0,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -296,23 +309,58 @@ class Scheduler:
 
     # -- after the step ------------------------------------------------------------------------
     def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
-        """Advance counters, append sampled tokens, finish requests that stop, settle copies."""
-        for done in result.swaps_done:
-            self.kv.copy_done(done.key)
+        """Advance counters, append sampled tokens, finish requests that stop, settle copies.
+
+        Requests the executor failed (``result.failed``, or whose copy between tiers failed)
+        end with an error first; the step's other requests go on as if they had run alone."""
         updates = []
+        for done in result.swaps_done:
+            moved = self.kv.copy_done(done.key, failed=done.error is not None)
+            if done.error is not None and moved is not None:
+                update = self.fail(moved, f"moving its KV between memory tiers failed: "
+                                          f"{done.error}")
+                if update is not None:
+                    updates.append(update)
+        for request_id, reason in result.failed.items():
+            if (update := self.fail(request_id, reason)) is not None:
+                updates.append(update)
         for chunk in plan.chunks:
             request = self.requests.get(chunk.request_id)
             if request is None or request.finished:
-                continue  # aborted while the step ran
+                continue  # aborted while the step ran, or failed just above
             request.num_computed_tokens += chunk.num_tokens
             self.num_prompt_tokens_computed += chunk.num_prompt_tokens
             self.kv.commit(request)
             self.policy.on_service(request, chunk.num_prompt_tokens, int(chunk.sample))
-            if not chunk.sample:
+            scored = self._new_prompt_logprobs(request, result)
+            if chunk.sample and request.request_id not in result.sampled_token_ids:
+                update = self.fail(request.request_id, "the executor returned no token for it")
+            elif chunk.sample:
+                update = self._append_token(request, result)
+            elif request.max_tokens == 0 and request.num_computed_tokens >= request.num_tokens:
+                update = RequestUpdate(request.request_id, [], finished=True,
+                                       finish_reason=RequestStatus.FINISHED_LENGTH.finish_reason)
+                self._finish(request, RequestStatus.FINISHED_LENGTH)  # scored, nothing to make
+            elif scored:
+                update = RequestUpdate(request.request_id, [])
+            else:
                 continue
-            update = self._append_token(request, result)
+            update.new_prompt_logprobs = scored
             updates.append(update)
         return updates
+
+    @staticmethod
+    def _new_prompt_logprobs(request: Request, result: StepResult) -> list:
+        """This step's prompt logprobs of the request that it has not had yet (a recompute
+        after preemption scores positions again; they are sent once)."""
+        scored = result.prompt_logprobs.get(request.request_id)
+        if scored is None:
+            return []
+        skip = max(0, request.prompt_logprobs_next - scored.first_position)
+        entries = scored.entries[skip:]
+        request.prompt_logprobs_next = max(request.prompt_logprobs_next,
+                                           scored.first_position + len(scored.entries))
+        return entries
 
     def _append_token(self, request: Request, result: StepResult) -> RequestUpdate:
         token = result.sampled_token_ids[request.request_id]
