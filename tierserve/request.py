@@ -14,6 +14,7 @@ from tierserve.errors import InvalidRequestError
 # so two different seeds never silently give the same stream.
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 MAX_LOGPROBS = 20  # top alternatives per position, as vLLM's default max_logprobs
+GREEDY_TEMPERATURE = 1e-5  # below this, sampling is greedy
 
 # vLLM's per-request logits processors: fn(output_ids, logits) or fn(prompt_ids, output_ids,
 # logits) -> logits, on one (vocab,) float32 row; it may edit the row in place.
@@ -91,8 +92,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """True when sampling reduces to argmax."""
-        return self.temperature == 0.0 or self.top_k == 1
+        """True when sampling reduces to argmax (a temperature this close to 0 is greedy, as
+        vLLM's: dividing logits by it would overflow)."""
+        return self.temperature < GREEDY_TEMPERATURE or self.top_k == 1
 
     def for_completion(self, index: int) -> SamplingParams:
         """The parameters of completion ``index`` of ``n``: a seed moves on by the index (so

@@ -83,3 +83,37 @@ def wait_until_idle(server: ServerProcess, timeout: float = 20.0) -> dict[str, f
         if idle or time.time() > deadline:
             return values
         time.sleep(0.1)
+
+
+class InProcessServer:
+    """The real app under uvicorn on a loopback port, in a thread of the test process: tests
+    can reach into its engine (inject a fault) and still talk to it over HTTP."""
+
+    def __init__(self, model_dir, **settings) -> None:
+        import threading
+
+        import uvicorn
+
+        from tierserve.config import EngineConfig
+        from tierserve.engine.async_engine import AsyncEngine
+        from tierserve.engine.loading import build_engine
+        from tierserve.server.api import ServerSettings, build_app
+
+        self.engine = AsyncEngine(build_engine(EngineConfig.from_kwargs(
+            model=str(model_dir), num_blocks=128, max_model_len=512)))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = build_app(self.engine, ServerSettings(model_name="tiny", **settings))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("in-process server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)

@@ -235,12 +235,14 @@ class OutputProcessor:
         completion.cumulative_logprob += entry.logprob
 
     def _logprob_dict(self, entry: TokenLogprobs) -> dict[int, Logprob]:
-        """The actual token first, then the top alternatives (vLLM's shape)."""
+        """The actual token first, then the top alternatives (vLLM's shape); special tokens
+        are shown by name, as they are what the model predicted."""
         decode = self.tokenizer.decode
-        step = {entry.token_id: Logprob(entry.logprob, entry.rank, decode([entry.token_id]))}
+        step = {entry.token_id: Logprob(entry.logprob, entry.rank,
+                                        decode([entry.token_id], False))}
         for rank, (token_id, logprob) in enumerate(entry.top, start=1):
             if token_id not in step:
-                step[token_id] = Logprob(logprob, rank, decode([token_id]))
+                step[token_id] = Logprob(logprob, rank, decode([token_id], False))
         return step
 
     def _forget(self, parent: _Parent) -> None:

@@ -79,9 +79,16 @@ class ModelRunner:
         for order in plan.swap_orders:
             self.swapper.submit(order.key, order.ops)
             self._outstanding.add(order.key)
-        needed = [*plan.wait_keys, *(order.key for order in plan.swap_orders if order.wait)]
-        if needed:
-            self.swapper.wait(needed)  # a failed copy raises: the step cannot run on its KV
+        # A victim save must have read its device block before the forward overwrites it, but
+        # if it failed the forward may still run (the host copy is dropped when reported); a
+        # copy into the device that failed leaves KV the forward would read: that raises.
+        reads = [*plan.wait_keys, *(order.key for order in plan.swap_orders
+                                    if order.wait and order.direction != "victim")]
+        saves = [order.key for order in plan.swap_orders if order.direction == "victim"]
+        if saves:
+            self.swapper.wait(saves, raise_errors=False)
+        if reads:
+            self.swapper.wait(reads)
 
     def _forward(self, plan: StepPlan) -> StepResult:
         inputs = self._prepare(plan.chunks)

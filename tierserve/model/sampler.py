@@ -100,6 +100,9 @@ class Sampler:
             self._mask_early_stops(logits, rows)
             self._apply_penalties(logits, rows)
         if any(_edits_logits(row) or row.sampling_params.logits_processors for row in rows):
+            # A penalty can push a logit to +inf (say repetition_penalty=1e-300): that token
+            # is then simply the most likely one. -inf stays a mask; NaN fails the row.
+            logits.clamp_(max=torch.finfo(logits.dtype).max)
             usable = torch.isfinite(logits.max(dim=-1).values)
             if not bool(usable.all()):
                 for local in (~usable).nonzero().flatten().tolist():
@@ -197,8 +200,8 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, rows: Sequence[ScheduledChunk]) -> torch.Tensor:
         params = [row.sampling_params for row in rows]
-        temperature = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params])
-        logits = logits / temperature[:, None]
+        temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params])
+        logits = (logits / temperature[:, None]).clamp_(max=torch.finfo(logits.dtype).max)
         if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
             logits = _top_k_top_p(logits, [p.top_k for p in params], [p.top_p for p in params])
         probs = torch.softmax(logits, dim=-1)

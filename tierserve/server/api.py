@@ -1,36 +1,52 @@
-"""The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /health, /metrics.
+"""The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
+/tokenizer_info, /health, /metrics.
 
 Handlers validate (pydantic, 400 on bad input), tokenize off the event loop, submit to the
 AsyncEngine and either collect the result or stream Server-Sent Events. A client that leaves
-aborts its request, which frees its KV blocks at the next engine step.
+aborts its request, which frees its KV blocks at the next engine step. A request that fails in
+the engine gets a 500 (or an error event on its stream); the others are not affected.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tierserve.engine.async_engine import AsyncEngine, EngineDeadError, QueueFullError
+from tierserve.engine.async_engine import AsyncEngine
 from tierserve.errors import InvalidRequestError
 from tierserve.metrics import render_prometheus
 from tierserve.outputs import RequestOutput
 from tierserve.request import SamplingParams
-from tierserve.server import convert, protocol
+from tierserve.server import convert, openapi, protocol
+from tierserve.server.http_errors import (
+    ApiError,
+    BodySizeLimit,
+    api_key_check,
+    install_error_handlers,
+)
+from tierserve.server.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    Detokenized,
+    ModelList,
+    Tokenized,
+    TokenizerInfo,
+)
 from tierserve.server.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
+    DetokenizeRequest,
     SamplingFields,
-    error_body,
+    TokenizeRequest,
 )
 from tierserve.server.streaming import stream_chat, stream_completion
 
@@ -43,16 +59,8 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 4 << 20
     request_timeout: float | None = None  # seconds, non-streamed requests
-
-
-class ApiError(Exception):
-    """An OpenAI-shaped error with its HTTP status."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None,
-                 headers: dict | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body, self.headers = status, error_body(message, type_, param, code), headers
+    # /health answers 503 after this many engine steps in a row failed as a whole.
+    max_consecutive_step_failures: int = 3
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
@@ -67,21 +75,27 @@ def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
                   description="OpenAI-compatible LLM serving with paged, tiered KV memory.")
     app.state.engine, app.state.settings = engine, settings
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
-    _install_error_handlers(app)
-    app.include_router(_v1_router(engine, settings), prefix="/v1",
-                       dependencies=[Depends(_api_key_check(settings.api_key))])
+    install_error_handlers(app)
+    auth = [Depends(api_key_check(settings.api_key))]
+    app.include_router(_v1_router(engine, settings), prefix="/v1", dependencies=auth)
+    app.include_router(_tokenizer_router(engine, settings), dependencies=auth)
 
-    @app.get("/health", summary="200 while the engine loop is alive")
+    @app.get("/health", summary="200 while the engine serves; 503 when it should be restarted",
+             response_model=None, responses=openapi.HEALTH)
     async def health():
-        if not engine.alive:
-            return JSONResponse({"status": "engine loop stopped"}, status_code=503)
+        problem = engine.health_problem(settings.max_consecutive_step_failures)
+        if problem is not None:
+            log.error("health check: unhealthy: %s", problem)
+            return JSONResponse({"status": f"unhealthy: {problem}"}, status_code=503)
         return {"status": "ok"}
 
-    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, summary="Prometheus metrics",
+             responses=openapi.METRICS)
     async def metrics():
         return PlainTextResponse(render_prometheus(engine.core.metrics, _gauges(engine)),
                                  media_type="text/plain; version=0.0.4")
 
+    openapi.install(app)
     return app
 
 
@@ -101,14 +115,18 @@ def _gauges(engine: AsyncEngine) -> dict[str, float]:
 def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
     router = APIRouter()
 
-    @router.get("/models", summary="The served model")
+    @router.get("/models", summary="The served model", response_model=ModelList,
+                responses=openapi.errors(401))
     async def models():
         # max_model_len as vLLM reports it: clients (e.g. tierserve bench --url) fit prompts to it.
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model",
                                             "created": int(time.time()), "owned_by": "tierserve",
                                             "max_model_len": engine.core.limits.max_model_len}]}
 
-    @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
+    @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)",
+                 response_model=None, responses={
+                     **openapi.generated(ChatCompletion, ChatCompletionChunk),
+                     **openapi.GENERATION_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body, settings)
         try:
@@ -124,10 +142,16 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
         outputs = await _collect(streams, request, settings)
         choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0)
                    for c in outputs[0].outputs]
-        return protocol.envelope(request_id, "chat.completion", settings.model_name, choices,
-                                 usage_=protocol.usage(*protocol.count_tokens(outputs)))
+        response = protocol.envelope(request_id, "chat.completion", settings.model_name, choices,
+                                     usage_=protocol.usage(*protocol.count_tokens(outputs)))
+        if params.prompt_logprobs is not None:
+            response["prompt_logprobs"] = protocol.prompt_logprobs(outputs[0])
+        return response
 
-    @router.post("/completions", summary="Text completion (OpenAI-compatible)")
+    @router.post("/completions", summary="Text completion (OpenAI-compatible)",
+                 response_model=None, responses={
+                     **openapi.generated(Completion, CompletionChunk),
+                     **openapi.GENERATION_ERRORS})
     async def completions(body: CompletionRequest, request: Request):
         _check_model(body, settings)
         prompts = await asyncio.to_thread(_checked, convert.encode_prompts, engine.tokenizer,
@@ -142,16 +166,69 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
         streams = [_submit(engine, f"{request_id}-{i}", text, ids, params, body)
                    for i, (text, ids) in enumerate(prompts)]
         if body.stream:
-            return _sse(stream_completion(streams, request_id, settings.model_name, body, params))
+            return _sse(stream_completion(streams, request_id, settings.model_name, body, params,
+                                          engine.tokenizer))
         outputs = await _collect(streams, request, settings)
         choices = []
-        for prompt_index, (output, (text, _)) in enumerate(zip(outputs, prompts)):
-            prefix = (text or "") if body.echo else ""
+        for prompt_index, output in enumerate(outputs):
+            prefix, prefix_logprobs = "", None
+            if body.echo:
+                prefix, prefix_logprobs = protocol.echo(output, body.logprobs, engine.tokenizer)
             for c in output.outputs:
-                choices.append(protocol.completion_choice(prompt_index * params.n + c.index, c,
-                                                          body.logprobs or 0, prefix))
+                choice = protocol.completion_choice(prompt_index * params.n + c.index, c,
+                                                    body.logprobs or 0, prefix, prefix_logprobs)
+                if body.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = protocol.prompt_logprobs(output)
+                choices.append(choice)
         return protocol.envelope(request_id, "text_completion", settings.model_name, choices,
                                  usage_=protocol.usage(*protocol.count_tokens(outputs)))
+
+    return router
+
+
+def _tokenizer_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
+    """vLLM's tokenizer routes: what lets lm-evaluation-harness's local-completions score
+    through this server with no tokenizer of its own (its remote tokenizer backend)."""
+    router = APIRouter()
+    tokenizer = engine.tokenizer
+    bad_input = openapi.errors(400, 401, 404, 413)
+
+    @router.post("/tokenize", summary="Token ids of a text or a conversation (vLLM's)",
+                 response_model=Tokenized, responses=bad_input)
+    async def tokenize(body: TokenizeRequest):
+        _check_model(body, settings)
+        if body.messages is not None:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            try:
+                ids = await asyncio.to_thread(tokenizer.encode_chat, messages,
+                                              body.add_generation_prompt)
+            except ValueError as exc:
+                raise ApiError(400, str(exc), param="messages") from exc
+        else:
+            ids = await asyncio.to_thread(tokenizer.encode, body.prompt, body.add_special_tokens)
+        return {"count": len(ids), "max_model_len": engine.core.limits.max_model_len,
+                "tokens": ids}
+
+    @router.post("/detokenize", summary="The text of token ids (vLLM's)",
+                 response_model=Detokenized, responses=bad_input)
+    async def detokenize(body: DetokenizeRequest):
+        _check_model(body, settings)
+        vocab = engine.core.limits.vocab_size
+        bad = [t for t in body.tokens if t >= vocab]
+        if bad:
+            raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
+                           param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+
+    @router.get("/tokenizer_info", summary="The tokenizer's special tokens and chat template",
+                response_model=TokenizerInfo, responses=openapi.errors(401))
+    async def tokenizer_info():
+        special = tokenizer.special_tokens
+        return {"tokenizer_class": "tierserve.Tokenizer", "bos_token": special.get("bos_token"),
+                "eos_token": special.get("eos_token"), "pad_token": special.get("pad_token"),
+                "chat_template": tokenizer.chat_template,
+                "model_max_length": engine.core.limits.max_model_len,
+                "vocab_size": engine.core.limits.vocab_size}
 
     return router
 
@@ -197,7 +274,11 @@ async def _collect(streams: list[AsyncIterator[RequestOutput]], request: Request
         finished, _ = await asyncio.wait({done, watcher}, timeout=settings.request_timeout,
                                          return_when=asyncio.FIRST_COMPLETED)
         if done in finished:
-            return done.result()
+            outputs = done.result()
+            failed = next((output for output in outputs if output.error), None)
+            if failed is not None:
+                raise ApiError(500, f"the request failed: {failed.error}", "server_error")
+            return outputs
         if watcher in finished:
             raise ApiError(499, "client closed the request", "client_closed")
         raise ApiError(504, f"the request did not finish within --request-timeout "
@@ -220,88 +301,3 @@ async def _wait_for_disconnect(request: Request) -> None:
 def _sse(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-
-
-def _api_key_check(api_key: str | None):
-    async def check(request: Request) -> None:
-        if api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        token = header[7:] if header.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), api_key.encode()):
-            raise ApiError(401, "Incorrect or missing API key: send 'Authorization: Bearer "
-                           "<key>'", "authentication_error", code="invalid_api_key")
-
-    return check
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ApiError)
-    async def api_error(_: Request, exc: ApiError):
-        return JSONResponse(exc.body, status_code=exc.status, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError):
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        if first.get("type") == "json_invalid":
-            message, param = "the request body is not valid JSON", None
-        else:
-            message = f"{'.'.join(loc) or 'body'}: {first.get('msg')}"
-            param = loc[0] if loc else None
-        return JSONResponse(error_body(message, param=param), status_code=400)
-
-    @app.exception_handler(QueueFullError)
-    async def queue_full(_: Request, exc: QueueFullError):
-        return JSONResponse(error_body(f"server busy: {exc}; retry shortly", "server_busy",
-                                       code="queue_full"), status_code=503,
-                            headers={"Retry-After": "1"})
-
-    @app.exception_handler(EngineDeadError)
-    async def engine_dead(_: Request, exc: EngineDeadError):
-        return JSONResponse(error_body(str(exc), "server_error"), status_code=503)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException):
-        return JSONResponse(error_body(str(exc.detail), "invalid_request_error"),
-                            status_code=exc.status_code)
-
-
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (by header, or counted as they come)."""
-
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
-        seen = 0
-
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, counted_receive, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send) -> None:
-        response = JSONResponse(error_body(f"request body is larger than {self.max_bytes:,} "
-                                           "bytes (--max-body-size)", code="body_too_large"),
-                                status_code=413)
-        await response({"type": "http"}, None, send)
-
-
-class _TooLarge(Exception):
-    pass

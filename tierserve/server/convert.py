@@ -15,26 +15,32 @@ def chat_messages(body: ChatCompletionRequest) -> list[dict]:
 
 def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs)
+    return sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
+                           body.prompt_logprobs)
 
 
 def completion_params(body: CompletionRequest) -> SamplingParams:
-    return sampling_params(body, body.max_tokens, body.logprobs)
+    """With ``echo`` and ``logprobs`` the prompt's tokens are scored too (what evaluation
+    harnesses read: lm-evaluation-harness's local-completions sums them)."""
+    prompt_logprobs = body.prompt_logprobs
+    if body.echo and body.logprobs is not None:
+        prompt_logprobs = max(prompt_logprobs or 0, body.logprobs)
+    return sampling_params(body, body.max_tokens, body.logprobs, prompt_logprobs)
 
 
 def encode_prompts(tokenizer: Tokenizer, prompt) -> list[tuple[str | None, list[int]]]:
     """A completions ``prompt`` (text, texts, token ids, lists of token ids) as (text, ids)."""
     if isinstance(prompt, str):
         return [(prompt, tokenizer.encode(prompt))]
-    if not prompt:
+    if not prompt:  # the schema says so too; batch lines come here unvalidated by HTTP
         raise InvalidRequestError("prompt must not be empty", "prompt")
     if all(isinstance(t, int) for t in prompt):
         return [(None, list(prompt))]
     return [(p, tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None
-                    ) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None,
+                    prompt_logprobs: int | None = None) -> SamplingParams:
     """OpenAI defaults (temperature 1, top_p 1); raises InvalidRequestError naming the field."""
     return SamplingParams(
         n=body.n, temperature=1.0 if body.temperature is None else body.temperature,
@@ -42,4 +48,5 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         seed=body.seed, presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         max_tokens=max_tokens, min_tokens=body.min_tokens, stop=body.stop or [],
-        stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos, logprobs=logprobs)
+        stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs)

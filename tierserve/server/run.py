@@ -28,6 +28,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--request-timeout", type=float, default=None,
                        help="seconds before a non-streamed request is aborted with 504 "
                        "(default: none)")
+    group.add_argument("--unhealthy-after-step-failures", type=int, default=3, metavar="N",
+                       help="/health answers 503 (restart me) once N engine steps in a row have "
+                       "failed as a whole; a failure pinned on one request fails only that "
+                       "request and never counts (default: %(default)s)")
     group.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds to let in-flight requests finish on SIGTERM/SIGINT before "
                        "aborting them (default: %(default)s)")
@@ -48,7 +52,8 @@ def run_server(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("TIERSERVE_API_KEY") or None,
-        max_body_bytes=parse_size(args.max_body_size), request_timeout=args.request_timeout)
+        max_body_bytes=parse_size(args.max_body_size), request_timeout=args.request_timeout,
+        max_consecutive_step_failures=args.unhealthy_after_step_failures)
     app = build_app(engine, settings)
     print(_banner(args.host, args.port, settings), flush=True)
     server = _graceful_server_class()(uvicorn.Config(

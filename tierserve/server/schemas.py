@@ -1,18 +1,46 @@
 """Pydantic request models for the OpenAI-compatible API, and OpenAI-shaped errors.
 
 Unknown fields are ignored (as OpenAI's server does, for forward compatibility); values out of
-range are rejected with a 400 naming the field. Responses are built as plain dicts in protocol.py.
+range are rejected with a 400 naming the field. Every bound here is the one the engine enforces
+(SamplingParams), so the OpenAPI document tells clients the truth; what depends on the served
+model (the vocabulary, the context) is checked by the handler and answered with a 400 too.
+Responses are built as plain dicts in protocol.py and described by server/responses.py.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tierserve.request import MAX_LOGPROBS, SEED_MAX, SEED_MIN
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        return any("\ud800" <= ch <= "\udfff" for ch in value)
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
+
+
+class _Body(_Lenient):
+    """A request body: its text must be real Unicode. JSON lets a string carry an unpaired
+    UTF-16 surrogate (``"\\ud800"``), which no tokenizer takes and no UTF-8 encoder writes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _unicode_text(cls, data: Any) -> Any:
+        if _has_lone_surrogate(data):
+            raise ValueError("a string holds an unpaired UTF-16 surrogate (e.g. \\ud800): "
+                             "not valid Unicode text")
+        return data
 
 
 class TextPart(_Lenient):
@@ -36,9 +64,13 @@ class StreamOptions(_Lenient):
 
 
 NonNegInt = Annotated[int, Field(ge=0)]
+TokenId = Annotated[int, Field(ge=0, le=SEED_MAX, description="a token id of the served model's "
+                               "vocabulary (GET /tokenizer_info; a larger one is a 400)")]
+StopString = Annotated[str, Field(min_length=1)]
+Text = Annotated[str, Field(min_length=1)]
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Body):
     """Fields shared by chat and text completions (tierserve extensions at the end)."""
 
     model: str | None = None
@@ -46,8 +78,10 @@ class SamplingFields(_Lenient):
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: StopString | list[StopString] | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX, description=(
+        "a signed 64-bit integer; the same seed gives the same text whatever else runs"))] | None \
+        = None
     presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
     stream: bool = False
@@ -60,21 +94,49 @@ class SamplingFields(_Lenient):
     priority: int = 0
     ignore_eos: bool = False
     min_tokens: NonNegInt = 0
-    stop_token_ids: list[NonNegInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, description=(
+        "vLLM's extension: log-probabilities of the prompt's tokens with this many top "
+        "alternatives (the prompt is then computed whole, without a prefix-cache hit)"))] | None \
+        = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
-    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    prompt: (Text | Annotated[list[Text], Field(min_length=1)]
+             | Annotated[list[TokenId], Field(min_length=1)]
+             | Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1)])
+    max_tokens: Annotated[int, Field(ge=0, description=(
+        "0 generates nothing: with echo and logprobs it scores the prompt"))] | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
     echo: bool = False
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a text, or a conversation rendered with the chat template."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[TokenId]
 
 
 def error_body(message: str, type_: str = "invalid_request_error", param: str | None = None,

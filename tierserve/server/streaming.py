@@ -3,6 +3,8 @@ finish_reason, an optional usage chunk, then ``data: [DONE]``.
 
 Text that could still turn out to be the start of a stop string is held back until it is known
 not to be (the non-streamed text never contains the stop string, and neither does the stream).
+A request that fails midway gets an error event, ``data: {"error": {...}}`` in OpenAI's shape
+(the official client raises it as APIError), then ``data: [DONE]``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class _ChoiceState:
         self.text_sent = 0
         self.tokens_sent = 0
         self.finished = False
+        self.echo_len: int | None = None  # chars of echoed prompt sent (None: not yet)
 
 
 def _ready(completion: CompletionOutput, state: _ChoiceState, holdback: int) -> tuple[str, int]:
@@ -105,6 +108,9 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     try:
         async for _, output in _merged(streams):
             final = output
+            if output.error:
+                yield _failed(output)
+                break
             for completion in output.outputs:
                 state = states[completion.index]
                 if state.finished:
@@ -123,13 +129,13 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
                                   "finish_reason": protocol.finish_reason(completion)}])
     except EngineDeadError as exc:
         yield protocol.sse(error_body(str(exc), "server_error"))
-    if chunk.include_usage and final is not None:
+    if chunk.include_usage and final is not None and not final.error:
         yield chunk.usage([final])
     yield protocol.sse("[DONE]")
 
 
 async def stream_completion(streams, request_id: str, model: str, body: CompletionRequest,
-                            params: SamplingParams) -> AsyncIterator[str]:
+                            params: SamplingParams, tokenizer) -> AsyncIterator[str]:
     chunk = _Chunks(request_id, "text_completion", model, body.stream_options)
 
     holdback = max((len(s) for s in params.stop), default=1) - 1
@@ -138,15 +144,26 @@ async def stream_completion(streams, request_id: str, model: str, body: Completi
     try:
         async for prompt_index, output in _merged(streams):
             finals[prompt_index] = output
+            if output.error:
+                yield _failed(output)
+                break
             for completion in output.outputs:
                 choice = prompt_index * params.n + completion.index
                 state = states.setdefault(choice, _ChoiceState())
                 if state.finished:
                     continue
+                if state.echo_len is None:  # the prompt goes first, once per choice
+                    state.echo_len = 0
+                    if body.echo:
+                        prefix, logprobs = protocol.echo(output, body.logprobs, tokenizer)
+                        state.echo_len = len(prefix)
+                        yield chunk([{"index": choice, "text": prefix, "logprobs": logprobs,
+                                      "finish_reason": None}])
                 text, tokens = _ready(completion, state, holdback)
                 if text or completion.finished:
-                    logprobs = protocol.completion_logprobs(completion, state.tokens_sent, tokens,
-                                                            body.logprobs or 0, state.text_sent)
+                    logprobs = protocol.completion_logprobs(
+                        completion, state.tokens_sent, tokens, body.logprobs or 0,
+                        state.echo_len + state.text_sent)
                     reason = protocol.finish_reason(completion) if completion.finished else None
                     yield chunk([{"index": choice, "text": text, "logprobs": logprobs,
                                   "finish_reason": reason}])
@@ -155,6 +172,10 @@ async def stream_completion(streams, request_id: str, model: str, body: Completi
                     state.finished = completion.finished
     except EngineDeadError as exc:
         yield protocol.sse(error_body(str(exc), "server_error"))
-    if chunk.include_usage:
+    if chunk.include_usage and not any(output.error for output in finals.values()):
         yield chunk.usage(list(finals.values()))
     yield protocol.sse("[DONE]")
+
+
+def _failed(output: RequestOutput) -> str:
+    return protocol.sse(error_body(f"the request failed: {output.error}", "server_error"))
