@@ -12,6 +12,12 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel
 
 from tierserve.server.responses import ErrorResponse, Health
+from tierserve.server.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+)
 
 REF = "#/components/schemas/{model}"
 
@@ -83,7 +89,11 @@ def install(app: FastAPI) -> None:
             components = schema.setdefault("components", {}).setdefault("schemas", {})
             for name in ("HTTPValidationError", "ValidationError"):
                 components.pop(name, None)
-            for model in sorted(_EXTRA_MODELS, key=lambda m: m.__name__):
+            # Request schemas as pydantic writes them: FastAPI's OpenAPI model turns integer
+            # bounds into floats, and 2**63 - 1 (the seed's) does not survive that.
+            requests = (ChatCompletionRequest, CompletionRequest, TokenizeRequest,
+                        DetokenizeRequest)
+            for model in sorted(_EXTRA_MODELS, key=lambda m: m.__name__) + list(requests):
                 definition = model.model_json_schema(ref_template=REF)
                 components.update(definition.pop("$defs", {}))
                 components[model.__name__] = definition
