@@ -212,3 +212,30 @@ def test_a_stream_dropped_before_its_first_iteration_aborts_its_request(engine):
     assert engine.num_in_flight == 0
     # aborted on the engine thread, or dropped there before it was added: never run to the end
     assert all(t.num_output_tokens < 400 for t in engine.core.metrics.finished_timelines())
+
+
+def test_a_request_whose_text_work_fails_ends_its_stream_with_the_error_only(engine,
+                                                                            monkeypatch):
+    """The detokenizer of one request raises: its stream ends with ``error``, the engine and
+    output threads live on, and a request beside it gets the tokens of a fault-free run."""
+    expected = _run(engine, "clean", _prompt(8), _greedy(10))[-1].outputs[0].token_ids
+    add = IncrementalDetokenizer.add
+
+    def failing(self, token_id):
+        if self._ids[:5] == _prompt(7)[-5:] and len(self.output_ids) >= 2:
+            raise ValueError("cannot decode this one")
+        return add(self, token_id)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "add", failing)
+
+    async def both():
+        streams = [engine.generate(rid, None, engine.make_requests(rid, prompt, _greedy(10)))
+                   for rid, prompt in (("bad", _prompt(7)), ("good", _prompt(8)))]
+        return [[output async for output in stream] for stream in streams]
+
+    bad, good = asyncio.run(both())
+    assert bad[-1].finished and "cannot decode this one" in bad[-1].error
+    assert bad[-1].outputs[0].finish_reason == "error"
+    assert good[-1].error is None and good[-1].outputs[0].token_ids == expected
+    assert engine.alive and engine.health_problem() is None
+    _wait_until_no_blocks_held(engine)

@@ -4,6 +4,7 @@ n > 1, stop, seeds, logprobs, and every error shape."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import openai
@@ -217,3 +218,73 @@ def test_max_completion_tokens_and_user_are_honoured(client):
     response = client.chat.completions.create(model="tiny", messages=MESSAGES, temperature=0,
                                               max_completion_tokens=3, user="alice")
     assert response.usage.completion_tokens == 3
+
+
+def test_echo_with_logprobs_scores_every_prompt_token_first_one_null(client, tiny_llama_dir):
+    """The request lm-evaluation-harness sends for log-likelihoods, checked against the engine's
+    own prompt logprobs (themselves checked against transformers in tests/engine)."""
+    from tierserve import LLM, SamplingParams
+
+    prompt = [5, 17, 42, 99, 3, 250, 8]
+    scored = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=0,
+                                       logprobs=1, echo=True)
+    logprobs = scored.choices[0].logprobs
+    assert len(logprobs.tokens) == len(prompt) + 1  # the prompt, then the one generated token
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    reference = LLM(str(tiny_llama_dir), num_blocks=16).generate(
+        [prompt], SamplingParams(max_tokens=0, prompt_logprobs=1), use_tqdm=False)[0]
+    for position in range(1, len(prompt)):
+        expected = reference.prompt_logprobs[position][prompt[position]].logprob
+        assert logprobs.token_logprobs[position] == pytest.approx(expected, abs=1e-5)
+        assert len(logprobs.top_logprobs[position]) == 1
+    assert logprobs.text_offset == sorted(logprobs.text_offset)
+    assert "".join(logprobs.tokens) == scored.choices[0].text
+    only = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, logprobs=0,
+                                     echo=True)
+    assert only.usage.completion_tokens == 0 and only.choices[0].finish_reason == "length"
+    assert only.choices[0].logprobs.token_logprobs == logprobs.token_logprobs[:-1]
+
+
+def test_streamed_echo_sends_the_prompt_first(client):
+    kwargs = dict(model="tiny", prompt="The quick", max_tokens=4, temperature=0, echo=True)
+    full = client.completions.create(**kwargs).choices[0].text
+    chunks = [c for c in client.completions.create(**kwargs, stream=True) if c.choices]
+    assert chunks[0].choices[0].text == "The quick"
+    assert "".join(c.choices[0].text for c in chunks) == full
+
+
+def test_prompt_logprobs_extension_and_the_tokenizer_routes(client, server):
+    response = httpx.post(server.url + "/v1/completions", json={
+        "model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 1, "prompt_logprobs": 2}).json()
+    entries = response["choices"][0]["prompt_logprobs"]
+    assert entries[0] is None and len(entries) == 4
+    assert all(str(token) in entry for token, entry in zip([6, 7, 8], entries[1:]))
+    tokenized = httpx.post(server.url + "/tokenize", json={"prompt": "The quick brown fox",
+                                                           "add_special_tokens": False}).json()
+    assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 1024
+    text = httpx.post(server.url + "/detokenize", json={"tokens": tokenized["tokens"]}).json()
+    assert text == {"prompt": "The quick brown fox"}
+    chat = httpx.post(server.url + "/tokenize", json={"messages": MESSAGES}).json()
+    assert chat["count"] == client.chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=1).usage.prompt_tokens
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert info["eos_token"] == "</s>" and "messages" in info["chat_template"]
+    bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"prompt": ""}, "prompt"),
+    ({"prompt": "hi", "seed": 2**63}, "seed"),
+    ({"prompt": "hi", "stop": [""]}, "stop"),
+    ({"prompt": "hi", "stop_token_ids": [10**6]}, "stop_token_ids"),
+    ({"prompt": "\ud800 lone surrogate"}, None),
+    ({"prompt": [10**6]}, "prompt"),
+])
+def test_what_the_engine_cannot_take_is_a_400_at_the_edge(server, body, param):
+    content = json.dumps({"model": "tiny", **body})  # \ud800 survives json.dumps as an escape
+    response = httpx.post(server.url + "/v1/completions", content=content,
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+    assert httpx.get(server.url + "/health").status_code == 200
