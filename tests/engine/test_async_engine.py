@@ -231,7 +231,10 @@ def test_a_request_whose_text_work_fails_ends_its_stream_with_the_error_only(eng
     async def both():
         streams = [engine.generate(rid, None, engine.make_requests(rid, prompt, _greedy(10)))
                    for rid, prompt in (("bad", _prompt(7)), ("good", _prompt(8)))]
-        return [[output async for output in stream] for stream in streams]
+        collected = []
+        for stream in streams:
+            collected.append([output async for output in stream])
+        return collected
 
     bad, good = asyncio.run(both())
     assert bad[-1].finished and "cannot decode this one" in bad[-1].error

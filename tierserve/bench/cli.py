@@ -1,4 +1,4 @@
-"""``tierserve bench online | fairness | swap | batch | offline | capacity``: run a benchmark, print
+"""``tierserve bench online | fairness | swap | batch | offline | capacity | roofline | faults``: run a benchmark, print
 a table, write JSON and a plot.
 
 ``add_bench_parser(subparsers)`` hooks the command into the main CLI; ``python -m
@@ -88,6 +88,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
 
     from tierserve.bench.batch import add_batch_subcommand
     from tierserve.bench.capacity import add_capacity_subcommand
+    from tierserve.bench.faults import add_faults_subcommand
     from tierserve.bench.offline import add_offline_subcommand
     from tierserve.bench.roofline import add_roofline_subcommand
 
@@ -95,6 +96,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_offline_subcommand(sub, _add_common)
     add_capacity_subcommand(sub, _add_common)
     add_roofline_subcommand(sub, _add_common)
+    add_faults_subcommand(sub, _add_common)
 
 
 def _add_common(parser: argparse.ArgumentParser, plot_help: str) -> None:
