@@ -119,12 +119,14 @@ class FaultyExecutor:
     - ``fail``: request ids reported failed in ``StepResult.failed`` (the rest of the step runs);
     - ``raise_for``: request ids whose presence in a plan makes ``execute`` raise RequestError
       naming them, before anything runs (as the runner does for malformed step inputs);
+      ``raise_when`` does the same for chunks a predicate picks;
     - ``raise_on_calls``: call numbers (1-based) on which ``execute`` raises RuntimeError, as
       a forward that breaks does, after the plan's copies have run.
     """
 
-    def __init__(self, inner, fail=(), raise_for=(), raise_on_calls=()) -> None:
+    def __init__(self, inner, fail=(), raise_for=(), raise_on_calls=(), raise_when=None) -> None:
         self.inner = inner
+        self.raise_when = raise_when
         self.fail, self.raise_for = set(fail), set(raise_for)
         self.raise_on_calls = set(raise_on_calls)
         self.calls = 0
@@ -135,7 +137,8 @@ class FaultyExecutor:
 
         self.calls += 1
         self.plans.append(plan)
-        named = {c.request_id for c in plan.chunks} & self.raise_for
+        named = {c.request_id for c in plan.chunks
+                 if c.request_id in self.raise_for or (self.raise_when and self.raise_when(c))}
         if named:
             raise RequestError({rid: "injected: bad inputs" for rid in sorted(named)})
         if self.calls in self.raise_on_calls:

@@ -175,3 +175,21 @@ def test_a_batch_file_line_that_fails_becomes_an_error_line_and_the_run_goes_on(
         assert (got[index]["response"]["body"]["choices"][0]["text"]
                 == want[index]["response"]["body"]["choices"][0]["text"])
     _assert_clean(llm)
+
+
+def test_a_request_the_executor_names_is_failed_and_the_step_rerun_without_it(llm, expected):
+    """RequestError (what the runner raises for a chunk whose inputs it cannot build) over the
+    real runner: the named request fails, the step runs again without it, the rest is exact."""
+    from tests.fakes import FaultyExecutor
+
+    runner = llm.core.executor
+    llm.core.executor = FaultyExecutor(runner, raise_when=lambda chunk: (
+        chunk.prompt_token_ids == PROMPTS[BAD] and len(chunk.output_token_ids) == 3))
+    try:
+        outputs = llm.generate(PROMPTS, _params(), use_tqdm=False)
+    finally:
+        llm.core.executor = runner
+    _check(outputs, expected, "injected: bad inputs")
+    assert len(outputs[BAD].outputs[0].token_ids) == 3
+    assert llm.core.num_step_failures == 0
+    _assert_clean(llm)
