@@ -57,6 +57,7 @@ def test_roofline_command_writes_limits_bounds_and_breakdown(tiny_llama_dir, tmp
     try:
         code = main(["roofline", "--model", str(tiny_llama_dir), "--batch-sizes", "1,4",
                      "--context", "32", "--steps", "2", "--threads", "1", "--json", str(out),
+                     "--probe-megabytes", "64", "--probe-matmul-size", "512",
                      "--plot", str(tmp_path / "roofline.png")])
     finally:
         torch.set_num_threads(threads)

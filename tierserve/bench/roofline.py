@@ -162,7 +162,7 @@ def run_roofline(args) -> tuple[dict, dict, dict]:
     from tierserve.bench.cli import _engine_config
     from tierserve.bench.harness import close_engine, open_engine
 
-    machine = measure_machine()
+    machine = measure_machine(args.probe_megabytes, args.probe_matmul_size)
     config = _engine_config(args)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     blocks_needed = max(batches) * (-(-(args.context + 1) // config.cache.block_size))
@@ -216,6 +216,12 @@ def add_roofline_subcommand(sub, add_common) -> None:
                         help="tokens of context of every sequence (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10,
                         help="decode steps timed per batch size (default: %(default)s)")
+    parser.add_argument("--probe-megabytes", type=int, default=512,
+                        help="size of the buffer the bandwidth probe reads (default: "
+                        "%(default)s)")
+    parser.add_argument("--probe-matmul-size", type=int, default=2048,
+                        help="N of the N x N matmuls the FLOP/s probe times (default: "
+                        "%(default)s)")
     parser.set_defaults(func=cmd_roofline)
 
 

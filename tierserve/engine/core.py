@@ -165,6 +165,9 @@ class EngineCore:
         except Exception as exc:  # noqa: BLE001 - the forward itself: the step's requests fail
             moved = [order.request_id for order in plan.swap_orders
                      if order.direction != "victim"]
+            # The executor may not have dropped the per-request state of requests that ended
+            # before this plan: tell it again with the next one (dropping twice is harmless).
+            self.scheduler.requeue_finished(plan.finished_request_ids)
             return self._step_failed([c.request_id for c in plan.chunks] + moved, "execute", exc)
         self.num_steps += 1
         self.consecutive_step_failures = 0
@@ -172,7 +175,10 @@ class EngineCore:
             updates = self.scheduler.update(plan, result)
         except Exception as exc:  # noqa: BLE001
             return self._step_failed([c.request_id for c in plan.chunks], "update", exc)
-        self._record(plan, result, updates, time.monotonic() - started)
+        try:
+            self._record(plan, result, updates, time.monotonic() - started)
+        except Exception:  # noqa: BLE001 - a metrics bug must not cost anyone their tokens
+            log.exception("recording step metrics failed")
         return updates
 
     def _execute(self, plan: StepPlan) -> StepResult:
@@ -191,7 +197,8 @@ class EngineCore:
                 failures.update(named)
                 log.warning("step %d: retrying without %s", self.num_steps + 1, ", ".join(named))
                 current = StepPlan(chunks=[c for c in current.chunks
-                                           if c.request_id not in named])
+                                           if c.request_id not in named],
+                                   finished_request_ids=plan.finished_request_ids)
                 continue
             result.failed.update(failures)
             return result

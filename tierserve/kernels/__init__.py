@@ -2,8 +2,9 @@
 compiled for this machine at first use.
 
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
-no ninja, TIERSERVE_KERNELS=0): callers then take the plain torch path, which gives the same
-results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
+no ninja, TIERSERVE_KERNELS=0) or would not pay (a CPU without AVX-512, which every fast path
+needs: their scalar fallbacks are slower than torch's own ops): callers then take the plain
+torch path, which gives the same results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
 the source, the torch version, the flags, the CPU (model and instruction sets) and the Python
 ABI, so later runs on the same machine load it in well under a second.
 """
@@ -43,15 +44,44 @@ def enabled() -> bool:
 
 
 def cpu_ops():
-    """The compiled kernel module, built on first call; None if disabled or the build fails."""
+    """The compiled kernel module, built on first call; None if disabled, not worth it on this
+    CPU, or the build fails."""
     if not enabled():
         return None
     if "module" in _state:
         return _state["module"]
     with _lock:
         if "module" not in _state:
-            _state["module"] = _build()
+            reason = unsupported_reason()
+            if reason is not None:
+                logger.warning("tierserve CPU kernels not used: %s; using plain torch ops",
+                               reason)
+            _state["module"] = None if reason is not None else _build()
     return _state["module"]
+
+
+def cpu_flags() -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists (empty where there is no such file)."""
+    flags = next((line for line in cpu_identity().splitlines()
+                  if line.startswith(("flags:", "Features:"))), "")
+    return set(flags.partition(":")[2].split())
+
+
+def unsupported_reason() -> str | None:
+    """Why the native kernels would not pay on this CPU, or None where they do."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return f"they are written for x86 with AVX-512, this is {machine}"
+    if "avx512f" not in cpu_flags():
+        return "this CPU has no AVX-512, which their fast paths need"
+    return None
+
+
+def onednn_bf16_supported() -> bool:
+    """Whether oneDNN can reorder bfloat16 weights here (it asks for AVX-512 BW/VL/DQ or
+    AVX-NE-CONVERT, and raises without them)."""
+    flags = cpu_flags()
+    return {"avx512bw", "avx512vl", "avx512dq"} <= flags or "avx_ne_convert" in flags
 
 
 def cpu_identity() -> str:

@@ -11,7 +11,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tierserve.kernels import cpu_ops
+from tierserve.kernels import cpu_ops, onednn_bf16_supported
 from tierserve.model.arch import ModelArchConfig
 from tierserve.model.layers import (
     AttentionMetadata,
@@ -46,7 +46,8 @@ class Linear:
         self.bias = bias
         self.ops = ops
         self.packed = None
-        if pack and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available():
+        if (pack and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
+                and onednn_bf16_supported()):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

@@ -75,6 +75,10 @@ class Scheduler:
         self._finish(request, RequestStatus.FINISHED_ERROR)
         return RequestUpdate(request_id, [], finished=True, finish_reason="error", error=reason)
 
+    def requeue_finished(self, request_ids: list[str]) -> None:
+        """Report these ended requests again in the next plan (their step failed)."""
+        self._finished_since_plan[:0] = request_ids
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
