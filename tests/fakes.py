@@ -141,9 +141,11 @@ class FaultyExecutor:
                  if c.request_id in self.raise_for or (self.raise_when and self.raise_when(c))}
         if named:
             raise RequestError({rid: "injected: bad inputs" for rid in sorted(named)})
-        if self.calls in self.raise_on_calls:
-            if plan.swap_orders and hasattr(self.inner, "copy_only"):
+        if self.calls in self.raise_on_calls:  # after the copies started (the contract)
+            if hasattr(self.inner, "copy_only"):
                 self.inner.copy_only(plan)
+            else:  # the real ModelRunner
+                self.inner._start_copies(plan)
             raise RuntimeError(f"injected forward failure on call {self.calls}")
         result = self.inner.execute(plan)
         for chunk in plan.chunks:

@@ -204,6 +204,7 @@ def test_a_failing_step_fails_its_requests_frees_every_block_and_the_engine_reco
     def flaky(plan):
         calls["n"] += 1
         if calls["n"] == 3:
+            runner._start_copies(plan)  # a forward fails after its step's copies started
             raise RuntimeError("injected failure")
         return real_execute(plan)
 

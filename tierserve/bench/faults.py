@@ -97,11 +97,13 @@ def run_faults(config: EngineConfig, spec: FaultSpec, progress: bool = True) -> 
 
 
 def _plan_request_faults(requests, rate: float, rng: random.Random) -> dict[int, tuple[str, int]]:
-    """request index -> (fault kind, output token count at which it strikes)."""
+    """request index -> (fault kind, output token count at which it strikes). The kinds take
+    turns, so every kind is planned once three requests are."""
     plan = {}
     for index, request in enumerate(requests):
         if rng.random() < rate:
-            plan[index] = (rng.choice(REQUEST_FAULTS), rng.randrange(1, request.max_tokens))
+            kind = REQUEST_FAULTS[len(plan) % len(REQUEST_FAULTS)]
+            plan[index] = (kind, rng.randrange(1, request.max_tokens))
     return plan
 
 
@@ -134,21 +136,18 @@ class _Injector:
     def installed(self):
         from tierserve.engine.output import OutputProcessor
 
-        core, runner = self.llm.core, self.llm.engine.runner
+        runner = self.llm.engine.runner
         injector = self
-        real_executor, real_sample = core.executor, runner.sampler.sample
+        real_forward, real_sample = runner._forward, runner.sampler.sample
         real_apply = OutputProcessor._apply
         swapper = runner.swapper
         real_copy = swapper._execute if swapper is not None else None
 
-        class FailingForward:
-            def execute(self, step_plan):
-                if step_plan.chunks and \
-                        injector.step_rng.random() < injector.spec.step_failure_rate:
-                    injector.counts["forward"] += 1
-                    real_executor.execute(step_plan)  # its copies run, as the runner's would
-                    raise InjectedFault("injected: the forward failed")
-                return real_executor.execute(step_plan)
+        def forward(step_plan):  # after the plan's copies started, as a real failure would
+            if injector.step_rng.random() < injector.spec.step_failure_rate:
+                injector.counts["forward"] += 1
+                raise InjectedFault("injected: the forward failed")
+            return real_forward(step_plan)
 
         def sample(logits, rows):
             for index, row in enumerate(rows):
@@ -172,7 +171,7 @@ class _Injector:
                 raise InjectedFault("injected: swap-out copy failed")
             return real_copy(job)
 
-        core.executor = FailingForward()
+        runner._forward = forward
         runner.sampler.sample = sample
         OutputProcessor._apply = apply
         if swapper is not None:
@@ -180,7 +179,7 @@ class _Injector:
         try:
             yield self
         finally:
-            core.executor = real_executor
+            del runner._forward
             del runner.sampler.sample
             OutputProcessor._apply = real_apply
             if swapper is not None:
@@ -218,6 +217,33 @@ def _blocks_held(llm) -> int:
     return held + len(kv.owners())
 
 
+def plot_outcomes(row: dict, path, title: str) -> None:
+    """Two panels: the faults that fired, by kind; the requests, by outcome (the last two
+    bars, and the blocks left held, must be 0)."""
+    from tierserve.bench.report import _pyplot, _save, _suptitle
+
+    plt = _pyplot()
+    figure, (faults, outcomes) = plt.subplots(1, 2, figsize=(11, 3.8),
+                                              gridspec_kw={"width_ratios": [5, 6]})
+    kinds = [*REQUEST_FAULTS, "forward", "swap_copy"]
+    bars = faults.bar([k.replace("_", "\n") for k in kinds],
+                      [row[f"injected_{k}"] for k in kinds], color="C1")
+    faults.bar_label(bars)
+    faults.set_title("faults that fired", fontsize="medium")
+    names = ["finished_identical", "failed_own_fault", "failed_with_step",
+             "failed_unexplained", "finished_different"]
+    bars = outcomes.bar([n.replace("_", "\n") for n in names], [row[n] for n in names],
+                        color=["C2", "C1", "C3", "k", "k"])
+    outcomes.bar_label(bars)
+    outcomes.set_title(f"requests by outcome; KV blocks left held: {row['blocks_leaked']}",
+                       fontsize="medium")
+    for axis in (faults, outcomes):
+        axis.tick_params(axis="x", labelsize="small")
+    _suptitle(figure, title)
+    _save(figure, path)
+    plt.close(figure)
+
+
 def add_faults_subcommand(sub, add_common) -> None:
     faults = sub.add_parser(
         "faults", help="inject every kind of fault; count who failed and what leaked",
@@ -237,7 +263,6 @@ def add_faults_subcommand(sub, add_common) -> None:
 
 def cmd_faults(args) -> int:
     from tierserve.bench.cli import _engine_config, _finish, _workload_spec
-    from tierserve.bench.report import plot_bars
 
     spec = FaultSpec(workload=_workload_spec(args, args.num_requests or 64),
                      fault_rate=args.fault_rate, step_failure_rate=args.step_failure_rate,
@@ -248,8 +273,9 @@ def cmd_faults(args) -> int:
     for message in result.failures[:4]:
         print(f"  e.g. {message}")
     if args.plot:
-        plot_bars(result.results, [(key, key.replace("_", " ")) for key in FAULTS_COLUMNS[2:8]],
-                  args.plot, f"{args.num_requests or 64} requests under injected faults")
+        plot_outcomes(result.results["faults"], args.plot,
+                      f"{args.model}: {result.results['faults']['requests']} requests under "
+                      "injected faults")
         print(f"wrote {args.plot}")
     row = result.results["faults"]
     healthy = (row["failed_unexplained"] == 0 and row["finished_different"] == 0
