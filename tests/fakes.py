@@ -5,7 +5,7 @@ from __future__ import annotations
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.engine.core import EngineCore, EngineLimits
 from tierserve.kv.tiers_types import Tier
-from tierserve.sched.plan import StepPlan, StepResult, SwapDone
+from tierserve.sched.plan import CopyError, RequestError, StepPlan, StepResult, SwapDone
 
 VOCAB = 1000
 
@@ -33,14 +33,15 @@ class FakeExecutor:
     def copy_only(self, plan: StepPlan) -> list[SwapDone]:
         """Run the plan's copies (in order) and report them (in the next result if this step
         raises); the first copy whose key starts with ``fail_next_copy`` fails, and if the step
-        needed it (``wait``) the step raises, as the runner's wait does."""
-        done, needed_failed = [], False
+        needed it (``wait``) the step raises CopyError, as the runner's wait does."""
+        done, needed_failed = [], []
         for order in plan.swap_orders:  # copies run in order, before the forward
             if self.fail_next_copy and order.key.startswith(self.fail_next_copy):
                 self.fail_next_copy = None
                 self.failed_copies.append(order)
                 done.append(SwapDone(order.key, order.num_blocks, error="injected copy error"))
-                needed_failed |= order.wait
+                if order.wait:
+                    needed_failed.append(order.key)
                 continue
             for op in order.ops:
                 for run in op.runs:
@@ -51,7 +52,7 @@ class FakeExecutor:
             done.append(SwapDone(order.key, order.num_blocks, order.num_copies))
         self._done_later += done
         if needed_failed:
-            raise RuntimeError("injected copy error in a copy this step needed")
+            raise CopyError({key: "injected copy error" for key in needed_failed})
         return done
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -133,19 +134,15 @@ class FaultyExecutor:
         self.plans = []
 
     def execute(self, plan: StepPlan) -> StepResult:
-        from tierserve.sched.plan import RequestError
-
         self.calls += 1
         self.plans.append(plan)
         named = {c.request_id for c in plan.chunks
                  if c.request_id in self.raise_for or (self.raise_when and self.raise_when(c))}
         if named:
+            self._start_copies(plan)  # the contract: copies start before anything can raise
             raise RequestError({rid: "injected: bad inputs" for rid in sorted(named)})
-        if self.calls in self.raise_on_calls:  # after the copies started (the contract)
-            if hasattr(self.inner, "copy_only"):
-                self.inner.copy_only(plan)
-            else:  # the real ModelRunner
-                self.inner._start_copies(plan)
+        if self.calls in self.raise_on_calls:
+            self._start_copies(plan)
             raise RuntimeError(f"injected forward failure on call {self.calls}")
         result = self.inner.execute(plan)
         for chunk in plan.chunks:
@@ -154,3 +151,9 @@ class FaultyExecutor:
                 result.logprobs.pop(chunk.request_id, None)
                 result.failed[chunk.request_id] = "injected: its sampling failed"
         return result
+
+    def _start_copies(self, plan: StepPlan) -> None:
+        if hasattr(self.inner, "copy_only"):  # the fake: copies run now, reported next call
+            self.inner.copy_only(plan)
+        else:  # the real ModelRunner
+            self.inner._start_copies(plan)

@@ -94,24 +94,27 @@ def test_a_nan_logits_row_fails_its_request_alone(llm, expected, monkeypatch):
 def test_a_detokenizer_that_raises_fails_its_request_alone(llm, expected, monkeypatch):
     real_add = IncrementalDetokenizer.add
 
+    context = PROMPTS[BAD][-IncrementalDetokenizer.CONTEXT_TOKENS:]
+
     def add(self, token_id):
-        if self.output_ids and self._ids[0] in PROMPTS[BAD][-5:] and len(self.output_ids) == 3:
+        if self._ids[:len(context)] == context and len(self.output_ids) == 3:
             raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
         return real_add(self, token_id)
 
-    # the detokenizer's context is the prompt's last 5 tokens: identify request BAD by them
-    assert all(PROMPTS[BAD][-5] not in p[-5:] for i, p in enumerate(PROMPTS) if i != BAD)
+    # the detokenizer starts on the prompt's last tokens: they identify request BAD
+    assert all(p[-len(context):] != context for i, p in enumerate(PROMPTS) if i != BAD)
     monkeypatch.setattr(IncrementalDetokenizer, "add", add)
     _check(llm.generate(PROMPTS, _params(), use_tqdm=False), expected, "processing its output")
     _assert_clean(llm)
 
 
-@pytest.mark.parametrize("kind", ["out", "victim"])
+@pytest.mark.parametrize("kind", ["out", "in", "victim"])
 def test_a_failed_swap_copy_fails_only_its_request_and_releases_every_tier(
         tiny_llama_dir, monkeypatch, kind):
     """A pool too small for all four requests preempts by swap, and evicted prefix blocks are
-    saved to the host tier. The first swap-out fails: its request fails. Or the first victim
-    save fails: nobody fails (the host copy is dropped, so it is never found by content)."""
+    saved to the host tier. The first swap-out (or swap-in, or copy-up) fails: its request
+    fails, the others finish exactly, no step fails as a whole. Or the first victim save
+    fails: nobody fails (the host copy is dropped, so it is never found by content)."""
     llm = LLM(str(tiny_llama_dir), num_blocks=14, max_num_batched_tokens=32,
               preemption_mode="swap", swap_space="4MiB")
     prompts = [p[:40] for p in PROMPTS[1:]]
@@ -130,10 +133,11 @@ def test_a_failed_swap_copy_fails_only_its_request_and_releases_every_tier(
     outputs = llm.generate(prompts, params, use_tqdm=False)
     errors = [o for o in outputs if o.error]
     assert failed, f"no {kind} copy ran"
-    if kind == "out":
-        assert len(errors) == 1 and "between memory tiers" in errors[0].error
-    else:
+    if kind == "victim":
         assert errors == []
+    else:
+        assert len(errors) == 1 and "between memory tiers" in errors[0].error
+    assert llm.core.num_step_failures == 0
     for output, tokens in zip(outputs, expected):
         if not output.error:
             assert output.outputs[0].token_ids == tokens

@@ -12,6 +12,7 @@ import torch
 
 from tierserve.kv.tiers_types import CopyRun, SwapOp, Tier, coalesce
 from tierserve.model.kv_storage import KVStorage, SwapWorker
+from tierserve.sched.plan import CopyError
 
 SHAPE = (16, 2, 2, 4, 2, 8)  # (num_blocks, num_layers, K/V, block_size, num_kv_heads, head_dim)
 
@@ -189,8 +190,9 @@ def test_copy_error_is_raised_in_wait_once_and_worker_survives():
     device = _random_cache(torch.float32)
     with KVStorage(device, 4) as kv, SwapWorker(kv) as worker:
         worker.submit("bad", [SwapOp(Tier.DEVICE, Tier.HOST, (CopyRun(0, 3, 2),))])
-        with pytest.raises(IndexError, match="out of range for the host tier"):
-            worker.wait(["bad"])
+        with pytest.raises(CopyError, match="IndexError: .*out of range for the host tier") as info:
+            worker.wait(["bad", "never-submitted"])
+        assert list(info.value.failures) == ["bad"]
         worker.wait(["bad"])  # raised once
         worker.submit("good", [_op(Tier.DEVICE, Tier.HOST, [5], [0])])
         worker.wait(["good"])

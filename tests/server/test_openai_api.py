@@ -253,6 +253,23 @@ def test_streamed_echo_sends_the_prompt_first(client):
     assert "".join(c.choices[0].text for c in chunks) == full
 
 
+def test_streamed_echo_with_logprobs_of_a_prompt_longer_than_the_step_budget(client):
+    """600 prompt tokens take three prefill chunks (budget 256): the streamed echo still
+    carries every prompt token's logprob, as the non-streamed answer does."""
+    prompt = [(7 * i) % 500 + 3 for i in range(600)]
+    kwargs = dict(model="tiny", prompt=prompt, max_tokens=2, temperature=0, echo=True,
+                  logprobs=1)
+    whole = client.completions.create(**kwargs).choices[0].logprobs
+    chunks = [c.choices[0] for c in client.completions.create(**kwargs, stream=True)
+              if c.choices]
+    streamed = [lp for c in chunks if c.logprobs for lp in c.logprobs.token_logprobs]
+    assert len(streamed) == len(whole.token_logprobs) == 602
+    assert streamed[0] is None and streamed[1:] == pytest.approx(whole.token_logprobs[1:],
+                                                                 abs=1e-6)
+    offsets = [o for c in chunks if c.logprobs for o in c.logprobs.text_offset]
+    assert offsets == whole.text_offset
+
+
 def test_prompt_logprobs_extension_and_the_tokenizer_routes(client, server):
     response = httpx.post(server.url + "/v1/completions", json={
         "model": "tiny", "prompt": [5, 6, 7, 8], "max_tokens": 1, "prompt_logprobs": 2}).json()
@@ -271,6 +288,16 @@ def test_prompt_logprobs_extension_and_the_tokenizer_routes(client, server):
     assert info["eos_token"] == "</s>" and "messages" in info["chat_template"]
     bad = httpx.post(server.url + "/detokenize", json={"tokens": [10**6]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_deeply_nested_bodies_are_ignored_or_refused_never_a_500(server):
+    for depth, status in ((400, 200), (20000, 400)):  # an ignored field, then unparsable
+        body = '{"model": "tiny", "prompt": "hi", "max_tokens": 1, "x": ' + "[" * depth \
+            + "]" * depth + "}"
+        response = httpx.post(server.url + "/v1/completions", content=body,
+                              headers={"Content-Type": "application/json"})
+        assert response.status_code == status, response.text
+        assert status == 200 or response.json()["error"]["type"] == "invalid_request_error"
 
 
 @pytest.mark.parametrize("body,param", [

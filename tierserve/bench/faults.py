@@ -37,6 +37,8 @@ class InjectedFault(RuntimeError):
 
 @dataclass(slots=True)
 class FaultSpec:
+    """The workload, how often each kind of fault strikes, and the seed that places them."""
+
     workload: WorkloadSpec = field(default_factory=lambda: WorkloadSpec(
         name="random", num_requests=64, input_len=64, output_len=24))
     fault_rate: float = 0.15
@@ -52,6 +54,8 @@ class FaultSpec:
 
 @dataclass(slots=True)
 class FaultResult:
+    """What ``run_faults`` found: the run's configuration, one row of counts, sample errors."""
+
     config: dict
     results: dict[str, dict]
     failures: list[str]  # a sample of the error messages requests got
@@ -74,7 +78,7 @@ def run_faults(config: EngineConfig, spec: FaultSpec, progress: bool = True) -> 
     clean = llm.generate(prompts, params(), use_tqdm=progress)
     rng = random.Random(spec.seed)
     plan = _plan_request_faults(requests, spec.fault_rate, rng)
-    injector = _Injector(llm, plan, prompts, spec, spec.seed)
+    injector = _Injector(llm, plan, prompts, spec)
     faulty_params = params()
     for index, (kind, at) in plan.items():
         if kind == "logits_processor":
@@ -103,7 +107,7 @@ def _plan_request_faults(requests, rate: float, rng: random.Random) -> dict[int,
     for index, request in enumerate(requests):
         if rng.random() < rate:
             kind = REQUEST_FAULTS[len(plan) % len(REQUEST_FAULTS)]
-            plan[index] = (kind, rng.randrange(1, request.max_tokens))
+            plan[index] = (kind, rng.randrange(request.max_tokens))  # 0: before its first
     return plan
 
 
@@ -111,11 +115,13 @@ class _Injector:
     """Wraps the engine's parts (instance attributes and one method, restored afterwards) to
     inject the planned faults, and records which requests each step or copy fault hit."""
 
-    def __init__(self, llm, plan, prompts, spec: FaultSpec, seed: int) -> None:
+    def __init__(self, llm, plan, prompts, spec: FaultSpec) -> None:
         self.llm, self.spec = llm, spec
         # One stream per thread that draws (engine thread: steps; swap worker: copies), so a
-        # seed gives the same faults at the same points.
-        self.step_rng, self.copy_rng = random.Random(seed + 1), random.Random(seed + 2)
+        # seed gives the same faults at the same points. Request faults are keyed by prompt
+        # (the random workloads repeat none).
+        self.step_rng = random.Random(spec.seed + 1)
+        self.copy_rng = random.Random(spec.seed + 2)
 
         def strikes(kind: str) -> dict[tuple[int, ...], int]:  # prompt -> output token count
             return {tuple(prompts[i]): at for i, (k, at) in plan.items() if k == kind}
@@ -245,6 +251,7 @@ def plot_outcomes(row: dict, path, title: str) -> None:
 
 
 def add_faults_subcommand(sub, add_common) -> None:
+    """Add ``faults`` to the bench subcommands."""
     faults = sub.add_parser(
         "faults", help="inject every kind of fault; count who failed and what leaked",
         description=__doc__.split("\n\n", 1)[1].replace("``", "'"))
@@ -262,6 +269,7 @@ def add_faults_subcommand(sub, add_common) -> None:
 
 
 def cmd_faults(args) -> int:
+    """Run the benchmark; exit 1 if a failure is unexplained, tokens changed or blocks leaked."""
     from tierserve.bench.cli import _engine_config, _finish, _workload_spec
 
     spec = FaultSpec(workload=_workload_spec(args, args.num_requests or 64),

@@ -16,7 +16,7 @@ from tierserve.errors import InvalidRequestError
 from tierserve.kv.manager import KVCacheManager
 from tierserve.metrics import MetricsCollector
 from tierserve.request import Request, RequestStatus, SamplingParams
-from tierserve.sched.plan import RequestError, RequestUpdate, StepPlan, StepResult
+from tierserve.sched.plan import CopyError, RequestError, RequestUpdate, StepPlan, StepResult
 from tierserve.sched.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -163,18 +163,17 @@ class EngineCore:
         try:
             result = self._execute(plan)
         except Exception as exc:  # noqa: BLE001 - the forward itself: the step's requests fail
-            moved = [order.request_id for order in plan.swap_orders
-                     if order.direction != "victim"]
-            # The executor may not have dropped the per-request state of requests that ended
-            # before this plan: tell it again with the next one (dropping twice is harmless).
+            # (Its copies report themselves later.) The executor may not have dropped the state
+            # of requests that ended before this plan: tell it again with the next one.
             self.scheduler.requeue_finished(plan.finished_request_ids)
-            return self._step_failed([c.request_id for c in plan.chunks] + moved, "execute", exc)
+            return self._step_failed([c.request_id for c in plan.chunks], "execute", exc)
         self.num_steps += 1
-        self.consecutive_step_failures = 0
         try:
-            updates = self.scheduler.update(plan, result)
+            updates = self.scheduler.settle_copies(result.swaps_done)
+            updates += self.scheduler.update(plan, result)
         except Exception as exc:  # noqa: BLE001
             return self._step_failed([c.request_id for c in plan.chunks], "update", exc)
+        self.consecutive_step_failures = 0  # a step that ran through
         try:
             self._record(plan, result, updates, time.monotonic() - started)
         except Exception:  # noqa: BLE001 - a metrics bug must not cost anyone their tokens
@@ -182,8 +181,9 @@ class EngineCore:
         return updates
 
     def _execute(self, plan: StepPlan) -> StepResult:
-        """``executor.execute``; when it names requests at fault (RequestError), they fail and
-        the step runs again without them (its copies already started the first time)."""
+        """``executor.execute``; when it pins the failure on requests (RequestError) or on
+        copies (CopyError), those requests fail and the step runs again without them. Its copies
+        started the first time (and had all finished for a CopyError), so the rerun has none."""
         failures: dict[str, str] = {}
         current = plan
         while True:
@@ -194,14 +194,18 @@ class EngineCore:
                 named = {rid: msg for rid, msg in exc.failures.items() if rid in scheduled}
                 if not named:
                     raise
-                failures.update(named)
-                log.warning("step %d: retrying without %s", self.num_steps + 1, ", ".join(named))
-                current = StepPlan(chunks=[c for c in current.chunks
-                                           if c.request_id not in named],
-                                   finished_request_ids=plan.finished_request_ids)
-                continue
-            result.failed.update(failures)
-            return result
+            except CopyError as exc:  # possibly nobody to fail: a victim save, say
+                reason = "moving its KV between memory tiers failed: " + "; ".join(
+                    exc.failures.values())
+                named = {rid: reason for rid in sorted(self.kv.fail_copies(list(exc.failures)))}
+            else:
+                result.failed.update(failures)
+                return result
+            failures.update(named)
+            log.warning("step %d: running it again without %s", self.num_steps + 1,
+                        ", ".join(named) or "the failed copies")
+            current = StepPlan(chunks=[c for c in current.chunks if c.request_id not in named],
+                               finished_request_ids=plan.finished_request_ids)
 
     def _step_failed(self, request_ids: list[str], stage: str, exc: Exception
                      ) -> list[RequestUpdate]:

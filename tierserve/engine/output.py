@@ -13,11 +13,15 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from tierserve.model.tokenizer import IncrementalDetokenizer, Tokenizer
 from tierserve.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from tierserve.request import Request, RequestStatus
 from tierserve.sched.plan import RequestUpdate, TokenLogprobs
+
+if TYPE_CHECKING:
+    from tierserve.engine.core import EngineCore
 
 
 @dataclass(slots=True)
@@ -53,8 +57,8 @@ class Folded:
     to_stop: list[str] = field(default_factory=list)
     to_fail: list[str] = field(default_factory=list)
 
-    def end_in(self, core) -> None:
-        """End ``to_stop`` and ``to_fail`` in ``core`` (an EngineCore) now."""
+    def end_in(self, core: EngineCore) -> None:
+        """End ``to_stop`` and ``to_fail`` in ``core`` now."""
         if self.to_stop:
             core.abort(self.to_stop, status=RequestStatus.FINISHED_STOPPED)
         if self.to_fail:

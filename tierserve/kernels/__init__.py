@@ -1,10 +1,10 @@
 """Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp; module.cpp binds them),
 compiled for this machine at first use.
 
-``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++ compiler,
-no ninja, TIERSERVE_KERNELS=0) or would not pay (a CPU without AVX-512, which every fast path
-needs: their scalar fallbacks are slower than torch's own ops): callers then take the plain
-torch path, which gives the same results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
+``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++
+compiler, no ninja, TIERSERVE_KERNELS=0) or would not pay (a CPU without AVX-512, which
+every fast path needs: their scalar fallbacks are slower than torch's own ops): callers then
+take the plain torch path, which gives the same results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
 the source, the torch version, the flags, the CPU (model and instruction sets) and the Python
 ABI, so later runs on the same machine load it in well under a second.
 """
@@ -12,6 +12,7 @@ ABI, so later runs on the same machine load it in well under a second.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -60,11 +61,12 @@ def cpu_ops():
     return _state["module"]
 
 
-def cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
     """The instruction-set flags /proc/cpuinfo lists (empty where there is no such file)."""
     flags = next((line for line in cpu_identity().splitlines()
                   if line.startswith(("flags:", "Features:"))), "")
-    return set(flags.partition(":")[2].split())
+    return frozenset(flags.partition(":")[2].split())
 
 
 def unsupported_reason() -> str | None:

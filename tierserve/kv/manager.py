@@ -48,6 +48,9 @@ class KVCacheManager(TierMovesMixin):
         self._swapped: dict[str, list[tuple[TierStore, int]]] = {}
         self._inflight: dict[str, list[int]] = {}  # copy key -> device blocks it holds
         self._order_of: dict[str, SwapOrder] = {}  # copy key -> its order, until reported done
+        # Prefetched blocks (a copy nothing waits for) are found by content only once they are
+        # in: key -> (hash, device block) to register when the copy is reported done.
+        self._deferred: dict[str, list[tuple[BlockHash, int]]] = {}
         self._reserves: dict[str, list[int]] = {}  # request -> unused blocks of its last group
         self._victims: list[tuple[int, int]] = []  # (device, host) blocks to save this step
         self._orders: list[SwapOrder] = []  # copies decided, not yet handed to the scheduler
@@ -222,24 +225,40 @@ class KVCacheManager(TierMovesMixin):
         """Every request id that holds blocks in some tier (or a private reserve)."""
         return set(self._tables) | set(self._swapped) | set(self._reserves)
 
-    def copy_done(self, key: str, failed: bool = False) -> str | None:
-        """The executor finished the copies of ``key``: its device blocks may be reused.
-
-        ``failed``: the copy did not happen, so its destination blocks do not hold the content
-        registered for them: their cache entries are dropped. Returns the request the order
-        moved (None for victim saves); a failed swap leaves that request without its KV."""
-        order = self._order_of.pop(key, None)
-        if failed and order is not None:
-            stores = {store.tier: store for store in [self.device, *self.lower]}
-            for op in order.ops:
-                cache = stores[op.dst_tier].cache
-                for run in op.runs:
-                    for block in range(run.dst_start, run.dst_start + run.length):
-                        cache.evict(block)
+    def copy_done(self, key: str) -> None:
+        """The executor finished the copies of ``key``: its device blocks may be reused, and
+        what a prefetch brought in is now found by content."""
+        self._order_of.pop(key, None)
+        for block_hash, block in self._deferred.pop(key, ()):
+            self._register(self.device, block_hash, block)
         self.pool.release(self._inflight.pop(key, []))
-        if order is None or order.direction == "victim":
-            return None
-        return order.request_id
+
+    def fail_copies(self, keys: list[str]) -> set[str]:
+        """The copies of ``keys`` failed: their destination blocks hold garbage, and so does
+        whatever a later copy (still in flight) read from them. Every such block loses its
+        cache entry; the requests that moved or hold one are returned (they must fail); the
+        failed copies' blocks are released. Copies already settled are ignored."""
+        poisoned: set[tuple[Tier, int]] = set()
+        hit: list[SwapOrder] = []
+        for key, order in self._order_of.items():  # submission (FIFO) order
+            reads = {(op.src_tier, block) for op in order.ops for block in op.src_blocks()}
+            if key in keys or reads & poisoned:
+                hit.append(order)
+                poisoned |= {(op.dst_tier, block) for op in order.ops for block in op.dst_blocks()}
+        stores = {store.tier: store for store in [self.device, *self.lower]}
+        for tier, block in poisoned:
+            stores[tier].cache.evict(block)
+        holders = {order.request_id for order in hit if order.direction != "victim"}
+        device = {block for tier, block in poisoned if tier is Tier.DEVICE}
+        holders |= {rid for rid, table in self._tables.items() if device.intersection(table)}
+        holders |= {rid for rid, placements in self._swapped.items()
+                    if any((store.tier, block) in poisoned for store, block in placements)}
+        for order in hit:
+            self._deferred.pop(order.key, None)  # nothing it wrote is registered
+        for key in keys:
+            if self._order_of.pop(key, None) is not None:
+                self.pool.release(self._inflight.pop(key, []))
+        return holders
 
     def reset_prefix_cache(self) -> None:
         """Forget all cached prefixes (blocks in use are untouched)."""

@@ -129,6 +129,7 @@ class TierMovesMixin:
         hashes = self._hashes.get(request_id, [])
         table: list[int] = []
         moves: list[Move] = []
+        arriving: list[tuple[BlockHash, int]] = []
         for index, (store, block) in enumerate(placements):
             cached = self.prefix_cache.block_of(hashes[index]) if index < len(hashes) else None
             if cached is not None:  # still on the device: share it, no copy
@@ -139,9 +140,17 @@ class TierMovesMixin:
             table.append(device_block)
             moves.append((store.tier, block, Tier.DEVICE, device_block))
             if index < len(hashes):
-                self._register(self.device, hashes[index], device_block)
+                arriving.append((hashes[index], device_block))
         order = self._order(request_id, "in", moves)
         order.wait = wait
+        # NOTE: a request that found these blocks by content would read them in a step that
+        # does not wait for this copy unless the copy is waited for in this very step: a
+        # prefetch's blocks are registered only when it is reported done.
+        if wait:
+            for block_hash, device_block in arriving:
+                self._register(self.device, block_hash, device_block)
+        elif arriving:
+            self._deferred[order.key] = arriving
         held = [move[3] for move in moves]
         for block in held:
             self.pool.touch(block)

@@ -50,6 +50,12 @@ class SwapOp:
     def num_blocks(self) -> int:
         return sum(run.length for run in self.runs)
 
+    def src_blocks(self) -> list[int]:
+        return [run.src_start + i for run in self.runs for i in range(run.length)]
+
+    def dst_blocks(self) -> list[int]:
+        return [run.dst_start + i for run in self.runs for i in range(run.length)]
+
 
 def coalesce(src_blocks: list[int], dst_blocks: list[int]) -> list[CopyRun]:
     """Pair ``src_blocks[i] -> dst_blocks[i]`` and merge neighbours into maximal runs.

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tierserve.kv.tiers_types import SwapOp, Tier
+from tierserve.sched.plan import CopyError
 
 
 class KVStorage:
@@ -157,15 +158,16 @@ class SwapWorker:
             self._pending[key] = self._pending.get(key, 0) + 1
         self._queue.put(_Job(key, list(ops), ready))
 
-    def wait(self, keys: Iterable[str], raise_errors: bool = True) -> None:
-        """Block until every submit under ``keys`` has finished; re-raise a copy error of one of
-        them (once; ``poll`` still lists it). Unknown or already finished keys return at once."""
+    def wait(self, keys: Iterable[str]) -> None:
+        """Block until every submit under ``keys`` has finished, then raise CopyError naming
+        those of them that failed (once; ``poll`` still lists them). Unknown or already
+        finished keys return at once."""
         keys = set(keys)
         with self._cond:
             self._cond.wait_for(lambda: keys.isdisjoint(self._pending))
-            for key in keys if raise_errors else ():
-                if key in self._errors:
-                    raise self._errors.pop(key)
+            failed = {key: self._errors.pop(key) for key in sorted(keys) if key in self._errors}
+        if failed:
+            raise CopyError({key: f"{type(exc).__name__}: {exc}" for key, exc in failed.items()})
 
     def poll(self) -> list[SwapStats]:
         """Submits finished since the last poll, one SwapStats per submit, in finishing order;

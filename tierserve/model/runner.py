@@ -5,6 +5,7 @@ It owns the KV cache tensor and the sampler; it knows requests only as the chunk
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 import torch
@@ -13,7 +14,14 @@ from tierserve.model.kv_storage import KVStorage, SwapWorker
 from tierserve.model.llama import LlamaModel
 from tierserve.model.sampler import Sampler, score_tokens
 from tierserve.model.step_inputs import StepInputBuilder, StepInputs
-from tierserve.sched.plan import PromptLogprobs, ScheduledChunk, StepPlan, StepResult, SwapDone
+from tierserve.sched.plan import (
+    CopyError,
+    PromptLogprobs,
+    ScheduledChunk,
+    StepPlan,
+    StepResult,
+    SwapDone,
+)
 
 # Below this many rows, float32 matmuls on CPU take a different kernel whose rounding differs;
 # padding to it keeps a request's logits independent of the batch it runs in.
@@ -63,7 +71,8 @@ class ModelRunner:
         self._start_copies(plan)
         result = self._forward(plan) if plan.chunks else StepResult()
         if not plan.chunks and self._outstanding:  # idle: nothing to overlap with
-            self.swapper.wait(list(self._outstanding), raise_errors=False)  # poll reports them
+            with contextlib.suppress(CopyError):  # poll below reports failed ones
+                self.swapper.wait(list(self._outstanding))
         if self.swapper is not None:
             for stats in self.swapper.poll():
                 self._outstanding.discard(stats.key)
@@ -79,16 +88,11 @@ class ModelRunner:
         for order in plan.swap_orders:
             self.swapper.submit(order.key, order.ops)
             self._outstanding.add(order.key)
-        # A victim save must have read its device block before the forward overwrites it, but
-        # if it failed the forward may still run (the host copy is dropped when reported); a
-        # copy into the device that failed leaves KV the forward would read: that raises.
-        reads = [*plan.wait_keys, *(order.key for order in plan.swap_orders
-                                    if order.wait and order.direction != "victim")]
-        saves = [order.key for order in plan.swap_orders if order.direction == "victim"]
-        if saves:
-            self.swapper.wait(saves, raise_errors=False)
-        if reads:
-            self.swapper.wait(reads)
+        # The forward reads what swap-ins and copy-ups write, and overwrites blocks victim
+        # saves read: it waits for both. A copy that failed raises CopyError naming it.
+        needed = [*plan.wait_keys, *(order.key for order in plan.swap_orders if order.wait)]
+        if needed:
+            self.swapper.wait(needed)
 
     def _forward(self, plan: StepPlan) -> StepResult:
         inputs = self._prepare(plan.chunks)
@@ -128,6 +132,8 @@ class ModelRunner:
                         count = min(PROMPT_SCORE_ROWS, last - first)
                         start = row + first - chunk.start_pos
                         logits = self.model.compute_logits(self._pad(hidden[start:start + count]))
+                        if not bool(torch.isfinite(logits[:count].sum(dim=-1)).all()):
+                            raise ValueError("the model produced non-finite logits (NaN or inf)")
                         targets = chunk.prompt_token_ids[first + 1:first + count + 1]
                         entries += score_tokens(logits[:count], targets, k)
                     result.prompt_logprobs[chunk.request_id] = PromptLogprobs(

@@ -6,7 +6,8 @@ tests, and a cost model in the simulator.
 Failures are part of the contract. An executor reports a request it could not serve in
 ``StepResult.failed`` (its other requests' results stand), or raises ``RequestError`` naming
 the requests at fault before it has results for any (the engine then runs the step again
-without them). Any other exception fails the whole step.
+without them), or ``CopyError`` naming the KV copies of the plan that failed (the engine fails
+whoever holds what they wrote, then runs the rest). Any other exception fails the whole step.
 """
 
 from __future__ import annotations
@@ -96,6 +97,16 @@ class StepResult:
     # Requests this step could not serve (their sampling, logits processing, a non-finite
     # logits row, ...): request id -> what went wrong. They get no token; the others do.
     failed: dict[str, str] = field(default_factory=dict)
+
+
+class CopyError(Exception):
+    """Raised by an executor whose step cannot run as planned because KV copies it had to wait
+    for failed: ``failures`` maps each copy key to what went wrong. Every copy of the plan has
+    finished (done or failed) when it is raised."""
+
+    def __init__(self, failures: dict[str, str]) -> None:
+        super().__init__("; ".join(f"copy {key}: {msg}" for key, msg in failures.items()))
+        self.failures = failures
 
 
 class RequestError(Exception):

@@ -16,13 +16,14 @@ import logging
 from tierserve.config import SchedulerConfig
 from tierserve.kv.manager import KVCacheManager
 from tierserve.request import Request, RequestStatus
-from tierserve.sched.plan import RequestUpdate, ScheduledChunk, StepPlan, StepResult
+from tierserve.sched.plan import RequestUpdate, ScheduledChunk, StepPlan, StepResult, SwapDone
 from tierserve.sched.policies import Policy, make_policy
+from tierserve.sched.preemption import PreemptionMixin
 
 log = logging.getLogger(__name__)
 
 
-class Scheduler:
+class Scheduler(PreemptionMixin):
     """Owns the waiting, swapped and running sets and the per-step token budget."""
 
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager, max_model_len: int,
@@ -101,32 +102,20 @@ class Scheduler:
         self.policy.on_step(self.num_steps, list(self.requests.values()))
         plan = StepPlan(finished_request_ids=self._finished_since_plan)
         self._finished_since_plan = []
-        budget = self.config.max_num_batched_tokens
-        if self.policy.prefill_first and self._schedule_whole_prefills(plan, budget):
+        try:
+            budget = self.config.max_num_batched_tokens
+            if self.policy.prefill_first and self._schedule_whole_prefills(plan, budget):
+                return self._close(plan)
+            self._make_room_for_waiting(plan)
+            preempted_before = len(plan.preempted_request_ids)
+            budget = self._schedule_running(plan, budget)
+            if len(plan.preempted_request_ids) == preempted_before:  # memory did not run out
+                self._schedule_queued(plan, budget)
+                self._prefetch_next(plan)
             return self._close(plan)
-        self._make_room_for_waiting(plan)
-        preempted_before = len(plan.preempted_request_ids)
-        budget = self._schedule_running(plan, budget)
-        if len(plan.preempted_request_ids) == preempted_before:  # memory did not run out
-            self._schedule_queued(plan, budget)
-            self._prefetch_next(plan)
-        return self._close(plan)
-
-    def _prefetch_next(self, plan: StepPlan) -> None:
-        """LSM-GNN's preemptive prefetch: start bringing in the next swapped request while
-        memory is plentiful, so its copy overlaps this step instead of stalling a later one."""
-        for request in self.policy.order_waiting(self.swapped):
-            if request.request_id in self._prefetched:
-                continue
-            if request.request_id in plan.preempted_request_ids:
-                return
-            needed = self.kv.num_swapped_blocks(request.request_id) + 1
-            if self.kv.num_free_blocks - needed < self.kv.num_blocks // 4:
-                return
-            order = self.kv.swap_in(request, wait=False)
-            if order is not None:
-                self._prefetched[request.request_id] = order.key
-            return  # one per step: the head of the queue
+        except BaseException:  # the next plan still tells the executor who ended
+            self.requeue_finished(plan.finished_request_ids)
+            raise
 
     def _close(self, plan: StepPlan) -> StepPlan:
         plan.swap_orders = self.kv.take_pending_orders()  # every copy, in the order decided
@@ -221,24 +210,6 @@ class Scheduler:
         self._schedule_queued(plan, max(budget, 1), whole=True)
         return bool(plan.chunks)
 
-    def _make_room_for_waiting(self, plan: StepPlan) -> None:
-        """Let the policy preempt running requests for a waiting one it ranks higher (fair)."""
-        if not self.policy.preempts_for_waiting:
-            return
-        candidates = self.policy.order_waiting(self.waiting + self.swapped)
-        if not candidates:
-            return
-        head = candidates[0]
-        need = self.kv.blocks_for(min(head.num_tokens, self.config.max_num_batched_tokens))
-        while (len(self.running) >= self.config.max_num_seqs
-               or need + self.admission_reserve > self.kv.num_free_blocks):
-            victim = self.policy.preempt_for(head, self.running)
-            # Only a cheap context switch is worth it: preempting to recompute would throw the
-            # victim's work away and can livelock two clients whose service stays close.
-            if victim is None or not self._should_swap(victim, swap_preferred=True):
-                return
-            self._preempt(victim, plan, swap_preferred=True)
-
     def _waits_for_leader(self, request: Request) -> bool:
         leader = self.requests.get(request.prefill_leader) if request.prefill_leader else None
         if leader is None:
@@ -265,66 +236,29 @@ class Scheduler:
             eos_token_ids=request.eos_token_ids,
         )
 
-    # -- preemption ----------------------------------------------------------------------------
-    def _preempt(self, request: Request, plan: StepPlan, swap_preferred: bool = False) -> None:
-        """Swap the request's KV out, or drop it to recompute later, as the mode and costs say."""
-        self.running.remove(request)
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        plan.preempted_request_ids.append(request.request_id)
-        order = self.kv.swap_out(request) if self._should_swap(request, swap_preferred) else None
-        if order is not None:
-            request.status = RequestStatus.SWAPPED
-            self.swapped.append(request)
-            self.num_swap_preemptions += 1
-            log.debug("swapped out %s (%d blocks)", request.request_id, order.num_blocks)
-            return
-        self.kv.free(request)
-        request.num_computed_tokens = 0
-        request.status = RequestStatus.PREEMPTED
-        self.waiting.append(request)
-        self._track_demand(request)
-        log.debug("preempted %s for recompute (%d tokens)", request.request_id, request.num_tokens)
-
-    def _should_swap(self, request: Request, swap_preferred: bool) -> bool:
-        mode = self.config.preemption_mode
-        if mode == "recompute" or not self.kv.can_swap_out(request):
-            return False
-        if mode == "swap" or swap_preferred:
-            return True
-        blocks = self.kv.num_blocks_of(request.request_id)
-        swap_s = 2 * blocks * self.bytes_per_block / self.config.swap_bytes_per_s
-        recompute_s = request.num_computed_tokens / self.config.recompute_tokens_per_s
-        return swap_s < recompute_s
-
-    def _track_demand(self, request: Request) -> None:
-        if self.kv.lower:
-            hashes = self.kv.request_hashes(request)
-            self._demand[request.request_id] = hashes
-            self.kv.waiting_demand.update(hashes)
-
-    def _untrack_demand(self, request: Request) -> None:
-        demand = self.kv.waiting_demand
-        for block_hash in self._demand.pop(request.request_id, ()):
-            if demand[block_hash] <= 1:
-                del demand[block_hash]
-            else:
-                demand[block_hash] -= 1
-
     # -- after the step ------------------------------------------------------------------------
-    def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
-        """Advance counters, append sampled tokens, finish requests that stop, settle copies.
-
-        Requests the executor failed (``result.failed``, or whose copy between tiers failed)
-        end with an error first; the step's other requests go on as if they had run alone."""
+    def settle_copies(self, swaps_done: list[SwapDone]) -> list[RequestUpdate]:
+        """Release what finished copies held; fail the requests a failed copy left with
+        garbage KV (its own request, and any holding a block it or a later copy wrote)."""
         updates = []
-        for done in result.swaps_done:
-            moved = self.kv.copy_done(done.key, failed=done.error is not None)
-            if done.error is not None and moved is not None:
-                update = self.fail(moved, f"moving its KV between memory tiers failed: "
-                                          f"{done.error}")
+        for done in swaps_done:
+            if done.error is None:
+                self.kv.copy_done(done.key)
+                continue
+            for request_id in sorted(self.kv.fail_copies([done.key])):
+                update = self.fail(request_id, "moving its KV between memory tiers failed: "
+                                               f"{done.error}")
                 if update is not None:
                     updates.append(update)
+        return updates
+
+    def update(self, plan: StepPlan, result: StepResult) -> list[RequestUpdate]:
+        """Advance counters, append sampled tokens, finish requests that stop. (Copies are
+        settled apart, by ``settle_copies``, first: they must be even if this raises.)
+
+        Requests the executor failed (``result.failed``) end with an error first; the step's
+        other requests go on as if they had run alone."""
+        updates = []
         for request_id, reason in result.failed.items():
             if (update := self.fail(request_id, reason)) is not None:
                 updates.append(update)

@@ -169,21 +169,29 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
             return _sse(stream_completion(streams, request_id, settings.model_name, body, params,
                                           engine.tokenizer))
         outputs = await _collect(streams, request, settings)
-        choices = []
-        for prompt_index, output in enumerate(outputs):
-            prefix, prefix_logprobs = "", None
-            if body.echo:
-                prefix, prefix_logprobs = protocol.echo(output, body.logprobs, engine.tokenizer)
-            for c in output.outputs:
-                choice = protocol.completion_choice(prompt_index * params.n + c.index, c,
-                                                    body.logprobs or 0, prefix, prefix_logprobs)
-                if body.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = protocol.prompt_logprobs(output)
-                choices.append(choice)
+        choices = _completion_choices(outputs, body, params.n, engine.tokenizer)
         return protocol.envelope(request_id, "text_completion", settings.model_name, choices,
                                  usage_=protocol.usage(*protocol.count_tokens(outputs)))
 
     return router
+
+
+def _completion_choices(outputs: list[RequestOutput], body: CompletionRequest, n: int,
+                        tokenizer) -> list[dict]:
+    """The choices of a non-streamed completion: prompt i's completions at i * n + index,
+    each after its echoed prompt when asked."""
+    choices = []
+    for prompt_index, output in enumerate(outputs):
+        prefix, prefix_logprobs = "", None
+        if body.echo:
+            prefix, prefix_logprobs = protocol.echo(output, body.logprobs, tokenizer)
+        for c in output.outputs:
+            choice = protocol.completion_choice(prompt_index * n + c.index, c,
+                                                body.logprobs or 0, prefix, prefix_logprobs)
+            if body.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = protocol.prompt_logprobs(output)
+            choices.append(choice)
+    return choices
 
 
 def _tokenizer_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
@@ -218,7 +226,8 @@ def _tokenizer_router(engine: AsyncEngine, settings: ServerSettings) -> APIRoute
         if bad:
             raise ApiError(400, f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})",
                            param="tokens")
-        return {"prompt": tokenizer.decode(body.tokens, skip_special_tokens=False)}
+        text = await asyncio.to_thread(tokenizer.decode, body.tokens, False)
+        return {"prompt": text}
 
     @router.get("/tokenizer_info", summary="The tokenizer's special tokens and chat template",
                 response_model=TokenizerInfo, responses=openapi.errors(401))
@@ -233,7 +242,8 @@ def _tokenizer_router(engine: AsyncEngine, settings: ServerSettings) -> APIRoute
     return router
 
 
-def _check_model(body: SamplingFields, settings: ServerSettings) -> None:
+def _check_model(body: SamplingFields | TokenizeRequest | DetokenizeRequest,
+                 settings: ServerSettings) -> None:
     if body.model and body.model != settings.model_name:
         raise ApiError(404, f"The model '{body.model}' does not exist; this server serves "
                        f"'{settings.model_name}' (GET /v1/models)", "invalid_request_error",

@@ -153,6 +153,8 @@ async def stream_completion(streams, request_id: str, model: str, body: Completi
                 if state.finished:
                     continue
                 if state.echo_len is None:  # the prompt goes first, once per choice
+                    if body.echo and not _prompt_scored(output, body, completion):
+                        continue  # its logprobs come chunk by chunk under chunked prefill
                     state.echo_len = 0
                     if body.echo:
                         prefix, logprobs = protocol.echo(output, body.logprobs, tokenizer)
@@ -175,6 +177,15 @@ async def stream_completion(streams, request_id: str, model: str, body: Completi
     if chunk.include_usage and not any(output.error for output in finals.values()):
         yield chunk.usage(list(finals.values()))
     yield protocol.sse("[DONE]")
+
+
+def _prompt_scored(output: RequestOutput, body: CompletionRequest,
+                   completion: CompletionOutput) -> bool:
+    """Whether every prompt token's logprob has arrived (always, without logprobs)."""
+    if body.logprobs is None or completion.finished:
+        return True
+    scored = output.prompt_logprobs
+    return scored is not None and len(scored) >= len(output.prompt_token_ids)
 
 
 def _failed(output: RequestOutput) -> str:
