@@ -71,3 +71,57 @@ def hf_smollm2(smollm2_path):
         smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
     )
     return model.eval()
+
+
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+def make_tiny_moe(family: str, path, seed: int = 0):
+    """A 3-layer random MoE of ``family`` saved by transformers (per-expert tensors, as
+    save_pretrained writes them), with the tiny tokenizer. Qwen-MoE gets a dense layer (via
+    mlp_only_layers) and a shared expert; OLMoE clips qkv."""
+    import torch
+    import transformers
+
+    common = dict(vocab_size=512, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                  num_experts_per_tok=2)
+    specific = {
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                    dict(intermediate_size=96, num_local_experts=6)),
+        "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                      dict(intermediate_size=128, moe_intermediate_size=48, num_experts=6,
+                           shared_expert_intermediate_size=80, norm_topk_prob=False,
+                           decoder_sparse_step=1, mlp_only_layers=[1])),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                      dict(intermediate_size=128, moe_intermediate_size=48, num_experts=6,
+                           norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                           head_dim=16)),
+        "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+                  dict(intermediate_size=48, num_experts=6, norm_topk_prob=False,
+                       clip_qkv=8.0)),
+    }
+    config_name, model_name, extra = specific[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_name)(**common, **extra)
+    model = getattr(transformers, model_name)(config)
+    # Random init is near-uniform; scale up so greedy choices and expert choices are clear.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(40.0 if name.endswith("mlp.gate.weight") else 6.0)
+            elif name.endswith("bias"):
+                p.normal_(0, 0.5)  # zero at init: make them matter
+            elif "norm" in name:
+                p.uniform_(0.5, 1.5)  # one at init: make q/k and layer norms matter
+    model.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer(common["vocab_size"]).save_pretrained(path)
+    return model.eval()
+
+
+@pytest.fixture(scope="session", params=MOE_FAMILIES)
+def tiny_moe(request, tmp_path_factory):
+    """(family, folder, transformers model) for each MoE family."""
+    path = tmp_path_factory.mktemp(f"tiny_{request.param}")
+    return request.param, path, make_tiny_moe(request.param, path)

@@ -29,8 +29,8 @@ def test_model_costs_count_every_linear_weight(tiny_llama_dir):
     model = llm.engine.runner.model
     arch = model.arch
     params = sum(t.numel() for layer in model.layers
-                 for t in (layer.qkv.weight, layer.o.weight, layer.gate_up.weight,
-                           layer.down.weight)) + model.lm_head.weight.numel()
+                 for t in (layer.qkv.weight, layer.o.weight, layer.mlp.gate_up.weight,
+                           layer.mlp.down.weight)) + model.lm_head.weight.numel()
     costs = rl.model_costs(model, context=100)
     assert costs["weight_bytes"] == params * 4
     attention = arch.num_layers * 4 * 100 * arch.num_heads * arch.head_dim

@@ -1,5 +1,6 @@
 """Greedy parity with transformers for each supported architecture's features, at toy size:
-Qwen2 attention biases, Llama 3 rope scaling, Mistral, tied embeddings, bfloat16."""
+Qwen2 attention biases, Qwen3 per-head q/k norms, Llama 3 rope scaling, Mistral, tied
+embeddings, bfloat16. (Mixture-of-experts families: test_moe.py.)"""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_
 
 
 def _configs():
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     return {
         "qwen2-bias": lambda: Qwen2Config(**COMMON, rope_theta=1_000_000.0,
@@ -30,6 +31,8 @@ def _configs():
         "llama-linear-rope": lambda: LlamaConfig(**COMMON, tie_word_embeddings=False,
                                                  rope_scaling={"rope_type": "linear", "factor": 2.0}),
         "mistral": lambda: MistralConfig(**COMMON, sliding_window=None, tie_word_embeddings=False),
+        "qwen3-qk-norm": lambda: Qwen3Config(**COMMON, head_dim=16, tie_word_embeddings=False,
+                                             use_sliding_window=False),
         "llama-tied": lambda: LlamaConfig(**COMMON, tie_word_embeddings=True),
     }
 
@@ -45,6 +48,8 @@ def _save(config, path):
                 param.mul_(8.0)
             elif name.endswith("bias"):
                 param.normal_(0, 0.5)  # HF initializes biases to zero: make them matter
+            elif "norm" in name:
+                param.uniform_(0.5, 1.5)  # and norm weights to one
     model.save_pretrained(path, safe_serialization=True)
     _tiny_tokenizer(config.vocab_size).save_pretrained(path)
     return model.eval()

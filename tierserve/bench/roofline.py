@@ -57,7 +57,7 @@ def model_costs(model, context: int) -> dict:
     arch = model.arch
     elem = torch.empty((), dtype=model.dtype).element_size()
     linear_params = sum(linear.weight.numel() for layer in model.layers
-                        for linear in (layer.qkv, layer.o, layer.gate_up, layer.down))
+                        for linear in layer.linears())
     head_params = model.lm_head.weight.numel()
     # Per layer, per token: q.k and p.v over the context, for every query head.
     attention_flops = arch.num_layers * 4 * context * arch.num_heads * arch.head_dim

@@ -20,6 +20,7 @@ from tierserve.model.layers import (
     apply_rotary,
     rms_norm,
 )
+from tierserve.model.moe import DenseMLP, MoEBlock
 
 # Up to this many rows the native skinny kernel beats the GEMMs (measured on SmolLM2's shapes,
 # bfloat16: 9.9 vs 14.5 ms of linears a step at 1 row, 12.8 vs 15.5 at 4, 19.0 vs 16.4 at 8).
@@ -60,20 +61,44 @@ class Linear:
 
 
 class DecoderLayer:
-    """One transformer block's weights: fused qkv, o, fused gate_up, down, two norms."""
+    """One transformer block's weights: fused qkv, o, two norms, optional q/k norms, and the
+    feed-forward part (a DenseMLP, or a MoEBlock on the MoE layers of an MoE model)."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor], prefix: str, bias: bool, ops,
-                 pack: bool) -> None:
+    def __init__(self, tensors: dict[str, torch.Tensor], index: int, arch: ModelArchConfig,
+                 ops, pack: bool) -> None:
+        prefix = f"model.layers.{index}."
         attn, mlp = prefix + "self_attn.", prefix + "mlp."
-        self.qkv = Linear(torch.cat([tensors[f"{attn}{p}_proj.weight"] for p in "qkv"]),
+
+        def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
+            return Linear(weight, bias, ops, pack)
+
+        self.qkv = linear(torch.cat([tensors[f"{attn}{p}_proj.weight"] for p in "qkv"]),
                           torch.cat([tensors[f"{attn}{p}_proj.bias"] for p in "qkv"])
-                          if bias else None, ops, pack)
-        self.o = Linear(tensors[f"{attn}o_proj.weight"], None, ops, pack)
-        self.gate_up = Linear(torch.cat([tensors[f"{mlp}gate_proj.weight"],
-                                         tensors[f"{mlp}up_proj.weight"]]), None, ops, pack)
-        self.down = Linear(tensors[f"{mlp}down_proj.weight"], None, ops, pack)
+                          if arch.attention_bias else None)
+        self.o = linear(tensors[f"{attn}o_proj.weight"])
+        self.q_norm = tensors.get(f"{attn}q_norm.weight")  # qk_norm models: (head_dim,) or
+        self.k_norm = tensors.get(f"{attn}k_norm.weight")  # (projection width,)
         self.input_norm = tensors[prefix + "input_layernorm.weight"]
         self.post_attention_norm = tensors[prefix + "post_attention_layernorm.weight"]
+        self.mlp = _feed_forward(tensors, mlp, arch, index, linear)
+
+    def linears(self) -> list[Linear]:
+        return [self.qkv, self.o, *self.mlp.linears()]
+
+
+def _feed_forward(tensors: dict[str, torch.Tensor], prefix: str, arch: ModelArchConfig,
+                  index: int, linear) -> DenseMLP | MoEBlock:
+    def dense(name: str) -> DenseMLP:
+        return DenseMLP(*(tensors[f"{prefix}{name}{p}_proj.weight"] for p in ("gate", "up", "down")),
+                        linear)
+
+    if not arch.is_moe_layer(index):
+        return dense("")
+    experts = [dense(f"experts.{e}.") for e in range(arch.num_experts)]
+    shared = dense("shared_expert.") if arch.shared_expert_intermediate_size else None
+    return MoEBlock(tensors[f"{prefix}gate.weight"], experts, arch.num_experts_per_tok,
+                    arch.norm_topk_prob, arch.route_weights_float32, shared,
+                    tensors.get(f"{prefix}shared_expert_gate.weight"), layer_index=index)
 
 
 class LlamaModel:
@@ -88,8 +113,8 @@ class LlamaModel:
         pack = _pack_enabled()
         self.lm_head = Linear(tensors.get("lm_head.weight", self.embed), None, self.ops, pack)
         self.norm = tensors["model.norm.weight"]
-        self.layers = [DecoderLayer(tensors, f"model.layers.{i}.", arch.attention_bias,
-                                    self.ops, pack) for i in range(arch.num_layers)]
+        self.layers = [DecoderLayer(tensors, i, arch, self.ops, pack)
+                       for i in range(arch.num_layers)]
         self.dtype = self.embed.dtype
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
@@ -121,7 +146,7 @@ class LlamaModel:
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
-            qkv = layer.qkv(x)  # (T, q + 2 kv)
+            qkv = self._normed_qkv(layer, layer.qkv(x))  # (T, q + 2 kv)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = apply_rotary(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
             k = apply_rotary(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
@@ -132,9 +157,28 @@ class LlamaModel:
             hidden = residual + layer.o(attn)
             residual = hidden
             x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
-            gate, up = layer.gate_up(x).chunk(2, dim=-1)
-            hidden = residual + layer.down(F.silu(gate) * up)
+            hidden = residual + layer.mlp(x)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    def _normed_qkv(self, layer: DecoderLayer, qkv: torch.Tensor) -> torch.Tensor:
+        """q and k RMS-normed (per head, or over the whole projection) and q, k, v clipped, as
+        the checkpoint's family does; for most families ``qkv`` unchanged."""
+        arch = self.arch
+        if not arch.qk_norm and arch.clip_qkv is None:
+            return qkv
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        if arch.qk_norm == "head":
+            q = rms_norm(q.reshape(-1, arch.num_heads, arch.head_dim), layer.q_norm,
+                         arch.rms_norm_eps).flatten(1)
+            k = rms_norm(k.reshape(-1, arch.num_kv_heads, arch.head_dim), layer.k_norm,
+                         arch.rms_norm_eps).flatten(1)
+        elif arch.qk_norm == "full":
+            q = rms_norm(q, layer.q_norm, arch.rms_norm_eps)
+            k = rms_norm(k, layer.k_norm, arch.rms_norm_eps)
+        qkv = torch.cat([q, k, v], dim=-1)
+        if arch.clip_qkv is not None:
+            qkv = qkv.clamp(-arch.clip_qkv, arch.clip_qkv)
+        return qkv
 
     def _forward_fused(self, input_ids: torch.Tensor, positions: torch.Tensor,
                        kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
@@ -148,7 +192,7 @@ class LlamaModel:
         x, hidden = ops.add_rms_norm(self.embed[input_ids], None, self.layers[0].input_norm, eps)
         norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
         for index, (layer, next_norm) in enumerate(zip(self.layers, norms)):
-            qkv = layer.qkv(x)
+            qkv = self._normed_qkv(layer, layer.qkv(x))
             ops.rotary_(qkv, cos, sin, rotated_heads, arch.head_dim)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             layer_cache = kv_cache[:, index].transpose(2, 3)
@@ -157,8 +201,7 @@ class LlamaModel:
                                           v.view(-1, arch.num_kv_heads, arch.head_dim),
                                           layer_cache[:, 0], layer_cache[:, 1], meta)
             x, hidden = ops.add_rms_norm(layer.o(attn), hidden, layer.post_attention_norm, eps)
-            x, hidden = ops.add_rms_norm(layer.down(ops.silu_mul(layer.gate_up(x))), hidden,
-                                         next_norm, eps)
+            x, hidden = ops.add_rms_norm(layer.mlp(x, ops), hidden, next_norm, eps)
         return x
 
     @torch.inference_mode()

@@ -1,0 +1,112 @@
+"""The feed-forward half of a decoder layer: the dense gated MLP, and the mixture-of-experts layer
+(route, group tokens by expert, run each active expert once over its tokens, scatter back).
+
+Both take the step's flattened tokens ``(T, hidden)``. The MoE layer loops over the experts that
+some token chose (at most ``num_experts`` per layer), never over tokens: the grouping is one
+stable sort of the (token, expert) pairs, the scatter one ``index_add_``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+# The linear layer type the model builds (tierserve.model.llama.Linear): ``linear(x)``.
+LinearFactory = Callable[[torch.Tensor], object]
+
+
+class DenseMLP:
+    """down(silu(gate(x)) * up(x)) with gate and up fused into one GEMM."""
+
+    __slots__ = ("gate_up", "down")
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                 make_linear: LinearFactory) -> None:
+        self.gate_up = make_linear(torch.cat([gate, up]))  # (2 * ffn, hidden)
+        self.down = make_linear(down)  # (hidden, ffn)
+
+    def __call__(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        if ops is not None:
+            return self.down(ops.silu_mul(self.gate_up(x)))
+        gate, up = self.gate_up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+    def linears(self) -> list:
+        return [self.gate_up, self.down]
+
+
+class MoEBlock:
+    """Top-k routing over ``experts`` (each a DenseMLP), plus an optional sigmoid-gated shared
+    expert (Qwen2-MoE). Numerics follow transformers: softmax of the router logits in float32,
+    top-k of the probabilities, renormalised when ``norm_topk_prob``; weights in float32
+    (Mixtral) or the model dtype (Qwen-MoE, OLMoE); each expert's output scaled by its weight
+    and summed per token in expert order.
+
+    ``on_route``, when set, is called with the (T, top_k) expert ids of every forward: the hook
+    the router traces (and the parity tests) read.
+    """
+
+    def __init__(self, router: torch.Tensor, experts: list[DenseMLP], top_k: int,
+                 norm_topk_prob: bool, weights_float32: bool,
+                 shared: DenseMLP | None = None, shared_gate: torch.Tensor | None = None,
+                 layer_index: int = 0) -> None:
+        self.router = router  # (num_experts, hidden): tiny, a plain matmul
+        self.experts = experts
+        self.top_k = top_k
+        self.norm_topk_prob = norm_topk_prob
+        self.weights_float32 = weights_float32
+        self.shared, self.shared_gate = shared, shared_gate  # shared_gate: (1, hidden)
+        self.layer_index = layer_index
+        self.on_route: Callable[[int, torch.Tensor], None] | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, hidden) -> expert ids (T, k) int64 and their weights (T, k)."""
+        logits = F.linear(x, self.router)  # (T, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if not self.weights_float32:
+            weights = weights.to(x.dtype)
+        return ids, weights
+
+    def __call__(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+        ids, weights = self.route(x)
+        if self.on_route is not None:
+            self.on_route(self.layer_index, ids)
+        out = self.run_experts(x, ids, weights, ops)
+        if self.shared is not None:
+            gate = torch.sigmoid(F.linear(x, self.shared_gate))  # (T, 1)
+            out = out + gate * self.shared(x, ops)
+        return out
+
+    def run_experts(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                    ops=None) -> torch.Tensor:
+        """Each chosen expert once over the rows that chose it; (T, hidden)."""
+        num_tokens, k = ids.shape
+        flat = ids.reshape(-1)  # (T * k,): pair p is token p // k's choice p % k
+        order = torch.argsort(flat, stable=True)  # pairs grouped by expert, tokens in order
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        tokens = order // k
+        pair_weights = weights.reshape(-1)[order, None]  # (T * k, 1)
+        rows = x[tokens]  # (T * k, hidden)
+        outputs = torch.empty_like(rows)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            produced = self.experts[expert](rows[start:end], ops)
+            outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
+            start = end
+        return torch.zeros_like(x).index_add_(0, tokens, outputs)
+
+    def linears(self) -> list:
+        shared = self.shared.linears() if self.shared is not None else []
+        return [linear for expert in self.experts for linear in expert.linears()] + shared
