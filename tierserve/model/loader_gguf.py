@@ -4,7 +4,10 @@ The name tables are data (principle 8). llama.cpp's converter changes two things
   - ggml dims are stored reversed (read_gguf already returns torch order), and
   - for the llama architecture it permutes the rows of attn_q / attn_k so that each head's rotary
     pairs are interleaved (ggml's "normal" RoPE); HF's rotate_half wants the two halves of a head
-    apart, so we undo it per head. Qwen2 uses ggml's NEOX RoPE (= rotate_half) and is not permuted.
+    apart, so we undo it per head. Qwen2/3, Qwen-MoE and OLMoE use ggml's NEOX RoPE (=
+    rotate_half) and are not permuted.
+MoE files stack each layer's experts in one tensor per projection (``ffn_{gate,up,down}_exps``,
+(experts, rows, cols)); they are sliced back into transformers' per-expert tensors.
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ QWEN2_GGUF_NAMES: dict[str, str] = {
     "blk.{i}.attn_k.bias": "model.layers.{i}.self_attn.k_proj.bias",
     "blk.{i}.attn_v.bias": "model.layers.{i}.self_attn.v_proj.bias",
 }
+QK_NORM_GGUF_NAMES: dict[str, str] = {
+    "blk.{i}.attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "blk.{i}.attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+# Experts are stacked in one tensor (experts, rows, cols); "{e}" names each slice's HF name.
+MOE_GGUF_NAMES: dict[str, str] = {
+    "blk.{i}.ffn_gate_inp.weight": "model.layers.{i}.mlp.gate.weight",
+    "blk.{i}.ffn_gate_exps.weight": "model.layers.{i}.mlp.experts.{e}.gate_proj.weight",
+    "blk.{i}.ffn_up_exps.weight": "model.layers.{i}.mlp.experts.{e}.up_proj.weight",
+    "blk.{i}.ffn_down_exps.weight": "model.layers.{i}.mlp.experts.{e}.down_proj.weight",
+    "blk.{i}.ffn_gate_shexp.weight": "model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+    "blk.{i}.ffn_up_shexp.weight": "model.layers.{i}.mlp.shared_expert.up_proj.weight",
+    "blk.{i}.ffn_down_shexp.weight": "model.layers.{i}.mlp.shared_expert.down_proj.weight",
+    # (hidden,) in GGUF, transformers' Linear(hidden, 1): (1, hidden)
+    "blk.{i}.ffn_gate_inp_shexp.weight": "model.layers.{i}.mlp.shared_expert_gate.weight",
+}
 # Tensors that are not weights of the HF model: rope_freqs holds Llama 3's RoPE divisors.
 NON_WEIGHT_TENSORS = frozenset({"rope_freqs.weight"})
 
@@ -57,17 +76,28 @@ class GGUFArchSpec:
     # rows llama.cpp permuted (see module docstring); empty when nothing was permuted.
     permuted_rows: dict[str, str]
     attention_bias: bool
+    qk_norm: str = ""
+    moe_architecture: str = ""  # the architecture when the file has experts (llama: Mixtral)
+    norm_topk_prob: bool = False  # unless {arch}.expert_weights_norm says
+    route_weights_float32: bool = False
 
 
+_LLAMA_PERMUTED = {"blk.{i}.attn_q.weight": "num_heads", "blk.{i}.attn_k.weight": "num_kv_heads"}
 GGUF_ARCHITECTURES: dict[str, GGUFArchSpec] = {
-    # Mistral GGUFs say "llama" too: same tensors, same permutation.
-    "llama": GGUFArchSpec(
-        "llama",
-        LLAMA_GGUF_NAMES,
-        {"blk.{i}.attn_q.weight": "num_heads", "blk.{i}.attn_k.weight": "num_kv_heads"},
-        attention_bias=False,
-    ),
+    # Mistral GGUFs say "llama" too: same tensors, same permutation; so do Mixtral's, with experts.
+    "llama": GGUFArchSpec("llama", LLAMA_GGUF_NAMES | MOE_GGUF_NAMES, _LLAMA_PERMUTED,
+                          attention_bias=False, moe_architecture="mixtral", norm_topk_prob=True,
+                          route_weights_float32=True),
     "qwen2": GGUFArchSpec("qwen2", QWEN2_GGUF_NAMES, {}, attention_bias=True),
+    "qwen3": GGUFArchSpec("qwen3", LLAMA_GGUF_NAMES | QK_NORM_GGUF_NAMES, {},
+                          attention_bias=False, qk_norm="head"),
+    "qwen2moe": GGUFArchSpec("qwen2_moe", QWEN2_GGUF_NAMES | MOE_GGUF_NAMES, {},
+                             attention_bias=True, moe_architecture="qwen2_moe"),
+    "qwen3moe": GGUFArchSpec("qwen3_moe", LLAMA_GGUF_NAMES | QK_NORM_GGUF_NAMES | MOE_GGUF_NAMES,
+                             {}, attention_bias=False, qk_norm="head",
+                             moe_architecture="qwen3_moe", norm_topk_prob=True),
+    "olmoe": GGUFArchSpec("olmoe", LLAMA_GGUF_NAMES | QK_NORM_GGUF_NAMES | MOE_GGUF_NAMES, {},
+                          attention_bias=False, qk_norm="full", moe_architecture="olmoe"),
 }
 _LAYER_PREFIX = re.compile(r"^blk\.(\d+)\.")
 
@@ -105,8 +135,9 @@ def gguf_arch_config(gguf_file: GGUFFile) -> ModelArchConfig:
         get("attention.key_length") or get("rope.dimension_count") or hidden // num_heads
     )
     rope_theta = float(get("rope.freq_base", 10000.0))
+    moe = _moe_fields(gguf_file, spec, get, int(need("block_count")))
     return ModelArchConfig(
-        architecture=spec.architecture,
+        architecture=spec.moe_architecture if moe else spec.architecture,
         vocab_size=_vocab_size(gguf_file, get("vocab_size")),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -123,6 +154,34 @@ def gguf_arch_config(gguf_file: GGUFFile) -> ModelArchConfig:
         bos_token_id=md.get("tokenizer.ggml.bos_token_id"),
         eos_token_ids=_eos_token_ids(md),
         name=str(md.get("general.name") or gguf_file.path.stem),
+        qk_norm=spec.qk_norm,
+        clip_qkv=get("attention.clamp_kqv"),
+        **moe,
+    )
+
+
+def _moe_fields(gguf_file: GGUFFile, spec: GGUFArchSpec, get, num_layers: int) -> dict:
+    """The MoE part of the config: counts from metadata, sizes from the stacked tensors, and
+    the MoE layers as those that have a router (Qwen-MoE files may keep some layers dense)."""
+    num_experts = int(get("expert_count") or 0)
+    if not num_experts or not spec.moe_architecture:
+        return {}
+    tensors = gguf_file.tensors
+    moe_layers = tuple(i for i in range(num_layers) if f"blk.{i}.ffn_gate_inp.weight" in tensors)
+    if not moe_layers:
+        raise CheckpointError(f"{gguf_file.path} declares {num_experts} experts but no layer "
+                              "has a router (blk.N.ffn_gate_inp.weight)")
+    first = moe_layers[0]
+    shared = tensors.get(f"blk.{first}.ffn_gate_shexp.weight")
+    norm = get("expert_weights_norm")
+    return dict(
+        num_experts=num_experts,
+        num_experts_per_tok=int(get("expert_used_count") or 0),
+        moe_intermediate_size=int(tensors[f"blk.{first}.ffn_gate_exps.weight"].shape[1]),
+        norm_topk_prob=spec.norm_topk_prob if norm is None else bool(norm),
+        shared_expert_intermediate_size=int(shared.shape[0]) if shared is not None else 0,
+        moe_layer_ids=moe_layers,
+        route_weights_float32=spec.route_weights_float32,
     )
 
 
@@ -153,8 +212,14 @@ def load_gguf_tensors(
         if template in spec.permuted_rows:
             values = unpermute_rotary_rows(values, getattr(arch, spec.permuted_rows[template]))
         hf_name = spec.tensor_names[template]
-        hf_name = hf_name.format(i=int(match.group(1))) if match else hf_name
-        tensors[hf_name] = torch.from_numpy(values).to(dtype)
+        layer = {"i": int(match.group(1))} if match else {}
+        if "{e}" in hf_name:  # stacked experts: one HF tensor per slice
+            for expert, part in enumerate(values):
+                tensors[hf_name.format(e=expert, **layer)] = torch.from_numpy(part).to(dtype)
+            continue
+        if template == "blk.{i}.ffn_gate_inp_shexp.weight":
+            values = values.reshape(1, -1)
+        tensors[hf_name.format(**layer)] = torch.from_numpy(values).to(dtype)
     return tensors
 
 
