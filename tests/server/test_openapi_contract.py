@@ -83,7 +83,8 @@ def test_schemathesis_finds_no_failure_and_the_server_stays_healthy(fuzzed, tmp_
                "--seed", "20261201", "--workers", "1", "--generation-database", "none",
                "--request-timeout", "60", "--no-color", "--report", "junit",
                "--report-dir", str(tmp_path)]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    # In tmp_path: Schemathesis keeps a cache folder (.schemathesis) in its working directory.
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     summary = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     assert run.returncode == 0 and summary, run.stdout[-4000:]
     generated, passed = map(int, summary.groups())
