@@ -1,4 +1,4 @@
-"""tierserve command line: fetch-model | generate | chat | serve | batch."""
+"""tierserve command line: fetch-model | generate | chat | serve | batch | bench | moefy."""
 
 from __future__ import annotations
 
@@ -155,6 +155,73 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return run_chat(args)
 
 
+def _add_moefy_parser(sub) -> None:
+    moefy = sub.add_parser(
+        "moefy", help="split a dense model's FFNs into experts (MoEfication); write an MoE folder",
+        description="MoEfication (Zhang et al. 2022): cluster each feed-forward layer's neurons "
+        "into equal experts (balanced k-means, seeded), fit a linear router per layer on hidden "
+        "states of the Python documentation CPython ships (pydoc_data), and write an HF-style "
+        "MoE folder tierserve loads like any model. With --top-k equal to --experts it computes "
+        "what the dense model does. --eval reports perplexity on held-out text at several top-k.")
+    moefy.add_argument("model", help="dense model: a name (smollm2), a .gguf file or an HF folder")
+    moefy.add_argument("out", help="folder to write")
+    moefy.add_argument("--experts", type=int, default=16, help="experts per layer (default: "
+                       "%(default)s)")
+    moefy.add_argument("--top-k", type=int, default=4, help="experts per token the folder's "
+                       "config asks for (default: %(default)s)")
+    moefy.add_argument("--calibration-tokens", type=int, default=16384,
+                       help="tokens of text the routers are fitted on (default: %(default)s)")
+    moefy.add_argument("--seed", type=int, default=0, help="clustering seed (default: "
+                       "%(default)s)")
+    moefy.add_argument("--clustering", choices=("activations", "weights"), default="activations",
+                       help="group neurons that fire on the same tokens (MoEfication's "
+                       "co-activation split), or whose gate/up rows are alike (default: "
+                       "%(default)s)")
+    moefy.add_argument("--eval", default=None, metavar="K,K,...",
+                       help="perplexity on 4096 held-out tokens at these top-k (with the "
+                       "fitted routers, and with oracle routing: the experts whose outputs are "
+                       "largest), and the dense model's, into OUT/moefy.json")
+    moefy.add_argument("--threads", type=int, default=None, help="torch threads")
+    moefy.set_defaults(func=cmd_moefy)
+
+
+def cmd_moefy(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from tierserve.model.moefy import MoefySpec, calibration_text, moefy, perplexity, token_chunks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    spec = MoefySpec(num_experts=args.experts, top_k=args.top_k,
+                     calibration_tokens=args.calibration_tokens, seed=args.seed,
+                     clustering=args.clustering)
+    report = moefy(args.model, args.out, spec)
+    recall = sum(report.router_recall) / len(report.router_recall)
+    print(f"wrote {args.out}: {len(report.router_recall)} layers x {spec.num_experts} experts of "
+          f"{report.expert_size} neurons; routers fitted on {report.calibration_tokens} tokens; "
+          f"held-out top-{spec.top_k} recall {recall:.3f} (chance {spec.top_k / spec.num_experts:.3f})")
+    if args.eval:
+        from tierserve.engine.llm import LLM
+
+        tokenizer = LLM(args.out, num_blocks=8).tokenizer
+        chunks = token_chunks(tokenizer, calibration_text(), 4096, 256,
+                              skip=spec.calibration_tokens)  # text the routers never saw
+        results = {"dense": perplexity(args.model, chunks)}
+        for k in (int(k) for k in args.eval.split(",")):
+            results[f"top-{k}"] = perplexity(args.out, chunks, top_k=k)
+            results[f"oracle-top-{k}"] = perplexity(args.out, chunks, top_k=k, oracle=True)
+        for name, value in results.items():
+            print(f"perplexity {name}: {value:.3f}")
+        path = f"{args.out}/moefy.json"
+        document = json.loads(open(path).read())
+        document["perplexity"] = results
+        with open(path, "w") as f:
+            json.dump(document, f, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tierserve",
@@ -203,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     from tierserve.bench.cli import add_bench_parser
 
     add_bench_parser(sub)
+    _add_moefy_parser(sub)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "

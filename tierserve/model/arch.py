@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe",
-                           "qwen3_moe", "olmoe")
+                           "qwen3_moe", "olmoe", "tierserve_moefied")
 
 
 @dataclass(slots=True)
@@ -48,6 +48,9 @@ class ModelArchConfig:
     moe_layer_ids: tuple[int, ...] | None = None  # None: every layer (when num_experts > 0)
     # Mixtral weighs expert outputs in float32, Qwen-MoE and OLMoE in the model dtype.
     route_weights_float32: bool = False
+    # MoEfied dense models (tierserve moefy): the experts partition a dense FFN, so each chosen
+    # expert's output counts once, unweighted, and all experts together equal the dense layer.
+    unit_expert_weights: bool = False
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:

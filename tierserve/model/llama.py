@@ -98,7 +98,8 @@ def _feed_forward(tensors: dict[str, torch.Tensor], prefix: str, arch: ModelArch
     shared = dense("shared_expert.") if arch.shared_expert_intermediate_size else None
     return MoEBlock(tensors[f"{prefix}gate.weight"], experts, arch.num_experts_per_tok,
                     arch.norm_topk_prob, arch.route_weights_float32, shared,
-                    tensors.get(f"{prefix}shared_expert_gate.weight"), layer_index=index)
+                    tensors.get(f"{prefix}shared_expert_gate.weight"), layer_index=index,
+                    unit_weights=arch.unit_expert_weights)
 
 
 class LlamaModel:

@@ -39,6 +39,7 @@ class Family:
     weights_float32: bool = False
     sparse_step: bool = False  # decoder_sparse_step / mlp_only_layers pick the MoE layers
     shared_expert: bool = False
+    unit_expert_weights: bool = False
     renames: tuple[tuple[str, str], ...] = field(default=())
 
 
@@ -64,6 +65,9 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family(qk_norm="head", experts_keys=_NUM_EXPERTS, sparse_step=True),
     "olmoe": Family(qk_norm="full", clip_qkv_key="clip_qkv", experts_keys=_NUM_EXPERTS,
                     expert_ffn_key="intermediate_size"),
+    # Written by tierserve moefy: a Llama whose FFNs are partitioned into unweighted experts.
+    "tierserve_moefied": Family(attention_bias_key="qkv_bias", experts_keys=("num_local_experts",),
+                                unit_expert_weights=True),
 }
 
 
@@ -136,6 +140,7 @@ def _moe_fields(config: dict, family: Family, num_layers: int, need) -> dict:
         norm_topk_prob=(family.norm_topk_prob if family.norm_topk_prob is not None
                         else bool(config.get("norm_topk_prob", False))),
         route_weights_float32=family.weights_float32,
+        unit_expert_weights=family.unit_expert_weights,
     )
     if family.sparse_step:
         step, dense = int(config.get("decoder_sparse_step") or 1), config.get("mlp_only_layers") or []

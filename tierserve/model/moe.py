@@ -44,6 +44,8 @@ class MoEBlock:
     (Mixtral) or the model dtype (Qwen-MoE, OLMoE); each expert's output scaled by its weight
     and summed per token in expert order.
 
+    ``unit_weights`` (MoEfied models): every chosen expert's output counts once.
+
     ``on_route``, when set, is called with the (T, top_k) expert ids of every forward: the hook
     the router traces (and the parity tests) read.
     """
@@ -51,7 +53,7 @@ class MoEBlock:
     def __init__(self, router: torch.Tensor, experts: list[DenseMLP], top_k: int,
                  norm_topk_prob: bool, weights_float32: bool,
                  shared: DenseMLP | None = None, shared_gate: torch.Tensor | None = None,
-                 layer_index: int = 0) -> None:
+                 layer_index: int = 0, unit_weights: bool = False) -> None:
         self.router = router  # (num_experts, hidden): tiny, a plain matmul
         self.experts = experts
         self.top_k = top_k
@@ -59,6 +61,7 @@ class MoEBlock:
         self.weights_float32 = weights_float32
         self.shared, self.shared_gate = shared, shared_gate  # shared_gate: (1, hidden)
         self.layer_index = layer_index
+        self.unit_weights = unit_weights
         self.on_route: Callable[[int, torch.Tensor], None] | None = None
 
     @property
@@ -68,6 +71,9 @@ class MoEBlock:
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, hidden) -> expert ids (T, k) int64 and their weights (T, k)."""
         logits = F.linear(x, self.router)  # (T, E)
+        if self.unit_weights:  # the softmax would not change which experts win
+            ids = torch.topk(logits, self.top_k, dim=-1).indices
+            return ids, torch.ones(ids.shape, dtype=x.dtype)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk_prob:

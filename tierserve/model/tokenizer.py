@@ -144,6 +144,22 @@ class Tokenizer:
             source=str(folder),
         )
 
+    def save(self, folder: str | os.PathLike) -> None:
+        """Write this tokenizer as an HF folder's files (tokenizer.json, tokenizer_config.json
+        with the special tokens and chat template, generation_config.json's stop ids), which
+        ``from_pretrained_dir`` reads back to the same tokenizer: a GGUF's, for example, beside
+        weights written as safetensors (tierserve moefy)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(folder / "tokenizer.json"))
+        config = {**self.special_tokens, "add_bos_token": self.add_bos,
+                  "clean_up_tokenization_spaces": self._clean_up}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+        generation = {"eos_token_id": sorted(self.stop_token_ids)}
+        (folder / "generation_config.json").write_text(json.dumps(generation, indent=2))
+
     # ---- text <-> ids -------------------------------------------------------------------------
 
     @property
