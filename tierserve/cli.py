@@ -1,4 +1,4 @@
-"""tierserve command line: fetch-model | generate | chat | serve | batch | bench | moefy."""
+"""tierserve command line: fetch-model | generate | chat | serve | batch | bench | moefy | moe."""
 
 from __future__ import annotations
 
@@ -34,10 +34,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse KV blocks of shared prompt prefixes")
     group.add_argument("--scheduling-policy", default="sarathi",
-                       choices=["sarathi", "fcfs-prefill-first", "fair"],
+                       choices=["sarathi", "fcfs-prefill-first", "fair", "expert-grouped"],
                        help="sarathi: stall-free chunked prefill; fcfs-prefill-first: whole "
                        "prefills pause decodes (baseline); fair: per-user virtual-token fairness "
-                       "with preemption by swap (default: %(default)s)")
+                       "with preemption by swap; expert-grouped: each step runs the decodes whose "
+                       "predicted expert routes overlap (MoE offloading, token regrouping) "
+                       "(default: %(default)s)")
     group.add_argument("--priority-update-interval", type=int, default=1,
                        help="steps between fair-policy priority refreshes (default: %(default)s)")
     group.add_argument("--preemption-mode", default="auto", choices=["auto", "swap", "recompute"],
@@ -58,6 +60,30 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="seed of the engine-wide sampler (default: %(default)s)")
     group.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice)")
+    moe = parser.add_argument_group(
+        "MoE expert offloading",
+        "Keep only some experts of an MoE model in fast memory (the GPU, or prepared slots on "
+        "CPU); the rest stay on disk (read from the checkpoint's safetensors files) or in host "
+        "memory. Tokens are the same as with every expert resident.")
+    moe.add_argument("--expert-cache", default=None,
+                     help="experts in fast slots: a count (120) or a size (64MiB); at least one "
+                     "layer's experts (default: all resident, no offloading)")
+    moe.add_argument("--expert-policy", default="lru",
+                     choices=["lru", "static", "lookahead", "expertflow", "oracle"],
+                     help="lru: on demand, least recently used out; static: a trace's most used "
+                     "experts pinned; lookahead: lru + the next layer's gate run early; "
+                     "expertflow: a routing-path predictor drives prefetch and eviction; "
+                     "oracle: a trace's true routes (upper bound) (default: %(default)s)")
+    moe.add_argument("--expert-host-format", default="none",
+                     choices=["none", "float", "q8", "q4"],
+                     help="none: experts come from disk; float/q8/q4: held in host memory, "
+                     "quantized ones dequantized on load (changes numerics) (default: %(default)s)")
+    moe.add_argument("--expert-trace", default=None,
+                     help="router trace (tierserve moe trace) for static and oracle")
+    moe.add_argument("--expert-predictor", default=None,
+                     help="predictor folder (tierserve moe train-predictor) for expertflow")
+    moe.add_argument("--expert-prefetch-depth", type=int, default=2,
+                     help="MoE layers ahead that expertflow and oracle load (default: %(default)s)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -69,7 +95,10 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_group_size=args.block_group_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,
         policy=args.scheduling_policy, preemption_mode=args.preemption_mode,
-        priority_update_interval=args.priority_update_interval)
+        priority_update_interval=args.priority_update_interval,
+        expert_cache=args.expert_cache, expert_policy=args.expert_policy,
+        expert_host_format=args.expert_host_format, expert_trace=args.expert_trace,
+        expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:
@@ -271,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_bench_parser(sub)
     _add_moefy_parser(sub)
+    from tierserve.experts.cli import add_moe_parser
+
+    add_moe_parser(sub)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "

@@ -134,6 +134,41 @@ class SchedulerConfig:
             raise ValueError(f"max_num_seqs must be positive, got {self.max_num_seqs}")
 
 
+EXPERT_POLICIES = ("lru", "static", "lookahead", "expertflow", "oracle")
+
+
+@dataclass(slots=True)
+class ExpertConfig:
+    """MoE expert offloading (issue 14). ``expert_cache`` None keeps every expert resident."""
+
+    expert_cache: str | int | None = None  # experts ("120") or bytes ("64MiB") in fast slots
+    expert_policy: str = "lru"  # lru | static | lookahead | expertflow | oracle
+    expert_host_format: str = "none"  # none (disk only) | float | q8 | q4: the host tier
+    expert_trace: str | None = None  # router trace (static, oracle)
+    expert_predictor: str | None = None  # routing-path predictor (expertflow)
+    expert_prefetch_depth: int = 2  # MoE layers ahead that predictive policies load
+    drop_page_cache: bool = True  # posix_fadvise(DONTNEED) the expert files at start
+
+    def __post_init__(self) -> None:
+        if self.expert_policy not in EXPERT_POLICIES:
+            raise ValueError(f"expert_policy must be one of {', '.join(EXPERT_POLICIES)}, "
+                             f"got {self.expert_policy!r}")
+        if self.expert_host_format not in ("none", "float", "q8", "q4"):
+            raise ValueError("expert_host_format must be none, float, q8 or q4, got "
+                             f"{self.expert_host_format!r}")
+        if self.expert_prefetch_depth < 0:
+            raise ValueError("expert_prefetch_depth must be >= 0")
+
+    def num_slots(self, expert_bytes: int) -> int | None:
+        """Fast slots: a plain number is experts, a size (with a unit) is bytes."""
+        if self.expert_cache is None:
+            return None
+        value = str(self.expert_cache).strip()
+        if value.isdigit():
+            return int(value)
+        return parse_size(value) // expert_bytes
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything an engine needs, built once at the edge (CLI, server, LLM()) and passed down."""
@@ -141,6 +176,7 @@ class EngineConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    experts: ExpertConfig = field(default_factory=ExpertConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -150,7 +186,7 @@ class EngineConfig:
             kwargs["policy"] = kwargs.pop("scheduling_policy")
         parts = {}
         for name, part in (("model", ModelConfig), ("cache", CacheConfig),
-                           ("scheduler", SchedulerConfig)):
+                           ("scheduler", SchedulerConfig), ("experts", ExpertConfig)):
             names = set(part.__dataclass_fields__)
             parts[name] = part(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         if kwargs:

@@ -170,6 +170,8 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     prompt_logprobs_next: int = 1  # prompt position whose logprob is sent next (0 has none)
+    # MoE with a routing-path predictor: the experts predicted hot per MoE layer (regrouping)
+    expert_route: tuple[frozenset[int], ...] | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

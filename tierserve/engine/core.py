@@ -127,6 +127,13 @@ class EngineCore:
         return requests
 
     def add_request(self, request: Request) -> None:
+        annotate = getattr(self.executor, "annotate", None)  # the model side's first look
+        if annotate is not None:
+            try:
+                annotate(request)
+            except Exception:  # noqa: BLE001 - a prediction is a hint; the request runs without
+                log.exception("annotating request %s failed; it runs unpredicted",
+                              request.request_id)
         self.scheduler.add_request(request)
         client = request.client_id or f"anon:{request.request_id}"
         self._clients[request.request_id] = client

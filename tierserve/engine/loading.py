@@ -42,6 +42,13 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
     arch = checkpoint.arch
     tokenizer = Tokenizer.from_path(path)
     max_model_len = _max_model_len(config, arch)
+    offloaded = None
+    if config.experts.expert_cache is not None:
+        if not arch.num_experts:
+            raise ValueError(f"--expert-cache offloads MoE experts; {path.name} is a dense model")
+        from tierserve.experts.build import take_experts
+
+        offloaded = take_experts(checkpoint.tensors)
     model = LlamaModel(arch, checkpoint.tensors, max_positions=max_model_len)
     block_size = config.cache.block_size
     num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory // model.bytes_per_block(
@@ -57,6 +64,15 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
                          num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir,
                          max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                          max_num_seqs=config.scheduler.max_num_seqs)
+    if offloaded is not None:
+        from tierserve.experts.build import attach_offload
+
+        try:
+            attach_offload(model, runner, config.experts, path, offloaded,
+                           DTYPES[config.model.dtype])
+        except BaseException:
+            runner.close()
+            raise
     limits = EngineLimits(max_model_len, arch.vocab_size, num_blocks * block_size,
                           bytes_per_block)
     eos = frozenset(tokenizer.stop_token_ids) | frozenset(arch.eos_token_ids)

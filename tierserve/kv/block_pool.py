@@ -73,6 +73,13 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
+    def peek_victim(self) -> int | None:
+        """The block ``allocate(1)`` would hand out now (without block groups), not taken;
+        None when no block is free."""
+        if not self._free:
+            return None
+        return next(iter(self._uncached)) if self._uncached else self._victim()
+
     def _victim(self) -> int:
         """The cached free block to evict: LRU, or the lowest score among the oldest few."""
         if self._evict_score is None:

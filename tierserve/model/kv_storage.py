@@ -60,6 +60,12 @@ class KVStorage:
             self._tensors[Tier.DISK] = _memmap_tensor(
                 self.swap_path, (num_disk_blocks, *block_shape), device_cache.dtype)
 
+    @property
+    def cuda_device(self) -> torch.device | None:
+        """The device tier's GPU, or None on CPU."""
+        device_cache = self.tensor(Tier.DEVICE)
+        return device_cache.device if device_cache.is_cuda else None
+
     def tensor(self, tier: Tier) -> torch.Tensor:
         """The whole tier as one tensor, indexed by block id; the disk tier is a view of the
         memmap, so writes through it land in the file."""
@@ -132,10 +138,11 @@ class SwapWorker:
     only after its stream has synchronized.
     """
 
-    def __init__(self, storage: KVStorage) -> None:
+    def __init__(self, storage) -> None:
+        # ``storage``: anything with ``copy(op, non_blocking) -> bytes`` and ``cuda_device`` (a
+        # KVStorage, or the expert tiers' ExpertOffload); ops need ``num_blocks`` and ``runs``.
         self.storage = storage
-        device_cache = storage.tensor(Tier.DEVICE)
-        self._device = device_cache.device if device_cache.is_cuda else None
+        self._device = storage.cuda_device
         self._stream = torch.cuda.Stream(self._device) if self._device is not None else None
         self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._cond = threading.Condition()

@@ -94,7 +94,9 @@ def _feed_forward(tensors: dict[str, torch.Tensor], prefix: str, arch: ModelArch
 
     if not arch.is_moe_layer(index):
         return dense("")
-    experts = [dense(f"experts.{e}.") for e in range(arch.num_experts)]
+    # Offloaded experts are not among the tensors: the block gets them from its provider.
+    offloaded = f"{prefix}experts.0.gate_proj.weight" not in tensors
+    experts = None if offloaded else [dense(f"experts.{e}.") for e in range(arch.num_experts)]
     shared = dense("shared_expert.") if arch.shared_expert_intermediate_size else None
     return MoEBlock(tensors[f"{prefix}gate.weight"], experts, arch.num_experts_per_tok,
                     arch.norm_topk_prob, arch.route_weights_float32, shared,
@@ -158,7 +160,7 @@ class LlamaModel:
             hidden = residual + layer.o(attn)
             residual = hidden
             x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
-            hidden = residual + layer.mlp(x)
+            hidden = residual + layer.mlp(x, None, meta.num_tokens)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
 
     def _normed_qkv(self, layer: DecoderLayer, qkv: torch.Tensor) -> torch.Tensor:
@@ -202,7 +204,8 @@ class LlamaModel:
                                           v.view(-1, arch.num_kv_heads, arch.head_dim),
                                           layer_cache[:, 0], layer_cache[:, 1], meta)
             x, hidden = ops.add_rms_norm(layer.o(attn), hidden, layer.post_attention_norm, eps)
-            x, hidden = ops.add_rms_norm(layer.mlp(x, ops), hidden, next_norm, eps)
+            x, hidden = ops.add_rms_norm(layer.mlp(x, ops, meta.num_tokens), hidden,
+                                         next_norm, eps)
         return x
 
     @torch.inference_mode()

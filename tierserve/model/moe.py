@@ -8,6 +8,7 @@ stable sort of the (token, expert) pairs, the scatter one ``index_add_``.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import torch
@@ -27,11 +28,18 @@ class DenseMLP:
         self.gate_up = make_linear(torch.cat([gate, up]))  # (2 * ffn, hidden)
         self.down = make_linear(down)  # (hidden, ffn)
 
-    def __call__(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ops=None, num_rows: int | None = None) -> torch.Tensor:
         if ops is not None:
             return self.down(ops.silu_mul(self.gate_up(x)))
         gate, up = self.gate_up(x).chunk(2, dim=-1)
         return self.down(F.silu(gate) * up)
+
+    @classmethod
+    def from_linears(cls, gate_up, down) -> DenseMLP:
+        """An MLP over prepared linears (an offloaded expert's slot)."""
+        mlp = cls.__new__(cls)
+        mlp.gate_up, mlp.down = gate_up, down
+        return mlp
 
     def linears(self) -> list:
         return [self.gate_up, self.down]
@@ -48,14 +56,19 @@ class MoEBlock:
 
     ``on_route``, when set, is called with the (T, top_k) expert ids of every forward: the hook
     the router traces (and the parity tests) read.
+
+    ``experts`` is None when they are offloaded: then ``provider`` (an ``ExpertOffload``) holds
+    the experts a forward needs and hands each over when its weights are in a fast slot.
     """
 
-    def __init__(self, router: torch.Tensor, experts: list[DenseMLP], top_k: int,
+    def __init__(self, router: torch.Tensor, experts: list[DenseMLP] | None, top_k: int,
                  norm_topk_prob: bool, weights_float32: bool,
                  shared: DenseMLP | None = None, shared_gate: torch.Tensor | None = None,
                  layer_index: int = 0, unit_weights: bool = False) -> None:
         self.router = router  # (num_experts, hidden): tiny, a plain matmul
         self.experts = experts
+        self.num_experts = router.shape[0]
+        self.provider = None
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.weights_float32 = weights_float32
@@ -63,10 +76,6 @@ class MoEBlock:
         self.layer_index = layer_index
         self.unit_weights = unit_weights
         self.on_route: Callable[[int, torch.Tensor], None] | None = None
-
-    @property
-    def num_experts(self) -> int:
-        return len(self.experts)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, hidden) -> expert ids (T, k) int64 and their weights (T, k)."""
@@ -82,7 +91,13 @@ class MoEBlock:
             weights = weights.to(x.dtype)
         return ids, weights
 
-    def __call__(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ops=None, num_rows: int | None = None) -> torch.Tensor:
+        """(T, hidden) -> (T, hidden). Only the first ``num_rows`` rows (the step's real tokens;
+        the rest is padding) are routed and computed; padding rows come out zero."""
+        if num_rows is not None and num_rows < x.shape[0]:
+            out = torch.zeros_like(x)
+            out[:num_rows] = self(x[:num_rows], ops)
+            return out
         ids, weights = self.route(x)
         if self.on_route is not None:
             self.on_route(self.layer_index, ids)
@@ -103,16 +118,23 @@ class MoEBlock:
         pair_weights = weights.reshape(-1)[order, None]  # (T * k, 1)
         rows = x[tokens]  # (T * k, hidden)
         outputs = torch.empty_like(rows)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            end = start + count
-            produced = self.experts[expert](rows[start:end], ops)
-            outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
-            start = end
+        active = [expert for expert, count in enumerate(counts) if count]
+        with self._experts(active, x) as expert_mlp:
+            start = 0
+            for expert in active:
+                end = start + counts[expert]
+                produced = expert_mlp(expert)(rows[start:end], ops)
+                outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
+                start = end
         return torch.zeros_like(x).index_add_(0, tokens, outputs)
+
+    def _experts(self, active: list[int], x: torch.Tensor):
+        """A context that yields ``expert -> mlp``: resident experts, or the provider's."""
+        if self.provider is not None:
+            return self.provider.use(self.layer_index, active, x)
+        return contextlib.nullcontext(self.experts.__getitem__)
 
     def linears(self) -> list:
         shared = self.shared.linears() if self.shared is not None else []
-        return [linear for expert in self.experts for linear in expert.linears()] + shared
+        experts = self.experts or []
+        return [linear for expert in experts for linear in expert.linears()] + shared

@@ -124,7 +124,9 @@ class _RouterFit:
         self.calls = 0
         self.tokens = 0
 
-    def __call__(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ops=None, num_rows: int | None = None) -> torch.Tensor:
+        out = self.mlp(x, ops)
+        x = x[:num_rows]  # the step's real tokens, not its padding
         scores = self.scores(x.float())
         self.calls += 1
         if self.calls % self.holdout_every == 0:
@@ -135,7 +137,7 @@ class _RouterFit:
             self.xtx += x64.T @ x64
             self.xts += x64.T @ scores.double()
             self.tokens += x.shape[0]
-        return self.mlp(x, ops)
+        return out
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """(T, hidden) -> (T, experts): the norm of each expert's share of the FFN output."""
@@ -174,9 +176,10 @@ class _ActivationSample:
         self.mlp, self.limit, self.rows = mlp, limit, []
         self.seen = 0
 
-    def __call__(self, x: torch.Tensor, ops=None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ops=None, num_rows: int | None = None) -> torch.Tensor:
         if self.seen < self.limit:
-            gate, up = F.linear(x.float(), self.mlp.gate_up.weight.float()).chunk(2, dim=-1)
+            real = x[:num_rows]  # not the step's padding rows
+            gate, up = F.linear(real.float(), self.mlp.gate_up.weight.float()).chunk(2, dim=-1)
             self.rows.append((F.silu(gate) * up).abs()[: self.limit - self.seen])
             self.seen += self.rows[-1].shape[0]
         return self.mlp(x, ops)

@@ -53,9 +53,24 @@ class ModelRunner:
             storage = KVStorage(self.kv_cache, num_host_blocks, num_disk_blocks, swap_dir)
             self.swapper = SwapWorker(storage)
         self._outstanding: set[str] = set()  # copy keys submitted, not yet reported done
+        self.experts = None  # an ExpertOffload when the MoE experts are offloaded
+        self.step_hooks: list = []  # fn(plan) before each forward (router traces)
+
+    def annotate(self, request) -> None:
+        """A request arrived: with offloaded experts, predict its route (or find its trace)."""
+        if self.experts is None:
+            return
+        route = self.experts.annotate(request.request_id, request.prompt_token_ids)
+        if route is not None:
+            threshold = 1.0 / self.experts.policy.num_experts
+            request.expert_route = tuple(frozenset(route.hot(layer, threshold))
+                                         for layer in sorted(route.shares))
 
     def close(self) -> None:
         """Stop the swap worker and remove the disk tier's file."""
+        if self.experts is not None:
+            self.experts.close()
+            self.experts = None
         if self.swapper is not None:
             self.swapper.close()
             self.swapper.storage.close()
@@ -68,6 +83,10 @@ class ModelRunner:
         (swap-ins, victim saves). Swap-outs overlap the forward and are reported when done.
         """
         self.sampler.drop(plan.finished_request_ids)
+        if self.experts is not None:
+            self.experts.begin_step(plan)
+        for hook in self.step_hooks:
+            hook(plan)
         self._start_copies(plan)
         result = self._forward(plan) if plan.chunks else StepResult()
         if not plan.chunks and self._outstanding:  # idle: nothing to overlap with

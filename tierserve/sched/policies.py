@@ -32,6 +32,10 @@ class Policy:
         """Waiting (new, preempted or swapped) requests, the first admitted first."""
         return sorted(waiting, key=self.key)
 
+    def select_running(self, ordered: list[Request]) -> list[Request]:
+        """The running requests that get tokens this step, in order (default: all of them)."""
+        return ordered
+
     def pick_victim(self, candidates: Sequence[Request]) -> Request:
         """The running request to preempt when memory runs out."""
         return max(candidates, key=self.key)
@@ -123,10 +127,68 @@ class FairPolicy(Policy):
         return self.pick_victim(candidates) if candidates else None
 
 
+class ExpertGroupedPolicy(SarathiPolicy):
+    """ExpertFlow's token regrouping for MoE models whose experts are offloaded: each step runs
+    a group of the running decodes whose predicted routes (``Request.expert_route``) overlap, so
+    the step wakes fewer experts; the others run in a later step.
+
+    The group is ``group_fraction`` of the running decodes (at least ``min_group``), grown
+    greedily from the request that has waited longest by the one adding the fewest experts not
+    yet in the group. No one starves: a request left out ``max_skip`` steps in a row goes first.
+    Prompts (chunks of several tokens) always run, as in sarathi; admission is sarathi's.
+    """
+
+    name = "expert-grouped"
+
+    def __init__(self, group_fraction: float = 0.5, min_group: int = 4, max_skip: int = 2) -> None:
+        self.group_fraction = group_fraction
+        self.min_group = min_group
+        self.max_skip = max_skip
+        self._skipped: dict[str, int] = {}  # running decode -> steps left out in a row
+
+    def select_running(self, ordered: list[Request]) -> list[Request]:
+        decodes = [r for r in ordered if r.num_tokens - r.num_computed_tokens <= 1]
+        size = max(self.min_group, int(len(decodes) * self.group_fraction + 0.5))
+        if len(decodes) <= size or not any(r.expert_route for r in decodes):
+            self._skipped = {}
+            return ordered
+        waited = sorted(decodes, key=lambda r: -self._skipped.get(r.request_id, 0))
+        group = [r for r in waited if self._skipped.get(r.request_id, 0) >= self.max_skip]
+        group = group[:size] or waited[:1]
+        union = _union(group)
+        rest = [r for r in decodes if r not in group]
+        while len(group) < size and rest:
+            best = min(rest, key=lambda r: _new_experts(r, union))
+            rest.remove(best)
+            group.append(best)
+            union = _union([best], union)
+        chosen = {r.request_id for r in group}
+        self._skipped = {r.request_id: 0 if r.request_id in chosen
+                         else self._skipped.get(r.request_id, 0) + 1 for r in decodes}
+        return [r for r in ordered if r.request_id in chosen or r not in decodes]
+
+
+def _union(requests: Sequence[Request], union: list[set[int]] | None = None) -> list[set[int]]:
+    union = [set(s) for s in union] if union else []
+    for request in requests:
+        for layer, experts in enumerate(request.expert_route or ()):
+            if layer == len(union):
+                union.append(set())
+            union[layer] |= experts
+    return union
+
+
+def _new_experts(request: Request, union: list[set[int]]) -> int:
+    route = request.expert_route or ()
+    return sum(len(experts - (union[i] if i < len(union) else set()))
+               for i, experts in enumerate(route)) if route else 1 << 30
+
+
 POLICIES: dict[str, type[Policy]] = {
     SarathiPolicy.name: SarathiPolicy,
     PrefillFirstPolicy.name: PrefillFirstPolicy,
     FairPolicy.name: FairPolicy,
+    ExpertGroupedPolicy.name: ExpertGroupedPolicy,
 }
 
 

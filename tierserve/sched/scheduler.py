@@ -122,7 +122,7 @@ class Scheduler(PreemptionMixin):
         return plan
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
-        queue = self.policy.order_running(self.running)
+        queue = self.policy.select_running(self.policy.order_running(self.running))
         index = 0
         while index < len(queue) and budget > 0:
             request = queue[index]

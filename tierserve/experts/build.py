@@ -1,0 +1,82 @@
+"""Wire expert offloading into a loaded model: take the experts out of the checkpoint's tensors,
+put them in their tier (host memory, maybe quantized, or the checkpoint's files on disk), and
+attach an ExpertOffload with the configured policy to the model's MoE layers."""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from tierserve.config import ExpertConfig
+from tierserve.experts.policies import make_expert_policy
+from tierserve.experts.routes import read_traces
+from tierserve.experts.tiers import EXPERT_NAME, DiskExperts, ExpertWeights, HostExperts
+
+log = logging.getLogger(__name__)
+
+
+def take_experts(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, int], ExpertWeights]:
+    """Remove every routed expert's weights from ``tensors``; (layer, expert) -> weights."""
+    parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
+    for name in [n for n in tensors if EXPERT_NAME.match(n)]:
+        match = EXPERT_NAME.match(name)
+        parts.setdefault((int(match.group(1)), int(match.group(2))), {})[match.group(3)] = (
+            tensors.pop(name))
+    return {key: ExpertWeights(torch.cat([p["gate"], p["up"]]).contiguous(), p["down"].contiguous())
+            for key, p in parts.items()}
+
+
+def expert_bytes(arch, dtype: torch.dtype) -> int:
+    return 3 * arch.hidden_size * arch.moe_intermediate_size * torch.empty((), dtype=dtype).element_size()
+
+
+def make_source(config: ExpertConfig, path: Path, arch, experts: dict, dtype: torch.dtype):
+    """The lower tier the configuration names; ``experts`` are the weights taken out."""
+    if config.expert_host_format != "none":
+        return HostExperts(experts, config.expert_host_format)
+    if path.suffix == ".gguf":
+        raise ValueError("a disk expert tier reads safetensors folders; for a GGUF checkpoint "
+                         "use --expert-host-format float, q8 or q4")
+    from tierserve.model.loader_hf import FAMILIES, _safetensors_files
+
+    renames = [(re.compile(p), t) for p, t in FAMILIES[arch.architecture].renames]
+    source = DiskExperts(_safetensors_files(path), renames, dtype)
+    if config.drop_page_cache:
+        source.drop_page_cache()
+    return source
+
+
+def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dict,
+                   dtype: torch.dtype):
+    """Build the ExpertOffload for ``model`` and hand it to ``runner``; returns it."""
+    from tierserve.experts.offload import ExpertOffload
+    from tierserve.model.llama import Linear
+    from tierserve.model.moe import MoEBlock
+
+    blocks = [layer.mlp for layer in model.layers if isinstance(layer.mlp, MoEBlock)]
+    num_slots = config.num_slots(expert_bytes(model.arch, dtype))
+    traces = read_traces(config.expert_trace) if config.expert_trace else None
+    predictor = None
+    if config.expert_policy == "expertflow":
+        if not config.expert_predictor:
+            raise ValueError("--expert-policy expertflow needs --expert-predictor DIR (train one "
+                             "with `tierserve moe train-predictor`)")
+        from tierserve.experts.predictor import RoutePredictor
+
+        predictor = RoutePredictor.load(config.expert_predictor)
+    policy = make_expert_policy(config.expert_policy, traces, config.expert_prefetch_depth)
+    source = make_source(config, path, model.arch, experts, dtype)
+    offload = ExpertOffload(blocks, source, num_slots, policy,
+                            lambda weight: Linear(weight, None, model.ops, False), predictor,
+                            traces if config.expert_policy == "oracle" else None)
+    runner.experts = offload
+    total = len(blocks) * blocks[0].num_experts
+    log.info("experts offloaded: %d of %d in fast slots (%.0f MiB of %.0f), the rest in the %s "
+             "tier%s; policy %s", num_slots, total, offload.resident_bytes() / 2**20,
+             total * offload.expert_bytes / 2**20, source.tier,
+             f" ({config.expert_host_format})" if source.tier == "host" else "",
+             config.expert_policy)
+    return offload

@@ -1,0 +1,90 @@
+"""``tierserve moe trace | train-predictor``: record router traces, fit the routing-path predictor."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_moe_parser(subparsers) -> None:
+    moe = subparsers.add_parser(
+        "moe", help="MoE tools: router traces and the routing-path predictor",
+        description="Tools for serving MoE models with offloaded experts (--expert-cache).")
+    sub = moe.add_subparsers(dest="moe_command", required=True)
+    trace = sub.add_parser(
+        "trace", help="run prompts with every expert resident and record each token's experts",
+        description="Generate greedily for text prompts (windows of the Python docs, ShareGPT-"
+        "like lengths) and write one JSON line per request: prompt, output, and per MoE layer the "
+        "top-k experts of every position. Feeds train-predictor, --expert-policy static and "
+        "oracle.")
+    trace.add_argument("model", help="an MoE model (HF folder or GGUF), e.g. one written by "
+                       "tierserve moefy")
+    trace.add_argument("out", help="trace file to write (.jsonl)")
+    trace.add_argument("--num-requests", type=int, default=64, help="(default: %(default)s)")
+    trace.add_argument("--seed", type=int, default=0, help="picks prompt places and lengths "
+                       "(default: %(default)s)")
+    trace.add_argument("--scale", type=float, default=0.25,
+                       help="multiply ShareGPT's mean lengths (161 in, 338 out) by this "
+                       "(default: %(default)s)")
+    trace.add_argument("--max-num-seqs", type=int, default=32, help="(default: %(default)s)")
+    trace.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    trace.set_defaults(func=cmd_trace)
+
+    train = sub.add_parser(
+        "train-predictor", help="fit the routing-path predictor on router traces",
+        description="Train ExpertFlow's routing-path predictor (hashed prompt n-grams -> each "
+        "MoE layer's expert shares) on traces, seeded; report held-out precision, recall and KL "
+        "beside the traces' average (what a static hot set knows).")
+    train.add_argument("traces", nargs="+", help="trace files from `tierserve moe trace`")
+    train.add_argument("--out", required=True, help="folder for predictor.json and predictor.pt")
+    train.add_argument("--epochs", type=int, default=300, help="(default: %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+    train.add_argument("--num-experts", type=int, default=None,
+                       help="experts per layer (default: the largest id in the traces + 1)")
+    train.add_argument("--top-k", type=int, default=None,
+                       help="experts per token (default: read from the traces)")
+    train.set_defaults(func=cmd_train)
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    from tierserve.engine.llm import LLM
+    from tierserve.experts.routes import write_traces
+    from tierserve.experts.trace import RouteRecorder, text_requests
+    from tierserve.request import SamplingParams
+
+    llm = LLM(args.model, max_num_seqs=args.max_num_seqs, num_threads=args.threads,
+              swap_space=0)
+    recorder = RouteRecorder(llm.engine.runner)
+    requests = text_requests(llm.tokenizer, args.num_requests, args.seed, args.scale)
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in requests]
+    outputs = llm.generate([{"prompt_token_ids": p} for p, _ in requests], params)
+    traces = [recorder.trace(o.request_id, p, list(o.outputs[0].token_ids))
+              for o, (p, _) in zip(outputs, requests)]
+    count = write_traces(args.out, traces)
+    positions = sum(t.num_positions for t in traces)
+    print(f"wrote {args.out}: {count} requests, {positions} positions, "
+          f"{len(traces[0].routes) if traces else 0} MoE layers")
+    llm.engine.runner.close()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tierserve.experts.predictor import report_json, train_predictor
+    from tierserve.experts.routes import read_traces
+
+    traces = [t for path in args.traces for t in read_traces(path)]
+    layers = sorted(traces[0].routes)
+    num_experts = args.num_experts or 1 + max(e for t in traces for r in t.routes.values()
+                                              for choice in r for e in choice)
+    top_k = args.top_k or max(len(c) for c in next(iter(traces[0].routes.values())))
+    predictor, report = train_predictor(traces, layers, num_experts, top_k, args.epochs, args.seed)
+    predictor.save(args.out)
+    summary = report_json(report)
+    (Path(args.out) / "report.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {args.out}; held out {report.held_out_requests} of {len(traces)} requests:")
+    print(f"  predictor: precision {report.precision:.3f} recall {report.recall:.3f} "
+          f"KL {report.kl:.3f}")
+    print(f"  average:   precision {report.prior_precision:.3f} recall {report.prior_recall:.3f} "
+          f"KL {report.prior_kl:.3f}")
+    return 0

@@ -1,0 +1,209 @@
+"""Where experts live off the fast tier: host memory (the model dtype, or Q8/Q4 dequantized on
+load) or disk (read from the checkpoint's own safetensors files on every load).
+
+Disk reads are honest: ``drop_page_cache`` asks the kernel to forget the files' cached pages
+(``posix_fadvise(DONTNEED)``) so a benchmark's first loads really come from the disk. A missing
+or truncated file is an ``ExpertTierError`` that names it: at start-up when the header does not
+fit the file, at load time when a read comes back short.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tierserve.experts.cache import ExpertKey
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+Q4_GROUP = 32  # input columns per Q4 scale
+
+
+class ExpertTierError(RuntimeError):
+    """An expert could not be read from its tier; the message names the file and the fix."""
+
+
+@dataclass(slots=True)
+class ExpertWeights:
+    """One expert in the model dtype: gate and up stacked, and down."""
+
+    gate_up: torch.Tensor  # (2 * expert_ffn, hidden)
+    down: torch.Tensor  # (hidden, expert_ffn)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+
+class ExpertSource:
+    """A lower tier: ``read(key)`` returns the expert's weights in the model dtype."""
+
+    tier = "host"
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        raise NotImplementedError
+
+    def stored_bytes(self) -> int:
+        """Bytes this tier keeps in host memory."""
+        return 0
+
+    def drop_page_cache(self) -> None:
+        """Forget cached file pages (disk tier only)."""
+
+    def close(self) -> None:
+        pass
+
+
+class HostExperts(ExpertSource):
+    """Every expert in host memory: ``float`` (the model dtype, copied on load), ``q8`` (int8
+    with one scale per output row) or ``q4`` (4 bits, one scale per 32 inputs, two per byte),
+    dequantized to the model dtype on load."""
+
+    tier = "host"
+
+    def __init__(self, experts: dict[ExpertKey, ExpertWeights], fmt: str = "float") -> None:
+        if fmt not in ("float", "q8", "q4"):
+            raise ValueError(f"expert host format must be float, q8 or q4, got {fmt!r}")
+        self.fmt = fmt
+        self.dtype = next(iter(experts.values())).gate_up.dtype if experts else torch.float32
+        self._store = {key: (w if fmt == "float" else
+                             (quantize(w.gate_up, fmt), quantize(w.down, fmt)))
+                       for key, w in experts.items()}
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        stored = self._store[key]
+        if self.fmt == "float":
+            return stored
+        return ExpertWeights(dequantize(stored[0], self.dtype), dequantize(stored[1], self.dtype))
+
+    def stored_bytes(self) -> int:
+        if self.fmt == "float":
+            return sum(w.nbytes for w in self._store.values())
+        return sum(sum(t.nbytes for part in pair for t in part) for pair in self._store.values())
+
+
+def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) -> (codes, scales); symmetric absmax, ``q8`` per row, ``q4`` per group."""
+    w = weight.float()
+    if fmt == "q8":
+        scales = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+        return torch.round(w / scales).clamp(-127, 127).to(torch.int8), scales
+    rows, cols = w.shape
+    if cols % Q4_GROUP or cols % 2:
+        raise ValueError(f"q4 needs the input width to be a multiple of {Q4_GROUP}, got {cols}")
+    groups = w.reshape(rows, cols // Q4_GROUP, Q4_GROUP)
+    scales = groups.abs().amax(dim=2, keepdim=True).clamp_min(1e-12) / 7.0
+    codes = (torch.round(groups / scales).clamp(-8, 7) + 8).to(torch.uint8).reshape(rows, cols)
+    return codes[:, 0::2] | (codes[:, 1::2] << 4), scales
+
+
+def dequantize(stored: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    codes, scales = stored
+    if codes.dtype == torch.int8:
+        return (codes.float() * scales).to(dtype)
+    rows = codes.shape[0]
+    values = torch.stack([codes & 0x0F, codes >> 4], dim=2).reshape(rows, -1).float() - 8.0
+    groups = values.reshape(rows, -1, Q4_GROUP) * scales
+    return groups.reshape(rows, -1).to(dtype)
+
+
+@dataclass(slots=True)
+class _Extent:
+    path: Path
+    offset: int  # from the start of the file
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+class DiskExperts(ExpertSource):
+    """Experts read straight from the checkpoint's safetensors files (``pread`` of each
+    tensor's bytes), nothing of them kept in memory."""
+
+    tier = "disk"
+
+    def __init__(self, files: list[Path], renames: list[tuple[re.Pattern, str]],
+                 dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self._extents: dict[ExpertKey, dict[str, _Extent]] = {}
+        self._fds: dict[Path, int] = {}
+        for path in files:
+            for name, extent in _header(path).items():
+                for pattern, target in renames:
+                    name = pattern.sub(target, name)
+                match = EXPERT_NAME.match(name)
+                if match:
+                    key = (int(match.group(1)), int(match.group(2)))
+                    self._extents.setdefault(key, {})[match.group(3)] = extent
+        for key, parts in self._extents.items():
+            if set(parts) != {"gate", "up", "down"}:
+                raise ExpertTierError(f"expert {key} of {files[0].parent} lacks "
+                                      f"{sorted({'gate', 'up', 'down'} - set(parts))} projections")
+        for path in {e.path for parts in self._extents.values() for e in parts.values()}:
+            self._fds[path] = os.open(path, os.O_RDONLY)
+
+    def keys(self) -> list[ExpertKey]:
+        return sorted(self._extents)
+
+    def read(self, key: ExpertKey) -> ExpertWeights:
+        parts = self._extents.get(key)
+        if parts is None:
+            raise ExpertTierError(f"expert {key} is in none of the checkpoint's files")
+        gate, up, down = (self._read(parts[name]) for name in ("gate", "up", "down"))
+        return ExpertWeights(torch.cat([gate, up]), down)
+
+    def _read(self, extent: _Extent) -> torch.Tensor:
+        try:
+            data = os.pread(self._fds[extent.path], extent.nbytes, extent.offset)
+        except OSError as exc:
+            raise ExpertTierError(f"reading expert weights from {extent.path} failed: {exc}") from exc
+        if len(data) != extent.nbytes:
+            raise ExpertTierError(
+                f"{extent.path} is truncated: expected {extent.nbytes:,} bytes at offset "
+                f"{extent.offset:,}, read {len(data):,}; re-create or re-copy the checkpoint")
+        tensor = torch.frombuffer(bytearray(data), dtype=extent.dtype).reshape(extent.shape)
+        return tensor.to(self.dtype)
+
+    def drop_page_cache(self) -> None:
+        for fd in self._fds.values():
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _header(path: Path) -> dict[str, _Extent]:
+    """A safetensors file's tensors as extents; a missing or short file is an ExpertTierError."""
+    if not path.is_file():
+        raise ExpertTierError(f"expert weights file {path} does not exist")
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        head = file.read(8)
+        if len(head) < 8:
+            raise ExpertTierError(f"{path} is truncated: {size} bytes, not a safetensors file")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ExpertTierError(f"{path} is truncated: its header says {length:,} bytes, "
+                                  f"the file has {size:,}")
+        header = json.loads(file.read(length))
+    base = 8 + length
+    extents = {}
+    for name, info in header.items():
+        if name == "__metadata__" or info["dtype"] not in _ST_DTYPES:
+            continue
+        begin, end = info["data_offsets"]
+        if base + end > size:
+            raise ExpertTierError(
+                f"{path} is truncated: tensor {name} ends at byte {base + end:,}, the file has "
+                f"{size:,}; re-create or re-copy the checkpoint")
+        extents[name] = _Extent(path, base + begin, end - begin, _ST_DTYPES[info["dtype"]],
+                                tuple(info["shape"]))
+    return extents

@@ -1,0 +1,65 @@
+"""Recording router traces from a running engine, and the text prompts the MoE tools use.
+
+``RouteRecorder`` sees every step's plan (a runner step hook) and every MoE layer's choices
+(``MoEBlock.on_route``, real rows only), and files each row's top-k under its request and
+position. ``text_requests`` cuts prompts from real text (the Python documentation CPython ships,
+``pydoc_data``): random token ids would give the router nothing to predict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from tierserve.experts.routes import RequestTrace
+from tierserve.model.moe import MoEBlock
+
+
+class RouteRecorder:
+    """Attach to an engine's runner; ``trace(request_id, prompt, output)`` once it finished."""
+
+    def __init__(self, runner) -> None:
+        self._chunks: list[tuple[str, int, int]] = []
+        self.routes: dict[str, dict[int, dict[int, list[int]]]] = {}
+        runner.step_hooks.append(self._on_plan)
+        for layer in runner.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.on_route = self._on_route
+
+    def _on_plan(self, plan) -> None:
+        self._chunks = [(c.request_id, c.start_pos, c.num_tokens) for c in plan.chunks]
+
+    def _on_route(self, layer: int, ids: torch.Tensor) -> None:
+        rows = ids.tolist()  # (real tokens, top_k), chunk after chunk
+        row = 0
+        for request_id, start, count in self._chunks:
+            per_layer = self.routes.setdefault(request_id, {}).setdefault(layer, {})
+            for offset in range(count):
+                per_layer[start + offset] = sorted(rows[row + offset])
+            row += count
+
+    def trace(self, request_id: str, prompt: list[int], output: list[int]) -> RequestTrace:
+        layers = self.routes.pop(request_id, {})
+        positions = len(prompt) + max(0, len(output) - 1)
+        return RequestTrace(list(prompt), list(output),
+                            {layer: [by_pos.get(p, []) for p in range(positions)]
+                             for layer, by_pos in sorted(layers.items())})
+
+
+def text_requests(tokenizer, num_requests: int, seed: int, scale: float = 0.25,
+                  max_prompt_len: int = 512, max_output_len: int = 256
+                  ) -> list[tuple[list[int], int]]:
+    """(prompt ids, max tokens) pairs: ShareGPT-like lognormal lengths (vLLM paper means 161 /
+    338, times ``scale``), each prompt a window of the Python docs at a seeded random place."""
+    from tierserve.bench.workloads import MIN_LEN, SHAREGPT_OUTPUT, SHAREGPT_PROMPT
+    from tierserve.model.moefy import calibration_text
+
+    ids = tokenizer.encode(calibration_text())
+    rng = np.random.default_rng(seed)
+    prompt_lens = SHAREGPT_PROMPT.sample(rng, num_requests, scale, MIN_LEN, max_prompt_len)
+    output_lens = SHAREGPT_OUTPUT.sample(rng, num_requests, scale, MIN_LEN, max_output_len)
+    requests = []
+    for length, out in zip(prompt_lens, output_lens):
+        start = int(rng.integers(0, len(ids) - length))
+        requests.append((ids[start:start + length], out))
+    return requests
