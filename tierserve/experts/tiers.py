@@ -132,7 +132,7 @@ class DiskExperts(ExpertSource):
                  dtype: torch.dtype) -> None:
         self.dtype = dtype
         self._extents: dict[ExpertKey, dict[str, _Extent]] = {}
-        self._fds: dict[Path, int] = {}
+        self._files: set[Path] = set()
         for path in files:
             for name, extent in _header(path).items():
                 for pattern, target in renames:
@@ -145,8 +145,7 @@ class DiskExperts(ExpertSource):
             if set(parts) != {"gate", "up", "down"}:
                 raise ExpertTierError(f"expert {key} of {files[0].parent} lacks "
                                       f"{sorted({'gate', 'up', 'down'} - set(parts))} projections")
-        for path in {e.path for parts in self._extents.values() for e in parts.values()}:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+        self._files = {e.path for parts in self._extents.values() for e in parts.values()}
 
     def keys(self) -> list[ExpertKey]:
         return sorted(self._extents)
@@ -159,8 +158,14 @@ class DiskExperts(ExpertSource):
         return ExpertWeights(torch.cat([gate, up]), down)
 
     def _read(self, extent: _Extent) -> torch.Tensor:
+        # Opened per read (cheap beside the read): a file replaced or removed while serving is
+        # seen as such, and named, instead of read through a stale descriptor.
         try:
-            data = os.pread(self._fds[extent.path], extent.nbytes, extent.offset)
+            fd = os.open(extent.path, os.O_RDONLY)
+            try:
+                data = os.pread(fd, extent.nbytes, extent.offset)
+            finally:
+                os.close(fd)
         except OSError as exc:
             raise ExpertTierError(f"reading expert weights from {extent.path} failed: {exc}") from exc
         if len(data) != extent.nbytes:
@@ -171,13 +176,12 @@ class DiskExperts(ExpertSource):
         return tensor.to(self.dtype)
 
     def drop_page_cache(self) -> None:
-        for fd in self._fds.values():
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-
-    def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for path in sorted(self._files):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
 
 def _header(path: Path) -> dict[str, _Extent]:

@@ -161,7 +161,12 @@ def load_safetensors(folder: Path, arch: ModelArchConfig, dtype: torch.dtype
                FAMILIES[arch.architecture].renames]
     tensors: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(folder):
-        for name, tensor in load_file(file).items():
+        try:
+            weights = load_file(file)
+        except Exception as exc:  # safetensors' messages do not say which file
+            raise CheckpointError(f"cannot read {file}: {exc}; the file is truncated or damaged, "
+                                  "re-create or re-copy the checkpoint") from exc
+        for name, tensor in weights.items():
             if name.endswith(_IGNORED_SUFFIXES):
                 continue
             for pattern, target in renames:

@@ -1,0 +1,189 @@
+"""Offloaded experts on a tiny random Mixtral: every policy's tokens equal all-resident, slots
+never leak, tier faults are named, the disk tier drops its page cache."""
+
+import os
+import random
+import shutil
+
+import pytest
+
+from tests.conftest import make_tiny_moe
+from tierserve.engine.llm import LLM
+from tierserve.experts.predictor import train_predictor
+from tierserve.experts.routes import write_traces
+from tierserve.experts.tiers import ExpertTierError, dequantize, quantize
+from tierserve.experts.trace import RouteRecorder
+from tierserve.model.loader import CheckpointError
+from tierserve.request import SamplingParams
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+def _prompts(count=12, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 500) for _ in range(rng.randrange(4, 30))] for _ in range(count)]
+
+
+def _run(folder, prompts, **options):
+    llm = LLM(str(folder), num_blocks=64, swap_space=0, **options)
+    try:
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+        offload = llm.engine.runner.experts
+        if offload is not None:
+            offload.check_invariants()
+        return [list(o.outputs[0].token_ids) for o in outputs], offload
+    finally:
+        llm.engine.runner.close()
+
+
+@pytest.fixture(scope="module")
+def mixtral(tmp_path_factory):
+    """(folder, prompts, resident tokens, trace file, predictor folder)."""
+    root = tmp_path_factory.mktemp("offload")
+    folder = root / "mixtral"
+    make_tiny_moe("mixtral", folder)
+    prompts = _prompts()
+    llm = LLM(str(folder), num_blocks=64, swap_space=0)
+    recorder = RouteRecorder(llm.engine.runner)
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outputs]
+    traces = [recorder.trace(o.request_id, p, t) for o, p, t in zip(outputs, prompts, tokens)]
+    llm.engine.runner.close()
+    write_traces(root / "trace.jsonl", traces)
+    predictor, _ = train_predictor(traces, sorted(traces[0].routes), 6, 2, epochs=60)
+    predictor.save(root / "predictor")
+    return folder, prompts, tokens, str(root / "trace.jsonl"), str(root / "predictor"), traces
+
+
+def test_recorded_traces_cover_every_computed_position(mixtral):
+    _, prompts, tokens, _, _, traces = mixtral
+    for trace, prompt, output in zip(traces, prompts, tokens):
+        assert sorted(trace.routes) == [0, 1, 2]
+        assert trace.num_positions == len(prompt) + len(output) - 1
+        assert all(len(choice) == 2 for r in trace.routes.values() for choice in r)
+
+
+@pytest.mark.parametrize("options", [
+    dict(expert_policy="lru", expert_cache="6"),
+    dict(expert_policy="lookahead", expert_cache="8"),
+    dict(expert_policy="static", expert_cache="10", trace=True),
+    dict(expert_policy="oracle", expert_cache="8", trace=True),
+    dict(expert_policy="expertflow", expert_cache="8", predictor=True),
+    dict(expert_policy="expertflow", expert_cache="8", predictor=True,
+         scheduling_policy="expert-grouped"),
+    dict(expert_policy="lru", expert_cache="7", expert_host_format="float"),
+], ids=["lru", "lookahead", "static", "oracle", "expertflow", "expertflow-regrouped", "host"])
+def test_every_policy_gives_the_tokens_of_all_resident_experts(mixtral, options):
+    folder, prompts, tokens, trace, predictor, _ = mixtral
+    options = dict(options)
+    if options.pop("trace", False):
+        options["expert_trace"] = trace
+    if options.pop("predictor", False):
+        options["expert_predictor"] = predictor
+    got, offload = _run(folder, prompts, **options)
+    assert got == tokens
+    counters = offload.cache.counters
+    assert counters.requests > 0 and counters.loads > 0  # experts really came and went
+    assert offload.cache.num_slots < 18  # fewer slots than the model's 3 x 6 experts
+    if options["expert_policy"] in ("oracle", "expertflow"):
+        assert counters.prefetches_used > 0
+
+
+def test_quantized_host_tier_gives_the_same_tokens_under_any_policy(mixtral):
+    folder, prompts, _, trace, _, _ = mixtral
+    small, _ = _run(folder, prompts, expert_cache="6", expert_host_format="q8")
+    large, _ = _run(folder, prompts, expert_cache="12", expert_host_format="q8",
+                    expert_policy="oracle", expert_trace=trace)
+    assert small == large
+
+
+@pytest.mark.parametrize("fmt, bound", [("q8", 0.5 / 127), ("q4", 0.5 / 7)])
+def test_quantization_error_is_within_half_a_step(fmt, bound):
+    import torch
+
+    weight = torch.randn(48, 64)
+    back = dequantize(quantize(weight, fmt), torch.float32)
+    scale = weight.abs().amax(dim=1, keepdim=True) if fmt == "q8" else (
+        weight.reshape(48, 2, 32).abs().amax(dim=2, keepdim=True).expand(48, 2, 32).reshape(48, 64))
+    assert ((back - weight).abs() <= scale * bound + 1e-6).all()
+
+
+def test_no_expert_slot_leaks_under_random_arrivals_and_aborts(mixtral):
+    folder, _, _, _, predictor, _ = mixtral
+    llm = LLM(str(folder), num_blocks=64, swap_space=0, expert_cache="7",
+              expert_policy="expertflow", expert_predictor=predictor,
+              scheduling_policy="expert-grouped", max_num_seqs=6)
+    core, rng = llm.core, random.Random(3)
+    try:
+        live, count = [], 0
+        for _ in range(80):
+            if rng.random() < 0.4:
+                prompt = [rng.randrange(3, 500) for _ in range(rng.randrange(2, 40))]
+                for request in core.make_requests(f"r{count}", prompt, SamplingParams(
+                        max_tokens=rng.randrange(1, 12), temperature=0.0)):
+                    core.add_request(request)
+                    live.append(request.request_id)
+                count += 1
+            if live and rng.random() < 0.15:
+                core.abort([live.pop(rng.randrange(len(live)))])
+            core.step()
+            llm.engine.runner.experts.check_invariants()
+        while core.has_unfinished():
+            core.step()
+        offload = llm.engine.runner.experts
+        offload.check_invariants()
+        assert offload.cache.num_free == offload.cache.num_slots
+        assert core.check_kv_accounting()
+    finally:
+        llm.engine.runner.close()
+
+
+def test_a_truncated_expert_file_is_named_at_start(mixtral, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(mixtral[0], folder)
+    weights = folder / "model.safetensors"
+    os.truncate(weights, weights.stat().st_size // 2)
+    with pytest.raises((ExpertTierError, CheckpointError),
+                       match=r"model\.safetensors.* truncated"):
+        LLM(str(folder), num_blocks=64, swap_space=0, expert_cache="6")
+
+
+def test_an_expert_file_damaged_while_serving_fails_its_requests_not_the_engine(
+        mixtral, tmp_path):
+    folder = tmp_path / "damaged"
+    shutil.copytree(mixtral[0], folder)
+    prompts = mixtral[1][:3]
+    llm = LLM(str(folder), num_blocks=64, swap_space=0, expert_cache="6")
+    try:
+        # Replaced by a truncated copy (truncating in place would pull the pages from under the
+        # memory-mapped dense weights: SIGBUS, as for any mmap-loading engine).
+        weights = folder / "model.safetensors"
+        damaged = folder / "partial"
+        damaged.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+        os.replace(damaged, weights)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+        assert all(o.outputs[0].finish_reason == "error" for o in outputs)
+        assert all("model.safetensors is truncated" in o.error for o in outputs)
+        llm.engine.runner.experts.check_invariants()  # the failed loads left no slot held
+        assert llm.core.check_kv_accounting() and not llm.core.has_unfinished()
+    finally:
+        llm.engine.runner.close()
+
+
+def test_the_disk_tier_drops_its_page_cache_at_start(mixtral, monkeypatch):
+    calls = []
+    real = os.posix_fadvise
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, advice: (
+        calls.append(advice), real(fd, o, n, advice)))
+    _run(mixtral[0], mixtral[1][:1], expert_cache="6")
+    assert os.POSIX_FADV_DONTNEED in calls
+
+
+def test_offloading_needs_an_moe_model_and_room_for_a_layer(mixtral, tiny_llama_dir):
+    with pytest.raises(ValueError, match="dense model"):
+        LLM(str(tiny_llama_dir), num_blocks=16, swap_space=0, expert_cache="4")
+    with pytest.raises(ValueError, match="fewer experts than one layer"):
+        LLM(str(mixtral[0]), num_blocks=16, swap_space=0, expert_cache="3")
+    with pytest.raises(ValueError, match="needs --expert-predictor"):
+        LLM(str(mixtral[0]), num_blocks=16, swap_space=0, expert_cache="6",
+            expert_policy="expertflow")
