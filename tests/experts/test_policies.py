@@ -67,7 +67,7 @@ def test_regrouping_runs_overlapping_decodes_together_and_starves_no_one():
     routes = {"a": [{0, 1}], "b": [{0, 1}], "c": [{2, 3}], "d": [{2, 3}]}
     running = [_request(rid, route) for rid, route in routes.items()]
     seen: dict[str, int] = dict.fromkeys(routes, 0)
-    for step in range(12):
+    for _ in range(12):
         chosen = policy.select_running(running)
         assert len(chosen) == 2
         ids = {r.request_id for r in chosen}

@@ -55,6 +55,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                         help="bearer token for the server (default: $TIERSERVE_API_KEY, as "
                         "tierserve serve reads it; else none)")
     online.set_defaults(func=cmd_online)
+    _add_moe(sub)
 
     fairness = sub.add_parser(
         "fairness", help="one heavy client floods, light clients send now and then",
@@ -97,6 +98,65 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_capacity_subcommand(sub, _add_common)
     add_roofline_subcommand(sub, _add_common)
     add_faults_subcommand(sub, _add_common)
+
+
+def _add_moe(sub) -> None:
+    moe = sub.add_parser(
+        "moe", help="MoE expert offloading: every expert policy against all-resident",
+        description="One seeded text workload (windows of the Python docs, ShareGPT-like "
+        "lengths) all at once at --concurrency: first with every expert resident (reference "
+        "tokens and true routes), then per policy with --expert-cache slots and the disk tier "
+        "(page cache dropped). Reports hit ratio, prefetch and predictor precision/recall, "
+        "distinct experts per step, stall time, MiB read per token, tok/s, resident bytes.")
+    moe.add_argument("--model", required=True, help="an MoE folder (e.g. from tierserve moefy)")
+    moe.add_argument("--policies", default="lru,static,lookahead,expertflow,oracle,"
+                     "expertflow+regroup",
+                     help="expert policies; +regroup adds the expert-grouped scheduling policy "
+                     "(default: %(default)s)")
+    moe.add_argument("--expert-cache", default="25%",
+                     help="fast slots: a count or a percentage of all experts (default: %(default)s)")
+    moe.add_argument("--train-trace", default=None,
+                     help="trace of other prompts (tierserve moe trace) for static")
+    moe.add_argument("--predictor", default=None,
+                     help="predictor folder (tierserve moe train-predictor) for expertflow")
+    moe.add_argument("--expert-host-format", default="none", choices=["none", "float", "q8", "q4"])
+    moe.add_argument("--num-requests", type=int, default=32, help="(default: %(default)s)")
+    moe.add_argument("--concurrency", type=int, default=32, help="max running requests "
+                     "(default: %(default)s)")
+    moe.add_argument("--scale", type=float, default=0.25, help="ShareGPT length multiplier "
+                     "(default: %(default)s)")
+    moe.add_argument("--seed", type=int, default=1, help="workload seed; use another than the "
+                     "training trace's (default: %(default)s)")
+    moe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    moe.add_argument("--dtype", default="float32")
+    moe.add_argument("--json", default=None, help="write {machine, config, results} here")
+    moe.add_argument("--plot", default=None, help="write a PNG: hit ratio, distinct experts, tok/s")
+    moe.add_argument("--no-progress", action="store_true", help="no progress bar")
+    moe.set_defaults(func=cmd_moe)
+
+
+def cmd_moe(args: argparse.Namespace) -> int:
+    from tierserve.bench.moe import MOE_COLUMNS, MoeSpec, run_moe
+    from tierserve.bench.report import plot_bars
+
+    spec = MoeSpec(model=args.model, policies=_names(args.policies),
+                   expert_cache=args.expert_cache, num_requests=args.num_requests,
+                   concurrency=args.concurrency, seed=args.seed, scale=args.scale,
+                   train_trace=args.train_trace, predictor=args.predictor,
+                   host_format=args.expert_host_format, threads=args.threads)
+    result = run_moe(spec, progress=not args.no_progress)
+    _finish(args, result.config, result.results, MOE_COLUMNS,
+            extra={"per_layer_hit_ratio": result.per_layer_hits})
+    if args.plot:
+        plot_bars(result.results, [("hit_ratio", "expert hit ratio"),
+                                   ("distinct_experts_per_step", "distinct experts per step"),
+                                   ("output_tokens_per_s", "output tokens/s")],
+                  args.plot, f"MoE offloading, {result.config['expert_cache_slots']} of "
+                  f"{result.config['total_experts']} experts resident")
+        print(f"wrote {args.plot}")
+    same = all(row.get("same_tokens") for row in result.results.values())
+    print(f"every policy's tokens equal all-resident: {same}")
+    return 0 if same else 1
 
 
 def _add_common(parser: argparse.ArgumentParser, plot_help: str) -> None:

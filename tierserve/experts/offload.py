@@ -28,6 +28,7 @@ from tierserve.model.moe import DenseMLP, MoEBlock
 from tierserve.sched.plan import CopyError
 
 log = logging.getLogger(__name__)
+OBSERVED_ROWS = 8  # a chunk's last rows that correct its request's predicted route
 
 
 @dataclass(slots=True, frozen=True)
@@ -84,9 +85,11 @@ class ExpertOffload:
         self.cache = ExpertCache(num_slots, policy.score if policy.scores else None)
         policy.bind(sorted(self.blocks), first.num_experts, first.top_k, num_slots)
         self.stats = OffloadStats()
+        self.reserve = first.num_experts
         self._known: dict[str, None] = {}  # live request ids, arrival order
         self._load_key: dict[int, str] = {}  # slot -> worker key of its load in flight
         self._serial = itertools.count()
+        self._chunks: list[StepRequest] = []  # this step's, in row order
         self.worker = SwapWorker(self)
         for block in blocks:
             block.provider = self
@@ -116,6 +119,7 @@ class ExpertOffload:
     def begin_step(self, plan) -> None:
         """A step is about to run ``plan``: forget ended requests, prefetch what it will need."""
         chunks = [StepRequest(c.request_id, c.start_pos, c.num_tokens) for c in plan.chunks]
+        self._chunks = chunks
         for request_id in plan.finished_request_ids:
             self._known.pop(request_id, None)
             self.policy.forget(request_id)
@@ -129,10 +133,13 @@ class ExpertOffload:
         self._prefetch(self.policy.begin_step(chunks, waiting))
 
     @contextlib.contextmanager
-    def use(self, layer: int, experts: list[int], x: torch.Tensor) -> Iterator:
-        """Hold ``experts`` of ``layer`` for one forward; yields ``get(expert) -> mlp``, which
-        waits for that expert's load only. Everything held is released on exit."""
+    def use(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor) -> Iterator:
+        """Hold ``experts`` of ``layer`` for one forward (``x``: its rows, ``ids``: their
+        (rows, top_k) choices); yields ``get(expert) -> mlp``, which waits for that expert's
+        load only. Everything held is released on exit."""
         self._reap()
+        if self.policy.observes:
+            self._observe(layer, ids)
         self.stats._current += len(experts)
         counters = self.cache.counters.layer(layer)
         held: dict[int, int] = {}
@@ -165,9 +172,23 @@ class ExpertOffload:
             self._reap()
         return self.mlps[slot]
 
+    def _observe(self, layer: int, ids: torch.Tensor) -> None:
+        """Tell the policy each request's last few true choices (rows are chunk after chunk)."""
+        rows, row = ids.tolist(), 0
+        for chunk in self._chunks:
+            end = row + chunk.num_tokens
+            self.policy.observe(chunk.request_id, layer, rows[max(row, end - OBSERVED_ROWS):end])
+            row = end
+
+    def hot_sets(self, request_id: str) -> tuple[frozenset[int], ...] | None:
+        return self.policy.hot_sets(request_id)
+
     # -- mechanics ------------------------------------------------------------------------------
     def _load(self, key: ExpertKey, prefetch: bool) -> int:
         slot = self.cache.reserve(key, prefetch)
+        if slot is None and not prefetch and self._load_key:
+            self.settle()  # loads in flight hold slots until they are reaped
+            slot = self.cache.reserve(key, prefetch)
         if slot is None:
             raise ExpertTierError(f"no free expert slot for {key}: all {self.cache.num_slots} are "
                                   "held; raise --expert-cache")
@@ -180,7 +201,8 @@ class ExpertOffload:
         for key in keys:
             if self.cache.slot_of(key) is not None:
                 continue
-            if self.cache.num_free == 0:
+            # Prefetches leave one layer's worth of slots free: a forward's misses must fit.
+            if self.cache.num_free <= self.reserve:
                 return
             if self.policy.scores:
                 victim = self.cache.pool.peek_victim()

@@ -33,6 +33,7 @@ class ExpertPolicy:
     name = "lru"
     lookahead = False
     scores = False  # True: the cache evicts by ``score`` instead of recency
+    observes = False  # True: ``observe`` is told each request's recent true choices
     needs = ""  # "trace" | "predictor": what the policy reads
 
     def bind(self, moe_layers: Sequence[int], num_experts: int, top_k: int,
@@ -49,6 +50,13 @@ class ExpertPolicy:
 
     def forget(self, request_id: str) -> None:
         """The request ended."""
+
+    def observe(self, request_id: str, layer: int, choices: list[list[int]]) -> None:
+        """The experts the request's last computed tokens chose at ``layer``, oldest first."""
+
+    def hot_sets(self, request_id: str) -> tuple[frozenset[int], ...] | None:
+        """The experts the policy now expects the request to use most, per MoE layer."""
+        return None
 
     def begin_step(self, chunks: Sequence[StepRequest], waiting: Sequence[str] = ()
                    ) -> list[ExpertKey]:
@@ -135,14 +143,21 @@ class _PredictiveBase(ExpertPolicy):
 
 class ExpertFlowPolicy(_PredictiveBase):
     """ExpertFlow: each request's path predicted from its prompt (``RoutePredictor``) drives
-    prefetch and eviction; waiting requests' paths count towards the next step's demand."""
+    prefetch and eviction before the request computes; once it computes, the prediction is
+    corrected by what its tokens actually chose (a recency-weighted average: consecutive tokens
+    of a request share most experts). Waiting requests' paths count towards the next step's
+    demand."""
 
     name = "expertflow"
     needs = "predictor"
+    observes = True
 
-    def __init__(self, depth: int = 2) -> None:
+    def __init__(self, depth: int = 2, decay: float = 0.5, trust: float = 0.75) -> None:
         super().__init__(depth)
+        self.decay = decay  # weight of the older tokens in the observed shares
+        self.trust = trust  # weight of the observed shares against the prompt's prediction
         self.routes: dict[str, PredictedRoute] = {}
+        self.observed: dict[str, dict[int, list[float]]] = {}
 
     def annotate(self, request_id: str, route) -> None:
         if isinstance(route, PredictedRoute):
@@ -150,23 +165,50 @@ class ExpertFlowPolicy(_PredictiveBase):
 
     def forget(self, request_id: str) -> None:
         self.routes.pop(request_id, None)
+        self.observed.pop(request_id, None)
+
+    def observe(self, request_id: str, layer: int, choices: list[list[int]]) -> None:
+        shares = self.observed.setdefault(request_id, {}).get(layer)
+        for choice in choices:
+            if shares is None:
+                shares = [0.0] * self.num_experts
+                weight = 1.0
+            else:
+                shares = [s * self.decay for s in shares]
+                weight = 1.0 - self.decay
+            for e in choice:
+                shares[e] += weight / len(choice)
+        if shares is not None:
+            self.observed[request_id][layer] = shares
+
+    def shares(self, request_id: str, layer: int) -> list[float] | None:
+        predicted = self.routes.get(request_id)
+        guess = predicted.shares.get(layer) if predicted is not None else None
+        seen = self.observed.get(request_id, {}).get(layer)
+        if seen is None or guess is None:
+            return seen or guess
+        return [self.trust * s + (1.0 - self.trust) * g for s, g in zip(seen, guess)]
+
+    def hot_sets(self, request_id: str) -> tuple[frozenset[int], ...] | None:
+        if request_id not in self.routes and request_id not in self.observed:
+            return None
+        threshold = 1.0 / self.num_experts
+        return tuple(frozenset(e for e, s in enumerate(self.shares(request_id, layer) or ())
+                               if s >= threshold) for layer in self.moe_layers)
 
     def demand(self, chunks, waiting):
-        now = self._usage([(self.routes.get(c.request_id), c.num_tokens) for c in chunks])
-        later = self._usage([(self.routes.get(c.request_id), 1) for c in chunks]
-                            + [(self.routes.get(r), 1) for r in waiting])
+        now = self._usage([(c.request_id, c.num_tokens) for c in chunks])
+        later = self._usage([(c.request_id, 1) for c in chunks] + [(r, 1) for r in waiting])
         return now, later
 
-    def _usage(self, routes) -> dict[int, dict[int, float]]:
+    def _usage(self, requests) -> dict[int, dict[int, float]]:
         """P(expert chosen by at least one of the tokens) if each token picks expert ``e`` with
         probability ``top_k * share``, independently."""
         usage: dict[int, dict[int, float]] = {}
         for layer in self.moe_layers:
             unused = [1.0] * self.num_experts
-            for route, tokens in routes:
-                if route is None:
-                    continue
-                for e, share in enumerate(route.shares.get(layer, ())):
+            for request_id, tokens in requests:
+                for e, share in enumerate(self.shares(request_id, layer) or ()):
                     unused[e] *= max(0.0, 1.0 - min(1.0, self.top_k * share)) ** tokens
             usage[layer] = {e: 1.0 - u for e, u in enumerate(unused) if u < 1.0}
         return usage

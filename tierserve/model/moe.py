@@ -119,7 +119,7 @@ class MoEBlock:
         rows = x[tokens]  # (T * k, hidden)
         outputs = torch.empty_like(rows)
         active = [expert for expert, count in enumerate(counts) if count]
-        with self._experts(active, x) as expert_mlp:
+        with self._experts(active, x, ids) as expert_mlp:
             start = 0
             for expert in active:
                 end = start + counts[expert]
@@ -128,10 +128,10 @@ class MoEBlock:
                 start = end
         return torch.zeros_like(x).index_add_(0, tokens, outputs)
 
-    def _experts(self, active: list[int], x: torch.Tensor):
+    def _experts(self, active: list[int], x: torch.Tensor, ids: torch.Tensor):
         """A context that yields ``expert -> mlp``: resident experts, or the provider's."""
         if self.provider is not None:
-            return self.provider.use(self.layer_index, active, x)
+            return self.provider.use(self.layer_index, active, x, ids)
         return contextlib.nullcontext(self.experts.__getitem__)
 
     def linears(self) -> list:

@@ -54,17 +54,26 @@ class ModelRunner:
             self.swapper = SwapWorker(storage)
         self._outstanding: set[str] = set()  # copy keys submitted, not yet reported done
         self.experts = None  # an ExpertOffload when the MoE experts are offloaded
+        self._routed: dict[str, object] = {}  # live requests whose expert_route is kept fresh
         self.step_hooks: list = []  # fn(plan) before each forward (router traces)
 
     def annotate(self, request) -> None:
         """A request arrived: with offloaded experts, predict its route (or find its trace)."""
         if self.experts is None:
             return
-        route = self.experts.annotate(request.request_id, request.prompt_token_ids)
-        if route is not None:
-            threshold = 1.0 / self.experts.policy.num_experts
-            request.expert_route = tuple(frozenset(route.hot(layer, threshold))
-                                         for layer in sorted(route.shares))
+        self.experts.annotate(request.request_id, request.prompt_token_ids)
+        request.expert_route = self.experts.hot_sets(request.request_id)
+        if request.expert_route is not None:
+            self._routed[request.request_id] = request
+
+    def _refresh_routes(self, plan: StepPlan) -> None:
+        """The scheduler's route hints (token regrouping) follow the policy's corrections."""
+        for request_id in plan.finished_request_ids:
+            self._routed.pop(request_id, None)
+        for chunk in plan.chunks:
+            request = self._routed.get(chunk.request_id)
+            if request is not None:
+                request.expert_route = self.experts.hot_sets(chunk.request_id)
 
     def close(self) -> None:
         """Stop the swap worker and remove the disk tier's file."""
@@ -85,6 +94,7 @@ class ModelRunner:
         self.sampler.drop(plan.finished_request_ids)
         if self.experts is not None:
             self.experts.begin_step(plan)
+            self._refresh_routes(plan)
         for hook in self.step_hooks:
             hook(plan)
         self._start_copies(plan)

@@ -1,0 +1,166 @@
+"""``tierserve bench moe``: expert offloading policies side by side on one MoE model and one
+seeded text workload, all requests at once at a fixed concurrency.
+
+First every expert resident (the reference tokens, tok/s and the bench prompts' true routes,
+which the oracle replays), then each policy with ``--expert-cache`` slots and the disk (or host)
+tier, the page cache of the expert files dropped before each run. Per policy: hit ratio (per
+layer too), prefetch precision, the predictor's precision and recall on these prompts, distinct
+experts per step, bytes per tier per output token, stall seconds, output tok/s, resident expert
+bytes, and whether the tokens equal all-resident.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tierserve.request import SamplingParams
+
+MOE_COLUMNS = ("hit_ratio", "prefetch_precision", "distinct_experts_per_step", "stall_s",
+               "disk_mib_per_token", "output_tokens_per_s", "resident_expert_mib",
+               "same_tokens")
+
+
+@dataclass(slots=True)
+class MoeSpec:
+    model: str
+    policies: tuple[str, ...] = ("lru", "static", "lookahead", "expertflow", "oracle",
+                                 "expertflow+regroup")
+    expert_cache: str = "25%"
+    num_requests: int = 32
+    concurrency: int = 32
+    seed: int = 1
+    scale: float = 0.25
+    train_trace: str | None = None  # static's frequencies, the predictor's training
+    predictor: str | None = None
+    host_format: str = "none"
+    threads: int | None = None
+
+
+@dataclass(slots=True)
+class MoeResult:
+    config: dict
+    results: dict[str, dict] = field(default_factory=dict)
+    per_layer_hits: dict[str, list[float]] = field(default_factory=dict)
+
+
+def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
+    from tierserve.engine.llm import LLM
+    from tierserve.experts.routes import write_traces
+    from tierserve.experts.trace import RouteRecorder, text_requests
+
+    work = Path(tempfile.mkdtemp(prefix="tierserve-bench-moe-"))
+    base = dict(swap_space=0, max_num_seqs=spec.concurrency, num_threads=spec.threads)
+    llm = LLM(spec.model, **base)
+    requests = text_requests(llm.tokenizer, spec.num_requests, spec.seed, spec.scale)
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in requests]
+    recorder = RouteRecorder(llm.engine.runner)
+    distinct: list[int] = []
+    llm.engine.runner.step_hooks.append(lambda plan: distinct.append(0))
+    for layer in llm.engine.runner.model.layers:  # count each step's distinct experts
+        block = layer.mlp
+        if getattr(block, "on_route", None) is not None:
+            record = block.on_route
+
+            def counting(index, ids, record=record):
+                record(index, ids)
+                distinct[-1] += len(set(ids.flatten().tolist()))
+            block.on_route = counting
+    arch = llm.engine.arch
+    num_moe_layers = sum(arch.is_moe_layer(i) for i in range(arch.num_layers))
+    total_experts = arch.num_experts * num_moe_layers
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    seconds = time.perf_counter() - started
+    reference = [list(o.outputs[0].token_ids) for o in outputs]
+    traces = [recorder.trace(o.request_id, p, t)
+              for o, (p, _), t in zip(outputs, requests, reference)]
+    llm.engine.runner.close()
+    oracle_trace = work / "bench-trace.jsonl"
+    write_traces(oracle_trace, traces)
+    num_output = sum(len(t) for t in reference)
+    from tierserve.experts.build import expert_bytes
+
+    one_expert = expert_bytes(arch, llm.engine.runner.model.dtype)
+    slots = _slots(spec.expert_cache, total_experts)
+    result = MoeResult({"model": spec.model, "num_requests": spec.num_requests,
+                        "concurrency": spec.concurrency, "seed": spec.seed, "scale": spec.scale,
+                        "expert_cache_slots": slots, "total_experts": total_experts,
+                        "expert_bytes": one_expert, "host_format": spec.host_format,
+                        "output_tokens": num_output})
+    result.results["all-resident"] = {
+        "hit_ratio": 1.0, "distinct_experts_per_step": _mean(distinct) / num_moe_layers,
+        "output_tokens_per_s": num_output / seconds, "stall_s": 0.0, "disk_mib_per_token": 0.0,
+        "resident_expert_mib": total_experts * one_expert / 2**20, "same_tokens": True}
+    for name in spec.policies:
+        policy, _, regroup = name.partition("+")
+        options = dict(base, expert_cache=str(slots), expert_policy=policy,
+                       expert_host_format=spec.host_format)
+        if regroup:
+            options["scheduling_policy"] = "expert-grouped"
+        if policy == "static":
+            options["expert_trace"] = spec.train_trace
+        if policy == "oracle":
+            options["expert_trace"] = str(oracle_trace)
+        if policy == "expertflow":
+            options["expert_predictor"] = spec.predictor
+        llm = LLM(spec.model, **options)  # drops the expert files' page cache
+        offload = llm.engine.runner.experts
+        started = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=progress)
+        seconds = time.perf_counter() - started
+        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        offload.check_invariants()
+        counters, stats = offload.cache.counters, offload.stats
+        row = {
+            "hit_ratio": counters.hit_ratio,
+            "late_ratio": sum(c.late for c in counters.layers.values()) / max(1, counters.requests),
+            "prefetch_precision": (counters.prefetches_used / counters.prefetches
+                                   if counters.prefetches else None),
+            "distinct_experts_per_step": _mean(stats.distinct_per_step) / num_moe_layers,
+            "stall_s": stats.stall_seconds,
+            "disk_mib_per_token": stats.bytes_loaded.get("disk", 0) / 2**20 / max(1, num_output),
+            "host_mib_per_token": stats.bytes_loaded.get("host", 0) / 2**20 / max(1, num_output),
+            "output_tokens_per_s": num_output / seconds,
+            "resident_expert_mib": offload.resident_bytes() / 2**20,
+            "same_tokens": tokens == reference,
+            "loads": counters.loads, "evictions": counters.evictions,
+        }
+        if policy == "expertflow" and offload.predictor is not None:
+            row.update(_predictor_quality(offload.predictor, traces, arch.num_experts))
+        result.results[name] = row
+        result.per_layer_hits[name] = [counters.layers[i].hits / max(1, counters.layers[i].requests)
+                                       for i in sorted(counters.layers)]
+        llm.engine.runner.close()
+    return result
+
+
+def _predictor_quality(predictor, traces, num_experts: int) -> dict:
+    """Precision and recall of the predicted hot experts (share >= 1/E) on the bench prompts."""
+    from tierserve.experts.predictor import target_shares
+
+    said = hot = both = 0
+    for trace in traces:
+        truth = target_shares(trace, predictor.spec.layers, num_experts) >= 1.0 / num_experts
+        shares = predictor.predict(trace.prompt).shares
+        for i, layer in enumerate(predictor.spec.layers):
+            guess = {e for e, s in enumerate(shares[layer]) if s >= 1.0 / num_experts}
+            actual = {e for e in range(num_experts) if truth[i, e]}
+            said, hot, both = said + len(guess), hot + len(actual), both + len(guess & actual)
+    return {"predictor_precision": both / max(1, said), "predictor_recall": both / max(1, hot)}
+
+
+def _slots(cache: str, total: int) -> int:
+    cache = cache.strip()
+    if cache.endswith("%"):
+        return max(1, round(total * float(cache[:-1]) / 100))
+    return int(cache)
+
+
+def _mean(values) -> float:
+    """The mean over steps that ran anything."""
+    values = [v for v in values if v]
+    return sum(values) / len(values) if values else 0.0
