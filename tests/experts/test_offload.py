@@ -187,3 +187,24 @@ def test_offloading_needs_an_moe_model_and_room_for_a_layer(mixtral, tiny_llama_
     with pytest.raises(ValueError, match="needs --expert-predictor"):
         LLM(str(mixtral[0]), num_blocks=16, swap_space=0, expert_cache="6",
             expert_policy="expertflow")
+
+
+def test_an_moe_layers_output_for_a_token_does_not_depend_on_its_batch(mixtral):
+    """Each expert's rows are padded like a step's (float32 batch invariance): else a token's
+    output depends on how many others chose its experts, and regrouping or any other batching
+    changes it in the last bits."""
+    import torch
+
+    llm = LLM(str(mixtral[0]), num_blocks=16, swap_space=0)
+    try:
+        block = llm.engine.runner.model.layers[0].mlp
+        assert block.min_rows == 16
+        torch.manual_seed(0)
+        x = torch.randn(48, 64) * 3
+        alone = block(x[:16], None, 1)[0]  # one real token in a padded step
+        crowded = block(x, None, 40)[0]  # the same token among 39 others
+        assert torch.equal(alone, crowded)
+        block.min_rows = 1
+        assert not torch.equal(block(x[:16], None, 1)[0], crowded)  # what the padding fixes
+    finally:
+        llm.engine.runner.close()

@@ -97,12 +97,10 @@ class ExpertOffload:
 
     # -- the SwapWorker's storage side ---------------------------------------------------------
     def copy(self, op: ExpertLoad, non_blocking: bool = False) -> int:
-        weights = self.source.read(op.key)
-        self.gate_up[op.slot].copy_(weights.gate_up, non_blocking=non_blocking)
-        self.down[op.slot].copy_(weights.down, non_blocking=non_blocking)
+        moved = self.source.read_into(op.key, self.gate_up[op.slot], self.down[op.slot])
         tier = self.source.tier
-        self.stats.bytes_loaded[tier] = self.stats.bytes_loaded.get(tier, 0) + weights.nbytes
-        return weights.nbytes
+        self.stats.bytes_loaded[tier] = self.stats.bytes_loaded.get(tier, 0) + moved
+        return moved
 
     # -- requests and steps --------------------------------------------------------------------
     def annotate(self, request_id: str, prompt_token_ids: list[int]) -> PredictedRoute | None:

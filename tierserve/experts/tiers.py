@@ -49,6 +49,13 @@ class ExpertSource:
     def read(self, key: ExpertKey) -> ExpertWeights:
         raise NotImplementedError
 
+    def read_into(self, key: ExpertKey, gate_up: torch.Tensor, down: torch.Tensor) -> int:
+        """Write the expert into ``gate_up`` and ``down`` (a fast slot); bytes moved."""
+        weights = self.read(key)
+        gate_up.copy_(weights.gate_up)
+        down.copy_(weights.down)
+        return weights.nbytes
+
     def stored_bytes(self) -> int:
         """Bytes this tier keeps in host memory."""
         return 0
@@ -156,6 +163,39 @@ class DiskExperts(ExpertSource):
             raise ExpertTierError(f"expert {key} is in none of the checkpoint's files")
         gate, up, down = (self._read(parts[name]) for name in ("gate", "up", "down"))
         return ExpertWeights(torch.cat([gate, up]), down)
+
+    def read_into(self, key: ExpertKey, gate_up: torch.Tensor, down: torch.Tensor) -> int:
+        """Straight from the file into a CPU slot of the file's dtype (``preadv`` into the
+        slot's memory: one copy); otherwise through ``read``."""
+        parts = self._extents.get(key)
+        if parts is None or gate_up.device.type != "cpu" or any(
+                e.dtype != gate_up.dtype for e in parts.values()):
+            return super().read_into(key, gate_up, down)
+        rows = parts["gate"].shape[0]
+        targets = [(parts["gate"], gate_up[:rows]), (parts["up"], gate_up[rows:]),
+                   (parts["down"], down)]
+        for extent, target in targets:
+            view = memoryview(target.numpy()).cast("B") if target.dtype != torch.bfloat16 else (
+                memoryview(target.view(torch.int16).numpy()).cast("B"))
+            self._read_exact(extent, view)
+        return sum(extent.nbytes for extent, _ in targets)
+
+    def _read_exact(self, extent: _Extent, into: memoryview) -> None:
+        if len(into) != extent.nbytes:
+            raise ExpertTierError(f"{extent.path}: a tensor of {extent.nbytes:,} bytes does not "
+                                  f"fit its slot of {len(into):,}")
+        try:
+            fd = os.open(extent.path, os.O_RDONLY)
+            try:
+                got = os.preadv(fd, [into], extent.offset)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise ExpertTierError(f"reading expert weights from {extent.path} failed: {exc}") from exc
+        if got != extent.nbytes:
+            raise ExpertTierError(
+                f"{extent.path} is truncated: expected {extent.nbytes:,} bytes at offset "
+                f"{extent.offset:,}, read {got:,}; re-create or re-copy the checkpoint")
 
     def _read(self, extent: _Extent) -> torch.Tensor:
         # Opened per read (cheap beside the read): a file replaced or removed while serving is

@@ -69,6 +69,10 @@ class MoEBlock:
         self.experts = experts
         self.num_experts = router.shape[0]
         self.provider = None
+        # Batch invariance (float32 on CPU): an expert's GEMM over fewer rows than this takes
+        # another kernel with other roundings, so a token's output would depend on how many
+        # others chose the same expert; groups are zero-padded up to it (the runner sets it).
+        self.min_rows = 1
         self.top_k = top_k
         self.norm_topk_prob = norm_topk_prob
         self.weights_float32 = weights_float32
@@ -92,16 +96,17 @@ class MoEBlock:
         return ids, weights
 
     def __call__(self, x: torch.Tensor, ops=None, num_rows: int | None = None) -> torch.Tensor:
-        """(T, hidden) -> (T, hidden). Only the first ``num_rows`` rows (the step's real tokens;
-        the rest is padding) are routed and computed; padding rows come out zero."""
-        if num_rows is not None and num_rows < x.shape[0]:
-            out = torch.zeros_like(x)
-            out[:num_rows] = self(x[:num_rows], ops)
-            return out
+        """(T, hidden) -> (T, hidden). Every row is routed (the step's padding keeps the router
+        GEMM on one kernel), but only the first ``num_rows`` (the real tokens) run experts:
+        padding wakes none, and its routed-expert output is zero."""
         ids, weights = self.route(x)
+        real = x.shape[0] if num_rows is None else min(num_rows, x.shape[0])
+        ids, weights = ids[:real], weights[:real]
         if self.on_route is not None:
             self.on_route(self.layer_index, ids)
-        out = self.run_experts(x, ids, weights, ops)
+        out = self.run_experts(x[:real], ids, weights, ops)
+        if real < x.shape[0]:
+            out = torch.cat([out, out.new_zeros(x.shape[0] - real, x.shape[1])])
         if self.shared is not None:
             gate = torch.sigmoid(F.linear(x, self.shared_gate))  # (T, 1)
             out = out + gate * self.shared(x, ops)
@@ -123,7 +128,11 @@ class MoEBlock:
             start = 0
             for expert in active:
                 end = start + counts[expert]
-                produced = expert_mlp(expert)(rows[start:end], ops)
+                group = rows[start:end]
+                if counts[expert] < self.min_rows:
+                    group = torch.cat([group, group.new_zeros(self.min_rows - counts[expert],
+                                                              group.shape[1])])
+                produced = expert_mlp(expert)(group, ops)[: counts[expert]]
                 outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
                 start = end
         return torch.zeros_like(x).index_add_(0, tokens, outputs)

@@ -12,6 +12,7 @@ import torch
 
 from tierserve.model.kv_storage import KVStorage, SwapWorker
 from tierserve.model.llama import LlamaModel
+from tierserve.model.moe import MoEBlock
 from tierserve.model.sampler import Sampler, score_tokens
 from tierserve.model.step_inputs import StepInputBuilder, StepInputs
 from tierserve.sched.plan import (
@@ -42,6 +43,9 @@ class ModelRunner:
                                     dtype=model.dtype)
         self.sampler = Sampler(seed)
         self.pad_rows = INVARIANT_MIN_ROWS if (batch_invariant and model.dtype == torch.float32) else 1
+        for layer in model.layers:  # each expert's rows too, not only the step's
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.min_rows = self.pad_rows
         self.inputs = StepInputBuilder(
             block_size, self.pad_rows, native=model.ops is not None,
             max_tokens=max_num_batched_tokens, max_seqs=max_num_seqs,
