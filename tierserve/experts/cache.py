@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from tierserve.kv.block_pool import BlockPool, require
 
 ExpertKey = tuple[int, int]  # (layer index, expert index)
+# Scored eviction weighs this many least recently freed slots (the KV pool weighs 64): scores
+# move every layer, and a forward evicts often, so the scan is kept short.
+EVICTION_SCAN = 16
 
 
 @dataclass(slots=True)
@@ -70,7 +73,8 @@ class ExpertCache:
         self._prefetched: set[int] = set()  # loaded ahead, not asked for yet
         self._score = score
         self.pool = BlockPool(num_slots, on_evict=self._evicted, is_cached=self._key_of.__contains__,
-                              evict_score=self._slot_score if score is not None else None)
+                              evict_score=self._slot_score if score is not None else None,
+                              eviction_scan=EVICTION_SCAN)
         self.counters = ExpertCounters()
 
     @property

@@ -26,6 +26,8 @@ from tierserve.experts.routes import (
     expert_frequencies,
 )
 
+NEGLIGIBLE = 0.01  # a score below this counts as no predicted use
+
 
 class ExpertPolicy:
     """On-demand LRU: load an expert when a forward asks for it, evict the least recently used."""
@@ -103,6 +105,7 @@ class _PredictiveBase(ExpertPolicy):
         self._demand: dict[int, dict[int, float]] = {}  # layer -> expert -> P(used this step)
         self._next_demand: dict[int, dict[int, float]] = {}  # ... by the step after
         self._layer = -1  # the MoE layer the forward has routed last; -1 before the first
+        self._scores: dict[ExpertKey, float] = {}  # valid until the layer or the demand moves
 
     def demand(self, chunks: Sequence[StepRequest], waiting: Sequence[str]
                ) -> tuple[dict[int, dict[int, float]], dict[int, dict[int, float]]]:
@@ -112,10 +115,12 @@ class _PredictiveBase(ExpertPolicy):
                    ) -> list[ExpertKey]:
         self._demand, self._next_demand = self.demand(chunks, waiting)
         self._layer = -1
+        self._scores = {}
         return self._ahead(self.moe_layers[:self.depth])
 
     def after_route(self, layer: int) -> list[ExpertKey]:
         self._layer = layer
+        self._scores = {}
         index = self._position[layer]
         return self._ahead(self.moe_layers[index + 1:index + 1 + self.depth])
 
@@ -130,6 +135,12 @@ class _PredictiveBase(ExpertPolicy):
     def score(self, key: ExpertKey) -> float:
         """Predicted use over the distance to it, in MoE layers: this step's later layers come
         first, then the next step's (the running decodes come back)."""
+        cached = self._scores.get(key)
+        if cached is None:
+            cached = self._scores[key] = self._score(key)
+        return cached
+
+    def _score(self, key: ExpertKey) -> float:
         layer, expert = key
         position = self._position.get(layer)
         if position is None:
@@ -137,8 +148,11 @@ class _PredictiveBase(ExpertPolicy):
         current = self._position.get(self._layer, -1)
         soon = self._demand.get(layer, {}).get(expert, 0.0) if position > current else 0.0
         later = self._next_demand.get(layer, {}).get(expert, 0.0)
-        return max(soon / (position - current) if soon else 0.0,
-                   later / (len(self.moe_layers) - current + position))
+        value = max(soon / (position - current) if soon else 0.0,
+                    later / (len(self.moe_layers) - current + position))
+        # Below this, "nobody needs it": the pool then takes the first such slot it meets
+        # instead of scanning on for the very least.
+        return value if value >= NEGLIGIBLE else 0.0
 
 
 class ExpertFlowPolicy(_PredictiveBase):

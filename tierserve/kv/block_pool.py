@@ -27,7 +27,8 @@ class BlockPool:
 
     def __init__(self, num_blocks: int, on_evict: Callable[[int], None] | None = None,
                  is_cached: Callable[[int], bool] | None = None, group_size: int = 0,
-                 evict_score: Callable[[int], float] | None = None) -> None:
+                 evict_score: Callable[[int], float] | None = None,
+                 eviction_scan: int = EVICTION_SCAN) -> None:
         if num_blocks < 1:
             raise ValueError(f"a block pool needs at least one block, got {num_blocks}")
         self.num_blocks = num_blocks
@@ -45,6 +46,7 @@ class BlockPool:
         # Eviction strategy: None is LRU; else the free block with the lowest score goes first
         # (ties: least recently freed). Uncached blocks should score lowest.
         self._evict_score = evict_score
+        self._eviction_scan = eviction_scan  # scored eviction looks at this many oldest free
 
     @property
     def num_free(self) -> int:
@@ -91,7 +93,7 @@ class BlockPool:
                 return block  # the oldest block nobody waits for
             if best is None or score < best_score:
                 best, best_score = block, score
-            if seen >= EVICTION_SCAN:
+            if seen >= self._eviction_scan:
                 break
         return best
 
