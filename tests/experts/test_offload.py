@@ -208,3 +208,11 @@ def test_an_moe_layers_output_for_a_token_does_not_depend_on_its_batch(mixtral):
         assert not torch.equal(block(x[:16], None, 1)[0], crowded)  # what the padding fixes
     finally:
         llm.engine.runner.close()
+
+
+def test_a_bfloat16_engine_converts_the_float32_files_experts_on_load(mixtral):
+    folder, prompts = mixtral[0], mixtral[1][:4]
+    resident, _ = _run(folder, prompts, dtype="bfloat16")
+    offloaded, offload = _run(folder, prompts, dtype="bfloat16", expert_cache="6")
+    assert offloaded == resident
+    assert offload.gate_up.dtype == offload.down.dtype == __import__("torch").bfloat16

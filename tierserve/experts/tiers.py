@@ -175,12 +175,12 @@ class DiskExperts(ExpertSource):
         targets = [(parts["gate"], gate_up[:rows]), (parts["up"], gate_up[rows:]),
                    (parts["down"], down)]
         for extent, target in targets:
-            view = memoryview(target.numpy()).cast("B") if target.dtype != torch.bfloat16 else (
-                memoryview(target.view(torch.int16).numpy()).cast("B"))
-            self._read_exact(extent, view)
+            self._read_exact(extent, _bytes_of(target))
         return sum(extent.nbytes for extent, _ in targets)
 
     def _read_exact(self, extent: _Extent, into: memoryview) -> None:
+        # Opened per read (cheap beside the read): a file replaced or removed while serving is
+        # seen as such, and named, instead of read through a stale descriptor.
         if len(into) != extent.nbytes:
             raise ExpertTierError(f"{extent.path}: a tensor of {extent.nbytes:,} bytes does not "
                                   f"fit its slot of {len(into):,}")
@@ -198,21 +198,8 @@ class DiskExperts(ExpertSource):
                 f"{extent.offset:,}, read {got:,}; re-create or re-copy the checkpoint")
 
     def _read(self, extent: _Extent) -> torch.Tensor:
-        # Opened per read (cheap beside the read): a file replaced or removed while serving is
-        # seen as such, and named, instead of read through a stale descriptor.
-        try:
-            fd = os.open(extent.path, os.O_RDONLY)
-            try:
-                data = os.pread(fd, extent.nbytes, extent.offset)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            raise ExpertTierError(f"reading expert weights from {extent.path} failed: {exc}") from exc
-        if len(data) != extent.nbytes:
-            raise ExpertTierError(
-                f"{extent.path} is truncated: expected {extent.nbytes:,} bytes at offset "
-                f"{extent.offset:,}, read {len(data):,}; re-create or re-copy the checkpoint")
-        tensor = torch.frombuffer(bytearray(data), dtype=extent.dtype).reshape(extent.shape)
+        tensor = torch.empty(extent.shape, dtype=extent.dtype)
+        self._read_exact(extent, _bytes_of(tensor))
         return tensor.to(self.dtype)
 
     def drop_page_cache(self) -> None:
@@ -222,6 +209,13 @@ class DiskExperts(ExpertSource):
                 os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
             finally:
                 os.close(fd)
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU tensor's memory as bytes (numpy has no bfloat16: seen as int16)."""
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.view(torch.int16)
+    return memoryview(tensor.numpy()).cast("B")
 
 
 def _header(path: Path) -> dict[str, _Extent]:
