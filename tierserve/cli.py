@@ -84,6 +84,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="predictor folder (tierserve moe train-predictor) for expertflow")
     moe.add_argument("--expert-prefetch-depth", type=int, default=2,
                      help="MoE layers ahead that expertflow and oracle load (default: %(default)s)")
+    moe.add_argument("--expert-pin-fraction", type=float, default=0.0,
+                     help="expertflow with --expert-trace: this share of the slots keeps the "
+                     "trace's most chosen experts for good, the rest follows the predictions "
+                     "(LSM-GNN's static + dynamic hybrid) (default: %(default)s)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -98,7 +102,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         priority_update_interval=args.priority_update_interval,
         expert_cache=args.expert_cache, expert_policy=args.expert_policy,
         expert_host_format=args.expert_host_format, expert_trace=args.expert_trace,
-        expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth)
+        expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth,
+        expert_pin_fraction=args.expert_pin_fraction)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:

@@ -147,6 +147,7 @@ class ExpertConfig:
     expert_trace: str | None = None  # router trace (static, oracle)
     expert_predictor: str | None = None  # routing-path predictor (expertflow)
     expert_prefetch_depth: int = 2  # MoE layers ahead that predictive policies load
+    expert_pin_fraction: float = 0.0  # expertflow: slots pinned to the trace's hot experts
     drop_page_cache: bool = True  # posix_fadvise(DONTNEED) the expert files at start
 
     def __post_init__(self) -> None:
@@ -158,6 +159,8 @@ class ExpertConfig:
                              f"{self.expert_host_format!r}")
         if self.expert_prefetch_depth < 0:
             raise ValueError("expert_prefetch_depth must be >= 0")
+        if not 0.0 <= self.expert_pin_fraction < 1.0:
+            raise ValueError(f"expert_pin_fraction must be in [0, 1), got {self.expert_pin_fraction}")
 
     def num_slots(self, expert_bytes: int) -> int | None:
         """Fast slots: a plain number is experts, a size (with a unit) is bytes."""

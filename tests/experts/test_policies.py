@@ -86,3 +86,12 @@ def test_regrouping_leaves_prompts_and_unpredicted_requests_alone():
     assert policy.select_running(unpredicted) == unpredicted
     running = [prompt] + [_request(str(i), [{i}]) for i in range(4)]
     assert prompt in policy.select_running(running)
+
+
+def test_expertflows_hybrid_pins_a_share_of_the_slots_from_the_trace():
+    trace = _trace([1, 2], {0: [[0, 1], [0, 2], [0, 1]], 1: [[3, 0], [3, 1], [3, 2]]})
+    policy = make_expert_policy("expertflow", [trace], pin_fraction=0.25)
+    policy.bind([0, 1], num_experts=4, top_k=2, num_slots=16)
+    assert policy.pinned()[:3] == [(0, 0), (1, 3), (0, 1)] and len(policy.pinned()) == 4
+    with pytest.raises(ValueError, match="give --expert-trace"):
+        make_expert_policy("expertflow", None, pin_fraction=0.5)

@@ -67,7 +67,8 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
         from tierserve.experts.predictor import RoutePredictor
 
         predictor = RoutePredictor.load(config.expert_predictor)
-    policy = make_expert_policy(config.expert_policy, traces, config.expert_prefetch_depth)
+    policy = make_expert_policy(config.expert_policy, traces, config.expert_prefetch_depth,
+                                config.expert_pin_fraction)
     source = make_source(config, path, model.arch, experts, dtype)
     offload = ExpertOffload(blocks, source, num_slots, policy,
                             lambda weight: Linear(weight, None, model.ops, False), predictor,

@@ -124,14 +124,17 @@ class MoEBlock:
         rows = x[tokens]  # (T * k, hidden)
         outputs = torch.empty_like(rows)
         active = [expert for expert, count in enumerate(counts) if count]
+        # Small groups run padded to min_rows in one scratch buffer; its other rows hold
+        # zeros or an earlier group's rows, which cannot change this group's (rows independent).
+        scratch = rows.new_zeros(self.min_rows, rows.shape[1]) if self.min_rows > 1 else None
         with self._experts(active, x, ids) as expert_mlp:
             start = 0
             for expert in active:
                 end = start + counts[expert]
                 group = rows[start:end]
                 if counts[expert] < self.min_rows:
-                    group = torch.cat([group, group.new_zeros(self.min_rows - counts[expert],
-                                                              group.shape[1])])
+                    scratch[: counts[expert]] = group
+                    group = scratch
                 produced = expert_mlp(expert)(group, ops)[: counts[expert]]
                 outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
                 start = end
