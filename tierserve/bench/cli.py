@@ -111,7 +111,8 @@ def _add_moe(sub) -> None:
     moe.add_argument("--model", required=True, help="an MoE folder (e.g. from tierserve moefy)")
     moe.add_argument("--policies", default="lru,static,lookahead,expertflow,oracle,"
                      "expertflow+regroup",
-                     help="expert policies; +regroup adds the expert-grouped scheduling policy "
+                     help="expert policies; +regroup adds the expert-grouped scheduling policy, "
+                     "+pin pins half the slots from --train-trace (expertflow) "
                      "(default: %(default)s)")
     moe.add_argument("--expert-cache", default="25%",
                      help="fast slots: a count or a percentage of all experts (default: %(default)s)")

@@ -96,11 +96,13 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
         "output_tokens_per_s": num_output / seconds, "stall_s": 0.0, "disk_mib_per_token": 0.0,
         "resident_expert_mib": total_experts * one_expert / 2**20, "same_tokens": True}
     for name in spec.policies:
-        policy, _, regroup = name.partition("+")
+        policy, *extras = name.split("+")
         options = dict(base, expert_cache=str(slots), expert_policy=policy,
                        expert_host_format=spec.host_format)
-        if regroup:
+        if "regroup" in extras:
             options["scheduling_policy"] = "expert-grouped"
+        if "pin" in extras:  # LSM-GNN's hybrid: half the slots pinned from the training trace
+            options.update(expert_pin_fraction=0.5, expert_trace=spec.train_trace)
         if policy == "static":
             options["expert_trace"] = spec.train_trace
         if policy == "oracle":
