@@ -216,3 +216,22 @@ def test_a_bfloat16_engine_converts_the_float32_files_experts_on_load(mixtral):
     offloaded, offload = _run(folder, prompts, dtype="bfloat16", expert_cache="6")
     assert offloaded == resident
     assert offload.gate_up.dtype == offload.down.dtype == __import__("torch").bfloat16
+
+
+def test_replayed_routes_make_another_model_choose_the_traces_experts(mixtral, tmp_path):
+    from tierserve.experts.trace import RouteReplay
+
+    _, prompts, tokens, _, _, traces = mixtral
+    other = tmp_path / "other"
+    make_tiny_moe("mixtral", other, seed=1)  # same shape, other weights, other router
+    llm = LLM(str(other), num_blocks=64, swap_space=0)
+    try:
+        RouteReplay(llm.engine.runner, traces)
+        recorder = RouteRecorder(llm.engine.runner)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+        replayed = [recorder.trace(o.request_id, p, list(o.outputs[0].token_ids))
+                    for o, p in zip(outputs, prompts)]
+    finally:
+        llm.engine.runner.close()
+    for got, want in zip(replayed, traces):
+        assert got.routes == want.routes  # every position's experts, at every layer

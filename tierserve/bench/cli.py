@@ -129,6 +129,11 @@ def _add_moe(sub) -> None:
     moe.add_argument("--seed", type=int, default=1, help="workload seed; use another than the "
                      "training trace's (default: %(default)s)")
     moe.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    moe.add_argument("--replay-routes", default=None,
+                     help="force every MoE layer's choices to this trace's (by prompt and "
+                     "position): a random-weight model (tierserve moe mixtral-like) on a real "
+                     "model's routes; record the trace with tierserve moe trace on the same "
+                     "--num-requests, --seed and --scale")
     moe.add_argument("--dtype", default="float32")
     moe.add_argument("--json", default=None, help="write {machine, config, results} here")
     moe.add_argument("--plot", default=None, help="write a PNG: hit ratio, distinct experts, tok/s")
@@ -144,7 +149,8 @@ def cmd_moe(args: argparse.Namespace) -> int:
                    expert_cache=args.expert_cache, num_requests=args.num_requests,
                    concurrency=args.concurrency, seed=args.seed, scale=args.scale,
                    train_trace=args.train_trace, predictor=args.predictor,
-                   host_format=args.expert_host_format, threads=args.threads)
+                   host_format=args.expert_host_format, threads=args.threads,
+                   replay_routes=args.replay_routes)
     result = run_moe(spec, progress=not args.no_progress)
     _finish(args, result.config, result.results, MOE_COLUMNS,
             extra={"per_layer_hit_ratio": result.per_layer_hits})

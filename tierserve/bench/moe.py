@@ -37,6 +37,7 @@ class MoeSpec:
     predictor: str | None = None
     host_format: str = "none"
     threads: int | None = None
+    replay_routes: str | None = None  # force these traces' routes (a random-weight model)
 
 
 @dataclass(slots=True)
@@ -48,12 +49,15 @@ class MoeResult:
 
 def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
     from tierserve.engine.llm import LLM
-    from tierserve.experts.routes import write_traces
-    from tierserve.experts.trace import RouteRecorder, text_requests
+    from tierserve.experts.routes import read_traces, write_traces
+    from tierserve.experts.trace import RouteRecorder, RouteReplay, text_requests
 
     work = Path(tempfile.mkdtemp(prefix="tierserve-bench-moe-"))
     base = dict(swap_space=0, max_num_seqs=spec.concurrency, num_threads=spec.threads)
+    replay = read_traces(spec.replay_routes) if spec.replay_routes else None
     llm = LLM(spec.model, **base)
+    if replay:
+        RouteReplay(llm.engine.runner, replay)
     requests = text_requests(llm.tokenizer, spec.num_requests, spec.seed, spec.scale)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in requests]
@@ -86,7 +90,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
 
     one_expert = expert_bytes(arch, llm.engine.runner.model.dtype)
     slots = _slots(spec.expert_cache, total_experts)
-    result = MoeResult({"model": spec.model, "num_requests": spec.num_requests,
+    result = MoeResult({"model": spec.model, "replay_routes": spec.replay_routes, "num_requests": spec.num_requests,
                         "concurrency": spec.concurrency, "seed": spec.seed, "scale": spec.scale,
                         "expert_cache_slots": slots, "total_experts": total_experts,
                         "expert_bytes": one_expert, "host_format": spec.host_format,
@@ -110,6 +114,8 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
         if policy == "expertflow":
             options["expert_predictor"] = spec.predictor
         llm = LLM(spec.model, **options)  # drops the expert files' page cache
+        if replay:
+            RouteReplay(llm.engine.runner, replay)
         offload = llm.engine.runner.experts
         started = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=progress)
@@ -166,3 +172,32 @@ def _mean(values) -> float:
     """The mean over steps that ran anything."""
     values = [v for v in values if v]
     return sum(values) / len(values) if values else 0.0
+
+
+def make_mixtral_like(out: str | Path, like: str, hidden: int = 512, expert_ffn: int = 256,
+                      seed: int = 0) -> Path:
+    """A random-weight Mixtral-shaped folder with the layers, experts, top-k and tokenizer of
+    MoE folder ``like`` (its routes replayed onto it with ``replay_routes``): expert sizes of a
+    real model at a size this machine runs (defaults: 1.5 MiB per expert in float32)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from tierserve.model.loader_hf import hf_arch_config
+
+    arch = hf_arch_config(Path(like))
+    torch.manual_seed(seed)
+    config = transformers.MixtralConfig(
+        vocab_size=arch.vocab_size, hidden_size=hidden, intermediate_size=expert_ffn,
+        num_hidden_layers=arch.num_layers, num_attention_heads=8, num_key_value_heads=2,
+        num_local_experts=arch.num_experts, num_experts_per_tok=arch.num_experts_per_tok,
+        max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=arch.bos_token_id, eos_token_id=list(arch.eos_token_ids)[:1] or None)
+    model = transformers.MixtralForCausalLM(config)
+    out = Path(out)
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(like) / name).is_file():
+            shutil.copy(Path(like) / name, out / name)
+    return out

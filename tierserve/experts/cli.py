@@ -1,4 +1,5 @@
-"""``tierserve moe trace | train-predictor``: record router traces, fit the routing-path predictor."""
+"""``tierserve moe trace | train-predictor | mixtral-like``: record router traces, fit the
+routing-path predictor, write a random Mixtral-shaped model to replay routes on."""
 
 from __future__ import annotations
 
@@ -46,6 +47,18 @@ def add_moe_parser(subparsers) -> None:
                        help="experts per token (default: read from the traces)")
     train.set_defaults(func=cmd_train)
 
+    like = sub.add_parser(
+        "mixtral-like", help="a random-weight Mixtral-shaped model with another MoE's layout",
+        description="Write a random Mixtral folder with the layers, experts, top-k and tokenizer "
+        "of LIKE, at expert sizes of a real model, for `tierserve bench moe --replay-routes`.")
+    like.add_argument("like", help="an MoE folder, e.g. from tierserve moefy")
+    like.add_argument("out", help="folder to write")
+    like.add_argument("--hidden", type=int, default=512, help="(default: %(default)s)")
+    like.add_argument("--expert-ffn", type=int, default=256,
+                      help="each expert's width (default: %(default)s: 1.5 MiB per expert)")
+    like.add_argument("--seed", type=int, default=0)
+    like.set_defaults(func=cmd_mixtral_like)
+
 
 def cmd_trace(args: argparse.Namespace) -> int:
     from tierserve.engine.llm import LLM
@@ -87,4 +100,13 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"KL {report.kl:.3f}")
     print(f"  average:   precision {report.prior_precision:.3f} recall {report.prior_recall:.3f} "
           f"KL {report.prior_kl:.3f}")
+    return 0
+
+
+def cmd_mixtral_like(args: argparse.Namespace) -> int:
+    from tierserve.bench.moe import make_mixtral_like
+
+    out = make_mixtral_like(args.out, args.like, args.hidden, args.expert_ffn, args.seed)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"wrote {out}: {size / 2**20:.0f} MiB of weights")
     return 0

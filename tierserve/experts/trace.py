@@ -63,3 +63,48 @@ def text_requests(tokenizer, num_requests: int, seed: int, scale: float = 0.25,
         start = int(rng.integers(0, len(ids) - length))
         requests.append((ids[start:start + length], out))
     return requests
+
+
+class RouteReplay:
+    """Force every MoE layer's choices to a trace's, found by the request's prompt and the
+    token's position (positions the trace does not cover keep the router's choice). Used to
+    run a random-weight model with realistic expert sizes on a real model's routes: each chosen
+    expert's weight is 1 / top_k."""
+
+    def __init__(self, runner, traces) -> None:
+        from tierserve.experts.routes import prompt_key
+
+        self._by_prompt = {prompt_key(t.prompt): t for t in traces}
+        self._key = prompt_key
+        self._rows: list[tuple[object, int, int]] = []  # (trace or None, start_pos, num_tokens)
+        self._traces: dict[str, object] = {}
+        runner.step_hooks.append(self._on_plan)
+        for layer in runner.model.layers:
+            if isinstance(layer.mlp, MoEBlock):
+                layer.mlp.route = self._forced(layer.mlp, layer.mlp.route)
+
+    def _on_plan(self, plan) -> None:
+        for request_id in plan.finished_request_ids:
+            self._traces.pop(request_id, None)
+        rows = []
+        for chunk in plan.chunks:
+            if chunk.request_id not in self._traces:
+                self._traces[chunk.request_id] = self._by_prompt.get(
+                    self._key(chunk.prompt_token_ids))
+            rows.append((self._traces[chunk.request_id], chunk.start_pos, chunk.num_tokens))
+        self._rows = rows
+
+    def _forced(self, block: MoEBlock, route):
+        def forced(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            ids, weights = route(x)
+            ids = ids.clone()
+            row = 0
+            for trace, start, count in self._rows:
+                per_position = trace.routes.get(block.layer_index, []) if trace else []
+                for offset in range(count):
+                    position = start + offset
+                    if position < len(per_position) and per_position[position]:
+                        ids[row + offset] = torch.tensor(per_position[position])
+                row += count
+            return ids, torch.full(ids.shape, 1.0 / block.top_k, dtype=weights.dtype)
+        return forced
