@@ -147,18 +147,17 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
 
 
 def _predictor_quality(predictor, traces, num_experts: int) -> dict:
-    """Precision and recall of the predicted hot experts (share >= 1/E) on the bench prompts."""
-    from tierserve.experts.predictor import target_shares
+    """Precision and recall of the predicted hot experts on the bench prompts."""
+    import torch
 
-    said = hot = both = 0
-    for trace in traces:
-        truth = target_shares(trace, predictor.spec.layers, num_experts) >= 1.0 / num_experts
-        shares = predictor.predict(trace.prompt).shares
-        for i, layer in enumerate(predictor.spec.layers):
-            guess = {e for e, s in enumerate(shares[layer]) if s >= 1.0 / num_experts}
-            actual = {e for e in range(num_experts) if truth[i, e]}
-            said, hot, both = said + len(guess), hot + len(actual), both + len(guess & actual)
-    return {"predictor_precision": both / max(1, said), "predictor_recall": both / max(1, hot)}
+    from tierserve.experts.predictor import hot_precision_recall, target_shares
+
+    layers = predictor.spec.layers
+    truth = torch.stack([target_shares(t, layers, num_experts) for t in traces])
+    with torch.inference_mode():
+        guess = predictor([t.prompt for t in traces]).exp()
+    precision, recall = hot_precision_recall(guess, truth, num_experts)
+    return {"predictor_precision": precision, "predictor_recall": recall}
 
 
 def _slots(cache: str, total: int) -> int:

@@ -94,10 +94,6 @@ class ExpertCache:
     def is_loading(self, slot: int) -> bool:
         return slot in self._loading
 
-    def resident(self) -> list[ExpertKey]:
-        """Experts in a slot (ready or loading)."""
-        return list(self._slot_of)
-
     def reserve(self, key: ExpertKey, prefetch: bool = False) -> int | None:
         """A slot for ``key``'s load (evicting a free one), held by the load; None when every
         slot is held. The caller starts the load and reports it with ``loaded``."""

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from tierserve.experts.cache import ExpertCache, ExpertKey
 from tierserve.experts.policies import ExpertPolicy
-from tierserve.experts.routes import PredictedRoute, StepRequest, prompt_key
+from tierserve.experts.routes import StepRequest, prompt_key
 from tierserve.experts.tiers import ExpertSource, ExpertTierError
 from tierserve.model.kv_storage import SwapWorker
 from tierserve.model.moe import DenseMLP, MoEBlock
@@ -53,7 +53,7 @@ class OffloadStats:
     stall_seconds: float = 0.0  # forwards waiting for expert loads
     bytes_loaded: dict[str, int] = field(default_factory=dict)  # source tier -> bytes
     distinct_per_step: list[int] = field(default_factory=list)  # experts run, all layers
-    _current: int = 0
+    experts_this_step: int = 0
 
 
 class ExpertOffload:
@@ -103,16 +103,13 @@ class ExpertOffload:
         return moved
 
     # -- requests and steps --------------------------------------------------------------------
-    def annotate(self, request_id: str, prompt_token_ids: list[int]) -> PredictedRoute | None:
+    def annotate(self, request_id: str, prompt_token_ids: list[int]) -> None:
         """A request arrived: predict its path (expertflow) or find its trace (oracle)."""
         self._known[request_id] = None
-        route = None
         if self.predictor is not None:
-            route = self.predictor.predict(prompt_token_ids)
-            self.policy.annotate(request_id, route)
+            self.policy.annotate(request_id, self.predictor.predict(prompt_token_ids))
         elif self.traces:
             self.policy.annotate(request_id, self.traces.get(prompt_key(prompt_token_ids)))
-        return route
 
     def begin_step(self, plan) -> None:
         """A step is about to run ``plan``: forget ended requests, prefetch what it will need."""
@@ -123,9 +120,9 @@ class ExpertOffload:
             self.policy.forget(request_id)
         self._reap()
         if self.stats.steps:
-            self.stats.distinct_per_step.append(self.stats._current)
+            self.stats.distinct_per_step.append(self.stats.experts_this_step)
         self.stats.steps += 1
-        self.stats._current = 0
+        self.stats.experts_this_step = 0
         running = {c.request_id for c in chunks}
         waiting = [r for r in self._known if r not in running]
         self._prefetch(self.policy.begin_step(chunks, waiting))
@@ -138,7 +135,7 @@ class ExpertOffload:
         self._reap()
         if self.policy.observes:
             self._observe(layer, ids)
-        self.stats._current += len(experts)
+        self.stats.experts_this_step += len(experts)
         counters = self.cache.counters.layer(layer)
         held: dict[int, int] = {}
         try:

@@ -130,12 +130,8 @@ def _report(model: RoutePredictor, held: list[RequestTrace], num_train: int, pri
     truth = torch.stack([target_shares(t, spec.layers, num_experts) for t in held])
     with torch.inference_mode():
         predicted = model([t.prompt for t in held]).exp()
-    threshold = 1.0 / num_experts
-
     def precision_recall(guess: torch.Tensor) -> tuple[float, float]:
-        hot, said = truth >= threshold, guess >= threshold
-        both = (hot & said).sum().item()
-        return both / max(1, said.sum().item()), both / max(1, hot.sum().item())
+        return hot_precision_recall(guess, truth, num_experts)
 
     def kl(guess: torch.Tensor) -> float:
         guess = guess.clamp_min(1e-9)
@@ -146,6 +142,16 @@ def _report(model: RoutePredictor, held: list[RequestTrace], num_train: int, pri
     pp, pr = precision_recall(prior.expand_as(truth))
     return PredictorReport(num_train, len(held), p, r, pp, pr, kl(predicted),
                            kl(prior.expand_as(truth)))
+
+
+def hot_precision_recall(guess: torch.Tensor, truth: torch.Tensor, num_experts: int
+                         ) -> tuple[float, float]:
+    """Precision and recall of the predicted hot experts (share >= 1/E) against the true ones;
+    ``guess`` and ``truth`` are shares of the same shape."""
+    threshold = 1.0 / num_experts
+    hot, said = truth >= threshold, guess >= threshold
+    both = (hot & said).sum().item()
+    return both / max(1, said.sum().item()), both / max(1, hot.sum().item())
 
 
 def report_json(report: PredictorReport) -> dict:

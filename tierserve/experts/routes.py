@@ -104,9 +104,6 @@ class PredictedRoute:
 
     shares: dict[int, list[float]]
 
-    def hot(self, layer: int, threshold: float) -> set[int]:
-        return {e for e, share in enumerate(self.shares.get(layer, ())) if share >= threshold}
-
 
 @dataclass(slots=True)
 class StepRequest:

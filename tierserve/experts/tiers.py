@@ -56,10 +56,6 @@ class ExpertSource:
         down.copy_(weights.down)
         return weights.nbytes
 
-    def stored_bytes(self) -> int:
-        """Bytes this tier keeps in host memory."""
-        return 0
-
     def drop_page_cache(self) -> None:
         """Forget cached file pages (disk tier only)."""
 
@@ -88,11 +84,6 @@ class HostExperts(ExpertSource):
         if self.fmt == "float":
             return stored
         return ExpertWeights(dequantize(stored[0], self.dtype), dequantize(stored[1], self.dtype))
-
-    def stored_bytes(self) -> int:
-        if self.fmt == "float":
-            return sum(w.nbytes for w in self._store.values())
-        return sum(sum(t.nbytes for part in pair for t in part) for pair in self._store.values())
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,9 +144,6 @@ class DiskExperts(ExpertSource):
                 raise ExpertTierError(f"expert {key} of {files[0].parent} lacks "
                                       f"{sorted({'gate', 'up', 'down'} - set(parts))} projections")
         self._files = {e.path for parts in self._extents.values() for e in parts.values()}
-
-    def keys(self) -> list[ExpertKey]:
-        return sorted(self._extents)
 
     def read(self, key: ExpertKey) -> ExpertWeights:
         parts = self._extents.get(key)
