@@ -172,6 +172,40 @@ class ExpertConfig:
         return parse_size(value) // expert_bytes
 
 
+KV_SELECTIONS = ("full", "streaming", "quest", "mpcache")
+
+
+@dataclass(slots=True)
+class SelectionConfig:
+    """Long-context KV selection (issue 15): which cached blocks each decode attends to.
+
+    ``kv_budget`` up to 1 is a share of the context's blocks, above 1 a number of tokens. Every
+    policy keeps the first ``kv_sink_blocks`` and the last ``kv_recent_blocks`` blocks, and the
+    first ``kv_dense_layers`` layers attend to everything (as MPCache's reference does).
+    """
+
+    kv_selection: str = "full"  # full | streaming | quest | mpcache (--kv-selection)
+    kv_budget: float = 0.1  # (--kv-budget)
+    kv_dense_layers: int = 2
+    kv_sink_blocks: int = 1
+    kv_recent_blocks: int = 1
+    mpcache_alpha: float = 0.6  # a cluster's score: q . (a * kmax + (1 - a) * kmin)
+    mpcache_level1_keep: float = 0.5  # share of 32-token clusters kept before the block level
+
+    def __post_init__(self) -> None:
+        if self.kv_selection not in KV_SELECTIONS:
+            raise ValueError(f"kv_selection must be one of {', '.join(KV_SELECTIONS)}, "
+                             f"got {self.kv_selection!r}")
+        if self.kv_budget <= 0:
+            raise ValueError(f"kv_budget must be positive (a share up to 1, or tokens), got "
+                             f"{self.kv_budget}")
+        if self.kv_dense_layers < 0 or self.kv_sink_blocks < 0 or self.kv_recent_blocks < 1:
+            raise ValueError("kv_dense_layers and kv_sink_blocks must be >= 0, "
+                             "kv_recent_blocks >= 1 (the block being written is always read)")
+        if not 0.0 <= self.mpcache_alpha <= 1.0 or not 0.0 < self.mpcache_level1_keep <= 1.0:
+            raise ValueError("mpcache_alpha must be in [0, 1] and mpcache_level1_keep in (0, 1]")
+
+
 @dataclass(slots=True)
 class EngineConfig:
     """Everything an engine needs, built once at the edge (CLI, server, LLM()) and passed down."""
@@ -180,6 +214,7 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     experts: ExpertConfig = field(default_factory=ExpertConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> EngineConfig:
@@ -189,7 +224,8 @@ class EngineConfig:
             kwargs["policy"] = kwargs.pop("scheduling_policy")
         parts = {}
         for name, part in (("model", ModelConfig), ("cache", CacheConfig),
-                           ("scheduler", SchedulerConfig), ("experts", ExpertConfig)):
+                           ("scheduler", SchedulerConfig), ("experts", ExpertConfig),
+                           ("selection", SelectionConfig)):
             names = set(part.__dataclass_fields__)
             parts[name] = part(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
         if kwargs:

@@ -17,6 +17,7 @@ from tierserve.model.llama import LlamaModel
 from tierserve.model.loader import load_checkpoint
 from tierserve.model.runner import ModelRunner
 from tierserve.model.tokenizer import Tokenizer
+from tierserve.selection.policies import make_policy
 
 log = logging.getLogger(__name__)
 
@@ -51,19 +52,20 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
         offloaded = take_experts(checkpoint.tensors)
     model = LlamaModel(arch, checkpoint.tensors, max_positions=max_model_len)
     block_size = config.cache.block_size
-    num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory // model.bytes_per_block(
-        block_size)
+    key_bounds = make_policy(config.selection).needs_bounds
+    bytes_per_block = model.bytes_per_block(block_size, key_bounds)
+    num_blocks = config.cache.num_blocks or config.cache.kv_cache_memory // bytes_per_block
     if num_blocks < 1:
         raise ValueError(
             f"--kv-cache-memory {config.cache.kv_cache_memory:,} bytes holds no block; one block "
-            f"of {block_size} tokens needs {model.bytes_per_block(block_size):,} bytes")
-    bytes_per_block = model.bytes_per_block(block_size)
+            f"of {block_size} tokens needs {bytes_per_block:,} bytes")
     num_host, num_disk = tier_block_counts(config.cache, bytes_per_block)
     runner = ModelRunner(model, num_blocks, block_size, seed=config.model.seed,
                          batch_invariant=config.model.batch_invariant, num_host_blocks=num_host,
                          num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir,
                          max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                         max_num_seqs=config.scheduler.max_num_seqs)
+                         max_num_seqs=config.scheduler.max_num_seqs,
+                         selection=config.selection)
     if offloaded is not None:
         from tierserve.experts.build import attach_offload
 

@@ -365,12 +365,20 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   T* op = out.data_ptr<T>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
-  const int64_t table_width = tables.size(1);
+  const int64_t table_width = tables.size(-1);
   const float fscale = static_cast<float>(scale);
+  // Per-head tables (KV selection): tables (batch, kv_heads, width), lens (batch, kv_heads);
+  // each kv head reads its own blocks. Otherwise one table and length per sequence.
+  const bool per_head = tables.dim() == 3;
+  auto head_len = [&](int64_t b, int64_t h) { return per_head ? lp[b * num_kv_heads + h] : lp[b]; };
+  auto head_table = [&](int64_t b, int64_t h) {
+    return tp + (per_head ? b * num_kv_heads + h : b) * table_width;
+  };
 
   // A task is one sequence with all its kv heads (each cached row is then read front to back),
-  // or, when there are too few sequences to keep every thread busy, one (sequence, kv head).
-  const int64_t span = batch >= 2 * at::get_num_threads() ? num_kv_heads : 1;
+  // or, when there are too few sequences to keep every thread busy or each head reads its own
+  // blocks, one (sequence, kv head).
+  const int64_t span = !per_head && batch >= 2 * at::get_num_threads() ? num_kv_heads : 1;
   const int64_t tasks_per_seq = num_kv_heads / span;
 #if defined(__AVX512F__)
   const AttendHead<T> fast = attend_head_for<T>(head_dim, group);
@@ -381,7 +389,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   std::vector<int64_t> order(num_tasks);
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return lp[x / tasks_per_seq] > lp[y / tasks_per_seq];
+    return head_len(x / tasks_per_seq, (x % tasks_per_seq) * span) >
+           head_len(y / tasks_per_seq, (y % tasks_per_seq) * span);
   });
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), num_tasks);
@@ -392,8 +401,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
     for (int64_t taken = next++; taken < num_tasks; taken = next++) {
       const int64_t task = order[taken];
       const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * span;
-      const int64_t len = lp[b];
-      const int64_t* table = tp + b * table_width;
+      const int64_t len = head_len(b, h0);
+      const int64_t* table = head_table(b, h0);
       to_float(qp + (b * num_heads + h0 * group) * head_dim, query.data(), queries * head_dim);
       scores.assign(queries * len, 0.f);
 #if defined(__AVX512F__)
@@ -466,6 +475,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
   TORCH_CHECK(q.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
               "tables and lens are int64");
+  TORCH_CHECK((tables.dim() == 2 && lens.dim() == 1) ||
+                  (tables.dim() == 3 && lens.dim() == 2 && tables.size(1) == k_cache.size(2) &&
+                   lens.size(1) == k_cache.size(2)),
+              "tables (batch, width) with lens (batch,), or per kv head: tables (batch, "
+              "kv_heads, width) with lens (batch, kv_heads)");
   q = q.contiguous();
   tables = tables.contiguous();
   lens = lens.contiguous();

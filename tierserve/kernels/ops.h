@@ -11,7 +11,8 @@ namespace tierserve {
 torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias);
 
 // attention.cpp: q (batch, heads, head_dim) over caches (blocks, block_size, kv_heads, head_dim)
-// through tables (batch, max_blocks) int64, each sequence's first lens[b] cached tokens.
+// through tables (batch, max_blocks) int64, each sequence's first lens[b] cached tokens; or
+// per kv head (KV selection): tables (batch, kv_heads, width) and lens (batch, kv_heads).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor lens, double scale);
 

@@ -97,6 +97,10 @@ class AttentionMetadata:
     # context lengths (B,) int64. None on the torch path or when there are no decodes.
     decodes: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     all_decodes: bool = False  # every real row is a decode (rows 0..num_tokens-1, in order)
+    # KV selection (tierserve.selection.step.StepSelection) when a policy is set or the cache
+    # holds key bounds; None otherwise.
+    selection: object | None = None
+    key_bounds: bool = False  # each block has one more row per half: key max (K), min (V)
 
 
 class TorchPagedAttention:
@@ -112,15 +116,25 @@ class TorchPagedAttention:
         self.ops = ops  # tierserve.kernels.cpu_ops() or None
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata
+                k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
+                layer: int = 0, bounds: tuple[torch.Tensor, torch.Tensor] | None = None
                 ) -> torch.Tensor:
-        """q: (T, nh, hd); k, v: (T, nkv, hd); caches: (num_blocks, block_size, nkv, hd).
+        """q: (T, nh, hd); k, v: (T, nkv, hd); caches: (num_blocks, block_size, nkv, hd);
+        bounds: this layer's (key max, key min), each (num_blocks, nkv, hd), when kept.
 
-        Writes this step's K/V into the cache in place, returns (T, nh * hd).
+        Writes this step's K/V (and their blocks' key bounds) into the cache in place, returns
+        (T, nh * hd). With a KV-selection policy, decodes attend only to the blocks it picks.
         """
         n = meta.num_tokens
         k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
         v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
+        selection = meta.selection
+        if selection is not None:
+            if bounds is not None:
+                selection.write_bounds(k_cache, *bounds)
+            picked = selection.pick(layer, q, self.num_kv_heads, *(bounds or (None, None)))
+            if picked is not None:
+                return self._selected(q, k_cache, v_cache, meta, selection.rows, *picked)
         if meta.decodes is not None:
             rows, tables, lens = meta.decodes
             decoded = self.ops.paged_decode_attention(q[:n] if meta.all_decodes else q[rows],
@@ -133,6 +147,27 @@ class TorchPagedAttention:
             out = torch.zeros_like(q)
         for rows, tables, mask in meta.decode_buckets:
             out[rows] = self._decode(q[rows], k_cache, v_cache, tables, mask)
+        for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
+            out[start : start + length] = self._chunk(
+                q[start : start + length], k_cache, v_cache, table, ctx_len, mask
+            )
+        return out.flatten(1)
+
+    def _selected(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  meta: AttentionMetadata, rows: torch.Tensor, tables: torch.Tensor,
+                  lens: torch.Tensor) -> torch.Tensor:
+        """Decodes over their picked blocks (per kv head), chunks as usual."""
+        from tierserve.selection.step import attend_selected
+
+        if self.ops is not None:
+            decoded = self.ops.paged_decode_attention(q[rows], k_cache, v_cache, tables, lens,
+                                                      self.scale)
+        else:
+            decoded = attend_selected(q[rows], k_cache, v_cache, tables, lens, self.scale)
+        if meta.all_decodes and meta.num_tokens == q.shape[0]:
+            return decoded.flatten(1)
+        out = torch.zeros_like(q)
+        out[rows] = decoded
         for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
             out[start : start + length] = self._chunk(
                 q[start : start + length], k_cache, v_cache, table, ctx_len, mask

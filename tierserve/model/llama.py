@@ -6,6 +6,7 @@ step. Q/K/V and gate/up projections are fused into one matmul each at load time.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -126,17 +127,20 @@ class LlamaModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
 
-    def kv_cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    def kv_cache_shape(self, num_blocks: int, block_size: int,
+                       key_bounds: bool = False) -> tuple[int, ...]:
         """Block-major layout: one block's K and V for every layer are contiguous, so a group of
         neighbouring blocks moves between tiers in a single copy. Inside a block, head-major:
-        one kv head's rows are contiguous, so decode attention streams them front to back."""
+        one kv head's rows are contiguous, so decode attention streams them front to back.
+        ``key_bounds``: one more row per half holds the block's key max (K) and min (V), which
+        KV selection reads (tierserve/selection/bounds.py); they travel with the block."""
         arch = self.arch
-        return (num_blocks, arch.num_layers, 2, arch.num_kv_heads, block_size, arch.head_dim)
+        rows = block_size + (1 if key_bounds else 0)
+        return (num_blocks, arch.num_layers, 2, arch.num_kv_heads, rows, arch.head_dim)
 
-    def bytes_per_block(self, block_size: int) -> int:
-        arch = self.arch
+    def bytes_per_block(self, block_size: int, key_bounds: bool = False) -> int:
         elem = torch.empty((), dtype=self.dtype).element_size()
-        return arch.num_layers * 2 * block_size * arch.num_kv_heads * arch.head_dim * elem
+        return math.prod(self.kv_cache_shape(1, block_size, key_bounds)) * elem
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
@@ -154,14 +158,25 @@ class LlamaModel:
             q = apply_rotary(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
             k = apply_rotary(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
             v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-            # (num_blocks, 2, nkv, block_size, hd), seen by attention as (blocks, offset, head, hd)
-            layer_cache = kv_cache[:, index].transpose(2, 3)
-            attn = self.attention.forward(q, k, v, layer_cache[:, 0], layer_cache[:, 1], meta)
+            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta)
+            attn = self.attention.forward(q, k, v, k_cache, v_cache, meta, index, bounds)
             hidden = residual + layer.o(attn)
             residual = hidden
             x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
             hidden = residual + layer.mlp(x, None, meta.num_tokens)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    @staticmethod
+    def _layer_cache(kv_cache: torch.Tensor, index: int, meta: AttentionMetadata):
+        """Layer ``index``'s (K cache, V cache, bounds) as attention sees them: caches
+        (blocks, offset, head, hd), bounds None or (key max, key min) each (blocks, head, hd),
+        all views of the block-major cache."""
+        # (num_blocks, 2, nkv, rows, hd) -> (num_blocks, 2, rows, nkv, hd)
+        layer_cache = kv_cache[:, index].transpose(2, 3)
+        if not meta.key_bounds:
+            return layer_cache[:, 0], layer_cache[:, 1], None
+        return (layer_cache[:, 0, :-1], layer_cache[:, 1, :-1],
+                (layer_cache[:, 0, -1], layer_cache[:, 1, -1]))
 
     def _normed_qkv(self, layer: DecoderLayer, qkv: torch.Tensor) -> torch.Tensor:
         """q and k RMS-normed (per head, or over the whole projection) and q, k, v clipped, as
@@ -198,11 +213,11 @@ class LlamaModel:
             qkv = self._normed_qkv(layer, layer.qkv(x))
             ops.rotary_(qkv, cos, sin, rotated_heads, arch.head_dim)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            layer_cache = kv_cache[:, index].transpose(2, 3)
+            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta)
             attn = self.attention.forward(q.view(-1, arch.num_heads, arch.head_dim),
                                           k.view(-1, arch.num_kv_heads, arch.head_dim),
                                           v.view(-1, arch.num_kv_heads, arch.head_dim),
-                                          layer_cache[:, 0], layer_cache[:, 1], meta)
+                                          k_cache, v_cache, meta, index, bounds)
             x, hidden = ops.add_rms_norm(layer.o(attn), hidden, layer.post_attention_norm, eps)
             x, hidden = ops.add_rms_norm(layer.mlp(x, ops, meta.num_tokens), hidden,
                                          next_norm, eps)

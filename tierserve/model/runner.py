@@ -10,6 +10,7 @@ import tempfile
 
 import torch
 
+from tierserve.config import SelectionConfig
 from tierserve.model.kv_storage import KVStorage, SwapWorker
 from tierserve.model.llama import LlamaModel
 from tierserve.model.moe import MoEBlock
@@ -23,6 +24,7 @@ from tierserve.sched.plan import (
     StepResult,
     SwapDone,
 )
+from tierserve.selection.policies import make_policy
 
 # Below this many rows, float32 matmuls on CPU take a different kernel whose rounding differs;
 # padding to it keeps a request's logits independent of the batch it runs in.
@@ -36,10 +38,17 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, num_blocks: int, block_size: int, seed: int = 0,
                  batch_invariant: bool = True, num_host_blocks: int = 0,
                  num_disk_blocks: int = 0, swap_dir: str | None = None,
-                 max_num_batched_tokens: int = 256, max_num_seqs: int = 128) -> None:
+                 max_num_batched_tokens: int = 256, max_num_seqs: int = 128,
+                 selection: SelectionConfig | None = None, key_bounds: bool | None = None
+                 ) -> None:
         self.model = model
         self.block_size = block_size
-        self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size),
+        # KV selection: the policy, and per-block key bounds in the cache when it reads them
+        # (``key_bounds`` True keeps them for any policy, e.g. to switch policies later).
+        policy = make_policy(selection) if selection is not None else None
+        if key_bounds is None:
+            key_bounds = policy is not None and policy.needs_bounds
+        self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size, key_bounds),
                                     dtype=model.dtype)
         self.sampler = Sampler(seed)
         self.pad_rows = INVARIANT_MIN_ROWS if (batch_invariant and model.dtype == torch.float32) else 1
@@ -49,7 +58,9 @@ class ModelRunner:
         self.inputs = StepInputBuilder(
             block_size, self.pad_rows, native=model.ops is not None,
             max_tokens=max_num_batched_tokens, max_seqs=max_num_seqs,
-            max_blocks_per_seq=min(num_blocks, -(-model.max_positions // block_size)))
+            max_blocks_per_seq=min(num_blocks, -(-model.max_positions // block_size)),
+            key_bounds=key_bounds, selection=policy if policy is None or policy.name != "full"
+            else None)
         self.swapper: SwapWorker | None = None
         if num_host_blocks or num_disk_blocks:
             if num_disk_blocks and swap_dir is None:

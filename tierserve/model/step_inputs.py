@@ -62,11 +62,17 @@ class StepInputBuilder:
 
     def __init__(self, block_size: int, pad_rows: int = 1, native: bool = False,
                  max_tokens: int = 256, max_seqs: int = 128, max_blocks_per_seq: int = 64,
-                 bucket_ratio: float | None = 2.0) -> None:
+                 bucket_ratio: float | None = 2.0, key_bounds: bool = False,
+                 selection=None) -> None:
         self.block_size = block_size
         self.pad_rows = pad_rows
         self.native = native
         self.bucket_ratio = bucket_ratio
+        # KV selection: ``key_bounds`` when the cache has bound rows (kept true every step),
+        # ``selection`` a tierserve.selection.policies.SelectionPolicy (settable between steps).
+        self.key_bounds = key_bounds
+        self.selection = selection
+        self._written: list[tuple[np.ndarray, np.ndarray]] = []  # (blocks, rows filled)
         tokens = max(max_tokens, pad_rows)
         self._ids = _Buffer("input_ids", tokens)
         self._pos = _Buffer("positions", tokens)
@@ -87,6 +93,7 @@ class StepInputBuilder:
         self._decode_rows.reserve(len(chunks))
         self._decode_lens.reserve(len(chunks))
         ids, pos = self._ids.array, self._pos.array
+        self._written = []
         decode_tables: list[list[int]] = []
         spans: list[tuple[int, int, int, torch.Tensor]] = []
         masks: list[torch.Tensor] = []
@@ -103,6 +110,11 @@ class StepInputBuilder:
         np.remainder(pos[:num_tokens], self.block_size, out=self._slot_offsets.array[:num_tokens])
         num_decodes = len(decode_tables)
         native = self.native and num_decodes > 0
+        selecting = self.key_bounds or self.selection is not None
+        decodes = None
+        if num_decodes and (native or selecting):
+            decodes = (self._decode_rows.tensor[:num_decodes], self._tables(decode_tables),
+                       self._decode_lens.tensor[:num_decodes])
         meta = AttentionMetadata(
             num_tokens=num_tokens,
             slot_blocks=self._slot_blocks.tensor[:num_tokens],
@@ -110,12 +122,28 @@ class StepInputBuilder:
             decode_buckets=[] if native or not num_decodes else self._buckets(decode_tables),
             chunks=spans,
             chunk_masks=masks,
-            decodes=((self._decode_rows.tensor[:num_decodes], self._tables(decode_tables),
-                      self._decode_lens.tensor[:num_decodes]) if native else None),
-            all_decodes=native and num_decodes == num_tokens,
+            decodes=decodes if native else None,
+            all_decodes=num_decodes > 0 and num_decodes == num_tokens,
+            selection=self._step_selection(decodes) if selecting else None,
+            key_bounds=self.key_bounds,
         )
         return StepInputs(self._ids.tensor[:rows], self._pos.tensor[:rows], meta,
                           self._sample_rows.tensor[:num_samples])
+
+    def _step_selection(self, decodes):
+        from tierserve.config import SelectionConfig
+        from tierserve.selection.policies import FullKV
+        from tierserve.selection.step import StepSelection
+
+        if self._written:
+            blocks = torch.from_numpy(np.concatenate([b for b, _ in self._written]))
+            fill = torch.from_numpy(np.concatenate([f for _, f in self._written]))
+        else:
+            blocks = fill = torch.zeros(0, dtype=torch.int64)
+        rows, tables, lens = decodes if decodes is not None else (None, None, None)
+        policy = self.selection if self.selection is not None else FullKV(SelectionConfig())
+        return StepSelection(policy, self.block_size, rows, tables, lens, blocks, fill,
+                             update=self.key_bounds)
 
     def _fill(self, chunk: ScheduledChunk, row: int, num_samples: int,
               decode_tables: list[list[int]], spans: list, masks: list) -> tuple[int, int]:
@@ -142,6 +170,11 @@ class StepInputBuilder:
             spans.append((row, n, end, torch.from_numpy(table)))
             query = torch.from_numpy(chunk_pos)
             masks.append(torch.from_numpy(self._positions(0, end))[None, :] <= query[:, None])
+        if self.key_bounds:  # the blocks this chunk writes, and the rows each then holds
+            first_block = np.arange(start // block_size, (end - 1) // block_size + 1)
+            table = np.asarray(chunk.block_table, dtype=np.int64)
+            self._written.append((table[first_block],
+                                  np.minimum(block_size, end - first_block * block_size)))
         row += n
         if chunk.sample:
             sample_rows[num_samples] = row - 1
