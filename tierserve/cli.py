@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from tierserve.config import EngineConfig
+from tierserve.config import KV_SELECTIONS, EngineConfig
 from tierserve.server.run import add_serve_args
 
 
@@ -88,6 +88,23 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="expertflow with --expert-trace: this share of the slots keeps the "
                      "trace's most chosen experts for good, the rest follows the predictions "
                      "(LSM-GNN's static + dynamic hybrid) (default: %(default)s)")
+    longctx = parser.add_argument_group(
+        "long-context KV selection",
+        "Each decode attends to a budget of its cached blocks instead of all of them; every "
+        "token stays cached. The first --kv-dense-layers layers, the first block (sink) and "
+        "the block being written are always read.")
+    longctx.add_argument("--kv-selection", default="full", choices=list(KV_SELECTIONS),
+                         help="full: every block; streaming: sink + most recent (StreamingLLM); "
+                         "quest: top blocks by the exact per-block bound of q.k (Quest); "
+                         "mpcache: 32-token clusters, then blocks inside the best clusters, "
+                         "by MPCache's linear bound, shared by layer pairs (default: "
+                         "%(default)s)")
+    longctx.add_argument("--kv-budget", type=float, default=0.1,
+                         help="blocks each decode reads: a share of its context up to 1, or a "
+                         "number of tokens above 1 (default: %(default)s)")
+    longctx.add_argument("--kv-dense-layers", type=int, default=2,
+                         help="the first layers that always attend to everything "
+                         "(default: %(default)s)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -103,7 +120,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         expert_cache=args.expert_cache, expert_policy=args.expert_policy,
         expert_host_format=args.expert_host_format, expert_trace=args.expert_trace,
         expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth,
-        expert_pin_fraction=args.expert_pin_fraction)
+        expert_pin_fraction=args.expert_pin_fraction, kv_selection=args.kv_selection,
+        kv_budget=args.kv_budget, kv_dense_layers=args.kv_dense_layers)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:

@@ -12,8 +12,9 @@ Policies (``--kv-selection``):
 - ``quest``: Quest's exact upper bound of ``q . k`` over a block, ``sum_c max(q_c kmax_c,
   q_c kmin_c)``, summed over the query heads of a kv head (GQA).
 - ``mpcache``: MPCache's hierarchy: 32-token clusters (two blocks) scored by the linear bound
-  ``q . (a kmax + (1 - a) kmin)`` keep ``mpcache_level1_keep`` of them, then the blocks inside
-  the kept clusters are scored the same way down to the budget; the picked blocks are shared by
+  ``q . (a kmax + (1 - a) kmin)`` keep ``mpcache_level1_keep`` of them (or enough for the
+  budget, if more), then the blocks inside the kept clusters are scored the same way down to the
+  budget; the picked blocks are shared by
   the layer pairs (2, 3), (4, 5), ... as the reference does.
 """
 
@@ -142,6 +143,8 @@ class MPCache(SelectionPolicy):
         pair_scores = pair_scores.masked_fill(pair_forced[:, None], float("inf"))
         num_pairs = (view.num_blocks + 1) // 2
         keep_pairs = torch.ceil(num_pairs.double() * self.config.mpcache_level1_keep).long()
+        # Never fewer clusters than the budget's blocks need (a budget above the level-1 share).
+        keep_pairs = torch.maximum(keep_pairs, (view.keep + 1) // 2 + 1)
         keep_pairs = torch.minimum(torch.maximum(keep_pairs, pair_forced.sum(-1)), num_pairs)
         kept = top_mask(pair_scores, keep_pairs[:, None].expand(-1, nkv))  # (D, nkv, P)
         kept_blocks = kept.repeat_interleave(2, dim=-1)[..., :width]
