@@ -1,0 +1,198 @@
+"""`tierserve bench longctx`: decode step time, attention and selection time, and KV bytes read,
+for each KV-selection policy and budget at long contexts, side by side in one run.
+
+The cache is filled with random keys and values (their bounds computed as the engine does), not
+by prefilling: a step's cost does not depend on what the keys say, and 16 prefills of 8k tokens
+would take minutes on a laptop CPU. Quality is measured elsewhere, on real prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from tierserve.config import SelectionConfig
+from tierserve.request import SamplingParams
+from tierserve.sched.plan import ScheduledChunk
+from tierserve.selection.bounds import update_bounds
+from tierserve.selection.policies import make_policy
+
+
+def _fill_cache(runner, tables: list[list[int]], context: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    block_size = runner.block_size
+    blocks = torch.tensor(sorted({b for table in tables for b in table}))
+    cache = runner.kv_cache  # (blocks, layers, 2, nkv, rows, hd)
+    for layer in range(cache.shape[1]):
+        sample = torch.randn((len(blocks), 2, *cache.shape[3:]), generator=gen)
+        cache[blocks, layer] = sample.to(cache.dtype)
+        layer_cache = cache[:, layer].transpose(2, 3)
+        fill = torch.full((len(blocks),), block_size)
+        update_bounds(layer_cache[:, 0, :-1], layer_cache[:, 0, -1], layer_cache[:, 1, -1],
+                      blocks, fill)
+
+
+def _time(fn, repeats: int) -> float:
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return sorted(samples)[len(samples) // 2]
+
+
+def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], repeats: int,
+            seed: int = 0, dense_layers: int = 2) -> list[dict]:
+    """One row per (policy, budget): median step, attention and selection seconds, bytes."""
+    runner, pool, model = llm.engine.runner, llm.core.kv.pool, llm.engine.runner.model
+    blocks_per = -(-(context + 1) // runner.block_size)
+    tables = [pool.allocate(blocks_per) for _ in range(batch)]
+    params = SamplingParams(temperature=0.0)
+    arch = model.arch
+    elem = runner.kv_cache.element_size()
+    try:
+        _fill_cache(runner, tables, context, seed)
+        rows = [ScheduledChunk(f"d{i}", [5], context, tables[i], True, params, [5] * context, [])
+                for i in range(batch)]
+        results = []
+        for name, budget in policies:
+            config = SelectionConfig(kv_selection=name, kv_budget=budget,
+                                     kv_dense_layers=dense_layers)
+            runner.inputs.selection = None if name == "full" else make_policy(config)
+            inputs = runner._prepare(rows)
+
+            def step(inputs=inputs):
+                if inputs.meta.selection is not None:  # each step selects afresh
+                    inputs.meta.selection._picked.clear()
+                    inputs.meta.selection._view = None
+                model.forward(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.meta)
+
+            step()  # warm
+            step_s = _time(step, repeats)
+            attention_s, select_s, tokens_read, bounds_read = _attention_parts(
+                runner, inputs, repeats)
+            results.append({
+                "policy": name, "budget": budget if name != "full" else 1.0, "context": context,
+                "batch": batch, "step_ms": step_s * 1e3, "attention_ms": attention_s * 1e3,
+                "selection_ms": select_s * 1e3,
+                "kv_read_mib": (tokens_read * 2 + bounds_read * 2) * arch.num_kv_heads
+                * arch.head_dim * elem / 2**20,
+            })
+        return results
+    finally:
+        runner.inputs.selection = None
+        for table in tables:
+            pool.release(table)
+
+
+def _attention_parts(runner, inputs, repeats: int) -> tuple[float, float, int, int]:
+    """Attention kernel seconds and selection seconds over all layers of one step, and the
+    cached tokens (per kv head) and bound rows they read."""
+    model, meta = runner.model, inputs.meta
+    arch = model.arch
+    q = torch.randn(meta.num_tokens, arch.num_heads, arch.head_dim).to(model.dtype)
+    layers = [model._layer_cache(runner.kv_cache, i, meta) for i in range(arch.num_layers)]
+    selection = meta.selection
+    rows, tables, lens = (selection.rows, selection.tables, selection.lens) if selection else (
+        meta.decodes[0], meta.decodes[1], meta.decodes[2])
+
+    def picks():
+        if selection is None:
+            return [None] * arch.num_layers
+        selection._picked.clear()
+        return [selection.pick(i, q, arch.num_kv_heads, *bounds)
+                for i, (_, _, bounds) in enumerate(layers)]
+
+    picked = picks()
+    select_s = _time(picks, repeats) if selection is not None else 0.0
+    ops = model.ops
+
+    def attend():
+        for (k_cache, v_cache, _), chosen in zip(layers, picked):
+            if chosen is None:
+                if ops is not None:
+                    ops.paged_decode_attention(q[rows], k_cache, v_cache, tables, lens,
+                                               model.attention.scale)
+                else:
+                    from tierserve.selection.step import attend_selected
+
+                    nkv = arch.num_kv_heads
+                    attend_selected(q[rows], k_cache, v_cache,
+                                    tables[:, None].expand(-1, nkv, -1),
+                                    lens[:, None].expand(-1, nkv), model.attention.scale)
+            elif ops is not None:
+                ops.paged_decode_attention(q[rows], k_cache, v_cache, *chosen,
+                                           model.attention.scale)
+            else:
+                from tierserve.selection.step import attend_selected
+
+                attend_selected(q[rows], k_cache, v_cache, *chosen, model.attention.scale)
+
+    attention_s = _time(attend, repeats)
+    tokens = 0
+    bounds = 0
+    scored = set()
+    for index, chosen in enumerate(picked):
+        if chosen is None:
+            tokens += int(lens.sum()) * arch.num_kv_heads
+        else:
+            tokens += int(chosen[1].sum())
+            source = index - (1 if selection.policy.shares_layer_pairs and (
+                index - selection.policy.config.kv_dense_layers) % 2 else 0)
+            if selection.policy.needs_bounds and source not in scored:
+                scored.add(source)
+                bounds += int(tables.shape[1]) * len(rows) * arch.num_kv_heads
+    return attention_s, select_s, tokens // arch.num_kv_heads, bounds // arch.num_kv_heads
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="tierserve bench longctx",
+        description="Decode step and attention time, selection overhead and KV bytes read per "
+        "step, for each KV-selection policy and budget, at each context and batch size.")
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--contexts", default="4096,8176",
+                        help="cached tokens per decode (8176: 8k, the last position SmolLM2 allows)")
+    parser.add_argument("--batches", default="1,16")
+    parser.add_argument("--policies", default="streaming,quest,mpcache")
+    parser.add_argument("--budgets", default="0.05,0.1,0.2")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", default=None, help="write {machine, config, results} here")
+    args = parser.parse_args(argv)
+    from tierserve.engine.llm import LLM
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    contexts = [int(x) for x in args.contexts.split(",")]
+    batches = [int(x) for x in args.batches.split(",")]
+    blocks = max(batches) * (-(-(max(contexts) + 1) // 16)) + 16
+    llm = LLM(model=args.model, dtype=args.dtype, kv_selection="quest", num_blocks=blocks,
+              enable_prefix_caching=False,
+              max_num_seqs=max(batches))
+    policies = [("full", 1.0)] + [(name, float(budget)) for name in args.policies.split(",")
+                                  for budget in args.budgets.split(",")]
+    results = []
+    for context in contexts:
+        for batch in batches:
+            for row in measure(llm, context, batch, policies, args.repeats):
+                results.append(row)
+                print(f"ctx {context:5d} batch {batch:2d} {row['policy']:9s} {row['budget']:.2f}"
+                      f"  step {row['step_ms']:8.1f} ms  attention {row['attention_ms']:8.1f} ms"
+                      f"  selection {row['selection_ms']:6.1f} ms  KV read "
+                      f"{row['kv_read_mib']:8.1f} MiB", flush=True)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump({"machine": {"cpu": platform.processor() or platform.machine(),
+                                   "threads": torch.get_num_threads()},
+                       "config": vars(args), "results": results}, out, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
