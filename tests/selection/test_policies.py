@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from tierserve.config import SelectionConfig
-from tierserve.selection.policies import BlockView, make_policy, select_blocks
+from tierserve.kernels import cpu_ops
+from tierserve.selection.policies import BlockView, bound_scores_torch, make_policy, select_blocks
 
 BLOCK = 16
 
@@ -87,7 +88,9 @@ def test_quest_score_bounds_every_key_in_the_block():
     block_keys = keys[tables]  # (D, W, BLOCK, nkv, hd)
     # the true max over a block of the group's summed logits, per (decode, kv head, block)
     logits = torch.einsum("dhgc,dwrhc->dhwr", grouped, block_keys)
-    assert (scores >= logits.amax(-1) - 1e-4).all()
+    valid = view.valid[:, None].expand_as(scores)
+    assert (scores >= logits.amax(-1) - 1e-4)[valid].all()
+    assert (scores[~valid] == float("-inf")).all()  # past a decode's blocks
 
 
 def test_streaming_keeps_the_sink_and_the_most_recent_blocks():
@@ -118,3 +121,19 @@ def test_a_budget_that_holds_every_block_keeps_everything():
     view = BlockView.build(torch.zeros(2, 10, dtype=torch.long), torch.tensor([150, 3]), BLOCK,
                            config)
     assert view.everything_kept
+
+
+@pytest.mark.skipif(cpu_ops() is None, reason="native kernels could not be built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cluster", [1, 2])
+def test_native_bound_scores_equal_the_torch_reference(dtype, cluster):
+    q, _, key_max, key_min, tables, lens = _case(seed=4, lens=(700, 100, 333))
+    key_max, key_min = key_max.to(dtype), key_min.to(dtype)
+    view = BlockView.build(tables, lens, BLOCK, SelectionConfig(kv_selection="quest"))
+    upper, lower = q.view(3, 2, 3, -1).sum(2), q.view(3, 2, 3, -1).amin(2)
+    native = cpu_ops().block_bound_scores(upper, lower, key_max, key_min, tables,
+                                          view.num_blocks, cluster)
+    reference = bound_scores_torch(upper, lower, key_max, key_min, view, cluster)
+    finite = torch.isfinite(reference)
+    assert torch.equal(finite, torch.isfinite(native))
+    assert torch.allclose(native[finite], reference[finite], rtol=1e-5, atol=1e-4)

@@ -97,6 +97,8 @@ def _attention_parts(runner, inputs, repeats: int) -> tuple[float, float, int, i
     q = torch.randn(meta.num_tokens, arch.num_heads, arch.head_dim).to(model.dtype)
     layers = [model._layer_cache(runner.kv_cache, i, meta) for i in range(arch.num_layers)]
     selection = meta.selection
+    if selection is not None and selection.policy.name == "full":
+        selection = None  # key bounds kept, nothing selected
     rows, tables, lens = (selection.rows, selection.tables, selection.lens) if selection else (
         meta.decodes[0], meta.decodes[1], meta.decodes[2])
 

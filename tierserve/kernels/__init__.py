@@ -1,4 +1,4 @@
-"""Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp; module.cpp binds them),
+"""Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp, selection.cpp; module.cpp binds them),
 compiled for this machine at first use.
 
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++
@@ -31,7 +31,8 @@ from tierserve.model.hub import tierserve_home
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp")]
+SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp",
+                                    "selection.cpp")]
 HEADERS = [HERE / "common.h", HERE / "ops.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 MODULE_NAME = "tierserve_cpu_ops"

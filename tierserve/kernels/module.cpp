@@ -1,5 +1,6 @@
 // tierserve's native CPU kernels as one Python module (built by tierserve/kernels/__init__.py
-// with torch.utils.cpp_extension.load): linear.cpp, attention.cpp, elementwise.cpp.
+// with torch.utils.cpp_extension.load): linear.cpp, attention.cpp, elementwise.cpp,
+// selection.cpp.
 
 #include "ops.h"
 
@@ -10,5 +11,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("add_rms_norm", &tierserve::add_rms_norm,
         "(weight * rmsnorm(x + residual), x + residual), HF's roundings");
   m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");
+  m.def("block_bound_scores", &tierserve::block_bound_scores,
+        "q_upper . max(kmax) + q_lower . min(kmin) per block or cluster, through block tables");
   m.def("silu_mul", &tierserve::silu_mul, "silu(gate_up[:, :n]) * gate_up[:, n:]");
 }

@@ -27,4 +27,10 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t he
 // SiLU(gate_up[:, :n]) * gate_up[:, n:].
 torch::Tensor silu_mul(torch::Tensor gate_up);
 
+// selection.cpp: KV selection's per-block (cluster = 1) or per-cluster score from the key
+// bounds (blocks, kv_heads, head_dim), through tables (decodes, width); -inf past num_blocks.
+torch::Tensor block_bound_scores(torch::Tensor q_upper, torch::Tensor q_lower,
+                                 torch::Tensor key_max, torch::Tensor key_min,
+                                 torch::Tensor tables, torch::Tensor num_blocks, int64_t cluster);
+
 }  // namespace tierserve

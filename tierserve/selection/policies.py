@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from tierserve.config import SelectionConfig
+from tierserve.kernels import cpu_ops
 
 
 @dataclass(slots=True)
@@ -97,15 +98,10 @@ class Quest(SelectionPolicy):
     needs_bounds = True
 
     def scores(self, q, view, num_kv_heads, key_max, key_min):
-        nkv = num_kv_heads
-        grouped = q.float().view(q.shape[0], nkv, -1, q.shape[-1])  # (D, nkv, G, hd)
+        grouped = q.float().view(q.shape[0], num_kv_heads, -1, q.shape[-1])  # (D, nkv, G, hd)
         # sum_c max(q_c kmax_c, q_c kmin_c) = q+ . kmax + q- . kmin, and summed over G heads.
-        positive = grouped.clamp(min=0).sum(2)
-        negative = grouped.clamp(max=0).sum(2)
-        upper = key_max[view.tables].float()  # (D, W, nkv, hd)
-        lower = key_min[view.tables].float()
-        return (torch.einsum("dhc,dwhc->dhw", positive, upper)
-                + torch.einsum("dhc,dwhc->dhw", negative, lower))
+        return bound_scores(grouped.clamp(min=0).sum(2), grouped.clamp(max=0).sum(2), key_max,
+                            key_min, view, 1)
 
 
 class MPCache(SelectionPolicy):
@@ -114,45 +110,65 @@ class MPCache(SelectionPolicy):
     shares_layer_pairs = True
 
     def scores(self, q, view, num_kv_heads, key_max, key_min):
-        alpha, nkv = self.config.mpcache_alpha, num_kv_heads
-        query = q.float().view(q.shape[0], nkv, -1, q.shape[-1]).sum(2)  # (D, nkv, hd)
-        upper = key_max[view.tables].float()  # (D, W, nkv, hd)
-        lower = key_min[view.tables].float()
-        block_scores = torch.einsum("dhc,dwhc->dhw", query, alpha * upper + (1 - alpha) * lower)
+        alpha = self.config.mpcache_alpha
+        query = q.float().view(q.shape[0], num_kv_heads, -1, q.shape[-1]).sum(2)  # (D, nkv, hd)
+        upper_weight, lower_weight = alpha * query, (1 - alpha) * query
+        block_scores = bound_scores(upper_weight, lower_weight, key_max, key_min, view, 1)
         # Level 1: clusters of two blocks, bounded by both blocks' bounds.
-        width = view.tables.shape[1]
-        if width % 2:
-            upper, lower = _pad_block(upper), _pad_block(lower)
-        valid = view.valid
-        if valid.shape[1] % 2:
-            valid = torch.cat([valid, torch.zeros_like(valid[:, :1])], dim=1)
-        mask = ~valid[:, :, None, None]
-        pairs = valid.shape[1] // 2
-        pair_upper = upper.masked_fill(mask, float("-inf")).view(
-            q.shape[0], pairs, 2, nkv, -1).amax(2)
-        pair_lower = lower.masked_fill(mask, float("inf")).view(
-            q.shape[0], pairs, 2, nkv, -1).amin(2)
-        pair_valid = valid.view(-1, pairs, 2)[:, :, 0]  # (D, P)
-        bound = alpha * pair_upper + (1 - alpha) * pair_lower
-        bound = bound.masked_fill(~pair_valid[:, :, None, None], 0.0)
-        pair_scores = torch.einsum("dhc,dphc->dhp", query, bound)
-        forced = torch.cat([view.forced, torch.zeros_like(view.forced[:, :1])], dim=1) \
-            if view.forced.shape[1] % 2 else view.forced
+        pair_scores = bound_scores(upper_weight, lower_weight, key_max, key_min, view, 2)
+        pairs = pair_scores.shape[-1]
+        forced = view.forced
+        if forced.shape[1] % 2:
+            forced = torch.cat([forced, torch.zeros_like(forced[:, :1])], dim=1)
         pair_forced = forced.view(-1, pairs, 2).any(-1)  # (D, P)
-        pair_scores = pair_scores.masked_fill(~pair_valid[:, None], float("-inf"))
         pair_scores = pair_scores.masked_fill(pair_forced[:, None], float("inf"))
         num_pairs = (view.num_blocks + 1) // 2
         keep_pairs = torch.ceil(num_pairs.double() * self.config.mpcache_level1_keep).long()
         # Never fewer clusters than the budget's blocks need (a budget above the level-1 share).
         keep_pairs = torch.maximum(keep_pairs, (view.keep + 1) // 2 + 1)
         keep_pairs = torch.minimum(torch.maximum(keep_pairs, pair_forced.sum(-1)), num_pairs)
-        kept = top_mask(pair_scores, keep_pairs[:, None].expand(-1, nkv))  # (D, nkv, P)
-        kept_blocks = kept.repeat_interleave(2, dim=-1)[..., :width]
+        kept = top_mask(pair_scores, keep_pairs[:, None].expand(-1, num_kv_heads))  # (D, nkv, P)
+        kept_blocks = kept.repeat_interleave(2, dim=-1)[..., :view.tables.shape[1]]
         return block_scores.masked_fill(~kept_blocks, float("-inf"))
 
 
-def _pad_block(bounds: torch.Tensor) -> torch.Tensor:
-    return torch.cat([bounds, bounds[:, -1:]], dim=1)
+def bound_scores(q_upper: torch.Tensor, q_lower: torch.Tensor, key_max: torch.Tensor,
+                 key_min: torch.Tensor, view: BlockView, cluster: int) -> torch.Tensor:
+    """(D, nkv, ceil(W / cluster)) float32: for each cluster of ``cluster`` neighbouring blocks,
+    ``q_upper . max(kmax) + q_lower . min(kmin)`` over its valid blocks; -inf past a decode's
+    blocks. q_upper, q_lower: (D, nkv, hd) float32. The native kernel reads the bounds in place
+    through the tables; this torch version (gather, reduce, einsum) is its reference."""
+    ops = cpu_ops()
+    if ops is not None and hasattr(ops, "block_bound_scores"):
+        return ops.block_bound_scores(q_upper, q_lower, key_max, key_min, view.tables,
+                                      view.num_blocks, cluster)
+    return bound_scores_torch(q_upper, q_lower, key_max, key_min, view, cluster)
+
+
+def bound_scores_torch(q_upper, q_lower, key_max, key_min, view: BlockView,
+                       cluster: int) -> torch.Tensor:
+    """``bound_scores`` in torch ops."""
+    decodes, width = view.tables.shape
+    upper = key_max[view.tables].float()  # (D, W, nkv, hd)
+    lower = key_min[view.tables].float()
+    valid = view.valid
+    if cluster > 1:
+        missing = -width % cluster
+        if missing:
+            upper = torch.cat([upper, upper[:, -1:].expand(-1, missing, -1, -1)], dim=1)
+            lower = torch.cat([lower, lower[:, -1:].expand(-1, missing, -1, -1)], dim=1)
+            valid = torch.cat([valid, torch.zeros_like(valid[:, :1]).expand(-1, missing)], 1)
+        invalid = ~valid[:, :, None, None]
+        shape = (decodes, -1, cluster, *upper.shape[2:])
+        upper = upper.masked_fill(invalid, float("-inf")).view(shape).amax(2)
+        lower = lower.masked_fill(invalid, float("inf")).view(shape).amin(2)
+        valid = valid.view(decodes, -1, cluster)[:, :, 0]
+        # clusters with no valid block hold -inf/inf; zero them before the products
+        upper = upper.masked_fill(~valid[:, :, None, None], 0.0)
+        lower = lower.masked_fill(~valid[:, :, None, None], 0.0)
+    scores = (torch.einsum("dhc,dwhc->dhw", q_upper, upper)
+              + torch.einsum("dhc,dwhc->dhw", q_lower, lower))
+    return scores.masked_fill(~valid[:, None], float("-inf"))
 
 
 POLICIES: dict[str, type[SelectionPolicy]] = {
