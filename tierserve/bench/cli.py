@@ -56,6 +56,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                         "tierserve serve reads it; else none)")
     online.set_defaults(func=cmd_online)
     _add_moe(sub)
+    _add_longctx(sub)
 
     fairness = sub.add_parser(
         "fairness", help="one heavy client floods, light clients send now and then",
@@ -98,6 +99,16 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_capacity_subcommand(sub, _add_common)
     add_roofline_subcommand(sub, _add_common)
     add_faults_subcommand(sub, _add_common)
+
+
+def _add_longctx(sub) -> None:
+    from tierserve.bench import longctx
+
+    parser = sub.add_parser("longctx", help="long-context KV selection: decode step, attention "
+                            "and selection time, KV bytes read, per policy and budget",
+                            description=longctx.DESCRIPTION)
+    longctx.add_arguments(parser)
+    parser.set_defaults(func=longctx.run)
 
 
 def _add_moe(sub) -> None:

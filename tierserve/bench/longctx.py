@@ -9,12 +9,11 @@ would take minutes on a laptop CPU. Quality is measured elsewhere, on real promp
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 
 import torch
 
+from tierserve.bench.report import machine_info, machine_line, write_json
 from tierserve.config import SelectionConfig
 from tierserve.request import SamplingParams
 from tierserve.sched.plan import ScheduledChunk
@@ -151,22 +150,68 @@ def _attention_parts(runner, inputs, repeats: int) -> tuple[float, float, int, i
     return attention_s, select_s, tokens // arch.num_kv_heads, bounds // arch.num_kv_heads
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="tierserve bench longctx",
-        description="Decode step and attention time, selection overhead and KV bytes read per "
-        "step, for each KV-selection policy and budget, at each context and batch size.")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``tierserve bench longctx``."""
     parser.add_argument("--model", default="smollm2")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--contexts", default="4096,8176",
-                        help="cached tokens per decode (8176: 8k, the last position SmolLM2 allows)")
-    parser.add_argument("--batches", default="1,16")
+                        help="cached tokens per decode (8176: 8k, the last position SmolLM2 "
+                        "allows) (default: %(default)s)")
+    parser.add_argument("--batches", default="1,16", help="decodes per step (default: %(default)s)")
     parser.add_argument("--policies", default="streaming,quest,mpcache")
-    parser.add_argument("--budgets", default="0.05,0.1,0.2")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--budgets", default="0.05,0.1,0.2",
+                        help="shares of the context (or tokens, above 1) (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="median of this many steps")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None, help="write {machine, config, results} here")
-    args = parser.parse_args(argv)
+    parser.add_argument("--plot", default=None,
+                        help="write a PNG: step time per policy by budget, per context and batch")
+
+
+DESCRIPTION = ("Decode step and attention time, selection overhead and KV bytes read per step, "
+               "for each KV-selection policy and budget, at each context and batch size, against "
+               "full attention in the same run. The cache holds random keys (timing does not "
+               "depend on them).")
+
+
+def plot_steps(results: list[dict], path: str, title: str) -> None:
+    """One panel per (context, batch): step and attention ms by budget, a line per policy,
+    full attention as a dashed line."""
+    from tierserve.bench.report import _pyplot, _save, _suptitle
+
+    plt = _pyplot()
+    cases = sorted({(row["context"], row["batch"]) for row in results})
+    figure, axes = plt.subplots(1, len(cases), figsize=(4.2 * len(cases), 3.6), squeeze=False)
+    for axis, (context, batch) in zip(axes[0], cases):
+        rows = [row for row in results if (row["context"], row["batch"]) == (context, batch)]
+        for row in rows:
+            if row["policy"] == "full":
+                axis.axhline(row["step_ms"], color="black", linestyle="--", label="full: step")
+                axis.axhline(row["attention_ms"], color="gray", linestyle=":",
+                             label="full: attention")
+        for name in sorted({row["policy"] for row in rows} - {"full"}):
+            mine = sorted((row for row in rows if row["policy"] == name),
+                          key=lambda row: row["budget"])
+            axis.plot([r["budget"] for r in mine], [r["step_ms"] for r in mine], marker="o",
+                      label=f"{name}: step")
+        axis.set_title(f"context {context}, batch {batch}")
+        axis.set_xlabel("budget (share of blocks)")
+        axis.set_ylabel("ms")
+        axis.set_ylim(bottom=0)
+    axes[0][0].legend(fontsize=7)
+    _suptitle(figure, title)
+    _save(figure, path)
+    plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve bench longctx", description=DESCRIPTION)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print every row; write the JSON report when asked."""
     from tierserve.engine.llm import LLM
 
     if args.threads:
@@ -188,11 +233,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"  step {row['step_ms']:8.1f} ms  attention {row['attention_ms']:8.1f} ms"
                       f"  selection {row['selection_ms']:6.1f} ms  KV read "
                       f"{row['kv_read_mib']:8.1f} MiB", flush=True)
+    machine = machine_info(args.dtype)
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump({"machine": {"cpu": platform.processor() or platform.machine(),
-                                   "threads": torch.get_num_threads()},
-                       "config": vars(args), "results": results}, out, indent=1)
+        write_json(args.json, {"machine": machine,
+                               "config": {k: v for k, v in vars(args).items() if k != "func"},
+                               "results": results})
+    if args.plot:
+        plot_steps(results, args.plot, f"decode step time, {args.model} {args.dtype} "
+                   f"({machine_line(machine)})")
     return 0
 
 
