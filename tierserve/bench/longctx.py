@@ -9,11 +9,11 @@ would take minutes on a laptop CPU. Quality is measured elsewhere, on real promp
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from tierserve.bench.report import machine_info, machine_line, write_json
+from tierserve.bench.roofline import _median_seconds
 from tierserve.config import SelectionConfig
 from tierserve.request import SamplingParams
 from tierserve.sched.plan import ScheduledChunk
@@ -33,15 +33,6 @@ def _fill_cache(runner, tables: list[list[int]], context: int, seed: int) -> Non
         fill = torch.full((len(blocks),), block_size)
         update_bounds(layer_cache[:, 0, :-1], layer_cache[:, 0, -1], layer_cache[:, 1, -1],
                       blocks, fill)
-
-
-def _time(fn, repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return sorted(samples)[len(samples) // 2]
 
 
 def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], repeats: int,
@@ -70,8 +61,7 @@ def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], re
                     inputs.meta.selection._view = None
                 model.forward(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.meta)
 
-            step()  # warm
-            step_s = _time(step, repeats)
+            step_s = _median_seconds(step, repeats)
             attention_s, select_s, tokens_read, bounds_read = _attention_parts(
                 runner, inputs, repeats)
             results.append({
@@ -109,7 +99,7 @@ def _attention_parts(runner, inputs, repeats: int) -> tuple[float, float, int, i
                 for i, (_, _, bounds) in enumerate(layers)]
 
     picked = picks()
-    select_s = _time(picks, repeats) if selection is not None else 0.0
+    select_s = _median_seconds(picks, repeats) if selection is not None else 0.0
     ops = model.ops
 
     def attend():
@@ -133,7 +123,7 @@ def _attention_parts(runner, inputs, repeats: int) -> tuple[float, float, int, i
 
                 attend_selected(q[rows], k_cache, v_cache, *chosen, model.attention.scale)
 
-    attention_s = _time(attend, repeats)
+    attention_s = _median_seconds(attend, repeats)
     tokens = 0
     bounds = 0
     scored = set()
