@@ -21,18 +21,16 @@ from tierserve.selection.bounds import update_bounds
 from tierserve.selection.policies import make_policy
 
 
-def _fill_cache(runner, tables: list[list[int]], context: int, seed: int) -> None:
+def _fill_cache(runner, tables: list[list[int]], seed: int) -> None:
     gen = torch.Generator().manual_seed(seed)
-    block_size = runner.block_size
     blocks = torch.tensor(sorted({b for table in tables for b in table}))
     cache = runner.kv_cache  # (blocks, layers, 2, nkv, rows, hd)
+    fill = torch.full((len(blocks),), runner.block_size)
     for layer in range(cache.shape[1]):
         sample = torch.randn((len(blocks), 2, *cache.shape[3:]), generator=gen)
         cache[blocks, layer] = sample.to(cache.dtype)
-        layer_cache = cache[:, layer].transpose(2, 3)
-        fill = torch.full((len(blocks),), block_size)
-        update_bounds(layer_cache[:, 0, :-1], layer_cache[:, 0, -1], layer_cache[:, 1, -1],
-                      blocks, fill)
+        k_cache, _, (key_max, key_min) = runner.model._layer_cache(cache, layer, True)
+        update_bounds(k_cache, key_max, key_min, blocks, fill)
 
 
 def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], repeats: int,
@@ -45,7 +43,7 @@ def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], re
     arch = model.arch
     elem = runner.kv_cache.element_size()
     try:
-        _fill_cache(runner, tables, context, seed)
+        _fill_cache(runner, tables, seed)
         rows = [ScheduledChunk(f"d{i}", [5], context, tables[i], True, params, [5] * context, [])
                 for i in range(batch)]
         results = []
@@ -57,8 +55,7 @@ def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], re
 
             def step(inputs=inputs):
                 if inputs.meta.selection is not None:  # each step selects afresh
-                    inputs.meta.selection._picked.clear()
-                    inputs.meta.selection._view = None
+                    inputs.meta.selection.reset()
                 model.forward(inputs.input_ids, inputs.positions, runner.kv_cache, inputs.meta)
 
             step_s = _median_seconds(step, repeats)
@@ -84,59 +81,41 @@ def _attention_parts(runner, inputs, repeats: int) -> tuple[float, float, int, i
     model, meta = runner.model, inputs.meta
     arch = model.arch
     q = torch.randn(meta.num_tokens, arch.num_heads, arch.head_dim).to(model.dtype)
-    layers = [model._layer_cache(runner.kv_cache, i, meta) for i in range(arch.num_layers)]
+    layers = [model._layer_cache(runner.kv_cache, i, meta.key_bounds)
+              for i in range(arch.num_layers)]
+    # The bench's cache keeps key bounds, so every step has a StepSelection (full: no picks).
     selection = meta.selection
-    if selection is not None and selection.policy.name == "full":
-        selection = None  # key bounds kept, nothing selected
-    rows, tables, lens = (selection.rows, selection.tables, selection.lens) if selection else (
-        meta.decodes[0], meta.decodes[1], meta.decodes[2])
+    rows, tables, lens = selection.rows, selection.tables, selection.lens
+    if selection.policy.name == "full":
+        selection = None
 
     def picks():
         if selection is None:
             return [None] * arch.num_layers
-        selection._picked.clear()
+        selection.reset()
         return [selection.pick(i, q, arch.num_kv_heads, *bounds)
                 for i, (_, _, bounds) in enumerate(layers)]
 
     picked = picks()
     select_s = _median_seconds(picks, repeats) if selection is not None else 0.0
-    ops = model.ops
 
     def attend():
         for (k_cache, v_cache, _), chosen in zip(layers, picked):
-            if chosen is None:
-                if ops is not None:
-                    ops.paged_decode_attention(q[rows], k_cache, v_cache, tables, lens,
-                                               model.attention.scale)
-                else:
-                    from tierserve.selection.step import attend_selected
-
-                    nkv = arch.num_kv_heads
-                    attend_selected(q[rows], k_cache, v_cache,
-                                    tables[:, None].expand(-1, nkv, -1),
-                                    lens[:, None].expand(-1, nkv), model.attention.scale)
-            elif ops is not None:
-                ops.paged_decode_attention(q[rows], k_cache, v_cache, *chosen,
-                                           model.attention.scale)
-            else:
-                from tierserve.selection.step import attend_selected
-
-                attend_selected(q[rows], k_cache, v_cache, *chosen, model.attention.scale)
+            model.attention.decode_over(q[rows], k_cache, v_cache,
+                                        *(chosen if chosen is not None else (tables, lens)))
 
     attention_s = _median_seconds(attend, repeats)
-    tokens = 0
-    bounds = 0
+    tokens = bounds = 0
     scored = set()
     for index, chosen in enumerate(picked):
         if chosen is None:
             tokens += int(lens.sum()) * arch.num_kv_heads
-        else:
-            tokens += int(chosen[1].sum())
-            source = index - (1 if selection.policy.shares_layer_pairs and (
-                index - selection.policy.config.kv_dense_layers) % 2 else 0)
-            if selection.policy.needs_bounds and source not in scored:
-                scored.add(source)
-                bounds += int(tables.shape[1]) * len(rows) * arch.num_kv_heads
+            continue
+        tokens += int(chosen[1].sum())
+        source = selection.source_layer(index)
+        if selection.policy.needs_bounds and source not in scored:
+            scored.add(source)
+            bounds += int(tables.shape[1]) * len(rows) * arch.num_kv_heads
     return attention_s, select_s, tokens // arch.num_kv_heads, bounds // arch.num_kv_heads
 
 

@@ -65,7 +65,7 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
                          num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir,
                          max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                          max_num_seqs=config.scheduler.max_num_seqs,
-                         selection=config.selection)
+                         selection=config.selection, key_bounds=key_bounds)
     if offloaded is not None:
         from tierserve.experts.build import attach_offload
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from tierserve.selection.step import attend_selected
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm computed in float32 and cast back, exactly as HF Llama does."""
@@ -128,51 +130,45 @@ class TorchPagedAttention:
         n = meta.num_tokens
         k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
         v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
-        selection = meta.selection
+        selection, picked = meta.selection, None
         if selection is not None:
             if bounds is not None:
                 selection.write_bounds(k_cache, *bounds)
             picked = selection.pick(layer, q, self.num_kv_heads, *(bounds or (None, None)))
-            if picked is not None:
-                return self._selected(q, k_cache, v_cache, meta, selection.rows, *picked)
-        if meta.decodes is not None:
+        decoded = None
+        if picked is not None:  # decodes over the blocks the policy picked, per kv head
+            rows = selection.rows
+            decoded = self.decode_over(q[:n] if meta.all_decodes else q[rows], k_cache, v_cache,
+                                       *picked)
+        elif meta.decodes is not None:  # native kernel, every block
             rows, tables, lens = meta.decodes
-            decoded = self.ops.paged_decode_attention(q[:n] if meta.all_decodes else q[rows],
-                                                      k_cache, v_cache, tables, lens, self.scale)
-            if meta.all_decodes and n == q.shape[0]:
-                return decoded.flatten(1)
-            out = torch.zeros_like(q)
-            out[rows] = decoded
-        else:
-            out = torch.zeros_like(q)
-        for rows, tables, mask in meta.decode_buckets:
-            out[rows] = self._decode(q[rows], k_cache, v_cache, tables, mask)
-        for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
-            out[start : start + length] = self._chunk(
-                q[start : start + length], k_cache, v_cache, table, ctx_len, mask
-            )
-        return out.flatten(1)
-
-    def _selected(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                  meta: AttentionMetadata, rows: torch.Tensor, tables: torch.Tensor,
-                  lens: torch.Tensor) -> torch.Tensor:
-        """Decodes over their picked blocks (per kv head), chunks as usual."""
-        from tierserve.selection.step import attend_selected
-
-        if self.ops is not None:
-            decoded = self.ops.paged_decode_attention(q[rows], k_cache, v_cache, tables, lens,
-                                                      self.scale)
-        else:
-            decoded = attend_selected(q[rows], k_cache, v_cache, tables, lens, self.scale)
-        if meta.all_decodes and meta.num_tokens == q.shape[0]:
+            decoded = self.decode_over(q[:n] if meta.all_decodes else q[rows], k_cache, v_cache,
+                                       tables, lens)
+        if decoded is not None and meta.all_decodes and n == q.shape[0]:
             return decoded.flatten(1)
         out = torch.zeros_like(q)
-        out[rows] = decoded
+        if decoded is not None:
+            out[rows] = decoded
+        if picked is None:  # torch path: decodes in length buckets
+            for rows, tables, mask in meta.decode_buckets:
+                out[rows] = self._decode(q[rows], k_cache, v_cache, tables, mask)
         for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
             out[start : start + length] = self._chunk(
                 q[start : start + length], k_cache, v_cache, table, ctx_len, mask
             )
         return out.flatten(1)
+
+    def decode_over(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+        """One query per sequence, (B, nh, hd), in place over block tables: (B, W) with lens
+        (B,), or per kv head (B, nkv, W) with lens (B, nkv). The native kernel where built,
+        else the torch reference (which gathers the blocks)."""
+        if self.ops is not None:
+            return self.ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, self.scale)
+        if tables.dim() == 2:
+            tables = tables[:, None].expand(-1, self.num_kv_heads, -1)
+            lens = lens[:, None].expand(-1, self.num_kv_heads)
+        return attend_selected(q, k_cache, v_cache, tables, lens, self.scale)
 
     def _gather(self, cache: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
         # (B, max_blocks) -> (B, nkv, max_blocks * block_size, hd)

@@ -158,7 +158,7 @@ class LlamaModel:
             q = apply_rotary(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
             k = apply_rotary(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
             v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta)
+            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta.key_bounds)
             attn = self.attention.forward(q, k, v, k_cache, v_cache, meta, index, bounds)
             hidden = residual + layer.o(attn)
             residual = hidden
@@ -167,13 +167,13 @@ class LlamaModel:
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
 
     @staticmethod
-    def _layer_cache(kv_cache: torch.Tensor, index: int, meta: AttentionMetadata):
+    def _layer_cache(kv_cache: torch.Tensor, index: int, key_bounds: bool):
         """Layer ``index``'s (K cache, V cache, bounds) as attention sees them: caches
         (blocks, offset, head, hd), bounds None or (key max, key min) each (blocks, head, hd),
         all views of the block-major cache."""
         # (num_blocks, 2, nkv, rows, hd) -> (num_blocks, 2, rows, nkv, hd)
         layer_cache = kv_cache[:, index].transpose(2, 3)
-        if not meta.key_bounds:
+        if not key_bounds:
             return layer_cache[:, 0], layer_cache[:, 1], None
         return (layer_cache[:, 0, :-1], layer_cache[:, 1, :-1],
                 (layer_cache[:, 0, -1], layer_cache[:, 1, -1]))
@@ -213,7 +213,7 @@ class LlamaModel:
             qkv = self._normed_qkv(layer, layer.qkv(x))
             ops.rotary_(qkv, cos, sin, rotated_heads, arch.head_dim)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta)
+            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta.key_bounds)
             attn = self.attention.forward(q.view(-1, arch.num_heads, arch.head_dim),
                                           k.view(-1, arch.num_kv_heads, arch.head_dim),
                                           v.view(-1, arch.num_kv_heads, arch.head_dim),

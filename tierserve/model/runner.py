@@ -45,7 +45,8 @@ class ModelRunner:
         self.block_size = block_size
         # KV selection: the policy, and per-block key bounds in the cache when it reads them
         # (``key_bounds`` True keeps them for any policy, e.g. to switch policies later).
-        policy = make_policy(selection) if selection is not None else None
+        policy = (make_policy(selection) if selection is not None
+                  and selection.kv_selection != "full" else None)
         if key_bounds is None:
             key_bounds = policy is not None and policy.needs_bounds
         self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size, key_bounds),
@@ -59,8 +60,7 @@ class ModelRunner:
             block_size, self.pad_rows, native=model.ops is not None,
             max_tokens=max_num_batched_tokens, max_seqs=max_num_seqs,
             max_blocks_per_seq=min(num_blocks, -(-model.max_positions // block_size)),
-            key_bounds=key_bounds, selection=policy if policy is None or policy.name != "full"
-            else None)
+            key_bounds=key_bounds, selection=policy)
         self.swapper: SwapWorker | None = None
         if num_host_blocks or num_disk_blocks:
             if num_disk_blocks and swap_dir is None:

@@ -17,8 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tierserve.config import SelectionConfig
 from tierserve.model.layers import AttentionMetadata
 from tierserve.sched.plan import RequestError, ScheduledChunk
+from tierserve.selection.policies import FullKV
+from tierserve.selection.step import StepSelection
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +75,7 @@ class StepInputBuilder:
         # ``selection`` a tierserve.selection.policies.SelectionPolicy (settable between steps).
         self.key_bounds = key_bounds
         self.selection = selection
+        self._full = FullKV(SelectionConfig())  # bounds kept, nothing selected
         self._written: list[tuple[np.ndarray, np.ndarray]] = []  # (blocks, rows filled)
         tokens = max(max_tokens, pad_rows)
         self._ids = _Buffer("input_ids", tokens)
@@ -130,18 +134,14 @@ class StepInputBuilder:
         return StepInputs(self._ids.tensor[:rows], self._pos.tensor[:rows], meta,
                           self._sample_rows.tensor[:num_samples])
 
-    def _step_selection(self, decodes):
-        from tierserve.config import SelectionConfig
-        from tierserve.selection.policies import FullKV
-        from tierserve.selection.step import StepSelection
-
+    def _step_selection(self, decodes) -> StepSelection:
         if self._written:
             blocks = torch.from_numpy(np.concatenate([b for b, _ in self._written]))
             fill = torch.from_numpy(np.concatenate([f for _, f in self._written]))
         else:
             blocks = fill = torch.zeros(0, dtype=torch.int64)
         rows, tables, lens = decodes if decodes is not None else (None, None, None)
-        policy = self.selection if self.selection is not None else FullKV(SelectionConfig())
+        policy = self.selection if self.selection is not None else self._full
         return StepSelection(policy, self.block_size, rows, tables, lens, blocks, fill,
                              update=self.key_bounds)
 
@@ -171,10 +171,13 @@ class StepInputBuilder:
             query = torch.from_numpy(chunk_pos)
             masks.append(torch.from_numpy(self._positions(0, end))[None, :] <= query[:, None])
         if self.key_bounds:  # the blocks this chunk writes, and the rows each then holds
-            first_block = np.arange(start // block_size, (end - 1) // block_size + 1)
-            table = np.asarray(chunk.block_table, dtype=np.int64)
-            self._written.append((table[first_block],
-                                  np.minimum(block_size, end - first_block * block_size)))
+            if n == 1:
+                self._written.append((np.array([slot_blocks[row]]),
+                                      np.array([start % block_size + 1])))
+            else:
+                written = np.arange(start // block_size, (end - 1) // block_size + 1)
+                self._written.append((table[written],
+                                      np.minimum(block_size, end - written * block_size)))
         row += n
         if chunk.sample:
             sample_rows[num_samples] = row - 1

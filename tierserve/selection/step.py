@@ -39,6 +39,19 @@ class StepSelection:
         if self.update:
             update_bounds(k_cache, key_max, key_min, self.bound_blocks, self.bound_fill)
 
+    def source_layer(self, layer: int) -> int:
+        """The layer whose pick ``layer`` uses: itself, or the first of its pair."""
+        config = self.policy.config
+        if self.policy.shares_layer_pairs and layer > config.kv_dense_layers and (
+                layer - config.kv_dense_layers) % 2 == 1:
+            return layer - 1
+        return layer
+
+    def reset(self) -> None:
+        """Forget this step's picks (a benchmark that runs one step's inputs again)."""
+        self._picked.clear()
+        self._view = None
+
     def pick(self, layer: int, q: torch.Tensor, num_kv_heads: int,
              key_max: torch.Tensor | None, key_min: torch.Tensor | None
              ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -49,9 +62,7 @@ class StepSelection:
         if self.policy.needs_bounds and key_max is None:
             raise RuntimeError(f"--kv-selection {self.policy.name} reads key bounds, and this "
                                "KV cache was allocated without them")
-        source = layer
-        if self.policy.shares_layer_pairs and (layer - config.kv_dense_layers) % 2 == 1:
-            source = layer - 1
+        source = self.source_layer(layer)
         if source in self._picked:
             return self._picked[source]
         if self._view is None:
