@@ -82,8 +82,14 @@ def test_each_policy_serves_batched_chunked_requests_and_changes_what_is_read(ti
     full = _run(tiny_llama_dir)
     selected = _run(tiny_llama_dir, kv_selection=name, kv_budget=0.1)
     assert [len(tokens) for tokens, _ in selected] == [16] * 4
-    # the 10-token prompt's 2 blocks are the sink and the recent block: unchanged
-    assert selected[3] == full[3]
+    # the 10-token prompt's 2 blocks are the sink and the recent block: unchanged (bitwise
+    # through the native kernel; the torch path's per-head reference rounds apart from SDPA's
+    # length buckets by ~1e-6)
+    if ops is not None:
+        assert selected[3] == full[3]
+    else:
+        assert selected[3][0] == full[3][0]
+        assert max(abs(a - b) for a, b in zip(selected[3][1], full[3][1])) < 1e-4
     assert selected[0][1] != full[0][1]  # a 700-token context reads 5 of 45 blocks
 
 
