@@ -76,3 +76,15 @@ def test_bad_flag_value_is_a_clean_error(tiny_llama_dir):
                  "--kv-cache-memory", "lots"])
     assert proc.returncode == 2
     assert "cannot read 'lots' as a size" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_kv_selection_and_eviction_flags_reach_the_engine_config():
+    from tierserve.cli import build_parser, engine_config_from_args
+
+    args = build_parser().parse_args(
+        ["serve", "--kv-selection", "mpcache", "--kv-budget", "0.2", "--kv-eviction", "snapkv",
+         "--kv-eviction-budget", "1024", "--kv-eviction-threshold", "0.001"])
+    selection = engine_config_from_args(args).selection
+    assert (selection.kv_selection, selection.kv_budget) == ("mpcache", 0.2)
+    assert (selection.kv_eviction, selection.kv_eviction_budget,
+            selection.kv_eviction_threshold) == ("snapkv", 1024, 0.001)

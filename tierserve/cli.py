@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from tierserve.config import KV_SELECTIONS, EngineConfig
+from tierserve.config import KV_EVICTIONS, KV_SELECTIONS, EngineConfig
 from tierserve.server.run import add_serve_args
 
 
@@ -105,6 +105,20 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     longctx.add_argument("--kv-dense-layers", type=int, default=2,
                          help="the first layers that always attend to everything "
                          "(default: %(default)s)")
+    longctx.add_argument("--kv-eviction", default="none", choices=list(KV_EVICTIONS),
+                         help="static eviction once a prompt is prefilled: its last queries "
+                         "score every prompt token, the best are kept and the rest leave the "
+                         "cache for good (their blocks are freed). mpcache: the last 20%% of "
+                         "queries, head-averaged, max over queries (MPCache's static stage); "
+                         "snapkv: the last 32 queries, per kv head, pooled (SnapKV). Such "
+                         "requests do not use the prefix cache (default: %(default)s)")
+    longctx.add_argument("--kv-eviction-budget", type=float, default=0.5,
+                         help="prompt tokens kept per layer and kv head: a share up to 1, or a "
+                         "number of tokens above 1 (default: %(default)s)")
+    longctx.add_argument("--kv-eviction-threshold", type=float, default=None,
+                         help="instead of a budget, keep every token some window query gives "
+                         "at least this attention (MPCache's rule; the reference tunes it per "
+                         "dataset, 1e-8 to 1e-3)")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -121,7 +135,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         expert_host_format=args.expert_host_format, expert_trace=args.expert_trace,
         expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth,
         expert_pin_fraction=args.expert_pin_fraction, kv_selection=args.kv_selection,
-        kv_budget=args.kv_budget, kv_dense_layers=args.kv_dense_layers)
+        kv_budget=args.kv_budget, kv_dense_layers=args.kv_dense_layers,
+        kv_eviction=args.kv_eviction, kv_eviction_budget=args.kv_eviction_budget,
+        kv_eviction_threshold=args.kv_eviction_threshold)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_tokens: int | None) -> None:

@@ -173,6 +173,7 @@ class ExpertConfig:
 
 
 KV_SELECTIONS = ("full", "streaming", "quest", "mpcache")
+KV_EVICTIONS = ("none", "mpcache", "snapkv")
 
 
 @dataclass(slots=True)
@@ -182,6 +183,14 @@ class SelectionConfig:
     ``kv_budget`` up to 1 is a share of the context's blocks, above 1 a number of tokens. Every
     policy keeps the first ``kv_sink_blocks`` and the last ``kv_recent_blocks`` blocks, and the
     first ``kv_dense_layers`` layers attend to everything (as MPCache's reference does).
+
+    Static eviction (``kv_eviction``) runs once, right after a prompt's prefill: it keeps
+    ``kv_eviction_budget`` of the prompt's tokens (a share up to 1, or tokens above 1) per layer
+    and kv head, or with ``kv_eviction_threshold`` every token some window query gives that
+    much attention (MPCache's rule); the rest leave the cache for good and their blocks are
+    freed. ``mpcache`` scores with the last ``kv_eviction_window`` of the prompt's queries
+    (half that beyond 24k tokens), averaged over heads, max over queries; ``snapkv`` with its
+    last ``snapkv_window`` queries, summed per kv head and max-pooled.
     """
 
     kv_selection: str = "full"  # full | streaming | quest | mpcache (--kv-selection)
@@ -191,6 +200,12 @@ class SelectionConfig:
     kv_recent_blocks: int = 1
     mpcache_alpha: float = 0.6  # a cluster's score: q . (a * kmax + (1 - a) * kmin)
     mpcache_level1_keep: float = 0.5  # share of 32-token clusters kept before the block level
+    kv_eviction: str = "none"  # none | mpcache | snapkv (--kv-eviction)
+    kv_eviction_budget: float = 0.5  # (--kv-eviction-budget)
+    kv_eviction_threshold: float | None = None  # (--kv-eviction-threshold) instead of a budget
+    kv_eviction_window: float = 0.2  # mpcache: share of the prompt's last queries that observe
+    snapkv_window: int = 32
+    snapkv_pool: int = 7
 
     def __post_init__(self) -> None:
         if self.kv_selection not in KV_SELECTIONS:
@@ -204,6 +219,18 @@ class SelectionConfig:
                              "kv_recent_blocks >= 1 (the block being written is always read)")
         if not 0.0 <= self.mpcache_alpha <= 1.0 or not 0.0 < self.mpcache_level1_keep <= 1.0:
             raise ValueError("mpcache_alpha must be in [0, 1] and mpcache_level1_keep in (0, 1]")
+        if self.kv_eviction not in KV_EVICTIONS:
+            raise ValueError(f"kv_eviction must be one of {', '.join(KV_EVICTIONS)}, "
+                             f"got {self.kv_eviction!r}")
+        if self.kv_eviction_budget <= 0:
+            raise ValueError("kv_eviction_budget must be positive (a share up to 1, or tokens), "
+                             f"got {self.kv_eviction_budget}")
+        if self.kv_eviction_threshold is not None and not 0 < self.kv_eviction_threshold < 1:
+            raise ValueError("kv_eviction_threshold is an attention weight in (0, 1), got "
+                             f"{self.kv_eviction_threshold}")
+        if not 0 < self.kv_eviction_window <= 1 or self.snapkv_window < 1 or self.snapkv_pool < 1:
+            raise ValueError("kv_eviction_window must be in (0, 1], snapkv_window and "
+                             "snapkv_pool >= 1")
 
 
 @dataclass(slots=True)

@@ -172,6 +172,17 @@ class Request:
     prompt_logprobs_next: int = 1  # prompt position whose logprob is sent next (0 has none)
     # MoE with a routing-path predictor: the experts predicted hot per MoE layer (regrouping)
     expert_route: tuple[frozenset[int], ...] | None = None
+    # Static KV eviction (--kv-eviction): the request evicts prompt tokens once its prefill
+    # has run (``kv_evicted`` then); the first ``num_evicted_tokens`` positions hold no slot,
+    # so token ``p``'s K/V lives at slot ``p - num_evicted_tokens`` (for p after the prompt).
+    evicts_kv: bool = False
+    kv_evicted: bool = False
+    num_evicted_tokens: int = 0
+
+    @property
+    def num_kv_tokens(self) -> int:
+        """Cached tokens the KV blocks hold: computed ones less the evicted."""
+        return self.num_computed_tokens - self.num_evicted_tokens
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -100,7 +100,8 @@ class EngineCore:
                 f"max_tokens to at most {context - num_prompt:,}{_context_fix(limits)}",
                 "max_tokens", "context_length_exceeded")
         return Request(request_id, list(prompt_token_ids), params,
-                       eos_token_ids=self.eos_token_ids, max_tokens=max_tokens, **fields)
+                       eos_token_ids=self.eos_token_ids, max_tokens=max_tokens,
+                       evicts_kv=self.config.selection.kv_eviction != "none", **fields)
 
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams, *,
                       client_id: str | None = None, priority: int = 0,

@@ -155,7 +155,7 @@ class KVCacheManager(TierMovesMixin):
         return self._blocks_missing(request, num_new_tokens) + reserve <= self.pool.num_free
 
     def allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow the block table to hold ``num_computed_tokens + num_new_tokens`` tokens.
+        """Grow the block table to hold ``num_kv_tokens + num_new_tokens`` tokens.
 
         With block groups, a request takes whole groups of neighbouring blocks while memory is
         plentiful and keeps the unused tail as its private reserve, so its table stays in few
@@ -164,7 +164,7 @@ class KVCacheManager(TierMovesMixin):
         if self._blocks_missing(request, num_new_tokens) > self.pool.num_free:
             return False
         table = self._tables.setdefault(request.request_id, [])
-        missing = self.blocks_for(request.num_computed_tokens + num_new_tokens) - len(table)
+        missing = self.blocks_for(request.num_kv_tokens + num_new_tokens) - len(table)
         reserve = self._reserves.get(request.request_id, [])
         while missing > 0 and reserve:
             table.append(reserve.pop(0))
@@ -181,7 +181,7 @@ class KVCacheManager(TierMovesMixin):
         return True
 
     def _blocks_missing(self, request: Request, num_new_tokens: int) -> int:
-        needed = self.blocks_for(request.num_computed_tokens + num_new_tokens)
+        needed = self.blocks_for(request.num_kv_tokens + num_new_tokens)
         held = len(self._tables.get(request.request_id, ()))
         return needed - held - len(self._reserves.get(request.request_id, ()))
 
@@ -193,7 +193,7 @@ class KVCacheManager(TierMovesMixin):
     # -- after a step --------------------------------------------------------------------------
     def commit(self, request: Request) -> None:
         """Register the request's newly computed full blocks in the prefix cache."""
-        if not self.enable_prefix_caching:
+        if not self.enable_prefix_caching or request.evicts_kv:
             return
         table = self._tables[request.request_id]
         hashes = self._hashes[request.request_id]
@@ -206,6 +206,14 @@ class KVCacheManager(TierMovesMixin):
             self.prefix_cache.insert(block_hash, table[index], parent, tokens, self.namespace)
             hashes.append(block_hash)
             parent = block_hash
+
+    def trim(self, request: Request) -> None:
+        """Release the blocks past the request's cached tokens (after static eviction)."""
+        table = self._tables.get(request.request_id)
+        keep = self.blocks_for(request.num_kv_tokens)
+        if table is not None and len(table) > keep:
+            self.pool.release(reversed(table[keep:]))
+            del table[keep:]
 
     def free(self, request: Request) -> None:
         """Release every block of the request in every tier (cached blocks stay cached)."""

@@ -8,7 +8,7 @@ implementation (torch SDPA over gathered blocks); a GPU kernel can replace it be
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -103,6 +103,9 @@ class AttentionMetadata:
     # holds key bounds; None otherwise.
     selection: object | None = None
     key_bounds: bool = False  # each block has one more row per half: key max (K), min (V)
+    # Static eviction's observation window: chunk index -> (first observing row in the chunk,
+    # tierserve.selection.eviction.WindowObserver); those queries score every key they see.
+    observe: dict = field(default_factory=dict)
 
 
 class TorchPagedAttention:
@@ -152,10 +155,16 @@ class TorchPagedAttention:
         if picked is None:  # torch path: decodes in length buckets
             for rows, tables, mask in meta.decode_buckets:
                 out[rows] = self._decode(q[rows], k_cache, v_cache, tables, mask)
-        for (start, length, ctx_len, table), mask in zip(meta.chunks, meta.chunk_masks):
+        for index, ((start, length, ctx_len, table), mask) in enumerate(
+                zip(meta.chunks, meta.chunk_masks)):
             out[start : start + length] = self._chunk(
                 q[start : start + length], k_cache, v_cache, table, ctx_len, mask
             )
+            if index in meta.observe:
+                first, observer = meta.observe[index]
+                keys = self._gather(k_cache, table[None])[0, :, :ctx_len]
+                slots = torch.arange(ctx_len - length + first, ctx_len)
+                observer.add(layer, q[start + first : start + length], keys, slots, self.scale)
         return out.flatten(1)
 
     def decode_over(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -24,6 +24,7 @@ from tierserve.sched.plan import (
     StepResult,
     SwapDone,
 )
+from tierserve.selection.eviction import compact, make_eviction
 from tierserve.selection.policies import make_policy
 
 # Below this many rows, float32 matmuls on CPU take a different kernel whose rounding differs;
@@ -51,6 +52,10 @@ class ModelRunner:
             key_bounds = policy is not None and policy.needs_bounds
         self.kv_cache = torch.zeros(model.kv_cache_shape(num_blocks, block_size, key_bounds),
                                     dtype=model.dtype)
+        self.key_bounds = key_bounds
+        # Static eviction after prefill: the policy, and each prefilling request's observer.
+        self.eviction = make_eviction(selection, block_size) if selection is not None else None
+        self._observers: dict[str, tuple[int, object]] = {}
         self.sampler = Sampler(seed)
         self.pad_rows = INVARIANT_MIN_ROWS if (batch_invariant and model.dtype == torch.float32) else 1
         for layer in model.layers:  # each expert's rows too, not only the step's
@@ -107,6 +112,8 @@ class ModelRunner:
         (swap-ins, victim saves). Swap-outs overlap the forward and are reported when done.
         """
         self.sampler.drop(plan.finished_request_ids)
+        for request_id in (*plan.finished_request_ids, *plan.preempted_request_ids):
+            self._observers.pop(request_id, None)
         if self.experts is not None:
             self.experts.begin_step(plan)
             self._refresh_routes(plan)
@@ -139,9 +146,11 @@ class ModelRunner:
             self.swapper.wait(needed)
 
     def _forward(self, plan: StepPlan) -> StepResult:
-        inputs = self._prepare(plan.chunks)
+        observers = self._window_observers(plan.chunks)
+        inputs = self._prepare(plan.chunks, observers)
         hidden = self.model.forward(inputs.input_ids, inputs.positions, self.kv_cache, inputs.meta)
         result = StepResult()
+        self._evict(plan.chunks, result)
         self._prompt_logprobs(plan.chunks, hidden, result)
         sampling = [chunk for chunk in plan.chunks if chunk.sample]
         if not sampling:
@@ -158,6 +167,44 @@ class ModelRunner:
             if entry is not None:
                 result.logprobs[chunk.request_id] = entry
         return result
+
+    def _window_observers(self, chunks: list[ScheduledChunk]) -> dict[str, tuple[int, object]]:
+        """The observers of this step's chunks inside a static-eviction window (made when a
+        request's prefill starts, kept until it evicts)."""
+        if self.eviction is None:
+            return {}
+        arch = self.model.arch
+        for chunk in chunks:
+            if chunk.evict_at is None:
+                continue
+            if chunk.start_pos == 0 or chunk.request_id not in self._observers:
+                length = chunk.evict_at
+                self._observers[chunk.request_id] = (
+                    length - self.eviction.window(length),
+                    self.eviction.observer(arch.num_layers, arch.num_kv_heads, length))
+        return self._observers
+
+    def _evict(self, chunks: list[ScheduledChunk], result: StepResult) -> None:
+        """Requests whose prefill this step ended keep their best prompt tokens, moved to the
+        front of their blocks; the scheduler frees the rest. A failure fails that request."""
+        for chunk in chunks:
+            if not chunk.evicts:
+                continue
+            watch = self._observers.pop(chunk.request_id, None)
+            try:
+                if watch is None:
+                    raise RuntimeError("its observation window was not scored")
+                length = chunk.evict_at
+                kept = self.eviction.keep(watch[1], length)
+                if kept.shape[-1] >= length:
+                    result.evicted[chunk.request_id] = 0
+                    continue
+                count = compact(self.kv_cache, chunk.block_table, kept, self.block_size,
+                                self.key_bounds)
+                result.evicted[chunk.request_id] = length - count
+            except Exception as exc:  # noqa: BLE001 - fails this request only
+                result.failed[chunk.request_id] = (
+                    f"static KV eviction failed: {type(exc).__name__}: {exc}")
 
     def _prompt_logprobs(self, chunks: list[ScheduledChunk], hidden: torch.Tensor,
                          result: StepResult) -> None:
@@ -193,6 +240,7 @@ class ModelRunner:
             return rows
         return torch.cat([rows, rows.new_zeros(missing, *rows.shape[1:])])
 
-    def _prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+    def _prepare(self, chunks: list[ScheduledChunk], observers: dict | None = None
+                 ) -> StepInputs:
         """The plan's chunks as model inputs, in this runner's reused step buffers."""
-        return self.inputs.build(chunks)
+        return self.inputs.build(chunks, observers)

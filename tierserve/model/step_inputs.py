@@ -88,7 +88,9 @@ class StepInputBuilder:
         self._decode_tables = _Buffer("decode_tables", max_seqs * max_blocks_per_seq)
         self._arange = np.arange(max(max_tokens, 1024), dtype=np.int64)
 
-    def build(self, chunks: list[ScheduledChunk]) -> StepInputs:
+    def build(self, chunks: list[ScheduledChunk], observers: dict | None = None) -> StepInputs:
+        """``observers``: request id -> (first observed position, WindowObserver) for chunks
+        whose queries score their keys for static eviction (several-token chunks only)."""
         num_tokens = sum(len(chunk.token_ids) for chunk in chunks)
         rows = max(num_tokens, self.pad_rows)
         for buffer in (self._ids, self._pos, self._slot_blocks, self._slot_offsets):
@@ -101,17 +103,22 @@ class StepInputBuilder:
         decode_tables: list[list[int]] = []
         spans: list[tuple[int, int, int, torch.Tensor]] = []
         masks: list[torch.Tensor] = []
+        observe: dict[int, tuple[int, object]] = {}
         row = num_samples = 0
         for chunk in chunks:
             try:
                 row, num_samples = self._fill(chunk, row, num_samples, decode_tables, spans,
                                               masks)
+                watch = observers.get(chunk.request_id) if observers else None
+                if watch is not None and chunk.num_tokens > 1:
+                    first = max(0, watch[0] - chunk.start_pos)
+                    if first < chunk.num_tokens:
+                        observe[len(spans) - 1] = (first, watch[1])
             except Exception as exc:  # noqa: BLE001 - this chunk's inputs are malformed
                 raise RequestError({chunk.request_id: f"its step inputs could not be built: "
                                     f"{type(exc).__name__}: {exc}"}) from exc
         ids[num_tokens:rows] = 0
         pos[num_tokens:rows] = 0
-        np.remainder(pos[:num_tokens], self.block_size, out=self._slot_offsets.array[:num_tokens])
         num_decodes = len(decode_tables)
         native = self.native and num_decodes > 0
         selecting = self.key_bounds or self.selection is not None
@@ -130,6 +137,7 @@ class StepInputBuilder:
             all_decodes=num_decodes > 0 and num_decodes == num_tokens,
             selection=self._step_selection(decodes) if selecting else None,
             key_bounds=self.key_bounds,
+            observe=observe,
         )
         return StepInputs(self._ids.tensor[:rows], self._pos.tensor[:rows], meta,
                           self._sample_rows.tensor[:num_samples])
@@ -149,28 +157,36 @@ class StepInputBuilder:
               decode_tables: list[list[int]], spans: list, masks: list) -> tuple[int, int]:
         """Copy one chunk into the buffers from ``row``; returns the next row and sample count."""
         ids, pos, slot_blocks = self._ids.array, self._pos.array, self._slot_blocks.array
+        slot_offsets = self._slot_offsets.array
         block_size = self.block_size
         sample_rows, decode_rows, decode_lens = (self._sample_rows.array, self._decode_rows.array,
                                                  self._decode_lens.array)
         n, start = len(chunk.token_ids), chunk.start_pos
         end = start + n
+        # Cache slots: the positions, less the tokens static eviction removed before them.
+        offset = chunk.kv_offset
+        slot, slot_end = start - offset, end - offset
         if n == 1:
             ids[row] = chunk.token_ids[0]
             pos[row] = start
-            slot_blocks[row] = chunk.block_table[start // block_size]
+            slot_blocks[row] = chunk.block_table[slot // block_size]
+            slot_offsets[row] = slot % block_size
             decode_rows[len(decode_tables)] = row
-            decode_lens[len(decode_tables)] = end
+            decode_lens[len(decode_tables)] = slot_end
             decode_tables.append(chunk.block_table)
         else:
             table = np.asarray(chunk.block_table, dtype=np.int64)
-            chunk_pos = self._positions(start, end)
+            slots = self._positions(slot, slot_end)
             ids[row:row + n] = chunk.token_ids
-            pos[row:row + n] = chunk_pos
-            slot_blocks[row:row + n] = table[chunk_pos // block_size]
-            spans.append((row, n, end, torch.from_numpy(table)))
-            query = torch.from_numpy(chunk_pos)
-            masks.append(torch.from_numpy(self._positions(0, end))[None, :] <= query[:, None])
+            pos[row:row + n] = slots + offset
+            slot_blocks[row:row + n] = table[slots // block_size]
+            np.remainder(slots, block_size, out=slot_offsets[row:row + n])
+            spans.append((row, n, slot_end, torch.from_numpy(table)))
+            query = torch.from_numpy(slots)
+            masks.append(torch.from_numpy(self._positions(0, slot_end))[None, :]
+                         <= query[:, None])
         if self.key_bounds:  # the blocks this chunk writes, and the rows each then holds
+            start, end = slot, slot_end
             if n == 1:
                 self._written.append((np.array([slot_blocks[row]]),
                                       np.array([start % block_size + 1])))

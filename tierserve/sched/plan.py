@@ -32,10 +32,20 @@ class ScheduledChunk:
     prompt_token_ids: list[int]
     output_token_ids: list[int]
     eos_token_ids: frozenset[int] = frozenset()
+    # Static KV eviction: positions before this chunk that hold no cache slot (token p's K/V
+    # is at slot p - kv_offset), and while the request has not evicted yet, the position where
+    # its prefill ends (the chunk ending there evicts; chunks reaching into the window observe).
+    kv_offset: int = 0
+    evict_at: int | None = None
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def evicts(self) -> bool:
+        """This chunk ends the prefill of a request that evicts after it."""
+        return self.evict_at is not None and self.start_pos + len(self.token_ids) == self.evict_at
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -97,6 +107,9 @@ class StepResult:
     # Requests this step could not serve (their sampling, logits processing, a non-finite
     # logits row, ...): request id -> what went wrong. They get no token; the others do.
     failed: dict[str, str] = field(default_factory=dict)
+    # Static KV eviction ran after these requests' prefill: request id -> tokens evicted (their
+    # blocks past the kept tokens may be freed).
+    evicted: dict[str, int] = field(default_factory=dict)
 
 
 class CopyError(Exception):

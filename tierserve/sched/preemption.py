@@ -69,6 +69,8 @@ class PreemptionMixin:
             return
         self.kv.free(request)
         request.num_computed_tokens = 0
+        request.num_evicted_tokens = 0  # recomputed from the start, evicted again after it
+        request.kv_evicted = False
         request.status = RequestStatus.PREEMPTED
         self.waiting.append(request)
         self._track_demand(request)

@@ -126,7 +126,7 @@ class Scheduler(PreemptionMixin):
         index = 0
         while index < len(queue) and budget > 0:
             request = queue[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = min(self._tokens_due(request), budget)
             while not self.kv.allocate(request, num_new):
                 later = queue[index + 1 :]
                 victim = self.policy.pick_victim(later) if later else request
@@ -163,14 +163,14 @@ class Scheduler(PreemptionMixin):
         """Swap a request's blocks back in (unless prefetched) and give it its next chunk."""
         if request.request_id in plan.preempted_request_ids:
             return None  # swapped out this very step: its copy has not even run
-        num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+        num_new = min(self._tokens_due(request), budget)
         if request.request_id in self._prefetched:
             if not self.kv.can_allocate(request, num_new):
                 return None
             # Usually long done: the copy overlapped an earlier step.
             plan.wait_keys.append(self._prefetched.pop(request.request_id))
         else:
-            growth = self.kv.blocks_for(request.num_computed_tokens + num_new)
+            growth = self.kv.blocks_for(request.num_kv_tokens + num_new)
             if growth + self.admission_reserve > self.kv.num_free_blocks:
                 return None
             if self.kv.swap_in(request) is None:
@@ -184,9 +184,11 @@ class Scheduler(PreemptionMixin):
     def _admit(self, request: Request, plan: StepPlan, budget: int, whole: bool) -> int | None:
         # Cached blocks have no logits: a request still owed prompt logprobs computes them all
         # (vLLM does the same). Its blocks are cached afterwards as usual.
-        use_cache = not request.needs_prompt_logprobs
+        # A request that evicts KV after its prefill rewrites its blocks: it neither shares
+        # cached blocks nor publishes its own (their content depends on its query window).
+        use_cache = not request.needs_prompt_logprobs and not request.evicts_kv
         cached, _ = self.kv.lookup_prefix(request, use_cache)  # copy-ups from host/disk queued
-        remaining = request.num_tokens - cached
+        remaining = self._tokens_due(request, cached)
         num_new = remaining if whole else min(remaining, budget)
         request.num_computed_tokens = cached
         reserve = self.admission_reserve if self.running else 0
@@ -222,6 +224,16 @@ class Scheduler(PreemptionMixin):
         request.status = RequestStatus.RUNNING
         self._untrack_demand(request)
 
+    @staticmethod
+    def _tokens_due(request: Request, computed: int | None = None) -> int:
+        """Tokens the request has left to compute; a request that evicts KV after its prompt
+        stops its chunk at the prompt's end (the eviction runs there, also when a recompute
+        after preemption runs its output tokens again)."""
+        computed = request.num_computed_tokens if computed is None else computed
+        if request.evicts_kv and not request.kv_evicted and computed < request.num_prompt_tokens:
+            return request.num_prompt_tokens - computed
+        return request.num_tokens - computed
+
     def _chunk(self, request: Request, num_new: int) -> ScheduledChunk:
         start = request.num_computed_tokens
         return ScheduledChunk(
@@ -234,6 +246,9 @@ class Scheduler(PreemptionMixin):
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             eos_token_ids=request.eos_token_ids,
+            kv_offset=request.num_evicted_tokens,
+            evict_at=(request.num_prompt_tokens if request.evicts_kv and not request.kv_evicted
+                      and request.max_tokens > 0 else None),
         )
 
     # -- after the step ------------------------------------------------------------------------
@@ -268,6 +283,10 @@ class Scheduler(PreemptionMixin):
                 continue  # aborted while the step ran, or failed just above
             request.num_computed_tokens += chunk.num_tokens
             self.num_prompt_tokens_computed += chunk.num_prompt_tokens
+            if chunk.evicts:
+                request.kv_evicted = True
+                request.num_evicted_tokens += result.evicted.get(request.request_id, 0)
+                self.kv.trim(request)
             self.kv.commit(request)
             self.policy.on_service(request, chunk.num_prompt_tokens, int(chunk.sample))
             scored = self._new_prompt_logprobs(request, result)
