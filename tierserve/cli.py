@@ -342,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tierserve.experts.cli import add_moe_parser
 
     add_moe_parser(sub)
+    from tierserve.selection.mpc_cost import add_mpc_cost_parser
+
+    add_mpc_cost_parser(sub)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "

@@ -1,5 +1,6 @@
-"""`tierserve bench longctx`: decode step time, attention and selection time, and KV bytes read,
-for each KV-selection policy and budget at long contexts, side by side in one run.
+"""`tierserve bench longctx`: decode step time, attention and selection time, KV bytes read and
+held, for each KV-selection and static-eviction policy and budget at long contexts, side by side
+in one run.
 
 The cache is filled with random keys and values (their bounds computed as the engine does), not
 by prefilling: a step's cost does not depend on what the keys say, and 16 prefills of 8k tokens
@@ -9,6 +10,8 @@ would take minutes on a laptop CPU. Quality is measured elsewhere, on real promp
 from __future__ import annotations
 
 import argparse
+import math
+import time
 
 import torch
 
@@ -18,7 +21,12 @@ from tierserve.config import SelectionConfig
 from tierserve.request import SamplingParams
 from tierserve.sched.plan import ScheduledChunk
 from tierserve.selection.bounds import update_bounds
+from tierserve.selection.eviction import compact, make_eviction
 from tierserve.selection.policies import make_policy
+
+# Static policies: evict once after prefill to `budget` of the prompt, then decode densely over
+# what is left. Their rows also carry the one-time eviction cost.
+STATIC = {"snapkv": "snapkv", "mpcache-static": "mpcache"}
 
 
 def _fill_cache(runner, tables: list[list[int]], seed: int) -> None:
@@ -33,24 +41,63 @@ def _fill_cache(runner, tables: list[list[int]], seed: int) -> None:
         update_bounds(k_cache, key_max, key_min, blocks, fill)
 
 
+def _block_mib(runner) -> float:
+    """MiB one block of one request holds over all layers (K and V, plus bound rows if any)."""
+    cache = runner.kv_cache  # (blocks, layers, 2, nkv, rows, hd)
+    return cache[0].numel() * cache.element_size() / 2**20
+
+
+def _eviction_ms(runner, table: list[int], context: int, name: str, budget: float) -> float:
+    """One request's static eviction, once: the window's queries scored against every key of
+    every layer, the cut, and the in-place compaction."""
+    model, arch = runner.model, runner.model.arch
+    config = SelectionConfig(kv_eviction=STATIC[name], kv_eviction_budget=budget)
+    eviction = make_eviction(config, runner.block_size)
+    window = eviction.window(context)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(window, arch.num_heads, arch.head_dim, generator=gen).to(model.dtype)
+    slots = torch.arange(context - window, context)
+    blocks = torch.tensor(table)
+    started = time.perf_counter()
+    observer = eviction.observer(arch.num_layers, arch.num_kv_heads, context)
+    for layer in range(arch.num_layers):
+        keys = runner.kv_cache[blocks, layer, 0, :, :runner.block_size]  # (B, nkv, bs, hd)
+        keys = keys.transpose(0, 1).reshape(arch.num_kv_heads, -1, arch.head_dim)[:, :context]
+        observer.add(layer, q, keys, slots, model.attention.scale)
+    kept = eviction.keep(observer, context)
+    compact(runner.kv_cache, table, kept, runner.block_size,
+            runner.kv_cache.shape[4] > runner.block_size)
+    return (time.perf_counter() - started) * 1e3
+
+
 def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], repeats: int,
-            seed: int = 0, dense_layers: int = 2) -> list[dict]:
-    """One row per (policy, budget): median step, attention and selection seconds, bytes."""
+            seed: int = 0, dense_layers: int = 2, evictions: dict | None = None) -> list[dict]:
+    """One row per (policy, budget): median step, attention and selection seconds, bytes read
+    and held. Static policies decode over ceil(budget x context) tokens and report their one-time
+    eviction cost (measured once per context, policy and budget; `evictions` keeps it across
+    calls)."""
     runner, pool, model = llm.engine.runner, llm.core.kv.pool, llm.engine.runner.model
     blocks_per = -(-(context + 1) // runner.block_size)
     tables = [pool.allocate(blocks_per) for _ in range(batch)]
     params = SamplingParams(temperature=0.0)
     arch = model.arch
     elem = runner.kv_cache.element_size()
+    evictions = {} if evictions is None else evictions
     try:
         _fill_cache(runner, tables, seed)
-        rows = [ScheduledChunk(f"d{i}", [5], context, tables[i], True, params, [5] * context, [])
-                for i in range(batch)]
         results = []
         for name, budget in policies:
-            config = SelectionConfig(kv_selection=name, kv_budget=budget,
-                                     kv_dense_layers=dense_layers)
-            runner.inputs.selection = None if name == "full" else make_policy(config)
+            static = name in STATIC
+            kept = min(context, math.ceil(budget * context)) if static else context
+            held = -(-(kept + 1) // runner.block_size)
+            rows = [ScheduledChunk(f"d{i}", [5], context, tables[i][:held], True, params,
+                                   [5] * context, [], kv_offset=context - kept)
+                    for i in range(batch)]
+            if name == "full" or static:
+                runner.inputs.selection = None
+            else:
+                runner.inputs.selection = make_policy(SelectionConfig(
+                    kv_selection=name, kv_budget=budget, kv_dense_layers=dense_layers))
             inputs = runner._prepare(rows)
 
             def step(inputs=inputs):
@@ -61,13 +108,20 @@ def measure(llm, context: int, batch: int, policies: list[tuple[str, float]], re
             step_s = _median_seconds(step, repeats)
             attention_s, select_s, tokens_read, bounds_read = _attention_parts(
                 runner, inputs, repeats)
-            results.append({
+            row = {
                 "policy": name, "budget": budget if name != "full" else 1.0, "context": context,
                 "batch": batch, "step_ms": step_s * 1e3, "attention_ms": attention_s * 1e3,
                 "selection_ms": select_s * 1e3,
                 "kv_read_mib": (tokens_read * 2 + bounds_read * 2) * arch.num_kv_heads
                 * arch.head_dim * elem / 2**20,
-            })
+                "kv_held_mib": held * batch * _block_mib(runner),
+            }
+            if static:
+                key = (context, name, budget)
+                if key not in evictions:  # after the timed steps: it compacts tables[0]
+                    evictions[key] = _eviction_ms(runner, tables[0], context, name, budget)
+                row["eviction_ms"] = evictions[key]
+            results.append(row)
         return results
     finally:
         runner.inputs.selection = None
@@ -127,7 +181,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cached tokens per decode (8176: 8k, the last position SmolLM2 "
                         "allows) (default: %(default)s)")
     parser.add_argument("--batches", default="1,16", help="decodes per step (default: %(default)s)")
-    parser.add_argument("--policies", default="streaming,quest,mpcache")
+    parser.add_argument("--policies", default="streaming,quest,mpcache",
+                        help="dynamic (streaming, quest, mpcache) and static (snapkv, "
+                        "mpcache-static: evict once to the budget after prefill) policies "
+                        "(default: %(default)s)")
     parser.add_argument("--budgets", default="0.05,0.1,0.2",
                         help="shares of the context (or tokens, above 1) (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="median of this many steps")
@@ -137,10 +194,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write a PNG: step time per policy by budget, per context and batch")
 
 
-DESCRIPTION = ("Decode step and attention time, selection overhead and KV bytes read per step, "
-               "for each KV-selection policy and budget, at each context and batch size, against "
-               "full attention in the same run. The cache holds random keys (timing does not "
-               "depend on them).")
+DESCRIPTION = ("Decode step and attention time, selection overhead, KV bytes read per step and "
+               "KV memory held, for each KV-selection or static-eviction policy and budget, at "
+               "each context and batch size, against full attention in the same run; static "
+               "policies also report their one-time eviction cost. The cache holds random keys "
+               "(timing does not depend on them).")
 
 
 def plot_steps(results: list[dict], path: str, title: str) -> None:
@@ -193,15 +251,19 @@ def run(args: argparse.Namespace) -> int:
               max_num_seqs=max(batches))
     policies = [("full", 1.0)] + [(name, float(budget)) for name in args.policies.split(",")
                                   for budget in args.budgets.split(",")]
-    results = []
+    results, evictions = [], {}
     for context in contexts:
         for batch in batches:
-            for row in measure(llm, context, batch, policies, args.repeats):
+            for row in measure(llm, context, batch, policies, args.repeats,
+                               evictions=evictions):
                 results.append(row)
-                print(f"ctx {context:5d} batch {batch:2d} {row['policy']:9s} {row['budget']:.2f}"
+                once = (f"  eviction {row['eviction_ms']:7.0f} ms once" if "eviction_ms" in row
+                        else "")
+                print(f"ctx {context:5d} batch {batch:2d} {row['policy']:14s} {row['budget']:.2f}"
                       f"  step {row['step_ms']:8.1f} ms  attention {row['attention_ms']:8.1f} ms"
                       f"  selection {row['selection_ms']:6.1f} ms  KV read "
-                      f"{row['kv_read_mib']:8.1f} MiB", flush=True)
+                      f"{row['kv_read_mib']:8.1f} MiB  held {row['kv_held_mib']:8.1f} MiB{once}",
+                      flush=True)
     machine = machine_info(args.dtype)
     if args.json:
         write_json(args.json, {"machine": machine,
