@@ -23,3 +23,23 @@ def test_bench_batch_runs_three_ways_and_the_planner_computes_least(tiny_llama_d
     assert results["planner"]["prefill_tokens"] < results["no-cache"]["prefill_tokens"]
     assert results["no-cache"]["prefill_tokens"] == results["no-cache"]["prompt_tokens"]
     assert results["planner"]["prefill_tokens"] <= results["lru"]["prefill_tokens"]
+
+
+def test_a_tight_pool_costs_lru_its_prefixes_but_not_the_planner(tiny_llama_dir, tmp_path):
+    """many-groups with a pool holding a quarter of the distinct prefix KV: the planner reaches
+    the optimum (each prefix once), LRU recomputes prefixes it evicted before their siblings came."""
+    out = tmp_path / "batch.json"
+    code = main(["batch", "--model", str(tiny_llama_dir), "--workload", "many-groups",
+                 "--num-requests", "48", "--num-prefixes", "8", "--prefix-len", "64",
+                 "--question-len", "6", "--output-len", "3", "--pool-share", "0.25",
+                 "--modes", "planner,lru", "--no-progress", "--json", str(out)])
+    assert code == 0
+    document = json.loads(out.read_text())
+    assert document["same_tokens"]
+    pool = document["config"]["pool"]
+    assert pool["num_blocks"] < 0.3 * pool["distinct_prefix_blocks"] + 2
+    planner, lru = document["results"]["planner"], document["results"]["lru"]
+    assert planner["prefill_optimum"] == lru["prefill_optimum"]
+    assert planner["prefill_tokens"] == planner["prefill_optimum"]
+    assert planner["saving_vs_optimum"] == 1.0
+    assert lru["saving_vs_optimum"] < 0.9 and lru["prefill_tokens"] > planner["prefill_tokens"]

@@ -116,6 +116,44 @@ def test_shared_prefix_requests_share_their_prefix():
     assert requests[0].prompt_token_ids[64:] != requests[2].prompt_token_ids[64:]
 
 
+def test_many_groups_scatters_long_prefixes():
+    spec = WorkloadSpec(name="many-groups", num_requests=64, num_prefixes=8, prefix_len=100,
+                        question_len=8, output_len=4)
+    requests = make_workload(spec, TOKENS)
+    assert requests == make_workload(spec, TOKENS)  # seeded
+    by_group = {}
+    for position, r in enumerate(requests):
+        by_group.setdefault(r.client_id, []).append(position)
+    assert len(by_group) == 8 and all(len(p) == 8 for p in by_group.values())
+    for positions in by_group.values():
+        prompts = [requests[i].prompt_token_ids for i in positions]
+        prefix = len(prompts[0]) - 8
+        assert 100 <= prefix <= 200 and all(p[:prefix] == prompts[0][:prefix] for p in prompts)
+    # shuffled: the first 8 requests are not one group
+    assert len({r.client_id for r in requests[:8]}) > 1
+
+
+def test_nested_builds_a_four_level_tree():
+    from tierserve.batch.planner import prefill_optimum
+
+    spec = WorkloadSpec(name="nested", num_requests=192, prefix_len=32, question_len=8,
+                        output_len=4)
+    requests = make_workload(spec, TOKENS)
+    prompts = [r.prompt_token_ids for r in requests]
+    assert len(prompts) == 192 and all(len(p) == 32 * 4 + 8 for p in prompts)
+    assert len({tuple(p[:32]) for p in prompts}) == 3  # systems
+    assert len({tuple(p[:64]) for p in prompts}) == 24  # templates
+    assert len({tuple(p[:128]) for p in prompts}) == 96  # documents
+    assert prefill_optimum(prompts, 16) == 3 * 32 + 24 * 32 + 96 * 64 + 192 * 8
+
+
+def test_snippet_like_shares_one_document_with_a_tenth_as_output():
+    spec = WorkloadSpec(name="snippet-like", num_requests=10, prefix_len=400, question_len=20)
+    requests = make_workload(spec, TOKENS)
+    assert all(r.prompt_token_ids[:400] == requests[0].prompt_token_ids[:400] for r in requests)
+    assert all(r.max_tokens == 42 for r in requests)
+
+
 def test_multi_turn_turns_extend_the_previous_context():
     spec = WorkloadSpec(name="multi-turn", num_requests=6, turns=3, question_len=8,
                         output_len=16)

@@ -1,8 +1,8 @@
 """BatchRunner: drive a planned batch through the engine.
 
-Groups go in plan order; within a group the first member (the leader) computes the shared prefix
-and the others are admitted once it has, finding those blocks in the prefix cache. The shared KV
-thus lives exactly as long as the group runs. Admission is memory-centric: requests enter the
+Requests go in plan order (a walk of the batch's prefix tree); each waits for its leader, the
+first request of the deepest subtree it shares, to compute the shared tokens, then finds those
+blocks in the prefix cache. A node's KV thus lives while its subtree runs. Admission is memory-centric: requests enter the
 engine while the KV they may need (prompt + max_tokens, minus a shared prefix) fits the pool, not
 up to a request count, so decode-heavy phases still fill the machine and nothing is preempted.
 """
@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from tierserve.batch.planner import BatchItem, PlannedGroup, plan_batch
+from tierserve.batch.planner import BatchItem, PlannedRequest, plan_batch, prefill_optimum
 from tierserve.engine.core import EngineCore
 from tierserve.engine.output import OutputProcessor
 from tierserve.outputs import RequestOutput
@@ -27,8 +27,10 @@ class BatchStats:
 
     num_requests: int = 0
     num_groups: int = 0
-    shared_prefix_tokens_saved: int = 0  # planned: (members - 1) x prefix, summed over groups
+    num_shared_nodes: int = 0  # prefix tree nodes with two or more requests below
+    shared_prefix_tokens_saved: int = 0  # planned: prompt tokens each request reuses, summed
     prefill_tokens: int = 0  # prompt tokens actually computed
+    prefill_optimum: int = 0  # the fewest a block-granular prefix cache can compute
     output_tokens: int = 0
     peak_kv_blocks: int = 0
     wall_s: float = 0.0
@@ -108,35 +110,32 @@ class BatchRunner:
     def _plan(self, prompts, params, stats: BatchStats) -> list[_Pending]:
         items = [BatchItem(i, ids, self._expected_output(ids, params[i]))
                  for i, (_, ids) in enumerate(prompts)]
-        groups = plan_batch(items, self.core.kv.block_size)
-        stats.num_groups = len(groups)
-        stats.shared_prefix_tokens_saved = sum(g.saved_tokens for g in groups)
-        planned = []
-        for group in groups:
-            planned.extend(self._group_requests(group, prompts, params))
-        return planned
+        block_size = self.core.kv.block_size
+        plan = plan_batch(items, block_size)
+        stats.num_groups = plan.num_groups
+        stats.num_shared_nodes = plan.num_nodes
+        stats.shared_prefix_tokens_saved = plan.saved_tokens
+        stats.prefill_optimum = prefill_optimum([ids for _, ids in prompts], block_size)
+        first_request: dict[int, str] = {}
+        return [self._pending(planned, prompts, params, first_request)
+                for planned in plan.requests]
 
     def _expected_output(self, ids: list[int], params: SamplingParams) -> int:
         limits = self.core.limits
         room = min(limits.max_model_len, limits.kv_capacity_tokens) - len(ids)
         return max(1, min(params.max_tokens or room, room, self.output_estimate_cap))
 
-    def _group_requests(self, group: PlannedGroup, prompts, params) -> list[_Pending]:
-        out: list[_Pending] = []
-        leader_id: str | None = None
-        for item in group.items:
-            text, ids = prompts[item.index]
-            request_id = f"{self._id_prefix}-{item.index}"
-            sampling = params[item.index]
-            shared = group.prefix_len if leader_id is not None else 0
-            requests = self.core.make_requests(request_id, ids, sampling,
-                                               leader=leader_id if shared else None,
-                                               shared_prefix_len=shared or None)
-            if group.prefix_len and leader_id is None:
-                leader_id = requests[0].request_id
-            self.processor.add(request_id, text, requests)
-            need = sum(len(ids) - shared + self._expected_output(ids, r.sampling_params)
-                       for r in requests)
-            out.append(_Pending(item.index, text, requests, need))
-        return out
-
+    def _pending(self, planned: PlannedRequest, prompts, params,
+                 first_request: dict[int, str]) -> _Pending:
+        index = planned.item.index
+        text, ids = prompts[index]
+        shared = planned.shared_len if planned.leader is not None else 0
+        requests = self.core.make_requests(
+            f"{self._id_prefix}-{index}", ids, params[index],
+            leader=first_request[planned.leader] if shared else None,
+            shared_prefix_len=shared or None)
+        first_request[index] = requests[0].request_id
+        self.processor.add(f"{self._id_prefix}-{index}", text, requests)
+        need = sum(len(ids) - shared + self._expected_output(ids, r.sampling_params)
+                   for r in requests)
+        return _Pending(index, text, requests, need)

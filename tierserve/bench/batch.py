@@ -1,12 +1,14 @@
 """`tierserve bench batch`: the same offline batch three ways (BatchLLM planner, FCFS with LRU
-prefix caching, no prefix caching): wall time, prefill tokens computed, output tokens/s, peak KV
-blocks."""
+prefix caching, no prefix caching): wall time, prefill tokens computed against the optimum (the
+distinct blocks of the batch's prefix tree), output tokens/s, peak KV blocks."""
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 
+from tierserve.batch.planner import prefill_optimum
 from tierserve.bench.harness import open_engine, token_space
 from tierserve.bench.workloads import WorkloadSpec, make_workload
 from tierserve.config import EngineConfig
@@ -16,9 +18,22 @@ MODES = ("planner", "lru", "no-cache")
 
 
 def run_batch_bench(config: EngineConfig, spec: WorkloadSpec, modes=MODES,
-                    progress: bool = True) -> dict:
-    """Results per mode, and whether every mode produced the same greedy tokens."""
+                    progress: bool = True, pool_share: float | None = None,
+                    victim_buffer: bool = False) -> dict:
+    """Results per mode, and whether every mode produced the same greedy tokens.
+
+    ``pool_share`` sizes the KV pool to that share of the batch's distinct prefix-tree blocks
+    (what the optimum computes), at least two of the longest request. Evicted prefix blocks then
+    have nowhere else to go unless ``victim_buffer``: the host tier's copy of evicted blocks is
+    off, as in vLLM's LRU prefix cache, so the pool is the whole cache."""
     results, tokens_by_mode = {}, {}
+    config = copy.deepcopy(config)
+    pool = None
+    if pool_share is not None:
+        pool = _size_pool(config, spec, pool_share)
+        config.cache.num_blocks = pool["num_blocks"]
+        config.cache.save_evicted_to_host = victim_buffer
+        pool["victim_buffer"] = victim_buffer
     for mode in modes:
         mode_config = copy.deepcopy(config)
         mode_config.cache.enable_prefix_caching = mode != "no-cache"
@@ -33,10 +48,17 @@ def run_batch_bench(config: EngineConfig, spec: WorkloadSpec, modes=MODES,
         outputs = llm.generate(prompts, params, use_tqdm=progress, batch_mode=mode == "planner")
         wall = time.perf_counter() - started
         output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        prefill = llm.core.scheduler.num_prompt_tokens_computed - computed_before
+        prompt_tokens = sum(map(len, prompts))
+        optimum = prefill_optimum(prompts, llm.core.kv.block_size)
         results[mode] = {
             "wall_s": round(wall, 3),
-            "prefill_tokens": llm.core.scheduler.num_prompt_tokens_computed - computed_before,
-            "prompt_tokens": sum(map(len, prompts)),
+            "prefill_tokens": prefill,
+            "prefill_optimum": optimum,
+            # share of the possible saving (prompt tokens minus the optimum) this mode got
+            "saving_vs_optimum": round((prompt_tokens - prefill) / (prompt_tokens - optimum), 4)
+            if prompt_tokens > optimum else 1.0,
+            "prompt_tokens": prompt_tokens,
             "output_tokens": output_tokens,
             "output_tokens_per_s": round(output_tokens / wall, 2),
             "peak_kv_blocks": peak(),
@@ -45,8 +67,24 @@ def run_batch_bench(config: EngineConfig, spec: WorkloadSpec, modes=MODES,
         tokens_by_mode[mode] = [o.outputs[0].token_ids for o in outputs]
         llm.engine.runner.close()
     first = tokens_by_mode[modes[0]]
-    return {"results": results,
+    return {"results": results, "pool": pool,
             "same_tokens": all(tokens == first for tokens in tokens_by_mode.values())}
+
+
+def _size_pool(config: EngineConfig, spec: WorkloadSpec, share: float) -> dict:
+    """Blocks for ``share`` of the batch's distinct prefix KV, plus one request's worth per
+    64 concurrent sequences' output and question (so a tight pool still runs)."""
+    llm = open_engine(config, warmup=False)
+    try:
+        block = llm.core.kv.block_size
+        requests = make_workload(spec, token_space(llm))
+        prompts = [r.prompt_token_ids for r in requests]
+        distinct = math.ceil(prefill_optimum(prompts, block) / block)
+        longest = max(len(p) + r.max_tokens for p, r in zip(prompts, requests))
+        blocks = max(math.ceil(share * distinct), 2 * math.ceil(longest / block))
+    finally:
+        llm.engine.runner.close()
+    return {"share": share, "distinct_prefix_blocks": distinct, "num_blocks": blocks}
 
 
 def _track_peak_blocks(llm):
@@ -63,8 +101,9 @@ def _track_peak_blocks(llm):
     return lambda: peak[0]
 
 
-BATCH_COLUMNS = ("wall_s", "prefill_tokens", "prompt_tokens", "output_tokens",
-                 "output_tokens_per_s", "peak_kv_blocks", "preemptions")
+BATCH_COLUMNS = ("wall_s", "prefill_tokens", "prefill_optimum", "saving_vs_optimum",
+                 "prompt_tokens", "output_tokens", "output_tokens_per_s", "peak_kv_blocks",
+                 "preemptions")
 
 
 def add_batch_subcommand(sub, add_common) -> None:
@@ -77,6 +116,13 @@ def add_batch_subcommand(sub, add_common) -> None:
     add_common(batch, plot_help="bars of wall time, prefill tokens and output tokens/s")
     batch.add_argument("--modes", default=",".join(MODES),
                        help="comma-separated subset of planner,lru,no-cache (default: all)")
+    batch.add_argument("--pool-share", type=float, default=None,
+                       help="size the KV pool to this share of the batch's distinct prefix KV "
+                       "(e.g. 0.25 with --workload many-groups: the prefixes do not all fit); "
+                       "evicted prefix blocks are then dropped, not kept in the host tier")
+    batch.add_argument("--victim-buffer", action="store_true",
+                       help="with --pool-share: keep evicted prefix blocks in the host tier "
+                       "(tierserve's default) instead of dropping them")
     batch.set_defaults(func=cmd_batch, workload="shared-prefix", num_prefixes=32,
                        num_requests=512, prefix_len=96, question_len=16, output_len=16,
                        input_len=112)
@@ -87,11 +133,20 @@ def cmd_batch(args) -> int:
     from tierserve.bench.report import plot_bars
 
     spec = cli._workload_spec(args, args.num_requests or 512)
+    if args.pool_share is not None and not 0 < args.pool_share <= 4:
+        raise ValueError(f"--pool-share must be in (0, 4], got {args.pool_share}")
     outcome = run_batch_bench(cli._engine_config(args), spec,
-                              tuple(cli._names(args.modes)), progress=not args.no_progress)
+                              tuple(cli._names(args.modes)), progress=not args.no_progress,
+                              pool_share=args.pool_share, victim_buffer=args.victim_buffer)
+    if outcome["pool"]:
+        pool = outcome["pool"]
+        print(f"KV pool: {pool['num_blocks']} blocks, {pool['share']} of the batch's "
+              f"{pool['distinct_prefix_blocks']} distinct prefix-tree blocks; evicted blocks "
+              f"{'kept in the host tier' if pool['victim_buffer'] else 'dropped'}")
     cli._finish(args, {"workload": spec.name, "num_requests": spec.num_requests,
                        "num_prefixes": spec.num_prefixes, "prefix_len": spec.prefix_len,
-                       "question_len": spec.question_len, "output_len": spec.output_len},
+                       "question_len": spec.question_len, "output_len": spec.output_len,
+                       "scale": spec.scale, "pool": outcome["pool"]},
                 outcome["results"], BATCH_COLUMNS, extra={"same_tokens": outcome["same_tokens"]})
     print(f"greedy outputs identical across modes: {outcome['same_tokens']}")
     if args.plot:

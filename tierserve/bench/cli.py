@@ -204,8 +204,9 @@ def _add_common(parser: argparse.ArgumentParser, plot_help: str) -> None:
     group.add_argument("--input-len", type=int, default=128, help="random: prompt tokens")
     group.add_argument("--output-len", type=int, default=128,
                        help="random, shared-prefix, multi-turn: output tokens")
-    group.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: prefixes")
-    group.add_argument("--prefix-len", type=int, default=512, help="shared-prefix: prefix tokens")
+    group.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix, many-groups: prefixes")
+    group.add_argument("--prefix-len", type=int, default=512, help="shared-prefix, nested, snippet-like: prefix (document) tokens; many-groups: "
+                       "the shortest prefix (the longest is twice that)")
     group.add_argument("--question-len", type=int, default=32,
                        help="shared-prefix question / multi-turn user message tokens")
     group.add_argument("--turns", type=int, default=4, help="multi-turn: turns per conversation")

@@ -7,6 +7,9 @@ drawn length with ``ignore_eos``, so every policy serves exactly the same tokens
     sharegpt-like            lognormal prompt and output lengths, means 161 / 338 (vLLM paper)
     arxiv-summarization-like long prompts, short outputs (Sarathi-Serve's arxiv_summarization)
     shared-prefix            few-shot prefixes x questions (prefix-cache reuse)
+    many-groups              64 prefixes of 1-2k tokens x 8 questions, in random order
+    nested                   system prompts > templates > documents > questions, shuffled
+    snippet-like             one long document, many short questions, prompt:output ~10:1
     multi-turn               conversations; each turn's prompt extends the previous turn's context
     random                   fixed lengths
     --dataset FILE.jsonl     one request per line: {"prompt": str} or {"prompt_token_ids": [...]}
@@ -174,6 +177,61 @@ def shared_prefix(spec: WorkloadSpec, tokens: TokenSpace, rng: np.random.Generat
             for i in range(spec.num_requests)]
 
 
+def many_groups(spec: WorkloadSpec, tokens: TokenSpace, rng: np.random.Generator
+                ) -> list[BenchRequest]:
+    """``num_prefixes`` prefixes of ``prefix_len`` to twice that (scaled), each followed by
+    ``num_requests / num_prefixes`` fresh questions, all shuffled: requests sharing a prefix are
+    scattered through the input, as in a large offline batch."""
+    per = max(1, spec.num_requests // max(1, spec.num_prefixes))
+    low = max(1, round(spec.prefix_len * spec.scale))
+    question_len = max(1, round(spec.question_len * spec.scale))
+    requests = []
+    for group in range(spec.num_prefixes):
+        prefix = tokens.draw(rng, int(rng.integers(low, 2 * low + 1)))
+        requests += [BenchRequest(prefix + tokens.draw(rng, question_len), spec.output_len,
+                                  client_id=f"prefix-{group}") for _ in range(per)]
+    return [requests[i] for i in rng.permutation(len(requests))]
+
+
+# nested: (systems, templates per system, documents per template); questions fill the rest
+NESTED_FANOUT = (3, 8, 4)
+
+
+def nested(spec: WorkloadSpec, tokens: TokenSpace, rng: np.random.Generator
+           ) -> list[BenchRequest]:
+    """A four-level prefix tree, shuffled: 3 system prompts (``prefix_len``), 8 few-shot
+    templates under each (``prefix_len``), 4 documents under each template (twice
+    ``prefix_len``), then questions (``question_len``) spread evenly over the documents."""
+    systems, templates, documents = NESTED_FANOUT
+    unit = max(1, round(spec.prefix_len * spec.scale))
+    question_len = max(1, round(spec.question_len * spec.scale))
+    leaves = systems * templates * documents
+    per = max(1, -(-spec.num_requests // leaves))
+    requests = []
+    for s in range(systems):
+        system = tokens.draw(rng, unit)
+        for t in range(templates):
+            template = system + tokens.draw(rng, unit)
+            for _ in range(documents):
+                document = template + tokens.draw(rng, 2 * unit)
+                requests += [BenchRequest(document + tokens.draw(rng, question_len),
+                                          spec.output_len, client_id=f"template-{s}-{t}")
+                             for _ in range(per)]
+    requests = requests[: spec.num_requests]
+    return [requests[i] for i in rng.permutation(len(requests))]
+
+
+def snippet_like(spec: WorkloadSpec, tokens: TokenSpace, rng: np.random.Generator
+                 ) -> list[BenchRequest]:
+    """One document of ``prefix_len`` tokens (scaled), then ``num_requests`` short questions
+    (``question_len``); each answer is a tenth of its prompt."""
+    document = tokens.draw(rng, max(1, round(spec.prefix_len * spec.scale)))
+    question_len = max(1, round(spec.question_len * spec.scale))
+    output = max(1, (len(document) + question_len) // 10)
+    return [BenchRequest(document + tokens.draw(rng, question_len), output,
+                         client_id="document") for _ in range(spec.num_requests)]
+
+
 def multi_turn(spec: WorkloadSpec, tokens: TokenSpace, rng: np.random.Generator
                ) -> list[BenchRequest]:
     """Conversations of ``turns`` turns. Turn k's prompt is turn k-1's prompt, a stand-in for
@@ -254,6 +312,9 @@ WORKLOADS: dict[str, Callable[[WorkloadSpec, TokenSpace, np.random.Generator],
     "sharegpt-like": sharegpt_like,
     "arxiv-summarization-like": arxiv_summarization_like,
     "shared-prefix": shared_prefix,
+    "many-groups": many_groups,
+    "nested": nested,
+    "snippet-like": snippet_like,
     "multi-turn": multi_turn,
     "random": random_lengths,
 }
