@@ -133,3 +133,33 @@ def test_killed_batch_resumes_to_the_same_file(tiny_llama_dir, tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     assert f"{written} already done" in resumed.stderr
     assert _normalized(target) == _normalized(reference)
+
+
+def test_template_history_admits_more_than_declared_budgets_with_the_same_tokens(tiny_llama_dir):
+    """Requests declare 200 output tokens but write 4: reserving what finished requests of the
+    same template wrote lets more run at once than reserving max_tokens; tokens are unchanged."""
+    prompts, _ = _shared_prompts(seed=2, prefixes=3, per_prefix=8, prefix_len=32)
+    params = [SamplingParams(temperature=0, max_tokens=4, ignore_eos=True) for _ in prompts]
+    peaks, tokens = {}, {}
+    for estimate in ("max_tokens", "history"):
+        llm = LLM(str(tiny_llama_dir), num_blocks=60)
+        seen = []
+        original = llm.core.step
+
+        def step(core=llm.core, seen=seen, original=original):
+            seen.append(core.scheduler.num_running + core.scheduler.num_waiting)
+            return original()
+
+        llm.core.step = step
+        outputs = llm.generate(prompts, params, use_tqdm=False, batch_mode=True,
+                               batch_options={"output_estimate": estimate,
+                                              "declared_max_tokens": [200] * len(prompts)})
+        tokens[estimate] = [o.outputs[0].token_ids for o in outputs]
+        peaks[estimate] = max(seen)
+        assert llm.core.kv.num_free_blocks == llm.core.kv.num_blocks
+    assert tokens["history"] == tokens["max_tokens"]
+    assert peaks["max_tokens"] <= 4 < peaks["history"]
+    with pytest.raises(ValueError, match="unknown batch_options"):
+        LLM(str(tiny_llama_dir), num_blocks=60).generate(prompts[:2], params[:2],
+                                                         batch_mode=True,
+                                                         batch_options={"estimate": 1})

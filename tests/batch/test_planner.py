@@ -153,3 +153,17 @@ def test_larger_decode_ratio_goes_first():
 def test_common_prefix_len():
     assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
     assert shareable_len([1] * 20, [1] * 20, 8) == 16  # the last token is never shared
+
+
+def test_output_history_estimates_from_its_own_template_only():
+    from tierserve.batch.planner import OutputLengthHistory
+
+    history = OutputLengthHistory()
+    assert history.estimate(0, 200) == 200  # nothing seen: the declared budget
+    history.observe(0, 10)
+    history.observe(0, 30)
+    assert history.estimate(0, 200) == 25  # mean 20, plus 25%
+    assert history.estimate(0, 12) == 12  # never above what is declared
+    assert history.estimate(1, 200) == 200  # another template learns nothing from it
+    history.observe(-1, 5)  # a request sharing nothing has no template
+    assert history.estimate(-1, 50) == 50

@@ -16,6 +16,7 @@ the prefix cache. The plan computes each tree node once: exactly `prefill_optimu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 
@@ -67,6 +68,31 @@ class BatchPlan:
     def num_groups(self) -> int:
         """Sets of requests with the same deepest shared prefix (a lone request is its own)."""
         return len({r.group if r.group >= 0 else ("alone", r.item.index) for r in self.requests})
+
+
+class OutputLengthHistory:
+    """Output lengths seen so far in this batch, per template (the deepest shared prefix node),
+    and the estimate they give for the template's requests still to run: the mean seen, plus
+    25%, never above what the request declares (its max_tokens). A template nothing has finished
+    in yet, or a request that shares no prefix, is estimated at its declared length."""
+
+    MARGIN = 1.25
+
+    def __init__(self) -> None:
+        self._total: dict[int, int] = {}
+        self._count: dict[int, int] = {}
+
+    def observe(self, group: int, length: int) -> None:
+        if group >= 0:
+            self._total[group] = self._total.get(group, 0) + length
+            self._count[group] = self._count.get(group, 0) + 1
+
+    def estimate(self, group: int, declared: int) -> int:
+        count = self._count.get(group, 0)
+        if not count:
+            return declared
+        mean = self._total[group] / count
+        return max(1, min(declared, math.ceil(mean * self.MARGIN)))
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:

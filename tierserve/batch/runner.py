@@ -12,9 +12,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from tierserve.batch.planner import BatchItem, PlannedRequest, plan_batch, prefill_optimum
+from tierserve.batch.planner import (
+    BatchItem,
+    OutputLengthHistory,
+    PlannedRequest,
+    plan_batch,
+    prefill_optimum,
+)
 from tierserve.engine.core import EngineCore
 from tierserve.engine.output import OutputProcessor
 from tierserve.outputs import RequestOutput
@@ -45,31 +51,44 @@ class _Pending:
     index: int
     text: str | None
     requests: list[Request]
-    need_tokens: int
-    leader_of: list[Request] = field(default_factory=list)
+    prompt_tokens: int  # prompt tokens it computes (its own, not the shared prefix)
+    declared: list[int]  # each completion's declared output budget
+    group: int  # template (deepest shared prefix node); -1: none
+    need_tokens: int = 0  # KV tokens reserved at admission
 
 
 class BatchRunner:
     """Runs many requests with the BatchLLM plan over one EngineCore."""
 
     def __init__(self, core: EngineCore, processor: OutputProcessor,
-                 memory_fraction: float = 0.95, output_estimate_cap: int = 512) -> None:
+                 memory_fraction: float = 0.95, output_estimate_cap: int = 512,
+                 output_estimate: str = "history") -> None:
+        if output_estimate not in ("history", "max_tokens"):
+            raise ValueError(f"output_estimate must be history or max_tokens, got "
+                             f"{output_estimate!r}")
         self.core = core
         self.processor = processor
         self.capacity_tokens = int(core.kv.num_blocks * core.kv.block_size * memory_fraction)
-        # The output length estimate is max_tokens; a request that leaves it open (up to the
+        # A request's declared output is its max_tokens; one that leaves it open (up to the
         # context end) is planned as if it wanted at most this many tokens.
         self.output_estimate_cap = output_estimate_cap
+        # What admission reserves for outputs: the declared length, or, once requests of the
+        # same template have finished, what they produced (OutputLengthHistory).
+        self.output_estimate = output_estimate
 
     def run(self, prompts: list[tuple[str | None, list[int]]], params: list[SamplingParams],
             on_output: Callable[[int, RequestOutput], None] | None = None,
             on_step: Callable[[BatchStats, int], None] | None = None,
-            id_prefix: str = "batch") -> BatchStats:
+            id_prefix: str = "batch", declared_max_tokens: list[int] | None = None) -> BatchStats:
         """Run every prompt; ``on_output(index, output)`` gets each result as it finishes.
 
-        Prompts must be valid (``EngineCore.make_request`` raises otherwise, before anything
-        runs)."""
+        ``declared_max_tokens`` overrides the output budget the plan sees per prompt (default:
+        each one's max_tokens); benchmarks use it to stand a loose declared budget beside the
+        lengths the requests really produce. Prompts must be valid (``EngineCore.make_request``
+        raises otherwise, before anything runs)."""
         self._id_prefix = id_prefix
+        self._declared = declared_max_tokens
+        self._history = OutputLengthHistory()
         config = self.core.scheduler.config
         seq_cap, config.max_num_seqs = config.max_num_seqs, 1 << 30  # memory decides, not a count
         try:
@@ -85,8 +104,10 @@ class BatchRunner:
         in_flight: dict[str, _Pending] = {}
         used = 0
         while queue or in_flight:
-            while queue and (not in_flight or used + queue[0].need_tokens <= self.capacity_tokens):
+            while queue and (not in_flight
+                             or used + self._need(queue[0]) <= self.capacity_tokens):
                 pending = queue.popleft()
+                pending.need_tokens = self._need(pending)
                 for request in pending.requests:
                     self.core.add_request(request)
                 in_flight[pending.requests[0].request_id.split("#")[0]] = pending
@@ -99,6 +120,8 @@ class BatchRunner:
                 pending = in_flight.pop(output.request_id)
                 used -= pending.need_tokens
                 stats.output_tokens += sum(len(c.token_ids) for c in output.outputs)
+                for completion in output.outputs:
+                    self._history.observe(pending.group, len(completion.token_ids))
                 if on_output is not None:
                     on_output(pending.index, output)
             if on_step is not None:
@@ -108,7 +131,8 @@ class BatchRunner:
         return stats
 
     def _plan(self, prompts, params, stats: BatchStats) -> list[_Pending]:
-        items = [BatchItem(i, ids, self._expected_output(ids, params[i]))
+        declared = self._declared or [None] * len(prompts)
+        items = [BatchItem(i, ids, self._expected_output(ids, params[i], declared[i]))
                  for i, (_, ids) in enumerate(prompts)]
         block_size = self.core.kv.block_size
         plan = plan_batch(items, block_size)
@@ -120,10 +144,20 @@ class BatchRunner:
         return [self._pending(planned, prompts, params, first_request)
                 for planned in plan.requests]
 
-    def _expected_output(self, ids: list[int], params: SamplingParams) -> int:
+    def _expected_output(self, ids: list[int], params: SamplingParams,
+                         declared: int | None = None) -> int:
         limits = self.core.limits
         room = min(limits.max_model_len, limits.kv_capacity_tokens) - len(ids)
-        return max(1, min(params.max_tokens or room, room, self.output_estimate_cap))
+        asked = declared or params.max_tokens or room
+        return max(1, min(asked, room, self.output_estimate_cap))
+
+    def _need(self, pending: _Pending) -> int:
+        """KV tokens to reserve for a request about to be admitted."""
+        if self.output_estimate == "max_tokens":
+            outputs = sum(pending.declared)
+        else:
+            outputs = sum(self._history.estimate(pending.group, d) for d in pending.declared)
+        return pending.prompt_tokens + outputs
 
     def _pending(self, planned: PlannedRequest, prompts, params,
                  first_request: dict[int, str]) -> _Pending:
@@ -136,6 +170,7 @@ class BatchRunner:
             shared_prefix_len=shared or None)
         first_request[index] = requests[0].request_id
         self.processor.add(f"{self._id_prefix}-{index}", text, requests)
-        need = sum(len(ids) - shared + self._expected_output(ids, r.sampling_params)
-                   for r in requests)
-        return _Pending(index, text, requests, need)
+        declared = self._declared[index] if self._declared else None
+        return _Pending(index, text, requests, prompt_tokens=(len(ids) - shared) * len(requests),
+                        declared=[self._expected_output(ids, r.sampling_params, declared)
+                                  for r in requests], group=planned.group)

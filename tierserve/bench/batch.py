@@ -15,17 +15,24 @@ from tierserve.config import EngineConfig
 from tierserve.request import SamplingParams
 
 MODES = ("planner", "lru", "no-cache")
+# Also runnable: the planner reserving every request's declared max_tokens at admission instead
+# of its template's history (only differs with --declared-max-tokens).
+ALL_MODES = MODES + ("planner-max-tokens",)
 
 
 def run_batch_bench(config: EngineConfig, spec: WorkloadSpec, modes=MODES,
                     progress: bool = True, pool_share: float | None = None,
-                    victim_buffer: bool = False) -> dict:
+                    victim_buffer: bool = False, declared_max_tokens: int | None = None) -> dict:
     """Results per mode, and whether every mode produced the same greedy tokens.
 
     ``pool_share`` sizes the KV pool to that share of the batch's distinct prefix-tree blocks
     (what the optimum computes), at least two of the longest request. Evicted prefix blocks then
     have nowhere else to go unless ``victim_buffer``: the host tier's copy of evicted blocks is
-    off, as in vLLM's LRU prefix cache, so the pool is the whole cache."""
+    off, as in vLLM's LRU prefix cache, so the pool is the whole cache.
+
+    ``declared_max_tokens``: the planner is told every request may produce this many tokens,
+    while each really stops at its drawn length (as if at EOS); the plan and admission then
+    work from a loose budget, as with real requests."""
     results, tokens_by_mode = {}, {}
     config = copy.deepcopy(config)
     pool = None
@@ -45,7 +52,13 @@ def run_batch_bench(config: EngineConfig, spec: WorkloadSpec, modes=MODES,
         peak = _track_peak_blocks(llm)
         computed_before = llm.core.scheduler.num_prompt_tokens_computed
         started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=progress, batch_mode=mode == "planner")
+        planner = mode.startswith("planner")
+        options = {"output_estimate": "max_tokens" if mode == "planner-max-tokens" else "history"}
+        if declared_max_tokens:
+            options["declared_max_tokens"] = [max(declared_max_tokens, r.max_tokens)
+                                               for r in requests]
+        outputs = llm.generate(prompts, params, use_tqdm=progress, batch_mode=planner,
+                               batch_options=options if planner else None)
         wall = time.perf_counter() - started
         output_tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         prefill = llm.core.scheduler.num_prompt_tokens_computed - computed_before
@@ -115,11 +128,16 @@ def add_batch_subcommand(sub, add_common) -> None:
         "tokens computed, output tokens/s and peak KV blocks, and checks greedy outputs match.")
     add_common(batch, plot_help="bars of wall time, prefill tokens and output tokens/s")
     batch.add_argument("--modes", default=",".join(MODES),
-                       help="comma-separated subset of planner,lru,no-cache (default: all)")
+                       help="comma-separated subset of planner,lru,no-cache,planner-max-tokens "
+                       "(default: planner,lru,no-cache)")
     batch.add_argument("--pool-share", type=float, default=None,
                        help="size the KV pool to this share of the batch's distinct prefix KV "
                        "(e.g. 0.25 with --workload many-groups: the prefixes do not all fit); "
                        "evicted prefix blocks are then dropped, not kept in the host tier")
+    batch.add_argument("--declared-max-tokens", type=int, default=None,
+                       help="tell the planner each request may write this many tokens while it "
+                       "stops at its drawn length, as real requests stop at EOS (compare "
+                       "planner and planner-max-tokens)")
     batch.add_argument("--victim-buffer", action="store_true",
                        help="with --pool-share: keep evicted prefix blocks in the host tier "
                        "(tierserve's default) instead of dropping them")
@@ -133,11 +151,16 @@ def cmd_batch(args) -> int:
     from tierserve.bench.report import plot_bars
 
     spec = cli._workload_spec(args, args.num_requests or 512)
+    unknown = set(cli._names(args.modes)) - set(ALL_MODES)
+    if unknown:
+        raise ValueError(f"unknown --modes {', '.join(sorted(unknown))}; choose from "
+                         f"{', '.join(ALL_MODES)}")
     if args.pool_share is not None and not 0 < args.pool_share <= 4:
         raise ValueError(f"--pool-share must be in (0, 4], got {args.pool_share}")
     outcome = run_batch_bench(cli._engine_config(args), spec,
                               tuple(cli._names(args.modes)), progress=not args.no_progress,
-                              pool_share=args.pool_share, victim_buffer=args.victim_buffer)
+                              pool_share=args.pool_share, victim_buffer=args.victim_buffer,
+                              declared_max_tokens=args.declared_max_tokens)
     if outcome["pool"]:
         pool = outcome["pool"]
         print(f"KV pool: {pool['num_blocks']} blocks, {pool['share']} of the batch's "

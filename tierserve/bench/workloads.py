@@ -181,15 +181,22 @@ def many_groups(spec: WorkloadSpec, tokens: TokenSpace, rng: np.random.Generator
                 ) -> list[BenchRequest]:
     """``num_prefixes`` prefixes of ``prefix_len`` to twice that (scaled), each followed by
     ``num_requests / num_prefixes`` fresh questions, all shuffled: requests sharing a prefix are
-    scattered through the input, as in a large offline batch."""
+    scattered through the input, as in a large offline batch. Output lengths differ between
+    prefixes (templates), not much within one."""
     per = max(1, spec.num_requests // max(1, spec.num_prefixes))
     low = max(1, round(spec.prefix_len * spec.scale))
     question_len = max(1, round(spec.question_len * spec.scale))
     requests = []
     for group in range(spec.num_prefixes):
         prefix = tokens.draw(rng, int(rng.integers(low, 2 * low + 1)))
-        requests += [BenchRequest(prefix + tokens.draw(rng, question_len), spec.output_len,
-                                  client_id=f"prefix-{group}") for _ in range(per)]
+        # each template answers at its own typical length (lognormal around output_len), each
+        # answer within 20% of it
+        typical = spec.output_len * float(rng.lognormal(0.0, 0.5))
+        for _ in range(per):
+            length = max(1, round(typical * float(rng.uniform(0.8, 1.2))))
+            requests.append(BenchRequest(prefix + tokens.draw(rng, question_len),
+                                         min(length, spec.max_output_len),
+                                         client_id=f"prefix-{group}"))
     return [requests[i] for i in rng.permutation(len(requests))]
 
 

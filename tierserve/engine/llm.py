@@ -49,24 +49,28 @@ class LLM:
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-                 *, use_tqdm: bool = True, batch_mode: bool = False) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True, batch_mode: bool = False,
+                 batch_options: dict | None = None) -> list[RequestOutput]:
         """Complete each prompt (text, token ids, or {"prompt_token_ids": [...]}); in order.
 
         A request that fails inside the engine (say its logits processor raises) comes back
         with ``error`` set and its completions' ``finish_reason`` "error"; the others finish
-        as if it had never been there. ``batch_mode=True`` runs the whole list with the BatchLLM planner (shared prefixes found
-        across the batch and computed once per group, decode-heavy requests first, admission by
-        KV memory): best for large offline jobs; results are the same.
+        as if it had never been there. ``batch_mode=True`` runs the whole list with the BatchLLM
+        planner (the batch's prefix tree computed once per node, decode-heavy requests first,
+        admission by KV memory): best for large offline jobs; results are the same.
+        ``batch_options`` goes to it: ``output_estimate`` ("history", the default, or
+        "max_tokens") and ``declared_max_tokens`` (a list, the budgets the plan sees).
         """
         if isinstance(prompts, (str, dict)) or (
                 isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         encoded = [self._encode(p) for p in prompts]
         if batch_mode:
-            return self._run_batch(encoded, sampling_params, use_tqdm)
+            return self._run_batch(encoded, sampling_params, use_tqdm, batch_options or {})
         return self._run(encoded, sampling_params, use_tqdm)
 
-    def _run_batch(self, encoded, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+    def _run_batch(self, encoded, sampling_params, use_tqdm: bool,
+                   options: dict) -> list[RequestOutput]:
         from tierserve.batch.runner import BatchRunner
 
         params = self._per_prompt(sampling_params, len(encoded))
@@ -80,11 +84,16 @@ class LLM:
             results[index] = output
             bar.update(1)
 
-        runner = BatchRunner(self.core, OutputProcessor(self.tokenizer))
+        unknown = set(options) - {"output_estimate", "declared_max_tokens"}
+        if unknown:
+            raise ValueError(f"unknown batch_options: {', '.join(sorted(unknown))}")
+        runner = BatchRunner(self.core, OutputProcessor(self.tokenizer),
+                             output_estimate=options.get("output_estimate", "history"))
         with bar:
             try:
-                self.last_batch_stats = runner.run(encoded, params, on_output=done,
-                                                   id_prefix=f"b{next(self._ids)}")
+                self.last_batch_stats = runner.run(
+                    encoded, params, on_output=done, id_prefix=f"b{next(self._ids)}",
+                    declared_max_tokens=options.get("declared_max_tokens"))
             except BaseException:
                 self.core.abort(list(self.core.scheduler.requests))
                 raise
