@@ -31,7 +31,8 @@ import torch.nn.functional as F
 
 from tierserve.config import SelectionConfig
 
-SCORE_ROWS = 64  # window queries scored at once: (heads, rows, context) float32 at a time
+SCORE_ROWS = 256  # at most this many window queries scored at once
+SCORE_ELEMENTS = 1 << 24  # and at most this many (heads x rows x context) float32 scores
 LONG_PROMPT = 24 * 1024  # MPCache halves its window beyond this many tokens
 
 
@@ -54,15 +55,24 @@ class WindowObserver:
         group = q.shape[1] // nkv
         k = keys.float()
         scores = self.scores[layer, :, :ctx]
-        for first in range(0, q.shape[0], SCORE_ROWS):
-            rows = q[first:first + SCORE_ROWS].float().view(-1, nkv, group, head_dim)
-            logits = torch.einsum("rhgd,hcd->hgrc", rows, k) * scale
-            hidden = torch.arange(ctx)[None, :] > q_slots[first:first + SCORE_ROWS, None]
-            probs = logits.masked_fill(hidden, float("-inf")).softmax(-1)  # (nkv, G, r, ctx)
+        step = max(1, min(SCORE_ROWS, SCORE_ELEMENTS // max(1, q.shape[1] * ctx)))
+        columns = torch.arange(ctx)
+        for first in range(0, q.shape[0], step):
+            slots = q_slots[first:first + step]
+            rows = (q[first:first + step].float() * scale).view(-1, nkv, group, head_dim)
+            logits = torch.einsum("rhgd,hcd->hgrc", rows, k)  # (nkv, G, r, ctx)
+            # only keys after the earliest query's slot can be hidden from some query
+            lo = int(slots.min()) + 1
+            if lo < ctx:
+                hidden = columns[None, lo:] > slots[:, None]
+                logits[..., lo:].masked_fill_(hidden, float("-inf"))
+            # softmax in place: the (heads, rows, ctx) block is the largest tensor here
+            logits.sub_(logits.amax(-1, keepdim=True)).exp_()
+            logits.div_(logits.sum(-1, keepdim=True))
             if self.reduce == "max":
-                torch.maximum(scores[0], probs.mean((0, 1)).amax(0), out=scores[0])
+                torch.maximum(scores[0], logits.mean((0, 1)).amax(0), out=scores[0])
             else:
-                scores += probs.sum((1, 2))
+                scores += logits.sum((1, 2))
 
 
 class StaticEviction:
