@@ -1,7 +1,9 @@
 """EleutherAI's lm-evaluation-harness scores through the server as users run it: `lm_eval --model
 local-completions` against `tierserve serve` (echo + logprobs, its remote tokenizer found on our
 /tokenizer_info and /tokenize) and `lm_eval --model hf` on the same GGUF weights in float32 must
-agree: the same accuracy, and every choice's log-likelihood within 0.05.
+agree: the same accuracy, and every choice's log-likelihood within 0.05. The hf side loads
+transformers' own float32 dequantization of that GGUF, saved once as a safetensors folder
+(loading the GGUF in the subprocess again would add ~50 s).
 
 The task (30 general-knowledge questions, 4 choices each, shipped in tests/server/data) is local:
 nothing is fetched from a hub.
@@ -59,8 +61,27 @@ def _lm_eval(tmp_path: Path, name: str, *model: str) -> tuple[float, dict[int, l
     return accuracy, scores
 
 
+@pytest.fixture(scope="module")
+def hf_smollm2_dir(hf_smollm2, smollm2_path, tmp_path_factory):
+    """The reference model and tokenizer, as transformers read them from the GGUF, saved."""
+    import copy
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("hf_smollm2")
+    model = copy.deepcopy(hf_smollm2)  # the session's model stays as loaded
+    model.config.quantization_config = None  # a GGUF-loaded model refuses to save otherwise
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name
+                                  ).save_pretrained(path)
+    return path
+
+
 @pytest.mark.slow
-def test_lm_eval_through_the_server_matches_lm_eval_on_transformers(smollm2_path, tmp_path):
+def test_lm_eval_through_the_server_matches_lm_eval_on_transformers(smollm2_path, hf_smollm2_dir,
+                                                                     tmp_path):
     (tmp_path / "task.yaml").write_text(TASK.format(data=DATA))
     server = ServerProcess(smollm2_path, "--dtype", "float32", "--kv-cache-memory", "64MiB")
     try:
@@ -71,8 +92,7 @@ def test_lm_eval_through_the_server_matches_lm_eval_on_transformers(smollm2_path
         server.stop()
     hf_acc, reference = _lm_eval(
         tmp_path, "hf", "--model", "hf", "--device", "cpu", "--batch_size", "16",
-        "--model_args",
-        f"pretrained={smollm2_path.parent},gguf_file={smollm2_path.name},dtype=float32")
+        "--model_args", f"pretrained={hf_smollm2_dir},dtype=float32")
     assert len(served) == len(reference) == 30
     assert served_acc == hf_acc and served_acc > 0.5  # far above chance (0.25)
     for doc_id, choices in reference.items():
