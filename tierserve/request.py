@@ -141,6 +141,12 @@ class RequestStatus(Enum):
         return self.value if self.finished else None
 
 
+# Requests at or above this ``priority`` are background work (the HTTP Batch API): they run
+# after every online request, are preempted for one (every policy), and do not count toward
+# the server's --max-waiting-requests.
+BACKGROUND_PRIORITY = 1 << 31
+
+
 @dataclass(slots=True, eq=False)
 class Request:
     """One sequence being generated. The scheduler sees counters, never tensors.

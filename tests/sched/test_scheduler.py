@@ -79,6 +79,38 @@ def test_newest_request_is_preempted_first():
     run_to_completion(core)
 
 
+@pytest.mark.parametrize("limit", ["memory", "max_num_seqs"])
+def test_a_higher_priority_class_preempts_a_lower_one_under_sarathi(limit):
+    """Batch API requests run at a large priority value: an online request (0) that arrives
+    when they hold the memory or every sequence slot takes their place in its next step."""
+    kwargs = ({"num_blocks": 16, "budget": 64} if limit == "memory"
+              else {"max_num_seqs": 2, "budget": 64})
+    core, executor = make_core(**kwargs)
+    background = [_add(core, f"bg{i}", 24, max_tokens=30, seed=i, priority=1 << 31)
+                  for i in range(2)]
+    for _ in range(3):
+        core.step()
+    assert all(r.status is RequestStatus.RUNNING for r in background)
+    online = _add(core, "online", 20, max_tokens=4, seed=9)
+    core.step()
+    assert "online" in [c.request_id for c in executor.plans[-1].chunks]
+    assert sum(r.num_preemptions for r in background) >= 1
+    run_to_completion(core)
+    assert online.output_token_ids and all(len(r.output_token_ids) == 30 for r in background)
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_equal_priorities_do_not_preempt_for_waiting_under_sarathi():
+    core, executor = make_core(max_num_seqs=2, budget=64)
+    first = [_add(core, f"r{i}", 24, max_tokens=30, seed=i) for i in range(2)]
+    core.step()
+    _add(core, "late", 20, max_tokens=4, seed=9)
+    core.step()
+    assert "late" not in [c.request_id for c in executor.plans[-1].chunks]
+    assert all(r.num_preemptions == 0 for r in first)
+    run_to_completion(core)
+
+
 def test_prefix_cache_hit_skips_computed_tokens():
     core, executor = make_core(block_size=4)
     _add(core, "a", 21, seed=5)

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import httpx
@@ -23,6 +24,9 @@ class ServerProcess:
     def __init__(self, model_dir, *extra: str, env: dict | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        if "--data-dir" not in extra:  # never the user's own (~/.local/share/tierserve)
+            self._data_dir = tempfile.TemporaryDirectory(prefix="tierserve-test-data-")
+            extra = (*extra, "--data-dir", self._data_dir.name)
         cmd = [sys.executable, "-m", "tierserve.cli", "serve", "--model", str(model_dir),
                "--served-model-name", "tiny", "--port", str(self.port),
                "--kv-cache-memory", "16MiB", "--swap-space", "16MiB", *extra]

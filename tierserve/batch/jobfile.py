@@ -34,7 +34,7 @@ ROUTES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": Comp
 
 
 @dataclass(slots=True)
-class _Job:
+class Job:
     line: int
     custom_id: str | None
     url: str = ""
@@ -42,6 +42,11 @@ class _Job:
     prompt: tuple[str | None, list[int]] | None = None
     params: SamplingParams | None = None
     result: dict | None = None  # the finished output line
+    id_prefix: str = "batch_req_"
+
+    @property
+    def line_id(self) -> str:
+        return f"{self.id_prefix}{self.line}"
 
 
 @dataclass(slots=True)
@@ -64,7 +69,8 @@ def run_batch_file(llm, input_path: str | Path, output_path: str | Path, resume:
     summary = BatchFileSummary(lines=len(lines))
     done = _existing_output(Path(output_path), lines, resume)
     summary.skipped_done = done
-    jobs = [_parse(i, text, llm) for i, text in enumerate(lines) if i >= done]
+    jobs = [parse_line(i, text, llm.tokenizer, llm.core) for i, text in enumerate(lines)
+            if i >= done]
     runnable = [job for job in jobs if job.result is None]
     summary.failed = len(jobs) - len(runnable)
     with open(output_path, "a", encoding="utf-8") as out, tqdm(
@@ -77,11 +83,11 @@ def run_batch_file(llm, input_path: str | Path, output_path: str | Path, resume:
         def finished(index: int, output: RequestOutput) -> None:
             job = runnable[index]
             if output.error:
-                job.result = _failed_response(job, output.error, None, status=500)
+                job.result = failed_response(job, output.error, None, status=500)
                 summary.failed += 1
                 summary.errors.append(f"line {job.line + 1}: {output.error}")
             else:
-                job.result = _success_line(job, output, llm)
+                job.result = success_line(job, output, llm.config.model.model)
                 summary.succeeded += 1
             summary.output_tokens += sum(len(c.token_ids) for c in output.outputs)
             elapsed = time.perf_counter() - started_run
@@ -103,7 +109,7 @@ def run_batch_file(llm, input_path: str | Path, output_path: str | Path, resume:
 class _OrderedWriter:
     """Writes finished lines in input order, flushing each, as soon as their turn comes."""
 
-    def __init__(self, out, jobs: list[_Job], bar) -> None:
+    def __init__(self, out, jobs: list[Job], bar) -> None:
         self.out, self.jobs, self.bar, self.next = out, jobs, bar, 0
 
     def flush_ready(self) -> None:
@@ -143,48 +149,60 @@ def _custom_id(text: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _parse(line: int, text: str, llm) -> _Job:
-    """A job ready to run, or one whose ``result`` is already its error line."""
+def parse_line(line: int, text: str, tokenizer, core, endpoint: str | None = None,
+               model_name: str | None = None) -> Job:
+    """A job ready to run, or one whose ``result`` is already its error line.
+
+    ``endpoint``: the one url every line must name (the HTTP Batch API's batch endpoint);
+    ``model_name``: the served model, which a line's ``model`` must equal when given."""
     try:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
-        return _Job(line, None, result=_error_line(line, None, "invalid_json_line",
+        return Job(line, None, result=_error_line(line, None, "invalid_json_line",
                                                    f"line {line + 1} is not JSON: {exc}"))
     if not isinstance(record, dict) or not isinstance(record.get("custom_id"), str):
-        return _Job(line, None, result=_error_line(
+        return Job(line, None, result=_error_line(
             line, None, "missing_custom_id", f"line {line + 1} needs a string custom_id"))
-    job = _Job(line, record["custom_id"], url=record.get("url", ""))
-    if record.get("method", "POST") != "POST" or job.url not in ROUTES:
+    job = Job(line, record["custom_id"], url=record.get("url", ""))
+    urls = (endpoint,) if endpoint else tuple(ROUTES)
+    if record.get("method", "POST") != "POST" or job.url not in urls:
         job.result = _error_line(line, job.custom_id, "invalid_url",
-                                 f"url must be one of {', '.join(ROUTES)} with method POST")
+                                 f"url must be {' or '.join(urls)} with method POST")
         return job
     try:
         job.body = ROUTES[job.url].model_validate(record.get("body") or {})
-        job.prompt, job.params = _engine_input(job, llm)
-        llm.core.make_request("check", job.prompt[1], job.params)
+        if model_name and job.body.model and job.body.model != model_name:
+            job.result = failed_response(job, f"The model '{job.body.model}' does not exist; "
+                                         f"this server serves '{model_name}'", "model",
+                                         status=404)
+            return job
+        if job.body.stream:
+            raise InvalidRequestError("a batch line cannot stream; drop stream", "stream")
+        job.prompt, job.params = _engine_input(job, tokenizer)
+        core.make_request("check", job.prompt[1], job.params)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        job.result = _failed_response(job, f"{loc}: {first['msg']}", str(first["loc"][0]))
+        job.result = failed_response(job, f"{loc}: {first['msg']}", str(first["loc"][0]))
     except (InvalidRequestError, ValueError) as exc:
-        job.result = _failed_response(job, str(exc), getattr(exc, "param", None))
+        job.result = failed_response(job, str(exc), getattr(exc, "param", None))
     return job
 
 
-def _engine_input(job: _Job, llm) -> tuple[tuple[str | None, list[int]], SamplingParams]:
+def _engine_input(job: Job, tokenizer) -> tuple[tuple[str | None, list[int]], SamplingParams]:
     body = job.body
     if isinstance(body, ChatCompletionRequest):
-        return llm.tokenizer.chat_prompt(convert.chat_messages(body)), convert.chat_params(body)
-    prompts = convert.encode_prompts(llm.tokenizer, body.prompt)
+        return tokenizer.chat_prompt(convert.chat_messages(body)), convert.chat_params(body)
+    prompts = convert.encode_prompts(tokenizer, body.prompt)
     if len(prompts) != 1:
         raise InvalidRequestError("a batch line takes one prompt; split the list into lines",
                                   "prompt")
     return prompts[0], convert.completion_params(body)
 
 
-def _success_line(job: _Job, output: RequestOutput, llm) -> dict:
+def success_line(job: Job, output: RequestOutput, model_name: str) -> dict:
     body = job.body
-    model = body.model or llm.config.model.model
+    model = body.model or model_name
     counts = protocol.usage(*protocol.count_tokens([output]))
     if isinstance(body, ChatCompletionRequest):
         choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0) for c in output.outputs]
@@ -196,17 +214,17 @@ def _success_line(job: _Job, output: RequestOutput, llm) -> dict:
                    for c in output.outputs]
         response = protocol.envelope(f"cmpl-batch-{job.line}", "text_completion", model, choices,
                                      usage_=counts)
-    return {"id": f"batch_req_{job.line}", "custom_id": job.custom_id,
+    return {"id": job.line_id, "custom_id": job.custom_id,
             "response": {"status_code": 200, "request_id": response["id"], "body": response},
             "error": None}
 
 
-def _failed_response(job: _Job, message: str, param: str | None, status: int = 400) -> dict:
-    """A line whose request was refused (400) or failed inside the engine (500, as the
+def failed_response(job: Job, message: str, param: str | None, status: int = 400) -> dict:
+    """A line whose request was refused (400, 404) or failed inside the engine (500, as the
     server's own answer would be)."""
-    body = (error_body(message, param=param) if status == 400
-            else error_body(message, "server_error"))
-    return {"id": f"batch_req_{job.line}", "custom_id": job.custom_id,
+    body = (error_body(message, "server_error") if status >= 500 else
+            error_body(message, param=param, code="model_not_found" if status == 404 else None))
+    return {"id": job.line_id, "custom_id": job.custom_id,
             "response": {"status_code": status, "request_id": f"batch-{job.line}",
                          "body": body},
             "error": None}

@@ -57,6 +57,15 @@ class _Pending:
     need_tokens: int = 0  # KV tokens reserved at admission
 
 
+def expected_output(limits, ids: list[int], params: SamplingParams, cap: int,
+                    declared: int | None = None) -> int:
+    """The output budget a plan sees for a prompt: its declared length (``max_tokens``; a
+    request that leaves it open, up to the context end, is planned at ``cap``)."""
+    room = min(limits.max_model_len, limits.kv_capacity_tokens) - len(ids)
+    asked = declared or params.max_tokens or room
+    return max(1, min(asked, room, cap))
+
+
 class BatchRunner:
     """Runs many requests with the BatchLLM plan over one EngineCore."""
 
@@ -146,10 +155,8 @@ class BatchRunner:
 
     def _expected_output(self, ids: list[int], params: SamplingParams,
                          declared: int | None = None) -> int:
-        limits = self.core.limits
-        room = min(limits.max_model_len, limits.kv_capacity_tokens) - len(ids)
-        asked = declared or params.max_tokens or room
-        return max(1, min(asked, room, self.output_estimate_cap))
+        return expected_output(self.core.limits, ids, params, self.output_estimate_cap,
+                               declared)
 
     def _need(self, pending: _Pending) -> int:
         """KV tokens to reserve for a request about to be admitted."""

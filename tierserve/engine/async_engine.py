@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from tierserve.engine.loading import LoadedEngine
 from tierserve.engine.output import OutputProcessor
 from tierserve.outputs import RequestOutput
-from tierserve.request import Request, RequestStatus, SamplingParams
+from tierserve.request import BACKGROUND_PRIORITY, Request, RequestStatus, SamplingParams
 from tierserve.sched.plan import RequestUpdate
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopping = False
+        self._background_waiting = 0  # waiting background requests; the engine thread's count
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tierserve-engine", daemon=True)
         self._output_thread = threading.Thread(target=self._run_outputs, name="tierserve-output",
@@ -109,10 +110,13 @@ class AsyncEngine:
 
     # -- requests ------------------------------------------------------------------------------
     def make_requests(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
-                      client_id: str | None = None, priority: int = 0) -> list[Request]:
-        """Validate and build the engine requests for one user request (``n`` of them)."""
+                      client_id: str | None = None, priority: int = 0, leader: str | None = None,
+                      shared_prefix_len: int | None = None) -> list[Request]:
+        """Validate and build the engine requests for one user request (``n`` of them);
+        ``leader``/``shared_prefix_len`` as in ``EngineCore.make_requests`` (a batch plan)."""
         return self.core.make_requests(request_id, prompt_ids, params, client_id=client_id,
-                                       priority=priority)
+                                       priority=priority, leader=leader,
+                                       shared_prefix_len=shared_prefix_len)
 
     def generate(self, request_id: str, prompt: str | None, requests: list[Request]
                  ) -> AsyncIterator[RequestOutput]:
@@ -126,8 +130,11 @@ class AsyncEngine:
         """
         if not self.alive:
             raise EngineDeadError("the engine loop is not running")
-        waiting = self.core.scheduler.num_waiting + self._commands.qsize()
-        if self.max_waiting_requests is not None and waiting >= self.max_waiting_requests:
+        background = all(r.priority >= BACKGROUND_PRIORITY for r in requests)
+        waiting = (self.core.scheduler.num_waiting - self._background_waiting
+                   + self._commands.qsize())
+        if (self.max_waiting_requests is not None and not background
+                and waiting >= self.max_waiting_requests):
             raise QueueFullError(f"{waiting} requests are already waiting "
                                  f"(--max-waiting-requests {self.max_waiting_requests})")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
@@ -196,6 +203,8 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 updates = self.core.step()
+                self._background_waiting = sum(
+                    1 for r in self.core.scheduler.waiting if r.priority >= BACKGROUND_PRIORITY)
                 if updates:
                     self._outputs.put(("updates", updates))
             self._abort_all()

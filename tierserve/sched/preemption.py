@@ -20,16 +20,33 @@ class PreemptionMixin:
     """Methods of Scheduler that move requests out of memory and back."""
 
     def _make_room_for_waiting(self: Scheduler, plan: StepPlan) -> None:
-        """Let the policy preempt running requests for a waiting one it ranks higher (fair)."""
-        if not self.policy.preempts_for_waiting:
-            return
+        """Preempt running requests for the waiting one first in policy order when it cannot
+        start: under every policy for running requests of a lower priority class (a larger
+        ``priority``: the Batch API's requests under online ones), and under a policy that
+        preempts for waiting requests (fair) as it ranks them."""
         candidates = self.policy.order_waiting(self.waiting + self.swapped)
         if not candidates:
             return
         head = candidates[0]
+        if head.status is not RequestStatus.SWAPPED and self._waits_for_leader(head):
+            return  # it could not start anyway
         need = self.kv.blocks_for(min(head.num_tokens, self.config.max_num_batched_tokens))
-        while (len(self.running) >= self.config.max_num_seqs
-               or need + self.admission_reserve > self.kv.num_free_blocks):
+
+        def blocked() -> bool:
+            return (len(self.running) >= self.config.max_num_seqs
+                    or need + self.admission_reserve > self.kv.num_free_blocks)
+
+        while blocked():
+            lower = [r for r in self.running if r.priority > head.priority]
+            if not lower:
+                break
+            victim = self.policy.pick_victim(lower)
+            log.debug("preempting %s (priority %d) for %s (priority %d)", victim.request_id,
+                      victim.priority, head.request_id, head.priority)
+            self._preempt(victim, plan)  # swap or recompute, whichever costs less
+        if not self.policy.preempts_for_waiting:
+            return
+        while blocked():
             victim = self.policy.preempt_for(head, self.running)
             # Only a cheap context switch is worth it: preempting to recompute would throw the
             # victim's work away and can livelock two clients whose service stays close.

@@ -1,5 +1,5 @@
-"""The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /tokenize, /detokenize,
-/tokenizer_info, /health, /metrics.
+"""The FastAPI app: /v1/chat/completions, /v1/completions, /v1/models, /v1/files, /v1/batches,
+/tokenize, /detokenize, /tokenizer_info, /health, /metrics.
 
 Handlers validate (pydantic, 400 on bad input), tokenize off the event loop, submit to the
 AsyncEngine and either collect the result or stream Server-Sent Events. A client that leaves
@@ -12,19 +12,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from tierserve.batch.service import BatchService, BatchSettings
 from tierserve.engine.async_engine import AsyncEngine
 from tierserve.errors import InvalidRequestError
 from tierserve.metrics import render_prometheus
 from tierserve.outputs import RequestOutput
 from tierserve.request import SamplingParams
 from tierserve.server import convert, openapi, protocol
+from tierserve.server.batches import batch_router
 from tierserve.server.http_errors import (
     ApiError,
     BodySizeLimit,
@@ -61,23 +65,44 @@ class ServerSettings:
     request_timeout: float | None = None  # seconds, non-streamed requests
     # /health answers 503 after this many engine steps in a row failed as a whole.
     max_consecutive_step_failures: int = 3
+    # The Batch API's files and batches (None: a temporary folder, gone with the process).
+    data_dir: Path | None = None
+    batch_share: float = 0.5  # of KV and sequences a batch may reserve beside online requests
+    max_batch_file_bytes: int = 200 << 20
+    max_batch_requests: int = 50_000
 
 
 def build_app(engine: AsyncEngine, settings: ServerSettings) -> FastAPI:
     """The app over a running AsyncEngine."""
+    data_dir = settings.data_dir
+    if data_dir is None:
+        data_dir = Path(tempfile.mkdtemp(prefix="tierserve-batches-"))
+        log.warning("batch API: no --data-dir; files and batches live in %s until the process "
+                    "ends", data_dir)
+    batches = BatchService(engine, settings.model_name, BatchSettings(
+        Path(data_dir), share=settings.batch_share,
+        max_file_bytes=settings.max_batch_file_bytes,
+        max_requests=settings.max_batch_requests))
+
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
+        batches.start()
         yield
+        await batches.stop()  # a batch in progress stays so and resumes at the next start
         log.info("shutting down: aborting %d in-flight requests", engine.num_in_flight)
         await asyncio.to_thread(engine.shutdown)
 
     app = FastAPI(title="tierserve", version="0.1.0", lifespan=lifespan,
                   description="OpenAI-compatible LLM serving with paged, tiered KV memory.")
-    app.state.engine, app.state.settings = engine, settings
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.state.engine, app.state.settings, app.state.batches = engine, settings, batches
+    # An upload carries the file plus its multipart framing.
+    upload_limit = (settings.max_batch_file_bytes + (64 << 10), "--max-batch-file-size")
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes,
+                       overrides={"/v1/files": upload_limit})
     install_error_handlers(app)
     auth = [Depends(api_key_check(settings.api_key))]
     app.include_router(_v1_router(engine, settings), prefix="/v1", dependencies=auth)
+    app.include_router(batch_router(batches), prefix="/v1", dependencies=auth)
     app.include_router(_tokenizer_router(engine, settings), dependencies=auth)
 
     @app.get("/health", summary="200 while the engine serves; 503 when it should be restarted",

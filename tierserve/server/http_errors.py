@@ -86,17 +86,20 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over ``max_bytes`` (by header, or counted as they come)."""
+    """ASGI middleware: 413 for bodies over ``max_bytes`` (by header, or counted as they come);
+    ``overrides`` maps a path to its own limit (file uploads)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, overrides: dict[str, tuple[int, str]] | None = None
+                 ) -> None:
+        self.app, self.max_bytes, self.overrides = app, max_bytes, overrides or {}
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit, flag = self.overrides.get(scope.get("path", ""), (self.max_bytes, "--max-body-size"))
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await self._reject(send, limit, flag)
         seen = 0
 
         async def counted_receive():
@@ -104,19 +107,19 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     raise _TooLarge
             return message
 
         try:
             await self.app(scope, counted_receive, send)
         except _TooLarge:
-            await self._reject(send)
+            await self._reject(send, limit, flag)
 
-    async def _reject(self, send) -> None:
-        response = JSONResponse(error_body(f"request body is larger than {self.max_bytes:,} "
-                                           "bytes (--max-body-size)", code="body_too_large"),
-                                status_code=413)
+    @staticmethod
+    async def _reject(send, limit: int, flag: str) -> None:
+        response = JSONResponse(error_body(f"request body is larger than {limit:,} bytes "
+                                           f"({flag})", code="body_too_large"), status_code=413)
         await response({"type": "http"}, None, send)
 
 

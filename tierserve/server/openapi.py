@@ -37,11 +37,13 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before retrying",
                                "schema": {"type": "integer"}}}
 
 
-def errors(*statuses: int) -> dict:
-    """``responses=`` entries for these error statuses."""
+def errors(*statuses: int, causes: dict[int, str] | None = None) -> dict:
+    """``responses=`` entries for these error statuses; ``causes`` replaces the default
+    description of some (a route whose 404 is an unknown file, not a model)."""
     documented = {}
+    causes = {**ERROR_CAUSES, **(causes or {})}
     for status in statuses:
-        entry: dict = {"model": ErrorResponse, "description": ERROR_CAUSES[status]}
+        entry: dict = {"model": ErrorResponse, "description": causes[status]}
         if status == 503:
             entry["headers"] = RETRY_AFTER
         documented[status] = entry

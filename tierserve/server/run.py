@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import signal
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        help="/health answers 503 (restart me) once N engine steps in a row have "
                        "failed as a whole; a failure pinned on one request fails only that "
                        "request and never counts (default: %(default)s)")
+    batch = parser.add_argument_group("batch API (/v1/files, /v1/batches)")
+    batch.add_argument("--data-dir", default=None,
+                       help="where uploaded files, batches and their results persist; a server "
+                       "restarted with the same folder resumes unfinished batches (default: "
+                       "$XDG_DATA_HOME/tierserve, else ~/.local/share/tierserve)")
+    batch.add_argument("--batch-share", type=float, default=0.5,
+                       help="while online requests are in flight, a batch's requests reserve at "
+                       "most this share of the KV pool and of --max-num-seqs; with none in "
+                       "flight, up to 0.95. Online requests always go first and preempt batch "
+                       "requests (default: %(default)s)")
+    batch.add_argument("--max-batch-file-size", default="200MiB",
+                       help="larger uploads are refused (default: %(default)s)")
+    batch.add_argument("--max-batch-requests", type=int, default=50_000,
+                       help="a batch takes at most this many request lines (default: "
+                       "%(default)s)")
     group.add_argument("--shutdown-timeout", type=float, default=10.0,
                        help="seconds to let in-flight requests finish on SIGTERM/SIGINT before "
                        "aborting them (default: %(default)s)")
@@ -40,6 +56,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def run_server(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from tierserve.batch.store import default_data_dir
     from tierserve.cli import engine_config_from_args
     from tierserve.config import parse_size
     from tierserve.engine.async_engine import AsyncEngine
@@ -53,7 +70,10 @@ def run_server(args: argparse.Namespace) -> int:
         model_name=args.served_model_name or args.model,
         api_key=args.api_key or os.environ.get("TIERSERVE_API_KEY") or None,
         max_body_bytes=parse_size(args.max_body_size), request_timeout=args.request_timeout,
-        max_consecutive_step_failures=args.unhealthy_after_step_failures)
+        max_consecutive_step_failures=args.unhealthy_after_step_failures,
+        data_dir=Path(args.data_dir) if args.data_dir else default_data_dir(),
+        batch_share=args.batch_share, max_batch_file_bytes=parse_size(args.max_batch_file_size),
+        max_batch_requests=args.max_batch_requests)
     app = build_app(engine, settings)
     print(_banner(args.host, args.port, settings), flush=True)
     server = _graceful_server_class()(uvicorn.Config(
