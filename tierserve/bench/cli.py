@@ -89,12 +89,14 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
                       input_len=96, output_len=160)
 
     from tierserve.bench.batch import add_batch_subcommand
+    from tierserve.bench.batch_api import add_batch_api_subcommand
     from tierserve.bench.capacity import add_capacity_subcommand
     from tierserve.bench.faults import add_faults_subcommand
     from tierserve.bench.offline import add_offline_subcommand
     from tierserve.bench.roofline import add_roofline_subcommand
 
     add_batch_subcommand(sub, _add_common)
+    add_batch_api_subcommand(sub)
     add_offline_subcommand(sub, _add_common)
     add_capacity_subcommand(sub, _add_common)
     add_roofline_subcommand(sub, _add_common)
