@@ -4,7 +4,7 @@ import pytest
 
 from tests.fakes import make_core, run_to_completion
 from tierserve.errors import InvalidRequestError
-from tierserve.request import RequestStatus, SamplingParams
+from tierserve.request import BACKGROUND_PRIORITY, RequestStatus, SamplingParams
 
 
 def _add(core, rid, prompt_len, max_tokens=8, seed=0, **kw):
@@ -80,13 +80,13 @@ def test_newest_request_is_preempted_first():
 
 
 @pytest.mark.parametrize("limit", ["memory", "max_num_seqs"])
-def test_a_higher_priority_class_preempts_a_lower_one_under_sarathi(limit):
+def test_an_online_request_preempts_background_ones_under_sarathi(limit):
     """Batch API requests run at a large priority value: an online request (0) that arrives
     when they hold the memory or every sequence slot takes their place in its next step."""
     kwargs = ({"num_blocks": 16, "budget": 64} if limit == "memory"
               else {"max_num_seqs": 2, "budget": 64})
     core, executor = make_core(**kwargs)
-    background = [_add(core, f"bg{i}", 24, max_tokens=30, seed=i, priority=1 << 31)
+    background = [_add(core, f"bg{i}", 24, max_tokens=30, seed=i, priority=BACKGROUND_PRIORITY)
                   for i in range(2)]
     for _ in range(3):
         core.step()
@@ -100,9 +100,25 @@ def test_a_higher_priority_class_preempts_a_lower_one_under_sarathi(limit):
     assert core.kv.num_free_blocks == core.kv.num_blocks
 
 
-def test_equal_priorities_do_not_preempt_for_waiting_under_sarathi():
+def test_one_arrival_swaps_out_only_the_background_requests_it_needs():
+    """Swapped-out blocks free after the step: the victims' blocks are counted as they go, so
+    one online arrival does not swap the whole batch out."""
+    core, executor = make_core(num_blocks=64, budget=256, host_blocks=64, preemption="swap")
+    background = [_add(core, f"bg{i}", 20, max_tokens=40, seed=i, priority=BACKGROUND_PRIORITY)
+                  for i in range(8)]
+    while core.kv.num_free_blocks > 6:
+        core.step()
+    _add(core, "online", 36, max_tokens=4, seed=9)
+    core.step()
+    swapped = [r for r in background if r.num_preemptions]
+    assert 1 <= len(swapped) <= 3, len(swapped)
+    run_to_completion(core)
+    assert core.kv.num_free_blocks == core.kv.num_blocks
+
+
+def test_ordinary_priorities_do_not_preempt_for_waiting_under_sarathi():
     core, executor = make_core(max_num_seqs=2, budget=64)
-    first = [_add(core, f"r{i}", 24, max_tokens=30, seed=i) for i in range(2)]
+    first = [_add(core, f"r{i}", 24, max_tokens=30, seed=i, priority=5) for i in range(2)]
     core.step()
     _add(core, "late", 20, max_tokens=4, seed=9)
     core.step()

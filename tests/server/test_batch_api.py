@@ -196,6 +196,69 @@ def test_cancel_midway_frees_every_block_and_keeps_finished_results(server):
     assert _client(server).completions.create(model="tiny", prompt="hi", max_tokens=2).choices
 
 
+def test_a_queued_batch_cancelled_ends_at_once_and_json_line_separators_are_not_newlines(
+        server):
+    client = _client(server)
+    long = _completion_lines(40, seed=8, max_tokens=lambda i: 200)
+    first = client.batches.create(input_file_id=client.files.create(
+        file=("a.jsonl", io.BytesIO(_jsonl(long))), purpose="batch").id,
+        endpoint="/v1/completions", completion_window="24h")
+    # U+2028 and U+0085 are legal unescaped in a JSON string (json.dumps with ensure_ascii=False
+    # writes them so): they must not split a line.
+    odd = _completion_lines(2, seed=9)
+    odd[0]["body"]["prompt"] += " \u2028 and \x85 inside"
+    data = "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in odd).encode()
+    second = client.batches.create(input_file_id=client.files.create(
+        file=("b.jsonl", io.BytesIO(data)), purpose="batch").id,
+        endpoint="/v1/completions", completion_window="24h")
+    assert second.request_counts.total == 2
+    _wait(client, first.id, until=lambda b: b.status == "in_progress")
+    client.batches.cancel(second.id)  # queued behind the first
+    ended = _wait(client, second.id, timeout=30)
+    assert ended.status == "cancelled"
+    assert client.batches.retrieve(first.id).status == "in_progress"  # it did not wait for it
+    client.batches.cancel(first.id)
+    assert _wait(client, first.id).status == "cancelled"
+    rerun = client.batches.create(input_file_id=second.input_file_id,
+                                  endpoint="/v1/completions", completion_window="24h")
+    done = _wait(client, rerun.id)
+    assert done.status == "completed" and done.request_counts.completed == 2, done
+    assert wait_until_idle(server)["tierserve_kv_blocks_in_use"] == 0
+
+
+def test_a_batch_past_its_window_expires_on_restart_with_every_request_accounted(
+        tiny_llama_dir, tmp_path):
+    """State left by an earlier server: an in-progress batch whose 24 h are over, one result
+    already in its log. The new server resumes it, finds it expired, and publishes that result
+    and a batch_expired error line for each of the others."""
+    from tierserve.batch.store import BatchStore, FileStore, ResultLog
+
+    data_dir = tmp_path / "data"
+    lines = _completion_lines(5, seed=11)
+    uploaded = FileStore(data_dir).create(_jsonl(lines), "in.jsonl", "batch")
+    store = BatchStore(data_dir)
+    batch = store.create(uploaded["id"], "/v1/completions", "24h", None, total=5)
+    store.update(batch["id"], status="in_progress", in_progress_at=batch["created_at"] - 90000,
+                 expires_at=int(time.time()) - 10)
+    results = ResultLog(store, batch["id"]).open()
+    results.append({"id": "r0", "custom_id": "req-0", "error": None, "response": {
+        "status_code": 200, "request_id": "x", "body": {"choices": [{"text": "kept"}]}}})
+    results.close()
+    proc = ServerProcess(tiny_llama_dir, "--data-dir", str(data_dir))
+    try:
+        client = _client(proc)
+        done = _wait(client, batch["id"], timeout=60)
+        assert done.status == "expired" and done.expired_at is not None, done
+        assert [r["custom_id"] for r in _records(client, done.output_file_id)] == ["req-0"]
+        expired = _records(client, done.error_file_id)
+        assert sorted(r["custom_id"] for r in expired) == [f"req-{i}" for i in range(1, 5)]
+        assert {r["error"]["code"] for r in expired} == {"batch_expired"}
+        assert (done.request_counts.completed, done.request_counts.failed) == (1, 4)
+        assert proc.metrics().get('tierserve_requests_total{status="length"}', 0) == 0
+    finally:
+        proc.stop()
+
+
 def test_sigkill_mid_batch_then_restart_resumes_with_nothing_lost_or_duplicated(
         tiny_llama_dir, tmp_path):
     data_dir = tmp_path / "data"

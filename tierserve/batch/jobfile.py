@@ -65,7 +65,7 @@ def run_batch_file(llm, input_path: str | Path, output_path: str | Path, resume:
                    show_progress: bool = True) -> BatchFileSummary:
     """Run a whole batch file through ``llm`` (a tierserve LLM)."""
     started = time.perf_counter()
-    lines = Path(input_path).read_text(encoding="utf-8").splitlines()
+    lines = jsonl_lines(Path(input_path).read_bytes())
     summary = BatchFileSummary(lines=len(lines))
     done = _existing_output(Path(output_path), lines, resume)
     summary.skipped_done = done
@@ -118,6 +118,15 @@ class _OrderedWriter:
             self.out.flush()
             self.next += 1
             self.bar.update(1)
+
+
+def jsonl_lines(data: bytes) -> list[str]:
+    """A JSONL file's lines: split on newlines only (str.splitlines also splits on U+2028 and
+    other characters a JSON string may hold unescaped), a trailing CR dropped."""
+    lines = data.decode("utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [line.removesuffix("\r") for line in lines]
 
 
 def _existing_output(path: Path, lines: list[str], resume: bool) -> int:

@@ -32,7 +32,13 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from tierserve.batch.jobfile import Job, failed_response, parse_line, success_line
+from tierserve.batch.jobfile import (
+    Job,
+    failed_response,
+    jsonl_lines,
+    parse_line,
+    success_line,
+)
 from tierserve.batch.planner import BatchItem, OutputLengthHistory, plan_batch
 from tierserve.batch.runner import expected_output
 from tierserve.batch.store import (
@@ -51,6 +57,7 @@ from tierserve.request import BACKGROUND_PRIORITY
 log = logging.getLogger(__name__)
 
 OUTPUT_ESTIMATE_CAP = 512  # the output a request that leaves max_tokens open is planned at
+RETRY_S = 5  # seconds before the worker tries again after the data directory failed it
 
 
 class BatchRequestError(Exception):
@@ -96,7 +103,7 @@ class BatchService:
         self._worker: asyncio.Task | None = None
         self._current: str | None = None  # the batch running now
         self._log: ResultLog | None = None  # its results
-        self._cancel = False
+        self._cancelled: set[str] = set()  # cancels asked for (by any thread)
         self._in_flight = 0  # batch user requests in the engine now
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -171,7 +178,12 @@ class BatchService:
         if file["purpose"] != "batch":
             raise BatchRequestError(400, f"file {input_file_id} has purpose {file['purpose']!r}; "
                                     "a batch's input needs purpose 'batch'", "input_file_id")
-        total = sum(1 for line in self.files.content(input_file_id).splitlines() if line.strip())
+        try:
+            total = sum(1 for line in jsonl_lines(self.files.content(input_file_id))
+                        if line.strip())
+        except UnicodeDecodeError as exc:
+            raise BatchRequestError(400, f"file {input_file_id} is not UTF-8 text: {exc}",
+                                    "input_file_id", "invalid_file") from None
         if total == 0:
             raise BatchRequestError(400, f"file {input_file_id} has no request lines",
                                     "input_file_id", "empty_file")
@@ -192,9 +204,10 @@ class BatchService:
         except NotFound:
             raise BatchRequestError(404, f"No batch with id '{batch_id}' (GET /v1/batches lists "
                                     "them)", "batch_id", "batch_not_found") from None
-        if batch_id == self._current and self._log is not None and batch["status"] not in TERMINAL:
+        results = self._log if batch_id == self._current else None
+        if results is not None and batch["status"] not in TERMINAL:
             batch["request_counts"] = {"total": batch["request_counts"]["total"],
-                                       **self._log.counts}
+                                       **results.counts}
         return batch
 
     def list_batches(self) -> list[dict]:
@@ -215,8 +228,7 @@ class BatchService:
                                status="cancelling", cancelling_at=int(time.time())) is None:
             return self.cancel_batch(batch_id)  # it changed meanwhile: answer for its new state
         log.info("batch %s: cancelling", batch_id)
-        if batch_id == self._current:
-            self._cancel = True
+        self._cancelled.add(batch_id)
         self._wake_worker()
         return self.get_batch(batch_id)
 
@@ -226,10 +238,17 @@ class BatchService:
             await self._wake.wait()
             self._wake.clear()
             while True:
-                pending = [b for b in self.batches.list() if b["status"] not in TERMINAL]
+                try:
+                    pending = await asyncio.to_thread(self._pending)
+                except OSError:
+                    log.exception("batch API: cannot read the data directory; retrying")
+                    await asyncio.sleep(RETRY_S)
+                    continue
                 if not pending:
                     break
-                batch = min(pending, key=lambda b: (b["created_at"], b["id"]))
+                # Cancelled ones first (they only publish what finished), then the oldest.
+                batch = min(pending, key=lambda b: (b["status"] != "cancelling",
+                                                    b["created_at"], b["id"]))
                 try:
                     await self._run(batch["id"])
                 except EngineDeadError:
@@ -240,16 +259,27 @@ class BatchService:
                     raise
                 except Exception as exc:  # noqa: BLE001 - fail this batch, keep serving
                     log.exception("batch %s failed", batch["id"])
-                    self._fail(batch["id"], "internal_error", f"{type(exc).__name__}: {exc}")
+                    try:
+                        self._fail(batch["id"], "internal_error", f"{type(exc).__name__}: {exc}")
+                    except Exception:  # noqa: BLE001 - e.g. a full disk: try again later
+                        log.exception("batch %s: cannot record the failure; retrying in %d s",
+                                      batch["id"], RETRY_S)
+                        await asyncio.sleep(RETRY_S)
                 finally:
-                    self._current, self._cancel = None, False
-                    if self._log is not None:
-                        self._log.close()
-                        self._log = None
+                    self._current = None
+                    results, self._log = self._log, None
+                    if results is not None:
+                        results.close(sync=False)
+                await asyncio.sleep(0)  # the event loop serves in between
+
+    def _pending(self) -> list[dict]:
+        return [b for b in self.batches.list() if b["status"] not in TERMINAL]
 
     async def _run(self, batch_id: str) -> None:
         batch = self.batches.get(batch_id)
-        self._current, self._cancel = batch_id, batch["status"] == "cancelling"
+        self._current = batch_id
+        if batch["status"] == "cancelling":
+            self._cancelled.add(batch_id)
         if batch["status"] == "validating":
             errors = await asyncio.to_thread(self._validate, batch)
             if errors:
@@ -260,21 +290,24 @@ class BatchService:
             batch = self.batches.get(batch_id)  # or cancelled meanwhile
             if batch["status"] == "failed":
                 return
-        self._log = ResultLog(self.batches, batch_id).open()
+        self._log = await asyncio.to_thread(ResultLog(self.batches, batch_id).open)
         if batch["status"] == "in_progress":
             await self._run_requests(batch)
         batch = self.batches.get(batch_id)
-        if batch["status"] == "cancelling" or batch["cancelling_at"] is not None or self._cancel:
-            self._finalize(batch_id, "cancelled")
+        if (batch_id in self._cancelled or batch["status"] == "cancelling"
+                or batch["cancelling_at"] is not None):
+            status = "cancelled"
         elif time.time() > batch["expires_at"]:
-            self._finalize(batch_id, "expired")
+            status = "expired"
         else:  # done, or killed while finalizing
-            self._finalize(batch_id, "completed")
+            status = "completed"
+        await asyncio.to_thread(self._finalize, batch_id, status)
+        self._cancelled.discard(batch_id)
 
     def _lines(self, batch: dict) -> list[tuple[int, str]]:
         """The request lines with their line numbers (from 1); blank lines are skipped."""
-        data = self.files.content(batch["input_file_id"])
-        return [(number, line) for number, line in enumerate(data.decode("utf-8").splitlines(), 1)
+        return [(number, line) for number, line in
+                enumerate(jsonl_lines(self.files.content(batch["input_file_id"])), 1)
                 if line.strip()]
 
     def _validate(self, batch: dict) -> list[dict]:
@@ -385,11 +418,12 @@ class BatchService:
 
         try:
             while queue or tasks:
-                if self._cancel:
+                if batch_id in self._cancelled:
                     return
+                if len(self._cancelled) > 0:
+                    await self._finish_queued_cancels(batch_id)
                 if time.time() > batch["expires_at"]:
-                    self._expire(batch_id, [p.job for p in tasks.values()]
-                                 + [p.job for p in queue])
+                    self._expire([p.job for p in tasks.values()] + [p.job for p in queue])
                     return
                 tokens, max_seqs = self._budget()
                 while queue and (not tasks or (used + need(queue[0]) <= tokens
@@ -408,22 +442,39 @@ class BatchService:
                     used -= pending.need_tokens
                     seqs -= pending.job.params.n
                     self._in_flight -= 1
-                    output = task.result()  # EngineDeadError propagates: resume at restart
                     job = pending.job
-                    if output is None or output.error:
-                        reason = output.error if output is not None else "it was aborted"
-                        results.append(failed_response(job, f"the request failed: {reason}",
+                    try:
+                        output = task.result()
+                        if output is None or output.error:
+                            reason = output.error if output is not None else "it was aborted"
+                            raise RuntimeError(reason)
+                        line = success_line(job, output, self.model_name)
+                    except EngineDeadError:
+                        raise  # the batch resumes when the server restarts
+                    except Exception as exc:  # noqa: BLE001 - this request alone fails
+                        results.append(failed_response(job, f"the request failed: {exc}",
                                                        None, status=500))
                         continue
                     for completion in output.outputs:
                         history.observe(pending.group, len(completion.token_ids))
-                    results.append(success_line(job, output, self.model_name))
+                    results.append(line)
         finally:
             for task in tasks:
                 task.cancel()  # its stream closes: the engine aborts the request, frees blocks
             if tasks:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self._in_flight = 0
+
+    async def _finish_queued_cancels(self, running: str) -> None:
+        """A batch cancelled while it waits behind the running one ends now, not after it."""
+        for batch_id in list(self._cancelled - {running}):
+            try:
+                if self.batches.get(batch_id)["status"] == "cancelling":
+                    results = await asyncio.to_thread(ResultLog(self.batches, batch_id).open)
+                    await asyncio.to_thread(self._finalize, batch_id, "cancelled", results)
+            except Exception:  # noqa: BLE001 - the worker finalizes it later instead
+                log.exception("batch %s: finalizing the cancel failed", batch_id)
+            self._cancelled.discard(batch_id)
 
     def _submit(self, batch_id: str, pending: _Pending, leaders: dict[int, str]) -> asyncio.Task:
         job, engine = pending.job, self.engine
@@ -450,25 +501,28 @@ class BatchService:
     def _fail(self, batch_id: str, code: str = "", message: str = "",
               errors: list[dict] | None = None) -> None:
         errors = errors or [{"code": code, "message": message, "param": None, "line": None}]
-        if self.batches.update(batch_id, expect=("validating", "in_progress"), status="failed",
+        if self.batches.update(batch_id, expect=("validating", "in_progress", "finalizing",
+                                                 "cancelling"), status="failed",
                                failed_at=int(time.time()),
                                errors={"object": "list", "data": errors}) is None:
             return  # cancelled meanwhile: it ends as cancelled
         log.warning("batch %s failed: %s", batch_id, errors[0]["message"])
 
-    def _expire(self, batch_id: str, unfinished: list[Job]) -> None:
+    def _expire(self, unfinished: list[Job]) -> None:
+        """Error lines for what did not run; the batch is then finalized as expired."""
         for job in unfinished:
             self._log.append({"id": job.line_id, "custom_id": job.custom_id, "response": None,
                               "error": {"code": "batch_expired", "message": "the batch expired "
                                         "before this request ran"}})
-        self._finalize(batch_id, "expired")
 
-    def _finalize(self, batch_id: str, status: str) -> None:
-        """Publish the result logs as files and end the batch. Idempotent: a server killed
-        while finalizing does it again, to the same file ids."""
+    def _finalize(self, batch_id: str, status: str, results: ResultLog | None = None) -> None:
+        """Publish the result logs as files and end the batch (the running one's, unless
+        ``results`` names another's). Idempotent: a server killed while finalizing does it
+        again, to the same file ids."""
         now = int(time.time())
+        own = results is None
+        results = self._log if own else results
         self.batches.update(batch_id, status="finalizing", finalizing_at=now)
-        results = self._log
         results.close()
         suffix = batch_id.removeprefix("batch_")
         ids = {}
@@ -483,7 +537,8 @@ class BatchService:
                             request_counts={"total": total, **results.counts})
         log.info("batch %s: %s (%d completed, %d failed)", batch_id, status,
                  results.counts["completed"], results.counts["failed"])
-        self._log = None
+        if own:
+            self._log = None
 
 
 def _no_file(file_id: str, param: str) -> BatchRequestError:

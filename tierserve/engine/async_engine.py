@@ -74,7 +74,12 @@ class AsyncEngine:
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._stopping = False
-        self._background_waiting = 0  # waiting background requests; the engine thread's count
+        # Background (Batch API) requests do not count toward max_waiting_requests: those
+        # waiting in the scheduler (the engine thread's count, kept current at each add and
+        # step) and those whose add command is still queued (counted down by the engine thread).
+        self._background_waiting = 0
+        self._background_submitted = 0  # written by the event loop only
+        self._background_applied = 0  # written by the engine thread only
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="tierserve-engine", daemon=True)
         self._output_thread = threading.Thread(target=self._run_outputs, name="tierserve-output",
@@ -131,14 +136,17 @@ class AsyncEngine:
         if not self.alive:
             raise EngineDeadError("the engine loop is not running")
         background = all(r.priority >= BACKGROUND_PRIORITY for r in requests)
-        waiting = (self.core.scheduler.num_waiting - self._background_waiting
-                   + self._commands.qsize())
+        queued = self._background_submitted - self._background_applied
+        waiting = max(0, self.core.scheduler.num_waiting - self._background_waiting
+                      + self._commands.qsize() - queued)
         if (self.max_waiting_requests is not None and not background
                 and waiting >= self.max_waiting_requests):
             raise QueueFullError(f"{waiting} requests are already waiting "
                                  f"(--max-waiting-requests {self.max_waiting_requests})")
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         self._streams[request_id] = stream
+        if background:
+            self._background_submitted += 1
         self._command(("add", request_id, prompt, requests))
         outputs = self._follow(request_id, stream)
         # NOTE: an async generator that never started does not run its finally when closed or
@@ -222,8 +230,13 @@ class AsyncEngine:
             kind = command[0]
             if kind == "add":
                 _, request_id, prompt, requests = command
+                background = all(r.priority >= BACKGROUND_PRIORITY for r in requests)
+                if background:
+                    self._background_applied += 1
                 if request_id not in self._streams:
                     continue  # the client left before the request reached the engine
+                if background:
+                    self._background_waiting += len(requests)
                 # The add reaches the output thread before any update of these requests.
                 self._outputs.put(command)
                 self._engine_ids[request_id] = [r.request_id for r in requests]

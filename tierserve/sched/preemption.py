@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from tierserve.request import Request, RequestStatus
+from tierserve.request import BACKGROUND_PRIORITY, Request, RequestStatus
 from tierserve.sched.plan import StepPlan
 
 if TYPE_CHECKING:
@@ -21,9 +21,12 @@ class PreemptionMixin:
 
     def _make_room_for_waiting(self: Scheduler, plan: StepPlan) -> None:
         """Preempt running requests for the waiting one first in policy order when it cannot
-        start: under every policy for running requests of a lower priority class (a larger
-        ``priority``: the Batch API's requests under online ones), and under a policy that
-        preempts for waiting requests (fair) as it ranks them."""
+        start: under every policy, background requests (the Batch API's) for an online one;
+        under a policy that preempts for waiting requests (fair), whom it ranks lower.
+
+        A swapped-out victim's blocks free only once its copy has run (after this step), so
+        what the victims will free is counted as they go: the loop stops when they make room,
+        instead of swapping out every candidate for one arrival."""
         candidates = self.policy.order_waiting(self.waiting + self.swapped)
         if not candidates:
             return
@@ -31,19 +34,30 @@ class PreemptionMixin:
         if head.status is not RequestStatus.SWAPPED and self._waits_for_leader(head):
             return  # it could not start anyway
         need = self.kv.blocks_for(min(head.num_tokens, self.config.max_num_batched_tokens))
+        freeing = 0  # blocks the victims so far hold (an upper bound: some may be shared)
 
         def blocked() -> bool:
             return (len(self.running) >= self.config.max_num_seqs
-                    or need + self.admission_reserve > self.kv.num_free_blocks)
+                    or need + self.admission_reserve > self.kv.num_free_blocks + freeing)
 
-        while blocked():
-            lower = [r for r in self.running if r.priority > head.priority]
-            if not lower:
-                break
-            victim = self.policy.pick_victim(lower)
-            log.debug("preempting %s (priority %d) for %s (priority %d)", victim.request_id,
-                      victim.priority, head.request_id, head.priority)
-            self._preempt(victim, plan)  # swap or recompute, whichever costs less
+        def preempt(victim: Request, swap_preferred: bool = False) -> None:
+            nonlocal freeing
+            freeing += self.kv.num_blocks_of(victim.request_id)
+            self._preempt(victim, plan, swap_preferred=swap_preferred)
+
+        if head.priority < BACKGROUND_PRIORITY:
+            background = [r for r in self.running if r.priority >= BACKGROUND_PRIORITY]
+            held = sum(self.kv.num_blocks_of(r.request_id) for r in background)
+            seats_short = len(self.running) >= self.config.max_num_seqs
+            # Preempting is only worth it if enough of them would make room.
+            if background and (seats_short or need + self.admission_reserve
+                               <= self.kv.num_free_blocks + held):
+                while blocked() and background:
+                    victim = self.policy.pick_victim(background)
+                    background.remove(victim)
+                    log.debug("preempting background %s for %s", victim.request_id,
+                              head.request_id)
+                    preempt(victim)  # swap or recompute, whichever costs less
         if not self.policy.preempts_for_waiting:
             return
         while blocked():
@@ -52,7 +66,7 @@ class PreemptionMixin:
             # victim's work away and can livelock two clients whose service stays close.
             if victim is None or not self._should_swap(victim, swap_preferred=True):
                 return
-            self._preempt(victim, plan, swap_preferred=True)
+            preempt(victim, swap_preferred=True)
 
     def _prefetch_next(self: Scheduler, plan: StepPlan) -> None:
         """LSM-GNN's preemptive prefetch: start bringing in the next swapped request while

@@ -98,7 +98,9 @@ class SamplingFields(_Body):
     top_k: Annotated[int, Field(ge=-1)] = 0
     min_p: Annotated[float, Field(ge=0.0, le=1.0)] = 0.0
     repetition_penalty: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
-    priority: int = 0
+    priority: Annotated[int, Field(gt=-(2**31), lt=2**31, description=(
+        "vLLM's extension: lower values are scheduled first; larger magnitudes are reserved "
+        "(the Batch API's background requests run at 2**31)"))] = 0
     ignore_eos: bool = False
     min_tokens: NonNegInt = 0
     stop_token_ids: list[TokenId] | None = None
