@@ -235,10 +235,13 @@ inline void weigh_values_bf16(const float* probs, const at::BFloat16* vp, const 
 }
 #endif
 
+// ``stats`` (or nullptr): per query, the largest score and the softmax's sum of exponentials
+// relative to it, so a caller can merge this result with one over other keys.
 template <typename T, int HD, int G>
 void attend_head(const float* query, const T* kp, const T* vp, const int64_t* table, int64_t len,
                  int64_t block_size, int64_t kb, int64_t ko, int64_t vb, int64_t vo,
-                 int64_t k_head, int64_t v_head, float scale, float* scores, float* out) {
+                 int64_t k_head, int64_t v_head, float scale, float* scores, float* out,
+                 float* stats) {
   constexpr int V = HD / 16;
   __m512 q[G][V];
   for (int g = 0; g < G; ++g)
@@ -283,7 +286,12 @@ void attend_head(const float* query, const T* kp, const T* vp, const int64_t* ta
   float denom[G];
   for (int g = 0; g < G; ++g) {
     float* s = scores + g * len;
-    denom[g] = exp_shifted_sum(s, len, *std::max_element(s, s + len));
+    const float top = *std::max_element(s, s + len);
+    denom[g] = exp_shifted_sum(s, len, top);
+    if (stats != nullptr) {
+      stats[2 * g] = top;
+      stats[2 * g + 1] = denom[g];
+    }
   }
   __m512 acc[G][V];
   for (int g = 0; g < G; ++g)
@@ -324,7 +332,7 @@ void attend_head(const float* query, const T* kp, const T* vp, const int64_t* ta
 template <typename T>
 using AttendHead = void (*)(const float*, const T*, const T*, const int64_t*, int64_t, int64_t,
                             int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, float, float*,
-                            float*);
+                            float*, float*);
 
 template <typename T, int HD>
 AttendHead<T> attend_head_for_group(int64_t group) {
@@ -349,10 +357,13 @@ AttendHead<T> attend_head_for(int64_t head_dim, int64_t group) {
 }
 #endif
 
+// ``stats`` (or nullptr): (batch, heads, 2) floats, each query's largest score and sum of
+// exponentials relative to it (see attend_head).
 template <typename T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
                            const torch::Tensor& v_cache, const torch::Tensor& tables,
-                           const torch::Tensor& lens, double scale, torch::Tensor& out) {
+                           const torch::Tensor& lens, double scale, torch::Tensor& out,
+                           float* stats = nullptr) {
   const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   const int64_t group = num_heads / num_kv_heads;
@@ -410,7 +421,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
         for (int64_t i = 0; i < span; ++i) {
           fast(query.data() + i * group * head_dim, kp, vp, table, len, block_size, kb, ko, vb,
                vo, (h0 + i) * kh, (h0 + i) * vh, fscale, scores.data() + i * group * len,
-               acc.data() + i * group * head_dim);
+               acc.data() + i * group * head_dim,
+               stats == nullptr ? nullptr : stats + 2 * (b * num_heads + (h0 + i) * group));
         }
         T* out_row = op + (b * num_heads + h0 * group) * head_dim;
         for (int64_t e = 0; e < queries * head_dim; ++e) out_row[e] = static_cast<T>(acc[e]);
@@ -435,7 +447,12 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
       }
       for (int64_t qi = 0; qi < queries; ++qi) {
         float* s = scores.data() + qi * len;
-        denom[qi] = exp_shifted_sum(s, len, *std::max_element(s, s + len));
+        const float top = *std::max_element(s, s + len);
+        denom[qi] = exp_shifted_sum(s, len, top);
+        if (stats != nullptr) {
+          stats[2 * (b * num_heads + h0 * group + qi)] = top;
+          stats[2 * (b * num_heads + h0 * group + qi) + 1] = denom[qi];
+        }
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t blk = 0; blk < num_blocks; ++blk) {
@@ -464,6 +481,162 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   });
 }
 
+
+#if defined(__AVX512BF16__)
+// ---- Shared-prefix decode attention: BatchLLM's horizontally fused prefix-shared attention ----
+// Sequences whose block tables start with the same blocks (a batch group's prefix, n > 1
+// siblings, any prefix-cache hit) attend over those blocks together: a task takes many queries
+// of one kv head (16 at a time), transposes each key block once so that a query's scores over
+// its 16 keys are one vector (one vdpbf16ps per dim pair, no horizontal sums) and interleaves
+// each value block once, and the group's queries all use them while they sit in L1/L2. The
+// result over the prefix and each sequence's own result over the rest of its blocks are merged
+// by their softmax statistics (largest score, sum of exponentials).
+
+constexpr int kScoreTile = 16;  // queries scored together against one transposed key block
+
+// kt[d], lane r: dims 2d, 2d+1 of key row r (16 rows from ``rows``, ``row_stride`` apart).
+template <int HD>
+inline void transpose_keys(const at::BFloat16* rows, int64_t row_stride, __m512i (&kt)[HD / 2]) {
+  const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                           _mm512_set1_epi32(static_cast<int>(row_stride * 2)));
+  const char* base = reinterpret_cast<const char*>(rows);
+  for (int d = 0; d < HD / 2; ++d) kt[d] = _mm512_i32gather_epi32(index, base + 4 * d, 1);
+}
+
+// Scores of kScoreTile queries (bfloat16 pairs, HD / 2 a query) over one transposed key block.
+template <int HD>
+inline void score_tile(const __m512i (&kt)[HD / 2], const uint32_t* pairs, float scale,
+                       float* scores, int64_t stride) {
+  __m512 acc[kScoreTile];
+  for (int i = 0; i < kScoreTile; ++i) acc[i] = _mm512_setzero_ps();
+  for (int d = 0; d < HD / 2; ++d) {
+    const __m512bh k = (__m512bh)kt[d];
+    for (int i = 0; i < kScoreTile; ++i) {
+      const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[i * (HD / 2) + d]));
+      acc[i] = _mm512_dpbf16_ps(acc[i], k, q);
+    }
+  }
+  const __m512 s = _mm512_set1_ps(scale);
+  for (int i = 0; i < kScoreTile; ++i) _mm512_storeu_ps(scores + i * stride, _mm512_mul_ps(acc[i], s));
+}
+
+// out[i] = sum over the prefix of p_i * V, for QV queries, from values interleaved two rows at a
+// time (vi: per row pair, per 32 dims, the unpacklo and unpackhi of the two rows) and the
+// probabilities as bfloat16 pairs (as weigh_values_bf16), times ``inv[i]``.
+template <int HD, int QV>
+inline void weigh_tile(const __m512i* vi, int64_t num_pairs, const uint32_t* probs,
+                       int64_t probs_stride, const float* inv, float* out) {
+  constexpr int V = HD / 16;
+  __m512 part[QV][V];
+  for (int i = 0; i < QV; ++i)
+    for (int j = 0; j < V; ++j) part[i][j] = _mm512_setzero_ps();
+  for (int64_t pair = 0; pair < num_pairs; ++pair) {
+    const __m512i* rows = vi + pair * V;
+    for (int j = 0; j < HD / 32; ++j) {
+      const __m512bh lo = (__m512bh)_mm512_loadu_si512(rows + 2 * j);
+      const __m512bh hi = (__m512bh)_mm512_loadu_si512(rows + 2 * j + 1);
+      for (int i = 0; i < QV; ++i) {
+        const __m512bh w = (__m512bh)_mm512_set1_epi32(static_cast<int>(probs[i * probs_stride + pair]));
+        part[i][2 * j] = _mm512_dpbf16_ps(part[i][2 * j], lo, w);
+        part[i][2 * j + 1] = _mm512_dpbf16_ps(part[i][2 * j + 1], hi, w);
+      }
+    }
+  }
+  alignas(64) float lo[16], hi[16];
+  for (int i = 0; i < QV; ++i) {
+    for (int j = 0; j < HD / 32; ++j) {  // back in order, as in weigh_values_bf16
+      _mm512_store_ps(lo, part[i][2 * j]);
+      _mm512_store_ps(hi, part[i][2 * j + 1]);
+      float* o = out + i * HD + j * 32;
+      for (int lane = 0; lane < 4; ++lane) {
+        for (int c = 0; c < 4; ++c) {
+          o[8 * lane + c] = lo[4 * lane + c] * inv[i];
+          o[8 * lane + 4 + c] = hi[4 * lane + c] * inv[i];
+        }
+      }
+    }
+  }
+}
+
+struct PrefixTask {
+  int64_t group, kv_head, first, count;  // queries [first, first + count) of (group, kv head)
+};
+
+// One task: ``count`` queries of one kv head over a group's ``num_blocks`` shared blocks
+// (``block_size`` a multiple of 16). Writes each query's normalized output and its statistics.
+template <int HD>
+void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFloat16* vp,
+                   const int64_t* table, int64_t num_blocks, int64_t block_size, int64_t kb,
+                   int64_t ko, int64_t vb, int64_t vo, int64_t kv_head, int64_t kh, int64_t vh,
+                   const std::vector<int64_t>& members, int64_t group, int64_t num_heads,
+                   int64_t first, int64_t count, float scale, float* prefix_out,
+                   float* prefix_stats) {
+  constexpr int V = HD / 16;
+  constexpr int QV = HD == 64 ? 4 : 2;  // accumulators: QV * V registers
+  const int64_t len = num_blocks * block_size, padded = (count + kScoreTile - 1) / kScoreTile * kScoreTile;
+  // The query (member m, head kv_head * group + g) of index i = m * group + g, as bf16 pairs.
+  auto query_row = [&](int64_t i) {
+    const int64_t b = members[i / group], head = kv_head * group + i % group;
+    return reinterpret_cast<const uint32_t*>(qp + (b * num_heads + head) * HD);
+  };
+  thread_local std::vector<uint32_t> pairs, probs;
+  thread_local std::vector<float> scores;
+  thread_local std::vector<__m512i> vi;
+  pairs.assign(padded * (HD / 2), 0u);
+  for (int64_t i = 0; i < count; ++i) std::memcpy(pairs.data() + i * (HD / 2), query_row(first + i), HD * 2);
+  scores.resize(padded * len);
+  __m512i kt[HD / 2];
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    const at::BFloat16* block = kp + table[blk] * kb + kv_head * kh;
+    for (int64_t r0 = 0; r0 < block_size; r0 += 16) {
+      transpose_keys<HD>(block + r0 * ko, ko, kt);
+      for (int64_t t = 0; t < padded; t += kScoreTile) {
+        score_tile<HD>(kt, pairs.data() + t * (HD / 2), scale, scores.data() + t * len + blk * block_size + r0, len);
+      }
+    }
+  }
+  const int64_t num_pairs = len / 2;  // len is a multiple of 16
+  probs.assign(padded * num_pairs, 0u);
+  std::vector<float> inv(padded, 0.f);
+  for (int64_t i = 0; i < count; ++i) {
+    float* s = scores.data() + i * len;
+    const float top = *std::max_element(s, s + len);
+    const float denom = exp_shifted_sum(s, len, top);
+    inv[i] = 1.f / denom;
+    const int64_t b = members[(first + i) / group], head = kv_head * group + (first + i) % group;
+    prefix_stats[2 * (b * num_heads + head)] = top;
+    prefix_stats[2 * (b * num_heads + head) + 1] = denom;
+    uint32_t* out = probs.data() + i * num_pairs;
+    for (int64_t k = 0; k + 16 <= len; k += 16) {
+      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + k));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2), (__m256i)packed);
+    }
+  }
+  vi.resize(num_pairs * V);
+  for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    const at::BFloat16* block = vp + table[blk] * vb + kv_head * vh;
+    for (int64_t r = 0; r < block_size; r += 2) {
+      __m512i* dst = vi.data() + (blk * block_size + r) / 2 * V;
+      for (int j = 0; j < HD / 32; ++j) {
+        const __m512i a = _mm512_loadu_si512(block + r * vo + j * 32);
+        const __m512i c = _mm512_loadu_si512(block + (r + 1) * vo + j * 32);
+        dst[2 * j] = _mm512_unpacklo_epi16(a, c);
+        dst[2 * j + 1] = _mm512_unpackhi_epi16(a, c);
+      }
+    }
+  }
+  alignas(64) float tile_out[QV * HD];
+  for (int64_t t = 0; t < count; t += QV) {
+    weigh_tile<HD, QV>(vi.data(), num_pairs, probs.data() + t * num_pairs, num_pairs,
+                       inv.data() + t, tile_out);
+    for (int64_t i = t; i < std::min(count, t + QV); ++i) {
+      const int64_t b = members[(first + i) / group], head = kv_head * group + (first + i) % group;
+      std::memcpy(prefix_out + (b * num_heads + head) * HD, tile_out + (i - t) * HD, HD * sizeof(float));
+    }
+  }
+}
+#endif
+
 }  // namespace
 
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -491,6 +664,85 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
     decode_attention_impl<float>(q, k_cache, v_cache, tables, lens, scale, out);
   }
   return out;
+}
+
+torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cache,
+                                            torch::Tensor v_cache, torch::Tensor tables,
+                                            torch::Tensor lens, double scale,
+                                            int64_t min_shared_blocks) {
+  const bool fusable = q.scalar_type() == at::kBFloat16 && tables.dim() == 2 &&
+                       (q.size(2) == 64 || q.size(2) == 128) && k_cache.size(1) % 16 == 0 &&
+                       k_cache.scalar_type() == at::kBFloat16 && min_shared_blocks >= 1;
+#if !defined(__AVX512BF16__)
+  return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
+#else
+  if (!fusable) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && lens.dim() == 1,
+              "tables (batch, width) and lens (batch,), int64");
+  q = q.contiguous();
+  tables = tables.contiguous();
+  lens = lens.contiguous();
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / num_kv_heads, width = tables.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+
+  // Groups: sequences whose tables start with the same block, sharing the full blocks every
+  // member's table has in common (each member keeps at least one token of its own).
+  std::vector<int64_t> order(batch);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+    return tp[x * width] < tp[y * width];
+  });
+  std::vector<std::vector<int64_t>> members;
+  std::vector<int64_t> shared_blocks;
+  std::vector<int64_t> shared_of(batch, 0);  // blocks a sequence shares (0: attends alone)
+  for (int64_t start = 0; start < batch;) {
+    int64_t end = start + 1;
+    while (end < batch && tp[order[end] * width] == tp[order[start] * width]) ++end;
+    if (end - start >= 2) {
+      const int64_t* lead = tp + order[start] * width;
+      int64_t common = width;
+      for (int64_t m = start; m < end; ++m) {
+        const int64_t b = order[m];
+        int64_t same = 0;
+        while (same < common && tp[b * width + same] == lead[same]) ++same;
+        common = std::min({same, (lp[b] - 1) / block_size});
+      }
+      if (common >= min_shared_blocks) {
+        members.emplace_back(order.begin() + start, order.begin() + end);
+        shared_blocks.push_back(common);
+        for (int64_t m = start; m < end; ++m) shared_of[order[m]] = common;
+      }
+    }
+    start = end;
+  }
+  if (members.empty()) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
+
+  // Everyone attends alone over what it does not share: the unfused its whole table, a member
+  // the blocks after the group's (its statistics kept for the merge).
+  auto rest_tables = torch::zeros_like(tables);
+  auto rest_lens = torch::empty_like(lens);
+  int64_t* rt = rest_tables.data_ptr<int64_t>();
+  int64_t* rl = rest_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t skip = shared_of[b];
+    std::copy(tp + b * width + skip, tp + (b + 1) * width, rt + b * width);
+    rl[b] = lp[b] - skip * block_size;
+  }
+  auto out = torch::empty_like(q);
+  auto rest_stats = torch::empty({batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  auto rest_out = torch::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
+  {
+    // Per-sequence pass in float32 out, so the merge rounds once. The unfused take the same
+    // arithmetic as paged_decode_attention and are rounded to bfloat16 once below, as it does.
+    decode_attention_impl<float>(q.to(at::kFloat), k_cache.to(at::kFloat), v_cache.to(at::kFloat),
+                                 rest_tables, rest_lens, scale, rest_out, rest_stats.data_ptr<float>());
+  }
+  return out;
+#endif
 }
 
 }  // namespace tierserve
