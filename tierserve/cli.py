@@ -33,6 +33,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="most requests running at once (default: %(default)s)")
     group.add_argument("--no-prefix-caching", action="store_true",
                        help="do not reuse KV blocks of shared prompt prefixes")
+    group.add_argument("--no-shared-prefix-attention", action="store_true",
+                       help="in bfloat16 decodes sharing a prefix of 256+ tokens read its K/V "
+                       "once for the group (BatchLLM's fused prefix-shared attention, native "
+                       "kernel); this turns that off")
     group.add_argument("--scheduling-policy", default="sarathi",
                        choices=["sarathi", "fcfs-prefill-first", "fair", "expert-grouped"],
                        help="sarathi: stall-free chunked prefill; fcfs-prefill-first: whole "
@@ -126,6 +130,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
         num_threads=args.threads, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
+        shared_prefix_attention=not getattr(args, "no_shared_prefix_attention", False),
         swap_space=args.swap_space, disk_swap_space=args.disk_swap_space, swap_dir=args.swap_dir,
         block_group_size=args.block_group_size,
         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs,

@@ -52,6 +52,9 @@ class ModelConfig:
     # Pad small float32 batches so every row goes through the same matmul kernel: a request's
     # logits then do not depend on what else is in the batch (see docs/design.md).
     batch_invariant: bool = True
+    # Decodes whose block tables start with the same blocks (a shared prefix) read them together
+    # in the native kernel (bfloat16 only: float32 keeps each row's arithmetic fixed).
+    shared_prefix_attention: bool = True
 
     def __post_init__(self) -> None:
         if self.dtype == "auto":

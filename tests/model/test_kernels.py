@@ -86,6 +86,70 @@ def test_paged_decode_attention_row_does_not_depend_on_the_batch(dtype):
         assert torch.equal(alone[0], together[row])
 
 
+def _shared_prefix_case(groups: list[int], prefix_blocks: int, num_heads: int,
+                        num_kv_heads: int, head_dim: int = 64, seed: int = 0, singles: int = 0):
+    """``groups``: sizes of groups whose tables start with the same ``prefix_blocks`` blocks
+    (then blocks of their own, own lengths); plus ``singles`` sequences sharing nothing."""
+    gen = torch.Generator().manual_seed(seed)
+    block_size, num_blocks = 16, 600
+    k_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    v_cache = torch.randn(num_blocks, block_size, num_kv_heads, head_dim, generator=gen)
+    free = torch.randperm(num_blocks, generator=gen).tolist()
+    rows, lens = [], []
+    for size in groups + [1] * singles:
+        prefix = [free.pop() for _ in range(prefix_blocks)]
+        for _ in range(size):
+            own = int(torch.randint(1, 60, (1,), generator=gen))
+            blocks = prefix + [free.pop() for _ in range(-(-own // block_size))]
+            rows.append(blocks)
+            lens.append(prefix_blocks * block_size + own)
+    width = max(map(len, rows))
+    tables = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    order = torch.randperm(len(rows), generator=gen)  # members scattered through the batch
+    q = torch.randn(len(rows), num_heads, head_dim, generator=gen)
+    return (q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables[order],
+            torch.tensor(lens)[order])
+
+
+@pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
+@pytest.mark.parametrize("groups, singles", [([64], 0), ([5, 17, 2], 3), ([16], 4)])
+def test_shared_prefix_attention_matches_sdpa_within_the_kernels_tolerance(heads, groups,
+                                                                         singles):
+    num_heads, num_kv_heads, head_dim = heads
+    q, k_cache, v_cache, tables, lens = _shared_prefix_case(groups, 8, num_heads, num_kv_heads,
+                                                            head_dim, singles=singles)
+    attention = TorchPagedAttention(num_heads, num_kv_heads, head_dim)
+    width = tables.shape[1] * 16
+    mask = (torch.arange(width)[None, :] < lens[:, None]).view(len(lens), 1, 1, width)
+    reference = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, mask)
+    got = ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens, attention.scale,
+                                            4)
+    unfused = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, attention.scale)
+    assert (got.float() - reference).abs().max().item() < 2e-2  # as the unfused kernel's
+    assert (unfused.float() - reference).abs().max().item() < 2e-2
+    assert not torch.equal(got, unfused)  # the groups did take the fused path
+
+
+def test_shared_prefix_attention_leaves_a_group_of_one_and_short_prefixes_alone():
+    """Sequences sharing nothing, a group too small to fill a 16-query tile (2 sequences x 3
+    query heads a kv head), or fewer blocks than asked, get paged_decode_attention's result bit
+    for bit, also beside a fused group."""
+    q, k_cache, v_cache, tables, lens = _shared_prefix_case([6, 2], 8, 9, 3, singles=5, seed=4)
+    fused = ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens, 0.125, 4)
+    unfused = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 0.125)
+    first = tables[:, 0].tolist()
+    alone = [i for i, block in enumerate(first) if first.count(block) <= 2]
+    assert len(alone) == 7
+    assert torch.equal(fused[alone], unfused[alone])
+    assert not torch.equal(fused, unfused)  # the group of 6 was fused
+    too_short = ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens, 0.125, 9)
+    assert torch.equal(too_short, unfused)
+    as_float = ops.paged_decode_attention_shared(q.float(), k_cache.float(), v_cache.float(),
+                                                 tables, lens, 0.125, 4)
+    assert torch.equal(as_float, ops.paged_decode_attention(
+        q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.125))  # float32: unfused
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, width", [(1, 576), (7, 100), (64, 576)])  # 100: masked tail
 def test_add_rms_norm_matches_residual_add_then_rms_norm(dtype, rows, width):
@@ -167,6 +231,69 @@ def test_model_gives_the_same_tokens_with_kernels_off(tiny_llama_dir, monkeypatc
     without, reference = run()
     assert without.engine.runner.model.ops is None
     assert tokens == reference
+
+
+@pytest.fixture(scope="module")
+def head64_llama_dir(tmp_path_factory):
+    """A tiny random Llama with 64-wide heads (what the fused shared-prefix path takes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.conftest import _tiny_tokenizer
+
+    torch.manual_seed(1)
+    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    path = tmp_path_factory.mktemp("head64_llama")
+    model.save_pretrained(path, safe_serialization=True)
+    _tiny_tokenizer(config.vocab_size).save_pretrained(path)
+    return path
+
+
+def test_model_with_shared_prefix_attention_agrees_with_the_unfused_path(head64_llama_dir):
+    """12 requests sharing a 320-token prefix decode together: the fused path runs, its
+    logprobs differ from the unfused path's only by rounding, and so do the tokens."""
+    gen = torch.Generator().manual_seed(5)
+    prefix = torch.randint(3, 500, (320,), generator=gen).tolist()
+    prompts = [prefix + torch.randint(3, 500, (8,), generator=gen).tolist() for _ in range(12)]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0)
+
+    def run(shared: bool):
+        llm = LLM(str(head64_llama_dir), num_blocks=256, dtype="bfloat16",
+                  shared_prefix_attention=shared)
+        attention = llm.engine.runner.model.attention
+        calls = []
+
+        class Counting:
+            def __getattr__(self, name):
+                if name == "paged_decode_attention_shared":
+                    calls.append(name)
+                return getattr(ops, name)
+
+        attention.ops = Counting()
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params)
+        logprobs = [[next(iter(step.values())).logprob for step in o.outputs[0].logprobs]
+                    for o in outputs]
+        llm.engine.runner.close()
+        return [o.outputs[0].token_ids for o in outputs], logprobs, len(calls)
+
+    fused_tokens, fused_logprobs, fused_calls = run(True)
+    tokens, logprobs, calls = run(False)
+    assert fused_calls > 0 and calls == 0
+    # bfloat16 rounds differently along the two paths (as any two bfloat16 kernels do), so a
+    # near tie may flip a token; compare up to each sequence's first difference.
+    same = sum(a == b for a, b in zip(fused_tokens, tokens))
+    assert same >= 10, (fused_tokens, tokens)
+    diffs = []
+    for a, b, la, lb in zip(fused_tokens, tokens, fused_logprobs, logprobs):
+        agree = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+        diffs += [abs(x - y) for x, y in zip(la[: agree + 1], lb[: agree + 1])]
+    assert 0 < max(diffs) < 0.05
 
 
 def test_the_build_cache_is_keyed_by_the_cpu(monkeypatch):

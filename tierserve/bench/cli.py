@@ -94,6 +94,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from tierserve.bench.faults import add_faults_subcommand
     from tierserve.bench.offline import add_offline_subcommand
     from tierserve.bench.roofline import add_roofline_subcommand
+    from tierserve.bench.shared_prefix import add_shared_prefix_subcommand
 
     add_batch_subcommand(sub, _add_common)
     add_batch_api_subcommand(sub)
@@ -101,6 +102,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_capacity_subcommand(sub, _add_common)
     add_roofline_subcommand(sub, _add_common)
     add_faults_subcommand(sub, _add_common)
+    add_shared_prefix_subcommand(sub, _add_common)
 
 
 def _add_longctx(sub) -> None:

@@ -61,7 +61,9 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
             f"of {block_size} tokens needs {bytes_per_block:,} bytes")
     num_host, num_disk = tier_block_counts(config.cache, bytes_per_block)
     runner = ModelRunner(model, num_blocks, block_size, seed=config.model.seed,
-                         batch_invariant=config.model.batch_invariant, num_host_blocks=num_host,
+                         batch_invariant=config.model.batch_invariant,
+                         shared_prefix_attention=config.model.shared_prefix_attention,
+                         num_host_blocks=num_host,
                          num_disk_blocks=num_disk, swap_dir=config.cache.swap_dir,
                          max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
                          max_num_seqs=config.scheduler.max_num_seqs,

@@ -359,7 +359,8 @@ AttendHead<T> attend_head_for(int64_t head_dim, int64_t group) {
 
 // ``stats`` (or nullptr): (batch, heads, 2) floats, each query's largest score and sum of
 // exponentials relative to it (see attend_head).
-template <typename T>
+// ``O``: the output's element type (float32 for a caller that merges results before rounding).
+template <typename T, typename O = T>
 void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
                            const torch::Tensor& v_cache, const torch::Tensor& tables,
                            const torch::Tensor& lens, double scale, torch::Tensor& out,
@@ -373,7 +374,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
   const T* kp = k_cache.data_ptr<T>();
   const T* vp = v_cache.data_ptr<T>();
   const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
+  O* op = out.data_ptr<O>();
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
   const int64_t table_width = tables.size(-1);
@@ -424,8 +425,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
                acc.data() + i * group * head_dim,
                stats == nullptr ? nullptr : stats + 2 * (b * num_heads + (h0 + i) * group));
         }
-        T* out_row = op + (b * num_heads + h0 * group) * head_dim;
-        for (int64_t e = 0; e < queries * head_dim; ++e) out_row[e] = static_cast<T>(acc[e]);
+        O* out_row = op + (b * num_heads + h0 * group) * head_dim;
+        for (int64_t e = 0; e < queries * head_dim; ++e) out_row[e] = static_cast<O>(acc[e]);
         continue;
       }
 #endif
@@ -470,11 +471,11 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
           }
         }
       }
-      T* out_row = op + (b * num_heads + h0 * group) * head_dim;
+      O* out_row = op + (b * num_heads + h0 * group) * head_dim;
       for (int64_t qi = 0; qi < queries; ++qi) {
         const float inv = 1.f / denom[qi];
         for (int64_t d = 0; d < head_dim; ++d) {
-          out_row[qi * head_dim + d] = static_cast<T>(acc[qi * head_dim + d] * inv);
+          out_row[qi * head_dim + d] = static_cast<O>(acc[qi * head_dim + d] * inv);
         }
       }
     }
@@ -581,57 +582,70 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
   };
   thread_local std::vector<uint32_t> pairs, probs;
   thread_local std::vector<float> scores;
-  thread_local std::vector<__m512i> vi;
+  thread_local std::vector<__m512i> kt, vi;
   pairs.assign(padded * (HD / 2), 0u);
   for (int64_t i = 0; i < count; ++i) std::memcpy(pairs.data() + i * (HD / 2), query_row(first + i), HD * 2);
-  scores.resize(padded * len);
-  __m512i kt[HD / 2];
-  for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    const at::BFloat16* block = kp + table[blk] * kb + kv_head * kh;
-    for (int64_t r0 = 0; r0 < block_size; r0 += 16) {
-      transpose_keys<HD>(block + r0 * ko, ko, kt);
-      for (int64_t t = 0; t < padded; t += kScoreTile) {
-        score_tile<HD>(kt, pairs.data() + t * (HD / 2), scale, scores.data() + t * len + blk * block_size + r0, len);
-      }
-    }
-  }
-  const int64_t num_pairs = len / 2;  // len is a multiple of 16
-  probs.assign(padded * num_pairs, 0u);
-  std::vector<float> inv(padded, 0.f);
-  for (int64_t i = 0; i < count; ++i) {
-    float* s = scores.data() + i * len;
-    const float top = *std::max_element(s, s + len);
-    const float denom = exp_shifted_sum(s, len, top);
-    inv[i] = 1.f / denom;
-    const int64_t b = members[(first + i) / group], head = kv_head * group + (first + i) % group;
-    prefix_stats[2 * (b * num_heads + head)] = top;
-    prefix_stats[2 * (b * num_heads + head) + 1] = denom;
-    uint32_t* out = probs.data() + i * num_pairs;
-    for (int64_t k = 0; k + 16 <= len; k += 16) {
-      const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + k));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2), (__m256i)packed);
-    }
-  }
+  // Once per task: every key block transposed, every value block interleaved (L2-resident).
+  const int64_t num_tiles = len / 16, num_pairs = len / 2;
+  kt.resize(num_tiles * (HD / 2));
   vi.resize(num_pairs * V);
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
-    const at::BFloat16* block = vp + table[blk] * vb + kv_head * vh;
+    const at::BFloat16* kblock = kp + table[blk] * kb + kv_head * kh;
+    for (int64_t r0 = 0; r0 < block_size; r0 += 16) {
+      transpose_keys<HD>(kblock + r0 * ko, ko,
+                         *reinterpret_cast<__m512i(*)[HD / 2]>(kt.data() + (blk * block_size + r0) / 16 * (HD / 2)));
+    }
+    const at::BFloat16* vblock = vp + table[blk] * vb + kv_head * vh;
     for (int64_t r = 0; r < block_size; r += 2) {
       __m512i* dst = vi.data() + (blk * block_size + r) / 2 * V;
       for (int j = 0; j < HD / 32; ++j) {
-        const __m512i a = _mm512_loadu_si512(block + r * vo + j * 32);
-        const __m512i c = _mm512_loadu_si512(block + (r + 1) * vo + j * 32);
+        const __m512i a = _mm512_loadu_si512(vblock + r * vo + j * 32);
+        const __m512i c = _mm512_loadu_si512(vblock + (r + 1) * vo + j * 32);
         dst[2 * j] = _mm512_unpacklo_epi16(a, c);
         dst[2 * j + 1] = _mm512_unpackhi_epi16(a, c);
       }
     }
   }
-  alignas(64) float tile_out[QV * HD];
-  for (int64_t t = 0; t < count; t += QV) {
-    weigh_tile<HD, QV>(vi.data(), num_pairs, probs.data() + t * num_pairs, num_pairs,
-                       inv.data() + t, tile_out);
-    for (int64_t i = t; i < std::min(count, t + QV); ++i) {
-      const int64_t b = members[(first + i) / group], head = kv_head * group + (first + i) % group;
-      std::memcpy(prefix_out + (b * num_heads + head) * HD, tile_out + (i - t) * HD, HD * sizeof(float));
+  // Then per tile of queries: scores over the whole prefix, softmax, values, while the tile's
+  // scores (16 x len floats) stay in cache.
+  scores.resize(kScoreTile * len);
+  probs.resize(kScoreTile * num_pairs);
+  alignas(64) float inv[kScoreTile], tile_out[QV * HD];
+  for (int64_t t = 0; t < padded; t += kScoreTile) {
+    for (int64_t k16 = 0; k16 < num_tiles; ++k16) {
+      score_tile<HD>(*reinterpret_cast<const __m512i(*)[HD / 2]>(kt.data() + k16 * (HD / 2)),
+                     pairs.data() + t * (HD / 2), scale, scores.data() + k16 * 16, len);
+    }
+    const int64_t in_tile = std::min<int64_t>(kScoreTile, count - t);
+    for (int64_t i = 0; i < kScoreTile; ++i) {
+      uint32_t* out = probs.data() + i * num_pairs;
+      if (i >= in_tile) {  // padding: weighs nothing
+        std::fill(out, out + num_pairs, 0u);
+        inv[i] = 0.f;
+        continue;
+      }
+      float* s = scores.data() + i * len;
+      const float top = *std::max_element(s, s + len);
+      const float denom = exp_shifted_sum(s, len, top);
+      inv[i] = 1.f / denom;
+      const int64_t q = first + t + i;
+      const int64_t b = members[q / group], head = kv_head * group + q % group;
+      prefix_stats[2 * (b * num_heads + head)] = top;
+      prefix_stats[2 * (b * num_heads + head) + 1] = denom;
+      for (int64_t k = 0; k + 16 <= len; k += 16) {
+        const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + k));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2), (__m256i)packed);
+      }
+    }
+    for (int64_t sub = 0; sub < in_tile; sub += QV) {
+      weigh_tile<HD, QV>(vi.data(), num_pairs, probs.data() + sub * num_pairs, num_pairs,
+                         inv + sub, tile_out);
+      for (int64_t i = sub; i < std::min<int64_t>(in_tile, sub + QV); ++i) {
+        const int64_t q = first + t + i;
+        const int64_t b = members[q / group], head = kv_head * group + q % group;
+        std::memcpy(prefix_out + (b * num_heads + head) * HD, tile_out + (i - sub) * HD,
+                    HD * sizeof(float));
+      }
     }
   }
 }
@@ -711,7 +725,9 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
         while (same < common && tp[b * width + same] == lead[same]) ++same;
         common = std::min({same, (lp[b] - 1) / block_size});
       }
-      if (common >= min_shared_blocks) {
+      // Worth it only for a group with at least a score tile of queries per kv head (fewer
+      // pad the tile with nothing) over enough blocks (measured: docs/benchmarks.md).
+      if (common >= min_shared_blocks && (end - start) * group >= kScoreTile) {
         members.emplace_back(order.begin() + start, order.begin() + end);
         shared_blocks.push_back(common);
         for (int64_t m = start; m < end; ++m) shared_of[order[m]] = common;
@@ -732,14 +748,74 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
     std::copy(tp + b * width + skip, tp + (b + 1) * width, rt + b * width);
     rl[b] = lp[b] - skip * block_size;
   }
-  auto out = torch::empty_like(q);
-  auto rest_stats = torch::empty({batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  const int64_t threads = at::get_num_threads();
   auto rest_out = torch::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
-  {
-    // Per-sequence pass in float32 out, so the merge rounds once. The unfused take the same
-    // arithmetic as paged_decode_attention and are rounded to bfloat16 once below, as it does.
-    decode_attention_impl<float>(q.to(at::kFloat), k_cache.to(at::kFloat), v_cache.to(at::kFloat),
-                                 rest_tables, rest_lens, scale, rest_out, rest_stats.data_ptr<float>());
+  auto rest_stats = torch::empty({batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  decode_attention_impl<at::BFloat16, float>(q, k_cache, v_cache, rest_tables, rest_lens, scale,
+                                             rest_out, rest_stats.data_ptr<float>());
+
+  // The groups' prefixes: tasks of (group, kv head, a run of its queries), enough of them to
+  // keep every thread busy, each a multiple of the score tile.
+  std::vector<PrefixTask> tasks;
+  const int64_t per_head = std::max<int64_t>(
+      1, (2 * threads + members.size() * num_kv_heads - 1) / (members.size() * num_kv_heads));
+  for (int64_t g = 0; g < static_cast<int64_t>(members.size()); ++g) {
+    const int64_t count = static_cast<int64_t>(members[g].size()) * group;
+    int64_t chunk = (count + per_head - 1) / per_head;
+    chunk = (chunk + kScoreTile - 1) / kScoreTile * kScoreTile;
+    for (int64_t h = 0; h < num_kv_heads; ++h) {
+      for (int64_t first = 0; first < count; first += chunk) {
+        tasks.push_back({g, h, first, std::min(chunk, count - first)});
+      }
+    }
+  }
+  auto prefix_out = torch::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
+  auto prefix_stats = torch::empty({batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  float* po = prefix_out.data_ptr<float>();
+  float* ps = prefix_stats.data_ptr<float>();
+  const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
+  const at::BFloat16* kp = k_cache.data_ptr<at::BFloat16>();
+  const at::BFloat16* vp = v_cache.data_ptr<at::BFloat16>();
+  const int64_t kb = k_cache.stride(0), ko = k_cache.stride(1), kh = k_cache.stride(2);
+  const int64_t vb = v_cache.stride(0), vo = v_cache.stride(1), vh = v_cache.stride(2);
+  const float fscale = static_cast<float>(scale);
+  std::atomic<int64_t> next{0};
+  const int64_t num_tasks = static_cast<int64_t>(tasks.size());
+  at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
+    for (int64_t taken = next++; taken < num_tasks; taken = next++) {
+      const PrefixTask& task = tasks[taken];
+      const std::vector<int64_t>& group_members = members[task.group];
+      const int64_t* table = tp + group_members[0] * width;
+      auto run = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
+      run(qp, kp, vp, table, shared_blocks[task.group], block_size, kb, ko, vb, vo,
+          task.kv_head, kh, vh, group_members, group, num_heads, task.first, task.count, fscale,
+          po, ps);
+    }
+  });
+
+  // Merge: each member's two results weighed by their softmax sums, rounded once.
+  auto out = torch::empty_like(q);
+  at::BFloat16* op = out.data_ptr<at::BFloat16>();
+  const float* ro = rest_out.data_ptr<float>();
+  const float* rs = rest_stats.data_ptr<float>();
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t head = 0; head < num_heads; ++head) {
+      const int64_t row = b * num_heads + head;
+      at::BFloat16* o = op + row * head_dim;
+      const float* rest = ro + row * head_dim;
+      if (shared_of[b] == 0) {
+        for (int64_t d = 0; d < head_dim; ++d) o[d] = static_cast<at::BFloat16>(rest[d]);
+        continue;
+      }
+      const float* prefix = po + row * head_dim;
+      const float top = std::max(ps[2 * row], rs[2 * row]);
+      const float a = ps[2 * row + 1] * std::exp(ps[2 * row] - top);
+      const float c = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
+      const float wa = a / (a + c), wc = c / (a + c);
+      for (int64_t d = 0; d < head_dim; ++d) {
+        o[d] = static_cast<at::BFloat16>(prefix[d] * wa + rest[d] * wc);
+      }
+    }
   }
   return out;
 #endif

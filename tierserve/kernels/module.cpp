@@ -8,6 +8,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("skinny_linear", &tierserve::skinny_linear, "x @ w.T (+ bias) for at most 8 rows of x");
   m.def("paged_decode_attention", &tierserve::paged_decode_attention,
         "one query per sequence over its paged K/V, in place");
+  m.def("paged_decode_attention_shared", &tierserve::paged_decode_attention_shared,
+        "paged_decode_attention, groups sharing leading blocks reading them together");
   m.def("add_rms_norm", &tierserve::add_rms_norm,
         "(weight * rmsnorm(x + residual), x + residual), HF's roundings");
   m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");

@@ -119,6 +119,9 @@ class TorchPagedAttention:
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
         self.ops = ops  # tierserve.kernels.cpu_ops() or None
+        # Fused shared-prefix decode attention for groups sharing at least this many leading
+        # blocks (bfloat16, native kernel; 0: off). Set by the ModelRunner from the block size.
+        self.shared_prefix_blocks = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -173,6 +176,10 @@ class TorchPagedAttention:
         (B,), or per kv head (B, nkv, W) with lens (B, nkv). The native kernel where built,
         else the torch reference (which gathers the blocks)."""
         if self.ops is not None:
+            if self.shared_prefix_blocks and q.dtype == torch.bfloat16 and tables.dim() == 2:
+                return self.ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens,
+                                                              self.scale,
+                                                              self.shared_prefix_blocks)
             return self.ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, self.scale)
         if tables.dim() == 2:
             tables = tables[:, None].expand(-1, self.num_kv_heads, -1)

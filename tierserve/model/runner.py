@@ -33,6 +33,9 @@ INVARIANT_MIN_ROWS = 16
 PROMPT_SCORE_ROWS = 128  # prompt logprobs go through the LM head this many rows at a time
 
 
+SHARED_PREFIX_MIN_TOKENS = 256
+
+
 class ModelRunner:
     """Executes plans on a real model. Implements the executor side of the step transaction."""
 
@@ -40,10 +43,16 @@ class ModelRunner:
                  batch_invariant: bool = True, num_host_blocks: int = 0,
                  num_disk_blocks: int = 0, swap_dir: str | None = None,
                  max_num_batched_tokens: int = 256, max_num_seqs: int = 128,
-                 selection: SelectionConfig | None = None, key_bounds: bool | None = None
-                 ) -> None:
+                 selection: SelectionConfig | None = None, key_bounds: bool | None = None,
+                 shared_prefix_attention: bool = True) -> None:
         self.model = model
         self.block_size = block_size
+        # Groups sharing a prefix of at least 256 tokens read it together (measured: shorter
+        # ones gain nothing, docs/benchmarks.md); the kernel takes block sizes that are
+        # multiples of 16.
+        model.attention.shared_prefix_blocks = (
+            max(1, SHARED_PREFIX_MIN_TOKENS // block_size)
+            if shared_prefix_attention and block_size % 16 == 0 else 0)
         # KV selection: the policy, and per-block key bounds in the cache when it reads them
         # (``key_bounds`` True keeps them for any policy, e.g. to switch policies later).
         policy = (make_policy(selection) if selection is not None
