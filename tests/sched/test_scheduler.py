@@ -100,6 +100,25 @@ def test_an_online_request_preempts_background_ones_under_sarathi(limit):
     assert core.kv.num_free_blocks == core.kv.num_blocks
 
 
+def test_background_prompts_pause_while_an_online_request_waits():
+    """A batch request's long prompt would take the whole token budget for several steps: while
+    an online request waits it pauses (its decodes would not), so the online one starts in the
+    very next step."""
+    core, executor = make_core(num_blocks=128, budget=32)
+    background = _add(core, "bg", 200, max_tokens=4, seed=1, priority=BACKGROUND_PRIORITY)
+    core.step()
+    assert background.num_computed_tokens == 32
+    _add(core, "online", 12, max_tokens=4, seed=2)
+    core.step()
+    chunks = {c.request_id: c.num_tokens for c in executor.plans[-1].chunks}
+    assert chunks == {"online": 12}
+    core.step()  # nobody waits now: the prompt goes on beside the online decode
+    chunks = {c.request_id: c.num_tokens for c in executor.plans[-1].chunks}
+    assert chunks["online"] == 1 and chunks["bg"] == 31
+    run_to_completion(core)
+    assert len(background.output_token_ids) == 4
+
+
 def test_one_arrival_swaps_out_only_the_background_requests_it_needs():
     """Swapped-out blocks free after the step: the victims' blocks are counted as they go, so
     one online arrival does not swap the whole batch out."""

@@ -1,5 +1,6 @@
-"""``tierserve bench online | fairness | swap | batch | offline | capacity | roofline |
-faults``: run a benchmark, print a table, write JSON and a plot.
+"""``tierserve bench online | fairness | swap | batch | batch-api | shared-prefix | offline |
+capacity | roofline | faults | moe | longctx``: run a benchmark, print a table, write JSON and a
+plot.
 
 ``add_bench_parser(subparsers)`` hooks the command into the main CLI; ``python -m
 tierserve.bench.cli ...`` runs it on its own.

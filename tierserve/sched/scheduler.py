@@ -15,7 +15,7 @@ import logging
 
 from tierserve.config import SchedulerConfig
 from tierserve.kv.manager import KVCacheManager
-from tierserve.request import Request, RequestStatus
+from tierserve.request import BACKGROUND_PRIORITY, Request, RequestStatus
 from tierserve.sched.plan import RequestUpdate, ScheduledChunk, StepPlan, StepResult, SwapDone
 from tierserve.sched.policies import Policy, make_policy
 from tierserve.sched.preemption import PreemptionMixin
@@ -123,9 +123,16 @@ class Scheduler(PreemptionMixin):
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
         queue = self.policy.select_running(self.policy.order_running(self.running))
+        # While an online request waits, background (Batch API) prompts pause: their chunks
+        # would take the budget it needs to start. Their decodes go on.
+        online_waiting = any(r.priority < BACKGROUND_PRIORITY for r in self.waiting)
         index = 0
         while index < len(queue) and budget > 0:
             request = queue[index]
+            if (online_waiting and request.priority >= BACKGROUND_PRIORITY
+                    and self._tokens_due(request) > 1):
+                index += 1
+                continue
             num_new = min(self._tokens_due(request), budget)
             while not self.kv.allocate(request, num_new):
                 later = queue[index + 1 :]
