@@ -122,8 +122,15 @@ class SchedulerConfig:
     # Cost model for preemption_mode="auto"; defaults measured on a 2-core Zen 4 with SmolLM2.
     recompute_tokens_per_s: float = 1500.0
     swap_bytes_per_s: float = 4e9
+    # While online requests are in flight, background (Batch API) prompt chunks take at most
+    # this share of each step's token budget, so online decodes keep their step time
+    # (tierserve serve sets it to --batch-share).
+    background_token_share: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0 < self.background_token_share <= 1:
+            raise ValueError(f"background_token_share must be in (0, 1], got "
+                             f"{self.background_token_share}")
         if self.preemption_mode not in ("swap", "recompute", "auto"):
             raise ValueError(
                 f"preemption_mode must be swap, recompute or auto, got {self.preemption_mode!r}")

@@ -119,6 +119,25 @@ def test_background_prompts_pause_while_an_online_request_waits():
     assert len(background.output_token_ids) == 4
 
 
+def test_background_prompts_take_their_share_of_the_budget_while_online_requests_run():
+    core, executor = make_core(num_blocks=128, budget=32)
+    core.config.scheduler.background_token_share = 0.25
+    online = _add(core, "online", 12, max_tokens=20, seed=2)
+    core.step()  # the online prompt
+    background = _add(core, "bg", 200, max_tokens=4, seed=1, priority=BACKGROUND_PRIORITY)
+    for _ in range(3):
+        core.step()
+        chunks = {c.request_id: c.num_tokens for c in executor.plans[-1].chunks}
+        assert chunks == {"online": 1, "bg": 8}  # a quarter of 32
+    run_to_completion(core)
+    assert len(online.output_token_ids) == 20 and len(background.output_token_ids) == 4
+    alone = _add(core, "bg2", 100, max_tokens=2, seed=3, priority=BACKGROUND_PRIORITY)
+    core.step()  # nobody online: the whole budget
+    assert {c.request_id: c.num_tokens for c in executor.plans[-1].chunks} == {"bg2": 32}
+    run_to_completion(core)
+    assert len(alone.output_token_ids) == 2
+
+
 def test_one_arrival_swaps_out_only_the_background_requests_it_needs():
     """Swapped-out blocks free after the step: the victims' blocks are counted as they go, so
     one online arrival does not swap the whole batch out."""

@@ -35,6 +35,8 @@ class Scheduler(PreemptionMixin):
             config.policy, update_interval=config.priority_update_interval,
             preempt_margin=float(config.max_num_batched_tokens))
         self.bytes_per_block = bytes_per_block  # for the swap-or-recompute cost estimate
+        # This step's token budget left for background prompt chunks (None: no limit).
+        self._background_budget: int | None = None
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # new and recompute-preempted
         self.swapped: list[Request] = []
@@ -124,16 +126,26 @@ class Scheduler(PreemptionMixin):
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
         queue = self.policy.select_running(self.policy.order_running(self.running))
         # While an online request waits, background (Batch API) prompts pause: their chunks
-        # would take the budget it needs to start. Their decodes go on.
+        # would take the budget it needs to start. Their decodes go on. While online requests
+        # run, background prompt chunks share config.background_token_share of the budget.
         online_waiting = any(r.priority < BACKGROUND_PRIORITY for r in self.waiting)
+        self._background_budget = None
+        if self.config.background_token_share < 1 and (online_waiting or any(
+                r.priority < BACKGROUND_PRIORITY for r in self.running)):
+            self._background_budget = int(self.config.max_num_batched_tokens
+                                          * self.config.background_token_share)
         index = 0
         while index < len(queue) and budget > 0:
             request = queue[index]
-            if (online_waiting and request.priority >= BACKGROUND_PRIORITY
-                    and self._tokens_due(request) > 1):
+            prompt_chunk = (request.priority >= BACKGROUND_PRIORITY
+                            and self._tokens_due(request) > 1)
+            if prompt_chunk and (online_waiting or self._background_budget == 0):
                 index += 1
                 continue
             num_new = min(self._tokens_due(request), budget)
+            if prompt_chunk and self._background_budget is not None:
+                num_new = min(num_new, self._background_budget)
+                self._background_budget -= num_new
             while not self.kv.allocate(request, num_new):
                 later = queue[index + 1 :]
                 victim = self.policy.pick_victim(later) if later else request
@@ -197,6 +209,14 @@ class Scheduler(PreemptionMixin):
         cached, _ = self.kv.lookup_prefix(request, use_cache)  # copy-ups from host/disk queued
         remaining = self._tokens_due(request, cached)
         num_new = remaining if whole else min(remaining, budget)
+        background_budget = self._background_budget
+        if (not whole and request.priority >= BACKGROUND_PRIORITY and remaining > 1
+                and background_budget is not None):
+            if background_budget == 0:
+                self.kv.free(request)
+                request.num_computed_tokens = 0
+                return None
+            num_new = min(num_new, background_budget)
         request.num_computed_tokens = cached
         reserve = self.admission_reserve if self.running else 0
         if (whole and plan.chunks and num_new > budget) or not self.kv.can_allocate(
@@ -205,6 +225,9 @@ class Scheduler(PreemptionMixin):
             request.num_computed_tokens = 0
             return None
         self.kv.allocate(request, num_new)
+        if (background_budget is not None and request.priority >= BACKGROUND_PRIORITY
+                and remaining > 1 and not whole):
+            self._background_budget = background_budget - num_new
         if request.num_preemptions == 0:
             request.num_cached_tokens = cached
         self.waiting.remove(request)

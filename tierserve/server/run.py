@@ -40,9 +40,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                        "$XDG_DATA_HOME/tierserve, else ~/.local/share/tierserve)")
     batch.add_argument("--batch-share", type=float, default=0.5,
                        help="while online requests are in flight, a batch's requests reserve at "
-                       "most this share of the KV pool and of --max-num-seqs; with none in "
-                       "flight, up to 0.95. Online requests always go first and preempt batch "
-                       "requests (default: %(default)s)")
+                       "most this share of the KV pool and of --max-num-seqs, and their prompt "
+                       "chunks this share of each step's token budget; with none in flight, up "
+                       "to 0.95 of the pool and the whole budget. Online requests always go "
+                       "first and preempt batch requests (default: %(default)s)")
     batch.add_argument("--max-batch-file-size", default="200MiB",
                        help="larger uploads are refused (default: %(default)s)")
     batch.add_argument("--max-batch-requests", type=int, default=50_000,
@@ -65,6 +66,7 @@ def run_server(args: argparse.Namespace) -> int:
 
     config = engine_config_from_args(args)
     config.scheduler.max_waiting_requests = args.max_waiting_requests
+    config.scheduler.background_token_share = min(1.0, max(args.batch_share, 1e-6))
     engine = AsyncEngine(build_engine(config), args.max_waiting_requests)
     settings = ServerSettings(
         model_name=args.served_model_name or args.model,
