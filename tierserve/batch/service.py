@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 OUTPUT_ESTIMATE_CAP = 512  # the output a request that leaves max_tokens open is planned at
 RETRY_S = 5  # seconds before the worker tries again after the data directory failed it
+ONLINE_HOLD_S = 2.0  # online traffic counts as present this long after its last request
 
 
 class BatchRequestError(Exception):
@@ -397,10 +398,13 @@ class BatchService:
                 for p in plan.requests]
 
     def _budget(self) -> tuple[int, int]:
-        """KV tokens and sequences the batch may reserve now (the slack rule)."""
+        """KV tokens and sequences the batch may reserve now (the slack rule). Online traffic
+        counts as present for ONLINE_HOLD_S after its last request: a client sending one
+        request after another would otherwise find the pool full of batch work each time."""
         core = self.engine.core
-        online = self.engine.num_in_flight - self._in_flight
-        share = self.settings.share if online > 0 else self.settings.idle_share
+        online = (self.engine.num_in_flight - self._in_flight > 0
+                  or time.monotonic() - self.engine.last_online_at < ONLINE_HOLD_S)
+        share = self.settings.share if online else self.settings.idle_share
         tokens = int(core.kv.num_blocks * core.kv.block_size * share)
         return tokens, max(1, int(core.scheduler.config.max_num_seqs * share))
 

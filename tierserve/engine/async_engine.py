@@ -55,6 +55,7 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    background: bool = False
 
 
 class AsyncEngine:
@@ -78,6 +79,8 @@ class AsyncEngine:
         # waiting in the scheduler (the engine thread's count, kept current at each add and
         # step) and those whose add command is still queued (counted down by the engine thread).
         self._background_waiting = 0
+        # When an online (not background) request last started or ended (monotonic seconds).
+        self.last_online_at = float("-inf")
         self._background_submitted = 0  # written by the event loop only
         self._background_applied = 0  # written by the engine thread only
         self.error: BaseException | None = None
@@ -143,10 +146,12 @@ class AsyncEngine:
                 and waiting >= self.max_waiting_requests):
             raise QueueFullError(f"{waiting} requests are already waiting "
                                  f"(--max-waiting-requests {self.max_waiting_requests})")
-        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue(), background)
         self._streams[request_id] = stream
         if background:
             self._background_submitted += 1
+        else:
+            self.last_online_at = time.monotonic()
         self._command(("add", request_id, prompt, requests))
         outputs = self._follow(request_id, stream)
         # NOTE: an async generator that never started does not run its finally when closed or
@@ -178,8 +183,11 @@ class AsyncEngine:
             self._release(request_id)
 
     def _release(self, request_id: str) -> None:
-        if self._streams.pop(request_id, None) is None:
+        stream = self._streams.pop(request_id, None)
+        if stream is None:
             return  # released already
+        if not stream.background:
+            self.last_online_at = time.monotonic()
         # NOTE: also after a finished output: it drops the engine thread's id map entry, and
         # ending requests that already finished changes nothing. A stop string's own "stop"
         # command was queued before its finished output was delivered, so it comes first.
