@@ -13,29 +13,41 @@ def smollm2_path():
     return fetch_model("smollm2")
 
 
-@pytest.fixture(scope="session")
-def tiny_llama_dir(tmp_path_factory):
-    """A 2-layer random Llama (GQA, tied embeddings off) saved by transformers as safetensors."""
+def save_tiny_llama(path, seed: int = 0, scale: float = 8.0, **overrides):
+    """A random Llama written by transformers as safetensors, with the tiny tokenizer; 2-D
+    weights scaled up by ``scale`` (random init is near-uniform over the vocabulary; scaled,
+    greedy choices are clear)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2,
-    )
+    torch.manual_seed(seed)
+    fields = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                  rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                  bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**{**fields, **overrides})
     model = LlamaForCausalLM(config)
-    # Random init is near-uniform over the vocabulary; scale up so greedy choices are clear.
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:
-                p.mul_(8.0)
-    path = tmp_path_factory.mktemp("tiny_llama")
+                p.mul_(scale)
     model.save_pretrained(path, safe_serialization=True)
     _tiny_tokenizer(config.vocab_size).save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A 2-layer random Llama (GQA, tied embeddings off) saved by transformers as safetensors."""
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
+
+
+@pytest.fixture(scope="session")
+def head64_llama_dir(tmp_path_factory):
+    """The same with 64-wide heads (hidden 256, 4 heads, 2 kv heads): what the native kernels'
+    register-resident and fused shared-prefix paths take."""
+    return save_tiny_llama(tmp_path_factory.mktemp("head64_llama"), seed=1, scale=4.0,
+                           hidden_size=256, intermediate_size=256)
 
 
 TINY_CHAT_TEMPLATE = (

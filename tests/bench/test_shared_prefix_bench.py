@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from tierserve.bench.cli import main
 from tierserve.kernels import cpu_ops
@@ -15,26 +14,10 @@ pytestmark = pytest.mark.skipif(cpu_ops() is None,
                                 reason="native kernels could not be built here")
 
 
-@pytest.fixture(scope="module")
-def head64_dir(tmp_path_factory):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import _tiny_tokenizer
-
-    torch.manual_seed(2)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
-    path = tmp_path_factory.mktemp("head64")
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
-    _tiny_tokenizer(config.vocab_size).save_pretrained(path)
-    return path
-
-
-def test_bench_shared_prefix_times_both_modes_on_one_engine(head64_dir, tmp_path, monkeypatch):
+def test_bench_shared_prefix_times_both_modes_on_one_engine(head64_llama_dir, tmp_path, monkeypatch):
 
     out = tmp_path / "shared.json"
-    code = main(["shared-prefix", "--model", str(head64_dir), "--dtype", "bfloat16",
+    code = main(["shared-prefix", "--model", str(head64_llama_dir), "--dtype", "bfloat16",
                  "--batch", "16", "--prefix-len", "320", "--question-len", "8", "--rounds", "2",
                  "--steps", "2", "--num-blocks", "200", "--json", str(out)])
     assert code == 0
@@ -45,7 +28,7 @@ def test_bench_shared_prefix_times_both_modes_on_one_engine(head64_dir, tmp_path
     assert results["fused"]["speedup_step"] > 0 and results["fused"]["speedup_attention"] > 0
 
 
-def test_bench_shared_prefix_refuses_float32(head64_dir):
+def test_bench_shared_prefix_refuses_float32(head64_llama_dir):
     with pytest.raises(RuntimeError, match="bfloat16"):
-        main(["shared-prefix", "--model", str(head64_dir), "--dtype", "float32", "--batch", "4",
+        main(["shared-prefix", "--model", str(head64_llama_dir), "--dtype", "float32", "--batch", "4",
               "--prefix-len", "64", "--num-blocks", "64"])

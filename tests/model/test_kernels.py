@@ -233,28 +233,6 @@ def test_model_gives_the_same_tokens_with_kernels_off(tiny_llama_dir, monkeypatc
     assert tokens == reference
 
 
-@pytest.fixture(scope="module")
-def head64_llama_dir(tmp_path_factory):
-    """A tiny random Llama with 64-wide heads (what the fused shared-prefix path takes)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from tests.conftest import _tiny_tokenizer
-
-    torch.manual_seed(1)
-    config = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=256,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=1024, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(4.0)
-    path = tmp_path_factory.mktemp("head64_llama")
-    model.save_pretrained(path, safe_serialization=True)
-    _tiny_tokenizer(config.vocab_size).save_pretrained(path)
-    return path
-
-
 def test_model_with_shared_prefix_attention_agrees_with_the_unfused_path(head64_llama_dir):
     """12 requests sharing a 320-token prefix decode together: the fused path runs, its
     logprobs differ from the unfused path's only by rounding, and so do the tokens."""
