@@ -494,6 +494,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 // by their softmax statistics (largest score, sum of exponentials).
 
 constexpr int kScoreTile = 16;  // queries scored together against one transposed key block
+constexpr int64_t kPrefixAhead = 4;  // blocks requested ahead while transposing the prefix
 
 // kt[d], lane r: dims 2d, 2d+1 of key row r (16 rows from ``rows``, ``row_stride`` apart).
 template <int HD>
@@ -589,7 +590,15 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
   const int64_t num_tiles = len / 16, num_pairs = len / 2;
   kt.resize(num_tiles * (HD / 2));
   vi.resize(num_pairs * V);
+  // The cached rows are cold (another layer ran since) and a gather waits on each line it
+  // touches: ask for the blocks ahead, their lines all at once.
+  for (int64_t ahead = 0; ahead < kPrefixAhead && ahead < num_blocks; ++ahead) {
+    prefetch_block(kp, table, ahead, len, block_size, kb, ko, kv_head * kh, HD);
+    prefetch_block(vp, table, ahead, len, block_size, vb, vo, kv_head * vh, HD);
+  }
   for (int64_t blk = 0; blk < num_blocks; ++blk) {
+    prefetch_block(kp, table, blk + kPrefixAhead, len, block_size, kb, ko, kv_head * kh, HD);
+    prefetch_block(vp, table, blk + kPrefixAhead, len, block_size, vb, vo, kv_head * vh, HD);
     const at::BFloat16* kblock = kp + table[blk] * kb + kv_head * kh;
     for (int64_t r0 = 0; r0 < block_size; r0 += 16) {
       transpose_keys<HD>(kblock + r0 * ko, ko,
