@@ -52,6 +52,9 @@ class SamplingParams:
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    # tierserve.structured.StructuredOutputs: the output follows a JSON schema, a regex, a
+    # choice list or a grammar (vLLM's structured_outputs / guided decoding).
+    structured_outputs: object | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -89,6 +92,9 @@ class SamplingParams:
                self.logits_processors, "must be callables")
         _check(all(isinstance(s, str) and s for s in self.stop), "stop", self.stop,
                "must be non-empty strings")
+        _check(self.structured_outputs is None or hasattr(self.structured_outputs, "key"),
+               "structured_outputs",
+               self.structured_outputs, "must be a tierserve.structured.StructuredOutputs")
 
     @property
     def greedy(self) -> bool:

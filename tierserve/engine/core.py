@@ -67,6 +67,9 @@ class EngineCore:
         # Set when the KV accounting is found broken after a failure: nothing can be trusted
         # any more, the process should be restarted (/health says so).
         self.fatal_error: str | None = None
+        # tierserve.structured.constraints.Constraints, set by the loader (None: structured
+        # outputs are refused).
+        self.constraints = None
 
     # -- requests ------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
@@ -99,6 +102,11 @@ class EngineCore:
                 f"{num_prompt + max_tokens:,}, more than {_context_words(limits)}. Lower "
                 f"max_tokens to at most {context - num_prompt:,}{_context_fix(limits)}",
                 "max_tokens", "context_length_exceeded")
+        if params.structured_outputs is not None:
+            if self.constraints is None:
+                raise InvalidRequestError("this engine has no grammar engine for structured "
+                                          "outputs", params.structured_outputs.param)
+            self.constraints.check(params.structured_outputs)  # cached per spec after the first
         return Request(request_id, list(prompt_token_ids), params,
                        eos_token_ids=self.eos_token_ids, max_tokens=max_tokens,
                        evicts_kv=self.config.selection.kv_eviction != "none", **fields)

@@ -18,6 +18,7 @@ from tierserve.model.loader import load_checkpoint
 from tierserve.model.runner import ModelRunner
 from tierserve.model.tokenizer import Tokenizer
 from tierserve.selection.policies import make_policy
+from tierserve.structured.constraints import Constraints
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +82,9 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
                           bytes_per_block)
     eos = frozenset(tokenizer.stop_token_ids) | frozenset(arch.eos_token_ids)
     core = EngineCore(config, runner, limits, eos_token_ids=eos)
+    # Structured outputs: the grammar engine sees the vocabulary as the tokenizer has it.
+    core.constraints = runner.sampler.constraints = Constraints(
+        tokenizer.backend.to_str(), arch.vocab_size, sorted(eos))
     log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s; KV cache: %d blocks of %d tokens "
              "(%d tokens, %.0f MiB); host tier %d blocks, disk tier %d blocks; context %d tokens",
              path.name, arch.architecture, arch.num_layers, config.model.dtype,

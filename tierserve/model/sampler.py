@@ -45,11 +45,15 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)
         self._request_generators: dict[str, torch.Generator] = {}
+        # tierserve.structured.constraints.Constraints (set by the loader), or None
+        self.constraints = None
 
     def drop(self, request_ids: Sequence[str]) -> None:
-        """Forget finished requests' generators."""
+        """Forget finished requests' generators (and grammar state)."""
         for request_id in request_ids:
             self._request_generators.pop(request_id, None)
+        if self.constraints is not None:
+            self.constraints.drop(request_ids)
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[ScheduledChunk]) -> Sampled:
@@ -61,6 +65,18 @@ class Sampler:
                 failed[index] = "the model produced non-finite logits (NaN or inf) for it"
         if any(row.sampling_params.logits_processors for row in rows):
             logits = self._run_logits_processors(logits.clone(), rows, failed)
+        constrained = [i for i, row in enumerate(rows)
+                       if row.sampling_params.structured_outputs is not None and i not in failed]
+        if constrained:  # every constrained row's grammar mask, in one op
+            logits = logits.clone()
+            if self.constraints is None:
+                for index in constrained:
+                    failed[index] = "structured outputs need a grammar engine; none is set up"
+            else:
+                self.constraints.mask(logits, constrained,
+                                      [rows[i].request_id for i in constrained],
+                                      [rows[i].sampling_params.structured_outputs for i in constrained],
+                                      failed)
         for index, row in enumerate(rows):
             if row.sampling_params.seed is not None and index not in failed:
                 try:
@@ -84,6 +100,12 @@ class Sampler:
                         logits[index:index + 1], rows[index:index + 1], [index], failed)
                 except Exception as exc:  # noqa: BLE001
                     failed[index] = f"sampling failed: {type(exc).__name__}: {exc}"
+        if constrained and self.constraints is not None:
+            for index in constrained:
+                if index not in failed and tokens[index] is not None:
+                    refused = self.constraints.advance(rows[index].request_id, tokens[index])
+                    if refused:
+                        failed[index] = refused
         for index in failed:
             tokens[index], logprobs[index] = None, None
         return Sampled(tokens, logprobs, failed)

@@ -160,6 +160,7 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
         except ValueError as exc:  # a template that rejects the conversation
             raise ApiError(400, str(exc), param="messages") from exc
         params = _checked(convert.chat_params, body)
+        await _check_structured(engine, params)
         request_id = engine.next_request_id("chatcmpl")
         streams = [_submit(engine, request_id, None, prompt_ids, params, body)]
         if body.stream:
@@ -187,6 +188,7 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
                            f"most {limit} waiting requests (--max-waiting-requests): send fewer "
                            "prompts per request", param="prompt")
         params = _checked(convert.completion_params, body)
+        await _check_structured(engine, params)
         request_id = engine.next_request_id("cmpl")
         streams = [_submit(engine, f"{request_id}-{i}", text, ids, params, body)
                    for i, (text, ids) in enumerate(prompts)]
@@ -280,6 +282,13 @@ def _checked(convert_fn, *args):
         return convert_fn(*args)
     except InvalidRequestError as exc:
         raise ApiError(400, exc.message, param=exc.param, code=exc.code) from exc
+
+
+async def _check_structured(engine: AsyncEngine, params: SamplingParams) -> None:
+    """Compile a structured output's grammar off the event loop (cached per spec), so a bad
+    one is a 400 before anything is queued."""
+    if params.structured_outputs is not None and engine.core.constraints is not None:
+        await asyncio.to_thread(_checked, engine.core.constraints.check, params.structured_outputs)
 
 
 def _submit(engine: AsyncEngine, request_id: str, text: str | None, prompt_ids: list[int],

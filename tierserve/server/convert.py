@@ -7,6 +7,7 @@ from tierserve.errors import InvalidRequestError
 from tierserve.model.tokenizer import Tokenizer
 from tierserve.request import SamplingParams
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from tierserve.structured import StructuredOutputs
 
 
 def chat_messages(body: ChatCompletionRequest) -> list[dict]:
@@ -49,4 +50,34 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
         frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
         max_tokens=max_tokens, min_tokens=body.min_tokens, stop=body.stop or [],
         stop_token_ids=body.stop_token_ids or [], ignore_eos=body.ignore_eos, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs)
+        prompt_logprobs=prompt_logprobs, structured_outputs=structured_outputs(body))
+
+
+def structured_outputs(body: SamplingFields) -> StructuredOutputs | None:
+    """The request's structured output, from whichever field gives it (one at most)."""
+    given = []
+    response_format = body.response_format
+    if response_format is not None and response_format.type == "json_object":
+        given.append(StructuredOutputs(json_object=True, param="response_format"))
+    elif response_format is not None and response_format.type == "json_schema":
+        if response_format.json_schema is None:
+            raise InvalidRequestError("response_format of type json_schema needs json_schema",
+                                      "response_format")
+        given.append(StructuredOutputs(json=response_format.json_schema.schema_,
+                                       param="response_format"))
+    fields = body.structured_outputs
+    if fields is not None:
+        given.append(StructuredOutputs(
+            json=fields.json_, json_object=bool(fields.json_object), regex=fields.regex,
+            choice=tuple(fields.choice) if fields.choice is not None else None,
+            grammar=fields.grammar, param="structured_outputs"))
+    for name, kind in (("guided_json", "json"), ("guided_regex", "regex"),
+                       ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        value = getattr(body, name)
+        if value is not None:
+            value = tuple(value) if kind == "choice" else value
+            given.append(StructuredOutputs(**{kind: value}, param=name))
+    if len(given) > 1:
+        raise InvalidRequestError(f"give one structured output at most; got "
+                                  f"{', '.join(g.param for g in given)}", given[1].param)
+    return given[0] if given else None

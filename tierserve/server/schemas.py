@@ -77,6 +77,32 @@ StopString = Annotated[str, Field(min_length=1)]
 Text = Annotated[str, Field(min_length=1)]
 
 
+class JsonSchemaFormat(_Lenient):
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = "schema"
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    """OpenAI's response_format: free text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(_Lenient):
+    """vLLM's structured_outputs: exactly one of json, json_object, regex, choice, grammar."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    json_: dict[str, Any] | str | None = Field(None, alias="json")
+    json_object: bool | None = None
+    regex: str | None = None
+    choice: list[Text] | None = None
+    grammar: str | None = None
+
+
 class SamplingFields(_Body):
     """Fields shared by chat and text completions (tierserve extensions at the end)."""
 
@@ -104,6 +130,14 @@ class SamplingFields(_Body):
     ignore_eos: bool = False
     min_tokens: NonNegInt = 0
     stop_token_ids: list[TokenId] | None = None
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older
+    # guided_* fields (at most one of them).
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[Text] | None = None
+    guided_grammar: str | None = None
     prompt_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS, description=(
         "vLLM's extension: log-probabilities of the prompt's tokens with this many top "
         "alternatives (the prompt is then computed whole, without a prefix-cache hit)"))] | None \

@@ -1,0 +1,89 @@
+"""Structured outputs in the engine: every output follows its schema, regex or choice, in one
+batch with unconstrained requests that stay as they were; bad specs are refused up front."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tierserve.engine.llm import LLM
+from tierserve.errors import InvalidRequestError
+from tierserve.request import SamplingParams
+from tierserve.structured import StructuredOutputs
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "tags"],
+          "properties": {"name": {"type": "string", "maxLength": 20},
+                         "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                         "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                  "maxItems": 3}}}
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_path):
+    llm = LLM(str(smollm2_path), num_blocks=256, max_model_len=1024)
+    yield llm
+    llm.engine.runner.close()
+
+
+def _valid_person(text: str) -> bool:
+    value = json.loads(text)
+    return (set(value) == {"name", "age", "tags"} and isinstance(value["name"], str)
+            and len(value["name"]) <= 20 and isinstance(value["age"], int)
+            and 0 <= value["age"] <= 120 and len(value["tags"]) <= 3
+            and set(value["tags"]) <= {"a", "b"})
+
+
+def test_constrained_and_free_requests_share_a_batch(smollm2):
+    prompts = [[{"role": "user", "content": f"Describe person number {i} as JSON."}]
+               for i in range(3)]
+    free = SamplingParams(temperature=0.0, max_tokens=24)
+    alone = smollm2.chat(prompts[:1], free, use_tqdm=False)[0].outputs[0].token_ids
+    json_params = SamplingParams(temperature=0.0, max_tokens=120,
+                                 structured_outputs=StructuredOutputs(json=PERSON))
+    sampled = SamplingParams(temperature=0.9, seed=3, max_tokens=120,
+                             structured_outputs=StructuredOutputs(json=PERSON))
+    choice = SamplingParams(temperature=0.0, max_tokens=8,
+                            structured_outputs=StructuredOutputs(choice=("yes", "no", "maybe")))
+    regex = SamplingParams(temperature=0.9, seed=1, max_tokens=20,
+                           structured_outputs=StructuredOutputs(regex=r"[0-9]{3}-[0-9]{4}"))
+    outputs = smollm2.chat(prompts[:1] * 5, [free, json_params, sampled, choice, regex],
+                           use_tqdm=False)
+    assert outputs[0].outputs[0].token_ids == alone  # the masks touch only their own rows
+    for output in outputs[1:3]:
+        assert output.outputs[0].finish_reason == "stop"
+        assert _valid_person(output.outputs[0].text), output.outputs[0].text
+    assert outputs[3].outputs[0].text in ("yes", "no", "maybe")
+    assert re.fullmatch(r"[0-9]{3}-[0-9]{4}", outputs[4].outputs[0].text)
+
+
+def test_any_json_object_and_a_lark_grammar(smollm2):
+    params = [SamplingParams(temperature=0.0, max_tokens=80,
+                             structured_outputs=StructuredOutputs(json_object=True)),
+              SamplingParams(temperature=0.0, max_tokens=10, structured_outputs=StructuredOutputs(
+                  grammar='start: "ok " NUMBER\nNUMBER: /[1-9][0-9]?/'))]
+    outputs = smollm2.generate(["Output a JSON object:", "Answer:"], params, use_tqdm=False)
+    assert isinstance(json.loads(outputs[0].outputs[0].text), dict)
+    assert re.fullmatch(r"ok [1-9][0-9]?", outputs[1].outputs[0].text)
+
+
+@pytest.mark.parametrize("spec, says", [
+    (dict(regex="(unclosed"), "regex"),
+    (dict(json={"type": "object", "properties": {"a": {"type": "no-such-type"}}}), "json"),
+    (dict(grammar="start: undefined_rule"), "grammar"),
+])
+def test_a_spec_that_cannot_compile_is_refused_before_it_runs(smollm2, spec, says):
+    with pytest.raises(InvalidRequestError) as refused:
+        smollm2.core.make_request("bad", [1, 2, 3], SamplingParams(
+            structured_outputs=StructuredOutputs(**spec, param="structured_outputs")))
+    assert refused.value.param == "structured_outputs" and says in refused.value.message.lower()
+
+
+def test_a_spec_names_exactly_one_kind():
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutputs(regex="a", choice=("b",))
+    with pytest.raises(InvalidRequestError, match="exactly one"):
+        StructuredOutputs()
+    with pytest.raises(InvalidRequestError, match="non-empty"):
+        StructuredOutputs(choice=())
