@@ -1,5 +1,5 @@
-"""``tierserve bench online | fairness | swap | batch | batch-api | shared-prefix | offline |
-capacity | roofline | faults | moe | longctx``: run a benchmark, print a table, write JSON and a
+"""``tierserve bench online | fairness | swap | batch | batch-api | shared-prefix | structured |
+offline | capacity | roofline | faults | moe | longctx``: run a benchmark, print a table, write JSON and a
 plot.
 
 ``add_bench_parser(subparsers)`` hooks the command into the main CLI; ``python -m
@@ -96,6 +96,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from tierserve.bench.offline import add_offline_subcommand
     from tierserve.bench.roofline import add_roofline_subcommand
     from tierserve.bench.shared_prefix import add_shared_prefix_subcommand
+    from tierserve.bench.structured import add_structured_subcommand
 
     add_batch_subcommand(sub, _add_common)
     add_batch_api_subcommand(sub)
@@ -104,6 +105,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_roofline_subcommand(sub, _add_common)
     add_faults_subcommand(sub, _add_common)
     add_shared_prefix_subcommand(sub, _add_common)
+    add_structured_subcommand(sub, _add_common)
 
 
 def _add_longctx(sub) -> None:
