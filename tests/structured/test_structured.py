@@ -87,3 +87,19 @@ def test_a_spec_names_exactly_one_kind():
         StructuredOutputs()
     with pytest.raises(InvalidRequestError, match="non-empty"):
         StructuredOutputs(choice=())
+
+
+def test_a_batch_file_line_with_guided_choice(tiny_llama_dir, tmp_path):
+    """`tierserve batch` reads the same fields as the server (here vLLM's guided_choice)."""
+    from tierserve.batch.jobfile import run_batch_file
+
+    lines = [{"custom_id": f"c{i}", "method": "POST", "url": "/v1/completions",
+              "body": {"prompt": f"pick {i}", "max_tokens": 6, "temperature": 1.0, "seed": i,
+                       "guided_choice": ["alpha", "beta", "gamma"]}} for i in range(4)]
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    llm = LLM(str(tiny_llama_dir), num_blocks=64)
+    run_batch_file(llm, source, tmp_path / "out.jsonl", show_progress=False)
+    texts = [json.loads(line)["response"]["body"]["choices"][0]["text"]
+             for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert len(texts) == 4 and set(texts) <= {"alpha", "beta", "gamma"}
