@@ -201,7 +201,8 @@ def parse_line(line: int, text: str, tokenizer, core, endpoint: str | None = Non
 def _engine_input(job: Job, tokenizer) -> tuple[tuple[str | None, list[int]], SamplingParams]:
     body = job.body
     if isinstance(body, ChatCompletionRequest):
-        return tokenizer.chat_prompt(convert.chat_messages(body)), convert.chat_params(body)
+        messages, template_args = convert.chat_inputs(body, tokenizer)
+        return tokenizer.chat_prompt(messages, **template_args), convert.chat_params(body)
     prompts = convert.encode_prompts(tokenizer, body.prompt)
     if len(prompts) != 1:
         raise InvalidRequestError("a batch line takes one prompt; split the list into lines",
@@ -214,7 +215,8 @@ def success_line(job: Job, output: RequestOutput, model_name: str) -> dict:
     model = body.model or model_name
     counts = protocol.usage(*protocol.count_tokens([output]))
     if isinstance(body, ChatCompletionRequest):
-        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0) for c in output.outputs]
+        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0,
+                                        convert.tools_active(body)) for c in output.outputs]
         response = protocol.envelope(f"chatcmpl-batch-{job.line}", "chat.completion", model,
                                      choices, usage_=counts)
     else:

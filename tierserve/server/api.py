@@ -155,8 +155,9 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         _check_model(body, settings)
         try:
-            prompt_ids = await asyncio.to_thread(engine.tokenizer.encode_chat,
-                                                 convert.chat_messages(body))
+            messages, template_args = convert.chat_inputs(body, engine.tokenizer)
+            prompt_ids = await asyncio.to_thread(engine.tokenizer.encode_chat, messages,
+                                                 **template_args)
         except ValueError as exc:  # a template that rejects the conversation
             raise ApiError(400, str(exc), param="messages") from exc
         params = _checked(convert.chat_params, body)
@@ -166,7 +167,8 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
         if body.stream:
             return _sse(stream_chat(streams, request_id, settings.model_name, body, params))
         outputs = await _collect(streams, request, settings)
-        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0)
+        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0,
+                                        convert.tools_active(body))
                    for c in outputs[0].outputs]
         response = protocol.envelope(request_id, "chat.completion", settings.model_name, choices,
                                      usage_=protocol.usage(*protocol.count_tokens(outputs)))

@@ -8,16 +8,66 @@ from tierserve.model.tokenizer import Tokenizer
 from tierserve.request import SamplingParams
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from tierserve.structured import StructuredOutputs
+from tierserve.structured.tools import call_grammar, prompt_messages
 
 
-def chat_messages(body: ChatCompletionRequest) -> list[dict]:
-    return [{"role": m.role, "content": m.text()} for m in body.messages]
+def chat_messages(body: ChatCompletionRequest, template_takes_tools: bool = False
+                  ) -> list[dict]:
+    """The conversation as the chat template gets it; with tools, as tools.prompt_messages
+    prepares it for this template."""
+    messages = []
+    for m in body.messages:
+        message = {"role": m.role, "content": m.text()}
+        if m.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        if m.tool_call_id is not None:
+            message["tool_call_id"] = m.tool_call_id
+        messages.append(message)
+    tools_on = bool(body.tools) and body.tool_choice != "none"
+    if not tools_on and not any("tool_calls" in m or m["role"] == "tool" for m in messages):
+        return messages
+    return prompt_messages(messages, chat_tools(body) if tools_on else None,
+                           template_takes_tools)
+
+
+def chat_inputs(body: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[list[dict], dict]:
+    """(messages, template keyword arguments) for ``tokenizer.chat_prompt``: a template that
+    renders ``tools`` itself gets them, any other gets them folded into the messages."""
+    takes_tools = "tools" in (tokenizer.chat_template or "")
+    kwargs = {"tools": chat_tools(body)} if takes_tools and chat_tools(body) else {}
+    return chat_messages(body, takes_tools), kwargs
+
+
+def tools_active(body: ChatCompletionRequest) -> bool:
+    """Whether the answer is parsed for tool calls."""
+    return bool(body.tools) and body.tool_choice != "none"
+
+
+def chat_tools(body: ChatCompletionRequest) -> list[dict] | None:
+    """The request's tools as the template gets them (None: no tools, or tool_choice none)."""
+    if not body.tools or body.tool_choice == "none":
+        return None
+    return [tool.model_dump(exclude_none=True) for tool in body.tools]
 
 
 def chat_params(body: ChatCompletionRequest) -> SamplingParams:
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    return sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
-                           body.prompt_logprobs)
+    params = sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
+                             body.prompt_logprobs)
+    choice = body.tool_choice
+    forced = bool(body.tools) and (choice == "required" or not isinstance(choice, (str, type(None))))
+    if forced:  # the call must be valid JSON for the tool's parameters: the grammar sees to it
+        if params.structured_outputs is not None:
+            raise InvalidRequestError("a forced tool call (tool_choice required or a named "
+                                      "function) cannot also take a structured output",
+                                      "tool_choice")
+        name = None if choice == "required" else choice.function.name
+        params.structured_outputs = call_grammar(chat_tools(body), name,
+                                                 body.parallel_tool_calls)
+    elif choice is not None and choice != "none" and not body.tools:
+        named = choice if isinstance(choice, str) else "a named function"
+        raise InvalidRequestError(f"tool_choice {named} needs tools", "tool_choice")
+    return params
 
 
 def completion_params(body: CompletionRequest) -> SamplingParams:

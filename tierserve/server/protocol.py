@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 
 from tierserve.outputs import CompletionOutput, Logprob, RequestOutput
+from tierserve.structured.tools import parse_calls
 
 SYSTEM_FINGERPRINT = "tierserve-0.1.0"
 LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: a logprob below this is sent as this (as vLLM)
@@ -124,10 +125,19 @@ def _prompt_entry(lp: Logprob) -> dict:
     return {"logprob": _logprob(lp.logprob), "rank": lp.rank, "decoded_token": lp.decoded_token}
 
 
-def chat_choice(index: int, completion: CompletionOutput, top_logprobs: int) -> dict:
-    return {"index": index, "message": {"role": "assistant", "content": completion.text},
-            "logprobs": chat_logprobs(completion, top=top_logprobs),
-            "finish_reason": finish_reason(completion)}
+def chat_choice(index: int, completion: CompletionOutput, top_logprobs: int,
+                tools: bool = False) -> dict:
+    """One choice; with ``tools`` the text is parsed for tool calls (then the finish reason of
+    a stopped answer is ``tool_calls``)."""
+    message = {"role": "assistant", "content": completion.text}
+    reason = finish_reason(completion)
+    if tools:
+        content, calls = parse_calls(completion.text)
+        if calls:
+            message = {"role": "assistant", "content": content, "tool_calls": calls}
+            reason = "tool_calls" if reason == "stop" else reason
+    return {"index": index, "message": message,
+            "logprobs": chat_logprobs(completion, top=top_logprobs), "finish_reason": reason}
 
 
 def completion_choice(index: int, completion: CompletionOutput, top: int,

@@ -17,6 +17,7 @@ from tierserve.engine.async_engine import EngineDeadError
 from tierserve.outputs import CompletionOutput, RequestOutput
 from tierserve.request import SamplingParams
 from tierserve.server import protocol
+from tierserve.server.convert import tools_active
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 
 
@@ -105,6 +106,7 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     holdback = max((len(s) for s in params.stop), default=1) - 1
     states = [_ChoiceState() for _ in range(params.n)]
     final: RequestOutput | None = None
+    tools = tools_active(body)
     try:
         async for _, output in _merged(streams):
             final = output
@@ -114,6 +116,12 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
             for completion in output.outputs:
                 state = states[completion.index]
                 if state.finished:
+                    continue
+                if tools:  # parsed once whole: the text and the calls go out at its end
+                    if completion.finished:
+                        state.finished = True
+                        for event in _tool_answer(chunk, completion):
+                            yield event
                     continue
                 text, tokens = _ready(completion, state, holdback)
                 if text or (completion.finished and tokens > state.tokens_sent):
@@ -132,6 +140,25 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     if chunk.include_usage and final is not None and not final.error:
         yield chunk.usage([final])
     yield protocol.sse("[DONE]")
+
+
+def _tool_answer(chunk, completion) -> list[str]:
+    """A finished choice of a request with tools: its text (the part outside any call), its
+    calls as one tool_calls delta, its finish reason (tool_calls when it called)."""
+    content, calls = protocol.parse_calls(completion.text)
+    reason = protocol.finish_reason(completion)
+    events = []
+    if content:
+        events.append(chunk([{"index": completion.index, "delta": {"content": content},
+                              "logprobs": None, "finish_reason": None}]))
+    if calls:
+        events.append(chunk([{"index": completion.index, "logprobs": None,
+                              "finish_reason": None, "delta": {"tool_calls": [
+                                  {"index": i, **call} for i, call in enumerate(calls)]}}]))
+        reason = "tool_calls" if reason == "stop" else reason
+    events.append(chunk([{"index": completion.index, "delta": {}, "logprobs": None,
+                          "finish_reason": reason}]))
+    return events
 
 
 async def stream_completion(streams, request_id: str, model: str, body: CompletionRequest,

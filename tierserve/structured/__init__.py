@@ -23,7 +23,6 @@ from functools import lru_cache
 
 from tierserve.errors import InvalidRequestError
 
-
 # JSON layout: whitespace between tokens may be any run of up to 32 spaces, tabs and newlines
 # (so a model may indent as it likes), never unbounded: llguidance's default lets a model emit
 # whitespace until max_tokens (measured: 10 of 50 seeded schemas ran out that way with SmolLM2,

@@ -1,0 +1,57 @@
+"""Tool calling pieces without a model: prompts for a template that knows no tools, the forced
+call's grammar, and calls parsed out of text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tierserve.errors import InvalidRequestError
+from tierserve.structured.tools import call_grammar, parse_calls, prompt_messages
+
+TOOLS = [{"type": "function", "function": {"name": "add", "parameters": {
+    "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}},
+    "required": ["a", "b"]}}}, {"type": "function", "function": {"name": "now"}}]
+
+
+def test_calls_are_parsed_out_of_the_text_and_the_rest_is_content():
+    text = ('Let me add.\n<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n'
+            '</tool_call>\n<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    content, calls = parse_calls(text)
+    assert content == "Let me add."
+    assert [c["function"]["name"] for c in calls] == ["add", "now"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert calls[0]["id"] != calls[1]["id"] and calls[0]["type"] == "function"
+    assert parse_calls("no calls here") == ("no calls here", [])
+    broken = "<tool_call>\n{not json}\n</tool_call>"
+    assert parse_calls(broken) == (broken, [])  # not a call: stays text
+    assert parse_calls('<tool_call>{"name": "now", "arguments": {}}</tool_call>')[0] is None
+
+
+def test_a_template_without_tools_gets_them_in_the_system_prompt_and_calls_in_the_text():
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": "1+2?"},
+                {"role": "assistant", "content": "", "tool_calls": [
+                    {"id": "c1", "type": "function",
+                     "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "3"}]
+    out = prompt_messages(messages, TOOLS, template_takes_tools=False)
+    assert out[0]["role"] == "system" and out[0]["content"].startswith("Be brief.")
+    assert '"name": "add"' in out[0]["content"] and "<tool_call>" in out[0]["content"]
+    assert out[2]["content"] == ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}'
+                                 '\n</tool_call>')
+    assert out[3] == {"role": "tool", "content": "<tool_response>\n3\n</tool_response>"}
+    assert prompt_messages(messages, TOOLS, template_takes_tools=True) is messages
+
+
+def test_the_forced_call_grammar_names_the_tool_and_closes_its_arguments():
+    grammar = call_grammar(TOOLS, "add", parallel=False).grammar
+    assert grammar.startswith("start: call\n")
+    schema = json.loads(grammar.split("%json ", 1)[1])
+    assert schema["properties"]["name"] == {"const": "add"}
+    assert schema["properties"]["arguments"]["additionalProperties"] is False
+    anyone = call_grammar(TOOLS, None, parallel=True).grammar
+    assert anyone.startswith("start: call+\n") and '"anyOf"' in anyone
+    with pytest.raises(InvalidRequestError, match="not in tools"):
+        call_grammar(TOOLS, "missing", parallel=False)

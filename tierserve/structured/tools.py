@@ -1,0 +1,145 @@
+"""Tool calling: tool definitions into the prompt, the model's calls out of its text, and the
+grammar that makes a required (or named) call valid JSON for its parameters' schema.
+
+The call syntax is a parser per model family, as data (``SYNTAXES``). Today one is built:
+Hermes / Qwen style, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, which is also
+what a checkpoint whose chat template knows no tools (SmolLM2's) is told to write: the tools are
+then described in the system prompt in that syntax, as NousResearch's Hermes prompts do. A chat
+template that takes ``tools`` renders them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass
+
+from tierserve.errors import InvalidRequestError
+from tierserve.structured import StructuredOutputs
+
+
+@dataclass(frozen=True, slots=True)
+class CallSyntax:
+    """How a model family writes a call: ``open`` + JSON ``{"name", "arguments"}`` + ``close``."""
+
+    name: str
+    open: str
+    close: str
+
+
+HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>")
+SYNTAXES = {"hermes": HERMES}
+
+SYSTEM_PROMPT = (
+    "You are a function calling AI model. You may call one or more functions to assist with "
+    "the user query. Don't make assumptions about what values to plug into functions. Here "
+    "are the available tools: <tools> {tools} </tools> For each function call return a json "
+    "object with function name and arguments within <tool_call></tool_call> XML tags:\n"
+    "<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
+    "</tool_call>")
+
+
+def functions(tools: list[dict]) -> list[dict]:
+    """The function definitions of OpenAI ``tools`` (``{"type": "function", "function": ...}``)."""
+    return [tool["function"] for tool in tools if tool.get("type", "function") == "function"]
+
+
+def prompt_messages(messages: list[dict], tools: list[dict] | None, template_takes_tools: bool,
+                    syntax: CallSyntax = HERMES) -> list[dict]:
+    """Chat messages for a template: with a template that renders ``tools`` itself, the
+    assistant's earlier calls stay structured (``tool_calls``); otherwise the tools go into the
+    system prompt, earlier calls into the assistant's text in the model's syntax, and tool
+    results into ``<tool_response>`` blocks."""
+    if template_takes_tools:
+        return messages
+    out = []
+    if tools:
+        described = SYSTEM_PROMPT.format(tools=json.dumps(functions(tools)))
+        if messages and messages[0]["role"] in ("system", "developer"):
+            first = messages[0]
+            out.append({"role": "system", "content": f"{first['content']}\n\n{described}"})
+            messages = messages[1:]
+        else:
+            out.append({"role": "system", "content": described})
+    for message in messages:
+        role, content = message["role"], message.get("content") or ""
+        if role == "assistant" and message.get("tool_calls"):
+            calls = "\n".join(syntax.open + json.dumps({
+                "name": call["function"]["name"],
+                "arguments": _arguments(call["function"].get("arguments"))}) + syntax.close
+                for call in message["tool_calls"])
+            content = f"{content}\n{calls}" if content else calls
+        elif role == "tool":
+            content = f"<tool_response>\n{content}\n</tool_response>"
+        out.append({"role": role, "content": content})
+    return out
+
+
+def _arguments(arguments) -> object:
+    if isinstance(arguments, str):
+        try:
+            return json.loads(arguments)
+        except json.JSONDecodeError:
+            return arguments
+    return arguments if arguments is not None else {}
+
+
+def call_grammar(tools: list[dict], choice: str | None, parallel: bool,
+                 syntax: CallSyntax = HERMES) -> StructuredOutputs:
+    """The grammar of a forced call: ``choice`` None means any of the tools (``required``),
+    a name that one; several calls in a row with ``parallel``."""
+    defined = functions(tools)
+    if choice is not None:
+        defined = [f for f in defined if f.get("name") == choice]
+        if not defined:
+            raise InvalidRequestError(f"tool_choice names function {choice!r}, which is not "
+                                      "in tools", "tool_choice")
+    schemas = [{"type": "object", "additionalProperties": False,
+                "required": ["name", "arguments"],
+                "properties": {"name": {"const": f["name"]},
+                               "arguments": _closed(f.get("parameters"))}}
+               for f in defined]
+    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
+    lark = (f"start: call{'+' if parallel else ''}\n"
+            f"call: {json.dumps(syntax.open)} obj {json.dumps(syntax.close)}\n"
+            f"obj: %json {json.dumps(schema)}\n")
+    return StructuredOutputs(grammar=lark, param="tool_choice")
+
+
+def _closed(parameters: dict | None) -> dict:
+    """A function's parameters as the forced call follows them: only the declared arguments
+    (as OpenAI's strict mode), unless the schema says otherwise."""
+    if not parameters:
+        return {"type": "object", "properties": {}, "additionalProperties": False}
+    if parameters.get("type") == "object" and "additionalProperties" not in parameters:
+        return {**parameters, "additionalProperties": False}
+    return parameters
+
+
+_CALL = {name: re.compile(re.escape(s.open.strip()) + r"\s*(.*?)\s*" + re.escape(s.close.strip()),
+                          re.DOTALL) for name, s in SYNTAXES.items()}
+
+
+def parse_calls(text: str, syntax: CallSyntax = HERMES) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a model's answer: the calls in OpenAI's shape, the text around
+    them as content (None when nothing is left). A block that is not a JSON call stays text."""
+    calls, kept, last = [], [], 0
+    for match in _CALL[syntax.name].finditer(text):
+        try:
+            value = json.loads(match.group(1))
+            name, arguments = value["name"], value.get("arguments", {})
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+        if not isinstance(name, str):
+            continue
+        kept.append(text[last:match.start()])
+        last = match.end()
+        calls.append({"id": f"call_{secrets.token_hex(12)}", "type": "function",
+                      "function": {"name": name,
+                                   "arguments": arguments if isinstance(arguments, str)
+                                   else json.dumps(arguments)}})
+    if not calls:
+        return text, []
+    content = ("".join(kept) + text[last:]).strip()
+    return content or None, calls
