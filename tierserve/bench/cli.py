@@ -93,6 +93,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from tierserve.bench.batch_api import add_batch_api_subcommand
     from tierserve.bench.capacity import add_capacity_subcommand
     from tierserve.bench.faults import add_faults_subcommand
+    from tierserve.bench.grammar_engines import add_grammar_engines_subcommand
     from tierserve.bench.offline import add_offline_subcommand
     from tierserve.bench.roofline import add_roofline_subcommand
     from tierserve.bench.shared_prefix import add_shared_prefix_subcommand
@@ -106,6 +107,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_faults_subcommand(sub, _add_common)
     add_shared_prefix_subcommand(sub, _add_common)
     add_structured_subcommand(sub, _add_common)
+    add_grammar_engines_subcommand(sub)
 
 
 def _add_longctx(sub) -> None:

@@ -69,7 +69,7 @@ class StructuredOutputs:
                                               self.param) from None
             if isinstance(schema, dict) and "x-guidance" not in schema:
                 schema = {**schema, "x-guidance": JSON_LAYOUT}
-            return "json_schema", json.dumps(schema, sort_keys=True)
+            return "json_schema", json.dumps(schema)  # property order is the output's order
         if self.regex is not None:
             return "regex", self.regex
         if self.choice is not None:
