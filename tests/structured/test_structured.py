@@ -103,3 +103,17 @@ def test_a_batch_file_line_with_guided_choice(tiny_llama_dir, tmp_path):
     texts = [json.loads(line)["response"]["body"]["choices"][0]["text"]
              for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert len(texts) == 4 and set(texts) <= {"alpha", "beta", "gamma"}
+
+
+def test_a_grammar_that_dead_ends_fails_that_request_alone(tiny_llama_dir):
+    """'yes' is the whole grammar, then only EOS; min_tokens forbids EOS: nothing is left. The
+    request fails with a message saying so; the one beside it finishes."""
+    llm = LLM(str(tiny_llama_dir), num_blocks=64)
+    stuck = SamplingParams(max_tokens=8, min_tokens=6, temperature=0.0,
+                           structured_outputs=StructuredOutputs(choice=("yes",)))
+    fine = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(["a", "b"], [stuck, fine], use_tqdm=False)
+    assert outputs[0].error and "structured output" in outputs[0].error
+    assert outputs[0].outputs[0].finish_reason == "error"
+    assert len(outputs[1].outputs[0].token_ids) == 4 and not outputs[1].error
+    assert llm.core.kv.num_free_blocks == llm.core.kv.num_blocks

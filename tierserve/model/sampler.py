@@ -128,8 +128,12 @@ class Sampler:
             usable = torch.isfinite(logits.max(dim=-1).values)
             if not bool(usable.all()):
                 for local in (~usable).nonzero().flatten().tolist():
-                    failed.setdefault(indices[local], "no token is left to sample: every "
-                                      "logit is -inf or NaN after its logits processing")
+                    why = ("no token is left to sample: every logit is -inf or NaN after its "
+                           "logits processing")
+                    if params[local].structured_outputs is not None:
+                        why += (" (its structured output allows only what min_tokens, "
+                                "stop_token_ids or a logits processor forbid here)")
+                    failed.setdefault(indices[local], why)
                     logits[local] = 0.0
         tokens = logits.argmax(dim=-1)
         if not all(p.greedy for p in params):
