@@ -55,3 +55,14 @@ def test_the_forced_call_grammar_names_the_tool_and_closes_its_arguments():
     assert anyone.startswith("start: call+\n") and '"anyOf"' in anyone
     with pytest.raises(InvalidRequestError, match="not in tools"):
         call_grammar(TOOLS, "missing", parallel=False)
+
+
+def test_content_is_held_back_only_where_a_call_may_open():
+    from tierserve.structured.tools import complete_calls, content_end
+
+    assert content_end("Sure. <tool") == len("Sure. ")
+    assert content_end("Sure. <tool_call>\n{") == len("Sure. ")
+    assert content_end("a < b") == len("a < b")
+    assert content_end("x <") == len("x ")
+    text = '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>\n<tool_call>\n{"na'
+    assert [c["function"]["name"] for _, _, c in complete_calls(text)] == ["now"]

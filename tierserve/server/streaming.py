@@ -19,6 +19,7 @@ from tierserve.request import SamplingParams
 from tierserve.server import protocol
 from tierserve.server.convert import tools_active
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from tierserve.structured.tools import complete_calls, content_end
 
 
 class _Chunks:
@@ -50,6 +51,8 @@ class _ChoiceState:
         self.tokens_sent = 0
         self.finished = False
         self.echo_len: int | None = None  # chars of echoed prompt sent (None: not yet)
+        self.calls_sent = 0  # tool calls streamed so far (requests with tools)
+        self.calls_end = 0  # where the last streamed call ends in the text
 
 
 def _ready(completion: CompletionOutput, state: _ChoiceState, holdback: int) -> tuple[str, int]:
@@ -117,11 +120,9 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
                 state = states[completion.index]
                 if state.finished:
                     continue
-                if tools:  # parsed once whole: the text and the calls go out at its end
-                    if completion.finished:
-                        state.finished = True
-                        for event in _tool_answer(chunk, completion):
-                            yield event
+                if tools:  # content until a call opens, then each call once it is complete
+                    for event in _tool_stream(chunk, completion, state):
+                        yield event
                     continue
                 text, tokens = _ready(completion, state, holdback)
                 if text or (completion.finished and tokens > state.tokens_sent):
@@ -142,22 +143,38 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     yield protocol.sse("[DONE]")
 
 
-def _tool_answer(chunk, completion) -> list[str]:
-    """A finished choice of a request with tools: its text (the part outside any call), its
-    calls as one tool_calls delta, its finish reason (tool_calls when it called)."""
-    content, calls = protocol.parse_calls(completion.text)
-    reason = protocol.finish_reason(completion)
-    events = []
-    if content:
-        events.append(chunk([{"index": completion.index, "delta": {"content": content},
-                              "logprobs": None, "finish_reason": None}]))
-    if calls:
-        events.append(chunk([{"index": completion.index, "logprobs": None,
-                              "finish_reason": None, "delta": {"tool_calls": [
-                                  {"index": i, **call} for i, call in enumerate(calls)]}}]))
-        reason = "tool_calls" if reason == "stop" else reason
-    events.append(chunk([{"index": completion.index, "delta": {}, "logprobs": None,
-                          "finish_reason": reason}]))
+def _tool_stream(chunk, completion, state: _ChoiceState) -> list[str]:
+    """The events of one update of a choice of a request with tools: text while no call has
+    opened (a tail that may start one held back), each call as a tool_calls delta as soon as
+    it is complete, at the end the text after the last call and the finish reason (tool_calls
+    when it called)."""
+    text, index, events = completion.text, completion.index, []
+
+    def delta(body: dict, reason: str | None = None) -> str:
+        return chunk([{"index": index, "delta": body, "logprobs": None,
+                       "finish_reason": reason}])
+
+    calls = complete_calls(text)
+    if state.calls_sent == 0:
+        # Finished without a call: all of it is content (a broken call block too, as the
+        # non-streamed answer has it).
+        end = len(text) if completion.finished and not calls else content_end(text)
+        if end > state.text_sent:
+            events.append(delta({"content": text[state.text_sent:end]}))
+            state.text_sent = end
+    for _, stop, call in calls[state.calls_sent:]:
+        events.append(delta({"tool_calls": [{"index": state.calls_sent, **call}]}))
+        state.calls_sent += 1
+        state.calls_end = stop
+    if completion.finished:
+        state.finished = True
+        reason = protocol.finish_reason(completion)
+        if state.calls_sent:
+            rest = text[state.calls_end:].strip()
+            if rest:
+                events.append(delta({"content": rest}))
+            reason = "tool_calls" if reason == "stop" else reason
+        events.append(delta({}, reason))
     return events
 
 

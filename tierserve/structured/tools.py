@@ -121,25 +121,47 @@ _CALL = {name: re.compile(re.escape(s.open.strip()) + r"\s*(.*?)\s*" + re.escape
                           re.DOTALL) for name, s in SYNTAXES.items()}
 
 
-def parse_calls(text: str, syntax: CallSyntax = HERMES) -> tuple[str | None, list[dict]]:
-    """(content, tool_calls) of a model's answer: the calls in OpenAI's shape, the text around
-    them as content (None when nothing is left). A block that is not a JSON call stays text."""
-    calls, kept, last = [], [], 0
+def complete_calls(text: str, syntax: CallSyntax = HERMES) -> list[tuple[int, int, dict]]:
+    """The complete calls in ``text`` so far: (start, end, call in OpenAI's shape, new id). A
+    block that is not a JSON call is not one."""
+    found = []
     for match in _CALL[syntax.name].finditer(text):
         try:
             value = json.loads(match.group(1))
             name, arguments = value["name"], value.get("arguments", {})
-        except (json.JSONDecodeError, KeyError, TypeError):
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             continue
         if not isinstance(name, str):
             continue
-        kept.append(text[last:match.start()])
-        last = match.end()
-        calls.append({"id": f"call_{secrets.token_hex(12)}", "type": "function",
-                      "function": {"name": name,
-                                   "arguments": arguments if isinstance(arguments, str)
-                                   else json.dumps(arguments)}})
-    if not calls:
+        found.append((match.start(), match.end(), {
+            "id": f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": name, "arguments": arguments if isinstance(arguments, str)
+                         else json.dumps(arguments)}}))
+    return found
+
+
+def parse_calls(text: str, syntax: CallSyntax = HERMES) -> tuple[str | None, list[dict]]:
+    """(content, tool_calls) of a model's answer: the calls in OpenAI's shape, the text around
+    them as content (None when nothing is left). A block that is not a JSON call stays text."""
+    found = complete_calls(text, syntax)
+    if not found:
         return text, []
+    kept, last = [], 0
+    for start, end, _ in found:
+        kept.append(text[last:start])
+        last = end
     content = ("".join(kept) + text[last:]).strip()
-    return content or None, calls
+    return content or None, [call for _, _, call in found]
+
+
+def content_end(text: str, syntax: CallSyntax = HERMES) -> int:
+    """How much of ``text`` is surely content: up to the first call's opening, and short of a
+    tail that may be the start of one (held back until the next tokens tell)."""
+    marker = syntax.open.strip()
+    at = text.find(marker)
+    if at >= 0:
+        return at
+    for keep in range(min(len(marker) - 1, len(text)), 0, -1):
+        if marker.startswith(text[-keep:]):
+            return len(text) - keep
+    return len(text)
