@@ -100,10 +100,14 @@ class Constraints:
         self.tokenizer  # noqa: B018 - makes sure the executor exists
         llt.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
                                         bitmask)
-        index = torch.tensor(live)
-        selected = logits.index_select(0, index)
-        llt.apply_token_bitmask_inplace(selected, bitmask)
-        logits.index_copy_(0, index, selected)
+        if live == list(range(logits.shape[0])):  # every row constrained: in place, no copies
+            selected = logits
+            llt.apply_token_bitmask_inplace(logits, bitmask)
+        else:
+            index = torch.tensor(live)
+            selected = logits.index_select(0, index)
+            llt.apply_token_bitmask_inplace(selected, bitmask)
+            logits.index_copy_(0, index, selected)
         allowed = torch.isfinite(selected.max(dim=-1).values).tolist()
         for row, ok, matcher in zip(live, allowed, matchers):
             if not ok:
