@@ -117,3 +117,19 @@ def test_a_grammar_that_dead_ends_fails_that_request_alone(tiny_llama_dir):
     assert outputs[0].outputs[0].finish_reason == "error"
     assert len(outputs[1].outputs[0].token_ids) == 4 and not outputs[1].error
     assert llm.core.kv.num_free_blocks == llm.core.kv.num_blocks
+
+
+def test_a_mask_that_raises_fails_only_the_constrained_rows(tiny_llama_dir, monkeypatch):
+    from tierserve.structured.constraints import Constraints
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grammar engine down")
+
+    llm = LLM(str(tiny_llama_dir), num_blocks=64)
+    monkeypatch.setattr(Constraints, "mask", broken)
+    constrained = SamplingParams(max_tokens=4, temperature=0.0,
+                                 structured_outputs=StructuredOutputs(regex="[ab]+"))
+    free = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    outputs = llm.generate(["x", "y"], [constrained, free], use_tqdm=False)
+    assert "grammar engine down" in outputs[0].error
+    assert not outputs[1].error and len(outputs[1].outputs[0].token_ids) == 4

@@ -73,10 +73,15 @@ class Sampler:
                 for index in constrained:
                     failed[index] = "structured outputs need a grammar engine; none is set up"
             else:
-                self.constraints.mask(logits, constrained,
-                                      [rows[i].request_id for i in constrained],
-                                      [rows[i].sampling_params.structured_outputs for i in constrained],
-                                      failed)
+                try:
+                    self.constraints.mask(
+                        logits, constrained, [rows[i].request_id for i in constrained],
+                        [rows[i].sampling_params.structured_outputs for i in constrained],
+                        failed)
+                except Exception as exc:  # noqa: BLE001 - only the constrained rows fail
+                    for index in constrained:
+                        failed.setdefault(index, f"its structured output could not be "
+                                          f"applied: {type(exc).__name__}: {exc}")
         for index, row in enumerate(rows):
             if row.sampling_params.seed is not None and index not in failed:
                 try:

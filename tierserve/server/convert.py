@@ -3,6 +3,8 @@ server and the offline batch mode."""
 
 from __future__ import annotations
 
+import json
+
 from tierserve.errors import InvalidRequestError
 from tierserve.model.tokenizer import Tokenizer
 from tierserve.request import SamplingParams
@@ -18,8 +20,8 @@ def chat_messages(body: ChatCompletionRequest, template_takes_tools: bool = Fals
     messages = []
     for m in body.messages:
         message = {"role": m.role, "content": m.text()}
-        if m.tool_calls:
-            message["tool_calls"] = [call.model_dump() for call in m.tool_calls]
+        if m.tool_calls:  # arguments as an object, what templates (and HF) expect
+            message["tool_calls"] = [_call_in(call.model_dump()) for call in m.tool_calls]
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         messages.append(message)
@@ -28,6 +30,16 @@ def chat_messages(body: ChatCompletionRequest, template_takes_tools: bool = Fals
         return messages
     return prompt_messages(messages, chat_tools(body) if tools_on else None,
                            template_takes_tools)
+
+
+def _call_in(call: dict) -> dict:
+    arguments = call["function"].get("arguments")
+    if isinstance(arguments, str):
+        try:
+            call["function"]["arguments"] = json.loads(arguments)
+        except json.JSONDecodeError:
+            pass  # left as the client sent it
+    return call
 
 
 def chat_inputs(body: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[list[dict], dict]:

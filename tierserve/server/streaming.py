@@ -121,7 +121,7 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
                 if state.finished:
                     continue
                 if tools:  # content until a call opens, then each call once it is complete
-                    for event in _tool_stream(chunk, completion, state):
+                    for event in _tool_stream(chunk, completion, state, holdback):
                         yield event
                     continue
                 text, tokens = _ready(completion, state, holdback)
@@ -143,7 +143,7 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     yield protocol.sse("[DONE]")
 
 
-def _tool_stream(chunk, completion, state: _ChoiceState) -> list[str]:
+def _tool_stream(chunk, completion, state: _ChoiceState, holdback: int) -> list[str]:
     """The events of one update of a choice of a request with tools: text while no call has
     opened (a tail that may start one held back), each call as a tool_calls delta as soon as
     it is complete, at the end the text after the last call and the finish reason (tool_calls
@@ -158,7 +158,8 @@ def _tool_stream(chunk, completion, state: _ChoiceState) -> list[str]:
     if state.calls_sent == 0:
         # Finished without a call: all of it is content (a broken call block too, as the
         # non-streamed answer has it).
-        end = len(text) if completion.finished and not calls else content_end(text)
+        end = (len(text) if completion.finished and not calls
+               else min(content_end(text), len(text) - (0 if completion.finished else holdback)))
         if end > state.text_sent:
             events.append(delta({"content": text[state.text_sent:end]}))
             state.text_sent = end

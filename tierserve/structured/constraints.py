@@ -8,13 +8,18 @@ applies them to the logits rows in one op; each sampled token then advances its 
 
 from __future__ import annotations
 
+import json
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 
 from tierserve.errors import InvalidRequestError
 from tierserve.structured import StructuredOutputs, grammar_text
+
+CHECKED_LIMIT = 4096  # distinct specs remembered as compiling
+_BITS = torch.arange(32, dtype=torch.int32)
 
 
 class Constraints:
@@ -25,22 +30,38 @@ class Constraints:
         self.vocab_size = vocab_size
         self._eos = sorted(eos_token_ids)
         self._tokenizer = None
+        self._tokenizer_error: str | None = None
         self._executor = None
         self._lock = threading.Lock()  # the tokenizer is built once, from any thread
-        self._checked: set[tuple[str, str]] = set()
+        self._checked: OrderedDict[tuple[str, str], None] = OrderedDict()  # an LRU
         self._matchers: dict[str, object] = {}
 
     @property
     def tokenizer(self):
-        """llguidance's view of the vocabulary (built on first use: ~1 s for a large one)."""
+        """llguidance's view of the vocabulary (built on first use: ~1 s for a large one). A
+        tokenizer it cannot take is remembered: structured outputs are then refused, at once."""
         with self._lock:
-            if self._tokenizer is None:
+            if self._tokenizer is None and self._tokenizer_error is None:
                 import llguidance
 
-                self._tokenizer = llguidance.LLTokenizer(
-                    self._tokenizer_json, n_vocab=self.vocab_size,
-                    eos_token=self._eos[0] if len(self._eos) == 1 else self._eos)
-                self._executor = llguidance.LLExecutor()
+                try:
+                    size = len(json.loads(self._tokenizer_json)["model"]["vocab"])
+                except (KeyError, TypeError, ValueError):
+                    size = 0
+                try:
+                    if not self._eos:
+                        raise ValueError("the model has no end-of-sequence token")
+                    self._tokenizer = llguidance.LLTokenizer(
+                        self._tokenizer_json, n_vocab=max(self.vocab_size, size),
+                        eos_token=self._eos[0] if len(self._eos) == 1 else self._eos)
+                    self._executor = llguidance.LLExecutor()
+                except Exception as exc:  # noqa: BLE001 - the server's own limit, said once
+                    self._tokenizer_error = f"{type(exc).__name__}: {exc}"
+            if self._tokenizer is None:
+                raise InvalidRequestError(
+                    "structured outputs are not available for this model: the grammar engine "
+                    f"cannot use its tokenizer ({self._tokenizer_error})", None,
+                    "structured_outputs_unavailable")
             return self._tokenizer
 
     def check(self, spec: StructuredOutputs) -> None:
@@ -50,7 +71,12 @@ class Constraints:
 
         key = spec.key()
         if key in self._checked:
+            self._checked.move_to_end(key)
             return
+        try:
+            self.tokenizer  # noqa: B018 - a model the engine cannot constrain refuses here
+        except InvalidRequestError as exc:
+            raise InvalidRequestError(exc.message, spec.param, exc.code) from None
         what = key[0].replace("_", " ")
         try:
             grammar = grammar_text(*key)
@@ -62,7 +88,9 @@ class Constraints:
             error = f"{type(exc).__name__}: {exc}"
         if error is not None:
             raise InvalidRequestError(f"the {what} cannot be compiled: {error}", spec.param)
-        self._checked.add(key)
+        self._checked[key] = None
+        if len(self._checked) > CHECKED_LIMIT:
+            self._checked.popitem(last=False)
 
     def _matcher(self, request_id: str, spec: StructuredOutputs):
         matcher = self._matchers.get(request_id)
@@ -96,17 +124,21 @@ class Constraints:
             matchers.append(matcher)
         if not live:
             return
-        bitmask = llt.allocate_token_bitmask(len(live), logits.shape[1])
-        self.tokenizer  # noqa: B018 - makes sure the executor exists
+        width = self.tokenizer.vocab_size
+        bitmask = llt.allocate_token_bitmask(len(live), width)
         llt.fill_next_token_bitmask_par(self._executor, [(m, i) for i, m in enumerate(matchers)],
                                         bitmask)
+        # The bits unpacked in eager torch (llguidance's own apply is a torch.compile kernel:
+        # a C++ compiler at run time and a ~2 s first call on the engine thread).
+        vocab = logits.shape[1]
+        banned = ((bitmask[:, :, None] >> _BITS) & 1).view(len(live), -1)[:, :vocab] == 0
+        if banned.shape[1] < vocab:  # ids the tokenizer does not have: never allowed
+            banned = torch.nn.functional.pad(banned, (0, vocab - banned.shape[1]), value=True)
         if live == list(range(logits.shape[0])):  # every row constrained: in place, no copies
-            selected = logits
-            llt.apply_token_bitmask_inplace(logits, bitmask)
+            selected = logits.masked_fill_(banned, float("-inf"))
         else:
             index = torch.tensor(live)
-            selected = logits.index_select(0, index)
-            llt.apply_token_bitmask_inplace(selected, bitmask)
+            selected = logits.index_select(0, index).masked_fill_(banned, float("-inf"))
             logits.index_copy_(0, index, selected)
         allowed = torch.isfinite(selected.max(dim=-1).values).tolist()
         for row, ok, matcher in zip(live, allowed, matchers):

@@ -16,7 +16,7 @@ import secrets
 from dataclasses import dataclass
 
 from tierserve.errors import InvalidRequestError
-from tierserve.structured import StructuredOutputs
+from tierserve.structured import JSON_LAYOUT, StructuredOutputs
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,33 +87,38 @@ def _arguments(arguments) -> object:
 
 def call_grammar(tools: list[dict], choice: str | None, parallel: bool,
                  syntax: CallSyntax = HERMES) -> StructuredOutputs:
-    """The grammar of a forced call: ``choice`` None means any of the tools (``required``),
-    a name that one; several calls in a row with ``parallel``."""
+    """The grammar of a forced call: ``choice`` None means any of the tools (``required``;
+    several calls in a row, a newline apart, with ``parallel``), a name exactly one call of
+    that tool (as OpenAI's named choice). Each tool's arguments are their own ``%json`` rule,
+    so a schema's ``$ref``/``$defs`` resolve against that schema, with JSON's whitespace
+    bounded as for response_format."""
     defined = functions(tools)
     if choice is not None:
         defined = [f for f in defined if f.get("name") == choice]
         if not defined:
             raise InvalidRequestError(f"tool_choice names function {choice!r}, which is not "
                                       "in tools", "tool_choice")
-    schemas = [{"type": "object", "additionalProperties": False,
-                "required": ["name", "arguments"],
-                "properties": {"name": {"const": f["name"]},
-                               "arguments": _closed(f.get("parameters"))}}
-               for f in defined]
-    schema = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
-    lark = (f"start: call{'+' if parallel else ''}\n"
-            f"call: {json.dumps(syntax.open)} obj {json.dumps(syntax.close)}\n"
-            f"obj: %json {json.dumps(schema)}\n")
+    rules = []
+    for i, function in enumerate(defined):
+        head = syntax.open + '{"name": ' + json.dumps(function["name"]) + ', "arguments": '
+        rules.append(f"call_{i}: {json.dumps(head)} args_{i} {json.dumps('}' + syntax.close)}")
+        rules.append(f"args_{i}: %json {json.dumps(_closed(function.get('parameters')))}")
+    calls = " | ".join(f"call_{i}" for i in range(len(defined)))
+    start = "start: call" if choice is not None or not parallel else r'start: call ("\n" call)*'
+    lark = "\n".join([start, f"call: {calls}", *rules]) + "\n"
     return StructuredOutputs(grammar=lark, param="tool_choice")
 
 
 def _closed(parameters: dict | None) -> dict:
-    """A function's parameters as the forced call follows them: only the declared arguments
-    (as OpenAI's strict mode), unless the schema says otherwise."""
+    """A function's parameters as the forced call follows them: only the declared arguments at
+    the top level (OpenAI's strict mode closes every level; nested objects here stay as the
+    schema says), and JSON's whitespace bounded."""
     if not parameters:
-        return {"type": "object", "properties": {}, "additionalProperties": False}
+        parameters = {"type": "object", "properties": {}}
     if parameters.get("type") == "object" and "additionalProperties" not in parameters:
-        return {**parameters, "additionalProperties": False}
+        parameters = {**parameters, "additionalProperties": False}
+    if "x-guidance" not in parameters:
+        parameters = {**parameters, "x-guidance": JSON_LAYOUT}
     return parameters
 
 
