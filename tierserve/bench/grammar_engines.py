@@ -65,17 +65,9 @@ def _llguidance(tokenizer, vocab_size: int, eos: list[int], schemas, instances_i
         compile_s.append(time.perf_counter() - started)
         matchers.append(matcher)
     bitmask = llt.allocate_token_bitmask(1, vocab_size)
-    step_s = []
-    for step in range(max(map(len, instances_ids))):
-        started = time.perf_counter()
-        for matcher, ids in zip(matchers, instances_ids):
-            if step < len(ids):
-                llt.fill_next_token_bitmask(matcher, bitmask, 0)
-        step_s.append(time.perf_counter() - started)
-        for matcher, ids in zip(matchers, instances_ids):
-            if step < len(ids) and not matcher.consume_token(ids[step]):
-                raise RuntimeError(f"llguidance refused token {ids[step]}: {matcher.get_error()}")
-    return compile_s, step_s
+    return compile_s, _walk(matchers, instances_ids,
+                            lambda m: llt.fill_next_token_bitmask(m, bitmask, 0),
+                            lambda m, token: m.consume_token(token))
 
 
 def _xgrammar(tokenizer, vocab_size: int, eos: list[int], schemas, instances_ids):
@@ -94,17 +86,24 @@ def _xgrammar(tokenizer, vocab_size: int, eos: list[int], schemas, instances_ids
         compile_s.append(time.perf_counter() - started)
         matchers.append(matcher)
     bitmask = xgr.allocate_token_bitmask(1, vocab_size)
+    return compile_s, _walk(matchers, instances_ids,
+                            lambda m: m.fill_next_token_bitmask(bitmask, 0),
+                            lambda m, token: m.accept_token(token))
+
+
+def _walk(matchers, instances_ids, fill, accept) -> list[float]:
+    """Seconds per step to fill every live matcher's mask; then each takes its next token."""
     step_s = []
     for step in range(max(map(len, instances_ids))):
         started = time.perf_counter()
         for matcher, ids in zip(matchers, instances_ids):
             if step < len(ids):
-                matcher.fill_next_token_bitmask(bitmask, 0)
+                fill(matcher)
         step_s.append(time.perf_counter() - started)
         for matcher, ids in zip(matchers, instances_ids):
-            if step < len(ids) and not matcher.accept_token(ids[step]):
-                raise RuntimeError(f"xgrammar refused token {ids[step]}")
-    return compile_s, step_s
+            if step < len(ids) and not accept(matcher, ids[step]):
+                raise RuntimeError(f"the grammar engine refused token {ids[step]}")
+    return step_s
 
 
 def cmd_grammar_engines(args) -> int:
