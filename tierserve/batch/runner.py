@@ -66,6 +66,16 @@ def expected_output(limits, ids: list[int], params: SamplingParams, cap: int,
     return max(1, min(asked, room, cap))
 
 
+def reserved_tokens(prompt_tokens: int, declared: list[int], group: int,
+                    history: OutputLengthHistory | None) -> int:
+    """What memory-centric admission reserves for a request: the prompt tokens it computes
+    (not a shared prefix) plus each completion's output estimate (its template's history, or
+    the declared length without one)."""
+    if history is None:
+        return prompt_tokens + sum(declared)
+    return prompt_tokens + sum(history.estimate(group, d) for d in declared)
+
+
 class BatchRunner:
     """Runs many requests with the BatchLLM plan over one EngineCore."""
 
@@ -160,11 +170,8 @@ class BatchRunner:
 
     def _need(self, pending: _Pending) -> int:
         """KV tokens to reserve for a request about to be admitted."""
-        if self.output_estimate == "max_tokens":
-            outputs = sum(pending.declared)
-        else:
-            outputs = sum(self._history.estimate(pending.group, d) for d in pending.declared)
-        return pending.prompt_tokens + outputs
+        history = None if self.output_estimate == "max_tokens" else self._history
+        return reserved_tokens(pending.prompt_tokens, pending.declared, pending.group, history)
 
     def _pending(self, planned: PlannedRequest, prompts, params,
                  first_request: dict[int, str]) -> _Pending:

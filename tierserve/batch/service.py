@@ -40,7 +40,7 @@ from tierserve.batch.jobfile import (
     success_line,
 )
 from tierserve.batch.planner import BatchItem, OutputLengthHistory, plan_batch
-from tierserve.batch.runner import expected_output
+from tierserve.batch.runner import expected_output, reserved_tokens
 from tierserve.batch.store import (
     COMPLETION_WINDOW_S,
     ENDPOINTS,
@@ -51,6 +51,7 @@ from tierserve.batch.store import (
     NotFound,
     ResultLog,
 )
+from tierserve.batch.validate import format_faults
 from tierserve.engine.async_engine import AsyncEngine, EngineDeadError
 from tierserve.request import BACKGROUND_PRIORITY
 
@@ -201,18 +202,21 @@ class BatchService:
 
     def get_batch(self, batch_id: str) -> dict:
         try:
-            batch = self.batches.get(batch_id)
+            return self._live(self.batches.get(batch_id))
         except NotFound:
             raise BatchRequestError(404, f"No batch with id '{batch_id}' (GET /v1/batches lists "
                                     "them)", "batch_id", "batch_not_found") from None
-        results = self._log if batch_id == self._current else None
+
+    def list_batches(self) -> list[dict]:
+        return [self._live(batch) for batch in self.batches.list()]
+
+    def _live(self, batch: dict) -> dict:
+        """The stored batch with the running one's counts as they are now."""
+        results = self._log if batch["id"] == self._current else None
         if results is not None and batch["status"] not in TERMINAL:
             batch["request_counts"] = {"total": batch["request_counts"]["total"],
                                        **results.counts}
         return batch
-
-    def list_batches(self) -> list[dict]:
-        return [self.get_batch(b["id"]) for b in self.batches.list()]
 
     def list_files(self, purpose: str | None) -> list[dict]:
         return self.files.list(purpose)
@@ -321,38 +325,7 @@ class BatchService:
         except NotFound:
             return [{"code": "file_not_found", "message": f"input file "
                      f"{batch['input_file_id']} was deleted", "param": None, "line": None}]
-        errors, seen = [], set()
-        for number, text in lines:
-            def fault(code, message, param=None, number=number):
-                errors.append({"code": code, "message": message, "param": param,
-                               "line": number})
-            try:
-                record = json.loads(text)
-            except json.JSONDecodeError as exc:
-                fault("invalid_json_line", f"line {number} is not JSON: {exc}")
-                continue
-            if not isinstance(record, dict):
-                fault("invalid_request", f"line {number} is not a JSON object")
-                continue
-            custom_id = record.get("custom_id")
-            if not isinstance(custom_id, str) or not custom_id:
-                fault("missing_required_parameter", f"line {number} needs a string custom_id",
-                      "custom_id")
-            elif custom_id in seen:
-                fault("duplicate_custom_id", f"line {number}: custom_id {custom_id!r} is used "
-                      "by an earlier line; each must be unique", "custom_id")
-            else:
-                seen.add(custom_id)
-            if record.get("method") != "POST":
-                fault("invalid_method", f"line {number}: method must be POST", "method")
-            if record.get("url") != batch["endpoint"]:
-                fault("mismatched_endpoint", f"line {number}: url {record.get('url')!r} is not "
-                      f"the batch's endpoint {batch['endpoint']}", "url")
-            if not isinstance(record.get("body"), dict):
-                fault("invalid_request", f"line {number}: body must be a JSON object", "body")
-            if len(errors) >= 100:
-                break  # enough to act on
-        return errors
+        return format_faults(lines, batch["endpoint"])
 
     async def _run_requests(self, batch: dict) -> None:
         batch_id, results = batch["id"], self._log
@@ -417,8 +390,8 @@ class BatchService:
 
         def need(pending: _Pending) -> int:
             n = pending.job.params.n
-            return n * (len(pending.job.prompt[1]) - pending.shared_len
-                        + history.estimate(pending.group, pending.declared))
+            return reserved_tokens(n * (len(pending.job.prompt[1]) - pending.shared_len),
+                                   [pending.declared] * n, pending.group, history)
 
         try:
             while queue or tasks:

@@ -35,8 +35,10 @@ class Scheduler(PreemptionMixin):
             config.policy, update_interval=config.priority_update_interval,
             preempt_margin=float(config.max_num_batched_tokens))
         self.bytes_per_block = bytes_per_block  # for the swap-or-recompute cost estimate
-        # This step's token budget left for background prompt chunks (None: no limit).
+        # This step's token budget left for background prompt chunks (None: no limit), and
+        # whether an online request waits (see _share_background).
         self._background_budget: int | None = None
+        self._online_waiting = False
         self.requests: dict[str, Request] = {}
         self.waiting: list[Request] = []  # new and recompute-preempted
         self.swapped: list[Request] = []
@@ -125,27 +127,15 @@ class Scheduler(PreemptionMixin):
 
     def _schedule_running(self, plan: StepPlan, budget: int) -> int:
         queue = self.policy.select_running(self.policy.order_running(self.running))
-        # While an online request waits, background (Batch API) prompts pause: their chunks
-        # would take the budget it needs to start. Their decodes go on. While online requests
-        # run, background prompt chunks share config.background_token_share of the budget.
-        online_waiting = any(r.priority < BACKGROUND_PRIORITY for r in self.waiting)
-        self._background_budget = None
-        if self.config.background_token_share < 1 and (online_waiting or any(
-                r.priority < BACKGROUND_PRIORITY for r in self.running)):
-            self._background_budget = int(self.config.max_num_batched_tokens
-                                          * self.config.background_token_share)
+        self._share_background()
         index = 0
         while index < len(queue) and budget > 0:
             request = queue[index]
-            prompt_chunk = (request.priority >= BACKGROUND_PRIORITY
-                            and self._tokens_due(request) > 1)
-            if prompt_chunk and (online_waiting or self._background_budget == 0):
+            due = self._tokens_due(request)
+            num_new = self._background_tokens(request, min(due, budget), due > 1, pause=True)
+            if num_new == 0:  # a background prompt that waits this step
                 index += 1
                 continue
-            num_new = min(self._tokens_due(request), budget)
-            if prompt_chunk and self._background_budget is not None:
-                num_new = min(num_new, self._background_budget)
-                self._background_budget -= num_new
             while not self.kv.allocate(request, num_new):
                 later = queue[index + 1 :]
                 victim = self.policy.pick_victim(later) if later else request
@@ -157,6 +147,32 @@ class Scheduler(PreemptionMixin):
             budget -= num_new
             index += 1
         return budget
+
+    def _share_background(self) -> None:
+        """This step's rule for background (Batch API) prompt chunks: they pause while an
+        online request waits (its start needs the budget; their decodes go on), and while
+        online requests run they share config.background_token_share of the budget."""
+        self._online_waiting = any(r.priority < BACKGROUND_PRIORITY for r in self.waiting)
+        self._background_budget = None
+        if self.config.background_token_share < 1 and (self._online_waiting or any(
+                r.priority < BACKGROUND_PRIORITY for r in self.running)):
+            self._background_budget = int(self.config.max_num_batched_tokens
+                                          * self.config.background_token_share)
+
+    def _background_tokens(self, request: Request, num_new: int, prompt: bool,
+                           pause: bool) -> int:
+        """How many of ``num_new`` tokens the request's chunk may take now: all of them unless
+        it is a background prompt chunk (then 0 while an online request waits, with ``pause``,
+        and at most what is left of the background share, which it spends)."""
+        if not prompt or request.priority < BACKGROUND_PRIORITY:
+            return num_new
+        if pause and self._online_waiting:
+            return 0
+        if self._background_budget is None:
+            return num_new
+        num_new = min(num_new, self._background_budget)
+        self._background_budget -= num_new
+        return num_new
 
     def _schedule_queued(self, plan: StepPlan, budget: int, whole: bool = False) -> int:
         """Admit swapped and waiting requests in one policy order while budget and memory last."""
@@ -208,26 +224,16 @@ class Scheduler(PreemptionMixin):
         use_cache = not request.needs_prompt_logprobs and not request.evicts_kv
         cached, _ = self.kv.lookup_prefix(request, use_cache)  # copy-ups from host/disk queued
         remaining = self._tokens_due(request, cached)
-        num_new = remaining if whole else min(remaining, budget)
-        background_budget = self._background_budget
-        if (not whole and request.priority >= BACKGROUND_PRIORITY and remaining > 1
-                and background_budget is not None):
-            if background_budget == 0:
-                self.kv.free(request)
-                request.num_computed_tokens = 0
-                return None
-            num_new = min(num_new, background_budget)
+        num_new = remaining if whole else self._background_tokens(
+            request, min(remaining, budget), remaining > 1, pause=False)
         request.num_computed_tokens = cached
         reserve = self.admission_reserve if self.running else 0
-        if (whole and plan.chunks and num_new > budget) or not self.kv.can_allocate(
-                request, num_new, reserve=reserve):
+        if (num_new == 0 or (whole and plan.chunks and num_new > budget)
+                or not self.kv.can_allocate(request, num_new, reserve=reserve)):
             self.kv.free(request)  # a queued copy-up still runs; its blocks stay held until then
             request.num_computed_tokens = 0
             return None
         self.kv.allocate(request, num_new)
-        if (background_budget is not None and request.priority >= BACKGROUND_PRIORITY
-                and remaining > 1 and not whole):
-            self._background_budget = background_budget - num_new
         if request.num_preemptions == 0:
             request.num_cached_tokens = cached
         self.waiting.remove(request)

@@ -25,11 +25,10 @@ def chat_messages(body: ChatCompletionRequest, template_takes_tools: bool = Fals
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         messages.append(message)
-    tools_on = bool(body.tools) and body.tool_choice != "none"
-    if not tools_on and not any("tool_calls" in m or m["role"] == "tool" for m in messages):
+    tools = chat_tools(body)
+    if tools is None and not any("tool_calls" in m or m["role"] == "tool" for m in messages):
         return messages
-    return prompt_messages(messages, chat_tools(body) if tools_on else None,
-                           template_takes_tools)
+    return prompt_messages(messages, tools, template_takes_tools)
 
 
 def _call_in(call: dict) -> dict:
@@ -46,8 +45,8 @@ def chat_inputs(body: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[list
     """(messages, template keyword arguments) for ``tokenizer.chat_prompt``: a template that
     renders ``tools`` itself gets them, any other gets them folded into the messages."""
     takes_tools = "tools" in (tokenizer.chat_template or "")
-    kwargs = {"tools": chat_tools(body)} if takes_tools and chat_tools(body) else {}
-    return chat_messages(body, takes_tools), kwargs
+    tools = chat_tools(body) if takes_tools else None
+    return chat_messages(body, takes_tools), {"tools": tools} if tools else {}
 
 
 def tools_active(body: ChatCompletionRequest) -> bool:
@@ -57,7 +56,7 @@ def tools_active(body: ChatCompletionRequest) -> bool:
 
 def chat_tools(body: ChatCompletionRequest) -> list[dict] | None:
     """The request's tools as the template gets them (None: no tools, or tool_choice none)."""
-    if not body.tools or body.tool_choice == "none":
+    if not tools_active(body):
         return None
     return [tool.model_dump(exclude_none=True) for tool in body.tools]
 
