@@ -1,4 +1,4 @@
-"""tierserve command line: fetch-model | generate | chat | serve | batch | bench | moefy | moe."""
+"""tierserve command line: fetch-model | generate | chat | serve | batch | bench | moefy | moe | sim."""
 
 from __future__ import annotations
 
@@ -350,6 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     from tierserve.selection.mpc_cost import add_mpc_cost_parser
 
     add_mpc_cost_parser(sub)
+    from tierserve.sim.cli import add_sim_parser
+
+    add_sim_parser(sub)
 
     chat = sub.add_parser("chat", help="interactive chat in the terminal, streaming tokens",
                           description="Chat with a model. Ctrl-C stops an answer; Ctrl-D or "

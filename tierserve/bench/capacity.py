@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, replace
 
 from tierserve.bench.online import OnlineSpec, run_online
 from tierserve.config import EngineConfig
+from tierserve.sim.capacity import bisect_rate
 
 CAPACITY_COLUMNS = ("rate", "tbt_p99_s", "met_slo", "ttft_p99_s", "throughput_tokens_per_s",
                     "num_finished")
@@ -52,18 +53,7 @@ def search_capacity(measure: Callable[[float], float], slo: float, lo: float, hi
         probes.append(Probe(rate, p99, not math.isnan(p99) and p99 <= slo))
         return probes[-1].met
 
-    if not meets(lo):
-        return None, probes
-    if hi == lo or meets(hi):
-        return hi, probes
-    good, bad = lo, hi
-    for _ in range(iterations):
-        middle = (good + bad) / 2
-        if meets(middle):
-            good = middle
-        else:
-            bad = middle
-    return good, probes
+    return bisect_rate(meets, lo, hi, iterations), probes
 
 
 def describe_capacity(capacity: float | None, lo: float, hi: float, iterations: int) -> str:

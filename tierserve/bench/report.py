@@ -19,6 +19,10 @@ def machine_info(dtype: str) -> dict:
 
     return {
         "cpu": _cpu_model(),
+        "cpu_family": _cpu_field("cpu family"),
+        "cpu_features": " ".join(f for f in _cpu_field("flags").split()
+                                 if f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni",
+                                          "amx_bf16", "amx_int8")),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
@@ -32,6 +36,17 @@ def machine_line(machine: dict) -> str:
     """One line for docs: ``AMD EPYC, 2 cores, torch 2.5.1 (2 threads), float32``."""
     return (f"{machine['cpu']}, {machine['cores']} cores, torch {machine['torch']} "
             f"({machine['torch_threads']} threads), {machine['dtype']}")
+
+
+def _cpu_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
 
 
 def _cpu_model() -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,8 +44,10 @@ class EngineCore:
     """The step transaction over one scheduler, one KV manager and one executor."""
 
     def __init__(self, config: EngineConfig, executor: Executor, limits: EngineLimits,
-                 eos_token_ids: frozenset[int] = frozenset()) -> None:
+                 eos_token_ids: frozenset[int] = frozenset(),
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
+        self.clock = clock  # step and token times; the simulator passes its virtual clock
         self.executor = executor
         self.limits = limits
         self.eos_token_ids = eos_token_ids
@@ -58,7 +61,7 @@ class EngineCore:
             save_evicted_to_host=cache.save_evicted_to_host)
         self.scheduler = Scheduler(config.scheduler, self.kv, limits.max_model_len,
                                    bytes_per_block=limits.bytes_per_block)
-        self.metrics = MetricsCollector()
+        self.metrics = MetricsCollector(clock=clock)
         self._clients: dict[str, str] = {}  # live request -> its client, for service accounting
         self.num_steps = 0
         self.num_step_failures = 0  # whole steps that failed (their requests failed with them)
@@ -175,7 +178,7 @@ class EngineCore:
             if self.scheduler.has_unfinished():
                 return self._fail_stuck()
             return []
-        started = time.monotonic()
+        started = self.clock()
         try:
             result = self._execute(plan)
         except Exception as exc:  # noqa: BLE001 - the forward itself: the step's requests fail
@@ -191,7 +194,7 @@ class EngineCore:
             return self._step_failed([c.request_id for c in plan.chunks], "update", exc)
         self.consecutive_step_failures = 0  # a step that ran through
         try:
-            self._record(plan, result, updates, time.monotonic() - started)
+            self._record(plan, result, updates, self.clock() - started)
         except Exception:  # noqa: BLE001 - a metrics bug must not cost anyone their tokens
             log.exception("recording step metrics failed")
         return updates
@@ -270,7 +273,7 @@ class EngineCore:
     def _record(self, plan: StepPlan, result: StepResult, updates: list[RequestUpdate],
                 seconds: float) -> None:
         metrics, scheduler = self.metrics, self.scheduler
-        now = time.monotonic()
+        now = self.clock()
         for chunk in plan.chunks:
             metrics.on_scheduled(chunk.request_id, now=now)
             metrics.on_service(self._clients.get(chunk.request_id, chunk.request_id),
