@@ -6,8 +6,8 @@ import argparse
 import time
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig, parse_size
-from tierserve.sim.hardware import HARDWARE, get_hardware
-from tierserve.sim.model_shape import KNOWN_MODELS, load_model_shape
+from tierserve.sim.hardware import HARDWARE
+from tierserve.sim.model_shape import KNOWN_MODELS
 from tierserve.sim.traces import LENGTH_TRACES, TRACE_NAMES, make_trace, poisson_arrivals
 
 
@@ -54,6 +54,22 @@ def add_sim_parser(sub) -> None:
     capacity.add_argument("--prefill-first-budget", type=int, default=None,
                           help="token budget of fcfs-prefill-first (vLLM-like: whole prompts)")
     capacity.set_defaults(func=cmd_capacity)
+
+    reproduce = commands.add_parser(
+        "reproduce", help="re-run a paper's experiment in simulation",
+        description="Re-run a seed paper's headline experiment on the simulator and print our "
+        "numbers beside the paper's (docs/paper-results.md). sarathi: capacity of chunked "
+        "prefills vs a vLLM-like prefill-first scheduler, Mistral-7B and Yi-34B on A100s.")
+    reproduce.add_argument("paper", choices=("sarathi",))
+    reproduce.add_argument("--num-requests", type=int, default=2048,
+                           help="requests per trial (default: %(default)s)")
+    reproduce.add_argument("--iterations", type=int, default=9,
+                           help="bisection steps per search (default: %(default)s)")
+    reproduce.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
+    reproduce.add_argument("--seed", type=int, default=0)
+    reproduce.add_argument("--json", default=None)
+    reproduce.add_argument("--plot", default=None)
+    reproduce.set_defaults(func=cmd_reproduce)
 
     from tierserve.cli import add_engine_args
 
@@ -150,28 +166,11 @@ def _engine_config(args, policy: str, budget: int | None = None) -> EngineConfig
 
 
 def _setup(args, policy: str, max_model_len: int, budget: int | None = None):
-    from tierserve.sim.cost import Efficiency, Parallelism, RooflineCostModel
-    from tierserve.sim.profiled import ProfiledCostModel, ProfileTable, read_vidur_profile
-    from tierserve.sim.run import SimSetup
+    from tierserve.sim.run import make_setup
 
-    model = load_model_shape(args.model)
-    hardware = get_hardware(args.hardware, args.interconnect)
-    parallel = Parallelism(args.tp, args.pp)
-    efficiency = Efficiency() if args.cpu_overhead is None else Efficiency(
-        step_overhead_s=args.cpu_overhead)
-    roofline = RooflineCostModel(model, hardware, efficiency, parallel)
-    kind, _, folder = args.cost.partition(":")
-    if kind == "roofline":
-        cost = roofline
-    elif kind == "profile" and folder:
-        cost = ProfiledCostModel(ProfileTable.read(folder), args.cpu_overhead)
-    elif kind == "vidur" and folder:
-        cost = ProfiledCostModel(read_vidur_profile(folder, model, args.tp), args.cpu_overhead)
-    else:
-        raise ValueError(f"--cost {args.cost!r}: write roofline, profile:FOLDER or vidur:FOLDER")
-    capacity = args.kv_capacity_tokens or roofline.kv_capacity_tokens()
-    return SimSetup(model, hardware, cost, _engine_config(args, policy, budget), capacity,
-                    max_model_len, parallel)
+    return make_setup(_engine_config(args, policy, budget), max_model_len, args.model,
+                      args.hardware, args.tp, args.pp, args.interconnect, args.cost,
+                      args.cpu_overhead, args.kv_capacity_tokens)
 
 
 def _trace(args, rate: float):
@@ -280,6 +279,25 @@ def _rate_text(capacity: float | None, args) -> str:
     if capacity == args.max_rate:
         return f"at least --max-rate {args.max_rate:g} req/s"
     return f"{capacity:.3g} req/s"
+
+
+def cmd_reproduce(args) -> int:
+    from tierserve.bench.report import write_json
+    from tierserve.sim.reproduce import markdown_table, plot_sarathi, reproduce_sarathi
+
+    started = time.perf_counter()
+    report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
+    report["wall_s"] = time.perf_counter() - started
+    print(markdown_table(report))
+    for model, claim in report["paper"].items():
+        print(f"paper, {model}: {claim}")
+    if args.json:
+        write_json(args.json, report)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot_sarathi(report, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
 
 
 def cmd_profile(args) -> int:

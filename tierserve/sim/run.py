@@ -67,6 +67,39 @@ class SimRun:
         }
 
 
+def make_setup(engine: EngineConfig, max_model_len: int, model: str = "mistral-7b",
+               hardware: str = "a100-80gb-sxm", tensor_parallel: int = 1,
+               pipeline_parallel: int = 1, interconnect: str | None = None,
+               cost: str = "roofline", cpu_overhead_s: float | None = None,
+               kv_capacity_tokens: int | None = None) -> SimSetup:
+    """A SimSetup from names: a model shape, a hardware profile, and a cost model spec
+    (``roofline``, ``profile:FOLDER`` or ``vidur:FOLDER``). The device KV capacity defaults to
+    what fits beside the weights."""
+    from tierserve.sim.cost import Efficiency, RooflineCostModel
+    from tierserve.sim.hardware import get_hardware
+    from tierserve.sim.model_shape import load_model_shape
+    from tierserve.sim.profiled import ProfiledCostModel, ProfileTable, read_vidur_profile
+
+    shape = load_model_shape(model)
+    profile = get_hardware(hardware, interconnect)
+    parallel = Parallelism(tensor_parallel, pipeline_parallel)
+    efficiency = Efficiency() if cpu_overhead_s is None else Efficiency(
+        step_overhead_s=cpu_overhead_s)
+    roofline = RooflineCostModel(shape, profile, efficiency, parallel)
+    kind, _, folder = cost.partition(":")
+    if kind == "roofline":
+        cost_model: CostModel = roofline
+    elif kind == "profile" and folder:
+        cost_model = ProfiledCostModel(ProfileTable.read(folder), cpu_overhead_s)
+    elif kind == "vidur" and folder:
+        cost_model = ProfiledCostModel(read_vidur_profile(folder, shape, tensor_parallel),
+                                       cpu_overhead_s)
+    else:
+        raise ValueError(f"--cost {cost!r}: write roofline, profile:FOLDER or vidur:FOLDER")
+    capacity = kv_capacity_tokens or roofline.kv_capacity_tokens()
+    return SimSetup(shape, profile, cost_model, engine, capacity, max_model_len, parallel)
+
+
 def build_engine(setup: SimSetup, record_steps: bool = False
                  ) -> tuple[EngineCore, SimExecutor, VirtualClock]:
     """The real EngineCore with a SimExecutor under a fresh virtual clock."""
