@@ -52,9 +52,9 @@ class CalibrationWorkload:
 
         rng = np.random.default_rng(self.seed)
         prompts = np.clip(rng.lognormal(np.log(self.prompt_median), self.sigma,
-                                        self.num_requests), 4, 2048)
+                                        self.num_requests), 4, 8 * self.prompt_median)
         outputs = np.clip(rng.lognormal(np.log(self.output_median), self.sigma,
-                                        self.num_requests), 2, 512)
+                                        self.num_requests), 2, 8 * self.output_median)
         trace = [TraceRequest(int(p), int(o)) for p, o in zip(prompts, outputs)]
         poisson_arrivals(trace, self.rate, self.seed)
         return trace
@@ -107,7 +107,10 @@ def calibrate(config: EngineConfig, cost: ProfiledCostModel,
         measured, samples, limits = measure_real(config, workload.trace(), workload.seed)
         step_errors = [_percent_error(cost.step_seconds(s.shape), s.step_s)
                        for s in samples if s.step_s]
-        setup = SimSetup(replace(KNOWN_MODELS["smollm2-135m"], vocab_size=limits.vocab_size),
+        # Only the vocabulary and the KV block size of the shape matter with a profiled cost.
+        shape = replace(KNOWN_MODELS["smollm2-135m"], name=config.model.model,
+                        vocab_size=limits.vocab_size)
+        setup = SimSetup(shape,
                          None, cost, config, limits.kv_capacity_tokens, limits.max_model_len,
                          block_bytes=limits.bytes_per_block, links=CPU_LINKS)
         simulated = simulate(setup, workload.trace(), workload.seed).row()

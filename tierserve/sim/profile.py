@@ -26,11 +26,15 @@ from tierserve.sim.cost import BatchShape
 from tierserve.sim.executor import SimExecutor
 from tierserve.sim.profiled import ProfiledCostModel, ProfilePoint, ProfileTable
 
-LINEAR_TOKENS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
-PREFILL_CHUNKS = (32, 128, 512)
-PREFILL_MAX_CONTEXT = 2048
-DECODE_BATCHES = (1, 2, 4, 8, 16, 32, 64)
-DECODE_CONTEXTS = (64, 256, 512, 1024, 2048)
+@dataclass(slots=True, frozen=True)
+class ProfileGrid:
+    """The step shapes measured (defaults: SmolLM2 serving on a 2-core CPU)."""
+
+    linear_tokens: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    prefill_chunks: tuple[int, ...] = (32, 128, 512)
+    prefill_max_context: int = 2048
+    decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+    decode_contexts: tuple[int, ...] = (64, 256, 512, 1024, 2048)
 
 
 @dataclass(slots=True)
@@ -80,8 +84,9 @@ def profile_config(config: EngineConfig) -> EngineConfig:
                    cache=replace(config.cache, enable_prefix_caching=True))
 
 
-def run_profile(config: EngineConfig, repeats: int = 5, progress: bool = True) -> ProfileTable:
-    """Measure the grid above on the engine ``config`` loads."""
+def run_profile(config: EngineConfig, repeats: int = 5, progress: bool = True,
+                grid: ProfileGrid = ProfileGrid()) -> ProfileTable:
+    """Measure ``grid`` on the engine ``config`` loads."""
     from tqdm import tqdm
 
     from tierserve.engine.loading import build_engine
@@ -92,8 +97,9 @@ def run_profile(config: EngineConfig, repeats: int = 5, progress: bool = True) -
     core.executor = recorder
     step = timed_step(core, recorder)
     vocab = loaded.arch.vocab_size
-    jobs = ([("linear", t) for t in LINEAR_TOKENS] + [("prefill", n) for n in PREFILL_CHUNKS]
-            + [("decode", (b, c)) for c in DECODE_CONTEXTS for b in DECODE_BATCHES])
+    jobs = ([("linear", t) for t in grid.linear_tokens]
+            + [("prefill", (n, grid.prefill_max_context)) for n in grid.prefill_chunks]
+            + [("decode", (b, c)) for c in grid.decode_contexts for b in grid.decode_batches])
     measured: dict[tuple, list[StepSample]] = {}
     try:
         _warm_up(core, step, vocab)
@@ -130,11 +136,16 @@ def _run(core, step, requests) -> None:
         step()
 
 
-def _with_budget(core, budget: int):
+def _with_budget(core, budget: int) -> int:
+    """Set the scheduler's token budget; returns the old one."""
     scheduler = core.scheduler.config
     old = scheduler.max_num_batched_tokens
     scheduler.max_num_batched_tokens = budget
     return old
+
+
+def _budget(core) -> int:
+    return core.scheduler.config.max_num_batched_tokens
 
 
 def _warm_up(core, step, vocab: int) -> None:
@@ -142,21 +153,18 @@ def _warm_up(core, step, vocab: int) -> None:
 
 
 def _linear(core, step, vocab: int, tokens: int, repeats: int) -> None:
-    old = _with_budget(core, max(tokens, old_budget(core)))
+    old = _with_budget(core, max(tokens, _budget(core)))
     try:
         _run(core, step, [(_prompt(vocab, tokens, next(_counter)), 1)])
     finally:
         _with_budget(core, old)
 
 
-def old_budget(core) -> int:
-    return core.scheduler.config.max_num_batched_tokens
-
-
-def _prefill(core, step, vocab: int, chunk: int, repeats: int) -> None:
+def _prefill(core, step, vocab: int, arg: tuple[int, int], repeats: int) -> None:
+    chunk, max_context = arg
     old = _with_budget(core, chunk)
     try:
-        _run(core, step, [(_prompt(vocab, PREFILL_MAX_CONTEXT + chunk, next(_counter)), 1)])
+        _run(core, step, [(_prompt(vocab, max_context + chunk, next(_counter)), 1)])
     finally:
         _with_budget(core, old)
 
@@ -164,7 +172,7 @@ def _prefill(core, step, vocab: int, chunk: int, repeats: int) -> None:
 def _decode(core, step, vocab: int, arg: tuple[int, int], repeats: int) -> None:
     batch, context = arg
     shared = _prompt(vocab, context, next(_counter))
-    old = _with_budget(core, max(old_budget(core), context + batch))
+    old = _with_budget(core, max(_budget(core), context + batch))
     try:
         _run(core, step, [(shared, 1)])  # caches the shared prompt's full blocks
         # Each prompt ends in its own token; `repeats` decode steps follow the short prefill.
