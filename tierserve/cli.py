@@ -38,8 +38,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        "once for the group (BatchLLM's fused prefix-shared attention, native "
                        "kernel); this turns that off")
     group.add_argument("--scheduling-policy", default="sarathi",
-                       choices=["sarathi", "fcfs-prefill-first", "fair", "expert-grouped"],
-                       help="sarathi: stall-free chunked prefill; fcfs-prefill-first: whole "
+                       choices=["sarathi", "fcfs", "fcfs-prefill-first", "fair", "expert-grouped"],
+                       help="sarathi: stall-free chunked prefill; fcfs: arrival order, chunked "
+                       "(vLLM's default); fcfs-prefill-first: whole "
                        "prefills pause decodes (baseline); fair: per-user virtual-token fairness "
                        "with preemption by swap; expert-grouped: each step runs the decodes whose "
                        "predicted expert routes overlap (MoE offloading, token regrouping) "

@@ -115,7 +115,7 @@ class SchedulerConfig:
     # Token budget of one step (--max-num-batched-tokens); measured: docs/benchmarks.md "token budget".
     max_num_batched_tokens: int = 256
     max_num_seqs: int = 128  # most running at once; below the budget so prefills always get some
-    policy: str = "sarathi"  # sarathi | fcfs-prefill-first | fair (--scheduling-policy)
+    policy: str = "sarathi"  # sarathi | fcfs | fcfs-prefill-first | fair (--scheduling-policy)
     max_waiting_requests: int | None = None
     preemption_mode: str = "auto"  # swap | recompute | auto (cheaper of the two, estimated)
     priority_update_interval: int = 1  # steps between fair-policy priority refreshes

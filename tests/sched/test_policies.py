@@ -287,3 +287,18 @@ def test_metrics_report_each_clients_service_and_jain_index():
     assert summary["client_service"]["alice"] == {"prompt_tokens": 20, "output_tokens": 5}
     assert summary["client_service"]["bob"] == {"prompt_tokens": 10, "output_tokens": 5}
     assert summary["jain_index"] == pytest.approx(40**2 / (2 * (25**2 + 15**2)))
+
+
+def test_fcfs_runs_priority_classes_then_arrival_order_and_preempts_the_newest():
+    from tierserve.request import Request
+    from tierserve.sched.policies import make_policy
+
+    policy = make_policy("fcfs")
+    requests = [Request(f"r{i}", [5], SamplingParams(), arrival_time=float(i), priority=p)
+                for i, p in enumerate([1, 0, 1, 0])]
+    assert [r.request_id for r in policy.order_waiting(requests)] == ["r1", "r3", "r0", "r2"]
+    assert policy.pick_victim(requests).request_id == "r2"  # lowest class, newest
+    core, _ = make_core(num_blocks=64, policy="fcfs")
+    for i in range(4):
+        core.add_request(core.make_request(f"q{i}", [7] * 20, SamplingParams(max_tokens=3)))
+    run_to_completion(core)

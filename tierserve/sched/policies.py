@@ -51,6 +51,13 @@ class Policy:
         """Tokens computed for ``request`` in the last step."""
 
 
+class FCFSPolicy(Policy):
+    """First come, first served within priority classes (vLLM's default order): running
+    requests in arrival order, the newest preempted first when memory runs out."""
+
+    name = "fcfs"
+
+
 class SarathiPolicy(Policy):
     """Sarathi-Serve's stall-free order: every running decode, then partly computed prompts
     (oldest first); new prompts are admitted after, chunked to the remaining budget."""
@@ -185,6 +192,7 @@ def _new_experts(request: Request, union: list[set[int]]) -> int:
 
 
 POLICIES: dict[str, type[Policy]] = {
+    FCFSPolicy.name: FCFSPolicy,
     SarathiPolicy.name: SarathiPolicy,
     PrefillFirstPolicy.name: PrefillFirstPolicy,
     FairPolicy.name: FairPolicy,

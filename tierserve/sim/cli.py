@@ -59,10 +59,14 @@ def add_sim_parser(sub) -> None:
         "reproduce", help="re-run a paper's experiment in simulation",
         description="Re-run a seed paper's headline experiment on the simulator and print our "
         "numbers beside the paper's (docs/paper-results.md). sarathi: capacity of chunked "
-        "prefills vs a vLLM-like prefill-first scheduler, Mistral-7B and Yi-34B on A100s.")
-    reproduce.add_argument("paper", choices=("sarathi",))
+        "prefills vs a vLLM-like prefill-first scheduler, Mistral-7B and Yi-34B on A100s. "
+        "fastswitch: tail TTFT/TBT and throughput of fair scheduling with block groups, async "
+        "swap and multi-turn reuse vs priority FCFS with recompute, under changing priorities.")
+    reproduce.add_argument("paper", choices=("sarathi", "fastswitch"))
     reproduce.add_argument("--num-requests", type=int, default=2048,
-                           help="requests per trial (default: %(default)s)")
+                           help="sarathi: requests per trial (default: %(default)s)")
+    reproduce.add_argument("--conversations", type=int, default=200,
+                           help="fastswitch: conversations per run (default: %(default)s)")
     reproduce.add_argument("--iterations", type=int, default=9,
                            help="bisection steps per search (default: %(default)s)")
     reproduce.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
@@ -121,7 +125,7 @@ def _add_deployment_args(parser: argparse.ArgumentParser) -> None:
                        help="context limit (default: the trace's bound)")
     engine = parser.add_argument_group("engine (as tierserve serve)")
     engine.add_argument("--scheduling-policy", default="sarathi",
-                        help="sarathi | fcfs-prefill-first | fair (default: %(default)s)")
+                        help="sarathi | fcfs | fcfs-prefill-first | fair (default: %(default)s)")
     engine.add_argument("--max-num-batched-tokens", type=int, default=512,
                         help="token budget per step (default: %(default)s)")
     engine.add_argument("--max-num-seqs", type=int, default=128,
@@ -283,19 +287,30 @@ def _rate_text(capacity: float | None, args) -> str:
 
 def cmd_reproduce(args) -> int:
     from tierserve.bench.report import write_json
-    from tierserve.sim.reproduce import markdown_table, plot_sarathi, reproduce_sarathi
 
     started = time.perf_counter()
-    report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
+    if args.paper == "sarathi":
+        from tierserve.sim.reproduce import markdown_table, plot_sarathi, reproduce_sarathi
+
+        report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
+        plot = plot_sarathi
+    else:
+        from tierserve.sim.repro_fastswitch import (
+            markdown_table,
+            plot_fastswitch,
+            reproduce_fastswitch,
+        )
+
+        report = reproduce_fastswitch(args.conversations, args.seed, args.workers)
+        plot = plot_fastswitch
     report["wall_s"] = time.perf_counter() - started
     print(markdown_table(report))
-    for model, claim in report["paper"].items():
-        print(f"paper, {model}: {claim}")
+    print(f"paper: {report['paper']}")
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
     if args.plot:
-        plot_sarathi(report, args.plot)
+        plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
 

@@ -51,12 +51,14 @@ class PromptMaker:
 def drive(core: EngineCore, trace: list[TraceRequest], clock: Callable[[], float],
           wait: Callable[[float], None], prompts: PromptMaker,
           progress: Callable[[int], None] | None = None, max_steps: int = 10_000_000,
-          step: Callable[[], list] | None = None) -> DriveResult:
+          step: Callable[[], list] | None = None,
+          before_step: Callable[[int, EngineCore], None] | None = None) -> DriveResult:
     """Replay ``trace`` on ``core`` until every request (and follow-up turn) has finished.
 
     ``wait(seconds)`` is called when the engine is idle before the next arrival (the simulator
     advances its clock, the real run sleeps). ``progress(n)`` is told of each finished request.
-    ``step`` replaces ``core.step`` (a timing wrapper).
+    ``step`` replaces ``core.step`` (a timing wrapper); ``before_step(n, core)`` runs before
+    step n (a workload that changes priorities as it goes).
     """
     step = step or core.step
     start = clock()
@@ -84,6 +86,8 @@ def drive(core: EngineCore, trace: list[TraceRequest], clock: Callable[[], float
         if not core.has_unfinished():
             wait(pending[0][0] - now)
             continue
+        if before_step is not None:
+            before_step(steps, core)
         updates = step()
         steps += 1
         if steps > max_steps:

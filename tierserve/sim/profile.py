@@ -26,6 +26,7 @@ from tierserve.sim.cost import BatchShape
 from tierserve.sim.executor import SimExecutor
 from tierserve.sim.profiled import ProfiledCostModel, ProfilePoint, ProfileTable
 
+
 @dataclass(slots=True, frozen=True)
 class ProfileGrid:
     """The step shapes measured (defaults: SmolLM2 serving on a 2-core CPU)."""

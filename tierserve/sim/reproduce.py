@@ -105,7 +105,8 @@ def reproduce_sarathi(num_requests: int = 2048, seed: int = 0, iterations: int =
     for by_policy in results.values():
         ours, base = by_policy["sarathi"]["capacity_rps"], by_policy[BASELINE]["capacity_rps"]
         by_policy["ratio"] = (ours / base) if ours and base else None
-    return {"cases": results, "paper": PAPER, "num_requests": num_requests, "seed": seed,
+    return {"cases": results, "paper": "; ".join(f"{m}: {c}" for m, c in PAPER.items()),
+            "num_requests": num_requests, "seed": seed,
             "iterations": iterations}
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from tierserve.config import EngineConfig
 from tierserve.engine.core import EngineCore, EngineLimits
+from tierserve.metrics import MetricsCollector, percentile
 from tierserve.sim.cost import CostModel, Parallelism
 from tierserve.sim.driver import DriveResult, PromptMaker, drive
 from tierserve.sim.executor import SimExecutor, SimLinks, VirtualClock
@@ -47,6 +48,15 @@ class SimRun:
     result: DriveResult
     executor: SimExecutor | None  # None for a real-engine replay (calibration)
     wall_s: float  # real seconds the simulation took
+    metrics: MetricsCollector | None = None  # the engine's, for percentiles beyond the summary
+
+    def percentile(self, metric: str, q: float) -> float:
+        """``ttft``, ``tbt`` or ``e2e`` at percentile ``q`` over finished requests."""
+        timelines = self.metrics.finished_timelines()
+        values = {"ttft": [t.ttft for t in timelines if t.ttft is not None],
+                  "tbt": [gap for t in timelines for gap in t.tbts],
+                  "e2e": [t.e2e_latency for t in timelines]}[metric]
+        return percentile(values, q)
 
     def row(self) -> dict:
         summary = self.result.summary
@@ -117,10 +127,10 @@ def build_engine(setup: SimSetup, record_steps: bool = False
 
 
 def simulate(setup: SimSetup, trace: list[TraceRequest], seed: int = 0,
-             record_steps: bool = False, progress=None) -> SimRun:
+             record_steps: bool = False, progress=None, before_step=None) -> SimRun:
     """Replay ``trace`` (arrivals assigned) on a fresh simulated engine."""
     core, executor, clock = build_engine(setup, record_steps)
     started = time.perf_counter()
     result = drive(core, trace, clock, clock.advance, PromptMaker(setup.model.vocab_size, seed),
-                   progress=progress)
-    return SimRun(result, executor, time.perf_counter() - started)
+                   progress=progress, before_step=before_step)
+    return SimRun(result, executor, time.perf_counter() - started, core.metrics)
