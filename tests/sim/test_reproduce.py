@@ -56,3 +56,14 @@ def test_priority_patterns_redraw_per_conversation():
     assert markov.updates == 20
     assert all(abs(a - b) <= 1 for a, b in zip(seen, seen[1:]))  # a birth-death chain
     assert len(set(seen)) > 1
+
+
+def test_batchllm_planner_computes_the_optimum_and_lru_does_not_in_a_tight_pool():
+    from tierserve.sim import repro_batchllm
+
+    case = repro_batchllm.BatchCase("many-groups", 0.25, num_requests=64)
+    ours = repro_batchllm.run_case((case, "planner"))
+    base = repro_batchllm.run_case((case, "lru"))
+    assert ours["prefill_tokens"] == ours["prefill_optimum"] < base["prefill_tokens"]
+    assert ours["output_tokens_per_s"] > base["output_tokens_per_s"]
+    assert ours["kv_capacity_tokens"] == base["kv_capacity_tokens"]

@@ -105,8 +105,8 @@ def calibrate(config: EngineConfig, cost: ProfiledCostModel,
         if progress:
             print(f"calibrating on {workload.name}: real engine ...", flush=True)
         measured, samples, limits = measure_real(config, workload.trace(), workload.seed)
-        step_errors = [_percent_error(cost.step_seconds(s.shape), s.step_s)
-                       for s in samples if s.step_s]
+        timed = [s for s in samples if s.step_s]
+        step_errors = [_percent_error(cost.step_seconds(s.shape), s.step_s) for s in timed]
         # Only the vocabulary and the KV block size of the shape matter with a profiled cost.
         shape = replace(KNOWN_MODELS["smollm2-135m"], name=config.model.model,
                         vocab_size=limits.vocab_size)
@@ -125,7 +125,8 @@ def calibrate(config: EngineConfig, cost: ProfiledCostModel,
                       "median_abs_error_pct": statistics.median(step_errors),
                       "p90_abs_error_pct": _quantile(step_errors, 0.9),
                       "measured_s_total": sum(s.step_s for s in samples),
-                      "predicted_s_total": sum(cost.step_seconds(s.shape) for s in samples)},
+                      "predicted_s_total": sum(cost.step_seconds(s.shape) for s in samples),
+                      "by_kind": _by_kind(timed, cost)},
             "e2e": e2e,
             "median_abs_e2e_error_pct": statistics.median(v["error_pct"] for v in e2e.values()),
             "measured": measured, "simulated": simulated,
@@ -135,6 +136,29 @@ def calibrate(config: EngineConfig, cost: ProfiledCostModel,
     report["median_abs_step_error_pct"] = statistics.median(step_errors_all)
     report["median_abs_e2e_error_pct"] = statistics.median(e2e_errors_all)
     return report
+
+
+def _kind(shape) -> str:
+    decodes = len(shape.decodes)
+    if decodes == len(shape.chunks):
+        for bound, name in ((4, "decode 1-4"), (16, "decode 5-16"), (64, "decode 17-64")):
+            if decodes <= bound:
+                return name
+        return "decode >64"
+    return "prefill only" if not decodes else "mixed"
+
+
+def _by_kind(samples, cost) -> dict:
+    """Where the step model misses: per kind of step, count, median |error| and median signed
+    error (simulated - measured, % of measured; > 0: the model is slow)."""
+    groups: dict[str, list[float]] = {}
+    for sample in samples:
+        signed = (cost.step_seconds(sample.shape) - sample.step_s) / sample.step_s * 100.0
+        groups.setdefault(_kind(sample.shape), []).append(signed)
+    return {kind: {"count": len(values),
+                   "median_abs_error_pct": statistics.median(abs(v) for v in values),
+                   "median_signed_error_pct": statistics.median(values)}
+            for kind, values in sorted(groups.items())}
 
 
 def _quantile(values: list[float], q: float) -> float:

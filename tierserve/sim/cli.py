@@ -61,8 +61,9 @@ def add_sim_parser(sub) -> None:
         "numbers beside the paper's (docs/paper-results.md). sarathi: capacity of chunked "
         "prefills vs a vLLM-like prefill-first scheduler, Mistral-7B and Yi-34B on A100s. "
         "fastswitch: tail TTFT/TBT and throughput of fair scheduling with block groups, async "
-        "swap and multi-turn reuse vs priority FCFS with recompute, under changing priorities.")
-    reproduce.add_argument("paper", choices=("sarathi", "fastswitch"))
+        "swap and multi-turn reuse vs priority FCFS with recompute, under changing priorities. "
+        "batchllm: the batch planner vs an LRU prefix cache on shared-prefix batches.")
+    reproduce.add_argument("paper", choices=("sarathi", "fastswitch", "batchllm"))
     reproduce.add_argument("--num-requests", type=int, default=2048,
                            help="sarathi: requests per trial (default: %(default)s)")
     reproduce.add_argument("--conversations", type=int, default=200,
@@ -294,6 +295,11 @@ def cmd_reproduce(args) -> int:
 
         report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
         plot = plot_sarathi
+    elif args.paper == "batchllm":
+        from tierserve.sim.repro_batchllm import markdown_table, reproduce_batchllm
+
+        report = reproduce_batchllm(args.workers)
+        plot = None
     else:
         from tierserve.sim.repro_fastswitch import (
             markdown_table,
@@ -309,7 +315,7 @@ def cmd_reproduce(args) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
-    if args.plot:
+    if args.plot and plot is not None:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0
@@ -339,6 +345,10 @@ def cmd_calibrate(args) -> int:
         steps = part["steps"]
         print(f"{name}: {steps['count']} steps, step time median abs error "
               f"{steps['median_abs_error_pct']:.1f}% (p90 {steps['p90_abs_error_pct']:.1f}%)")
+        for kind, values in steps["by_kind"].items():
+            print(f"  {kind:14s} {values['count']:5d} steps  |error| "
+                  f"{values['median_abs_error_pct']:5.1f}%  bias "
+                  f"{values['median_signed_error_pct']:+5.1f}%")
         for metric, values in part["e2e"].items():
             print(f"  {metric:24s} measured {values['measured']:.4g}  simulated "
                   f"{values['simulated']:.4g}  ({values['error_pct']:.1f}%)")
