@@ -139,3 +139,21 @@ def test_a_plan_with_copies_and_no_links_is_refused():
                       "out")
     with pytest.raises(RuntimeError, match="no links"):
         sim.execute(StepPlan(swap_orders=[order]))
+
+
+def test_hooks_price_selected_kv_and_expert_loads():
+    from tierserve.sim.cost import RooflineCostModel
+    from tierserve.sim.hardware import HARDWARE
+    from tierserve.sim.model_shape import KNOWN_MODELS
+
+    cost = RooflineCostModel(KNOWN_MODELS["llama-3-8b"], HARDWARE["a100-80gb-sxm"])
+    plan = StepPlan(chunks=[_chunk(f"r{i}", 1, 32000) for i in range(64)])
+    full = SimExecutor(cost, VirtualClock(), 1024)
+    full.execute(plan)
+    selected = SimExecutor(cost, VirtualClock(), 1024)
+    selected.attended = lambda chunk: (chunk.start_pos - chunk.kv_offset) // 10  # 10% of the KV
+    selected.step_hooks.append(lambda plan, shape: 0.002)  # an expert fetch per step
+    selected.execute(plan)
+    attention = cost.breakdown(SimExecutor.batch_shape(plan))["attention_decode"]
+    saved = 0.9 * attention
+    assert selected.clock.now == pytest.approx(full.clock.now - saved + 0.002, rel=0.01)

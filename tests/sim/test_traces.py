@@ -74,3 +74,14 @@ def test_vidur_and_azure_csv_traces(tmp_path):
         load_csv_trace(bad)
     with pytest.raises(ValueError, match="unknown trace"):
         make_trace("nope", 3)
+
+
+def test_jsonl_dataset_keeps_its_token_ids(tmp_path):
+    import json
+
+    path = tmp_path / "batch.jsonl"
+    path.write_text("\n".join(json.dumps({"prompt_token_ids": [20, 21, 22, i], "max_tokens": 5,
+                                          "client_id": "u"}) for i in range(3)) + "\n")
+    trace = make_trace(str(path), 0)
+    assert [(r.prompt_len, r.output_len, r.client_id) for r in trace] == [(4, 5, "u")] * 3
+    assert trace[2].prompt_token_ids == [20, 21, 22, 2]

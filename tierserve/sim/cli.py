@@ -147,9 +147,10 @@ def _add_deployment_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_trace_args(parser: argparse.ArgumentParser, default_requests: int = 512) -> None:
     group = parser.add_argument_group("trace")
-    group.add_argument("--trace", default="sharegpt4",
+    group.add_argument("--trace", "--dataset", default="sharegpt4", dest="trace",
                        help=f"{' | '.join(TRACE_NAMES)} | FILE.csv (Vidur or Azure/Splitwise "
-                       "columns) (default: %(default)s)")
+                       "columns) | FILE.jsonl (prompt_token_ids, max_tokens per line, as "
+                       "tierserve bench --dataset) (default: %(default)s)")
     group.add_argument("--num-requests", type=int, default=default_requests,
                        help="requests (conversations for the conversations trace) "
                        "(default: %(default)s)")
@@ -296,10 +297,10 @@ def cmd_reproduce(args) -> int:
         report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
         plot = plot_sarathi
     elif args.paper == "batchllm":
-        from tierserve.sim.repro_batchllm import markdown_table, reproduce_batchllm
+        from tierserve.sim.repro_batchllm import markdown_table, plot_batchllm, reproduce_batchllm
 
         report = reproduce_batchllm(args.workers)
-        plot = None
+        plot = plot_batchllm
     else:
         from tierserve.sim.repro_fastswitch import (
             markdown_table,
@@ -315,7 +316,7 @@ def cmd_reproduce(args) -> int:
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
-    if args.plot and plot is not None:
+    if args.plot:
         plot(report, args.plot)
         print(f"wrote {args.plot}")
     return 0

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tierserve.kv.tiers_types import Tier
-from tierserve.sched.plan import StepPlan, StepResult, SwapDone
+from tierserve.sched.plan import ScheduledChunk, StepPlan, StepResult, SwapDone
 from tierserve.sim.cost import BatchShape, ChunkShape, CostModel
 from tierserve.sim.hardware import LinkSpec
 
@@ -86,8 +86,12 @@ class StepRecord:
 class SimExecutor:
     """The Executor protocol over a cost model (see the module docstring).
 
-    ``step_hooks`` add seconds to a step (an expert-load model, a selected-KV attention cost):
-    each is called with the plan and its batch shape and returns extra seconds.
+    Two hooks model capabilities the cost model does not know:
+
+    - ``step_hooks`` add seconds to a step (an expert-load model: experts fetched for the
+      step's tokens): each is called with the plan and its batch shape, returns extra seconds;
+    - ``attended`` maps a chunk to the KV tokens its attention reads (default: all of its
+      context); KV selection (MPCache, Quest) reads a budget of them.
     """
 
     def __init__(self, cost: CostModel, clock: VirtualClock, bytes_per_block: int,
@@ -97,6 +101,7 @@ class SimExecutor:
         self.bytes_per_block = bytes_per_block
         self.links = links
         self.step_hooks: list[Callable[[StepPlan, BatchShape], float]] = []
+        self.attended: Callable[[ScheduledChunk], int] | None = None
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
         self.busy_s = 0.0  # forward time simulated
@@ -105,10 +110,13 @@ class SimExecutor:
         self._outstanding: dict[str, _Copy] = {}
 
     @staticmethod
-    def batch_shape(plan: StepPlan) -> BatchShape:
+    def batch_shape(plan: StepPlan, attended: Callable[[ScheduledChunk], int] | None = None
+                    ) -> BatchShape:
         """The cost model's view of a plan: per chunk, new tokens and the KV it attends."""
         return BatchShape(tuple(
-            ChunkShape(chunk.num_tokens, chunk.start_pos - chunk.kv_offset, chunk.sample)
+            ChunkShape(chunk.num_tokens,
+                       attended(chunk) if attended else chunk.start_pos - chunk.kv_offset,
+                       chunk.sample)
             for chunk in plan.chunks))
 
     def execute(self, plan: StepPlan) -> StepResult:
@@ -122,7 +130,7 @@ class SimExecutor:
         result = StepResult()
         seconds = 0.0
         if plan.chunks:
-            shape = self.batch_shape(plan)
+            shape = self.batch_shape(plan, self.attended)
             seconds = self.cost.step_seconds(shape)
             seconds += sum(hook(plan, shape) for hook in self.step_hooks)
             self.clock.advance(seconds)

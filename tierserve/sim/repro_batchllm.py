@@ -136,3 +136,30 @@ def markdown_table(report: dict) -> str:
                      f"({ours['prefill_optimum']:,}) | {ours['output_tokens_per_s']:.0f} / "
                      f"{base['output_tokens_per_s']:.0f} | {by_mode['throughput_ratio']:.2f}x |")
     return "\n".join(lines)
+
+
+def plot_batchllm(report: dict, path: str) -> None:
+    """Prefill tokens computed and output throughput, planner vs LRU, per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["cases"])
+    fig, (tokens_axis, speed_axis) = plt.subplots(1, 2, figsize=(12, 4.5))
+    x = range(len(names))
+    for axis, key, label in ((tokens_axis, "prefill_tokens", "prompt tokens computed"),
+                             (speed_axis, "output_tokens_per_s", "output tokens / s")):
+        for offset, mode in ((-0.2, "planner"), (0.2, "lru")):
+            axis.bar([i + offset for i in x], [report["cases"][n][mode][key] for n in names],
+                     0.4, label="BatchLLM planner" if mode == "planner" else "LRU prefix cache")
+        axis.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=7)
+        axis.set_ylabel(label)
+    tokens_axis.plot([i - 0.2 for i in x], [report["cases"][n]["planner"]["prefill_optimum"]
+                                            for n in names], "k_", markersize=20,
+                     label="optimum (distinct prefix blocks)")
+    tokens_axis.legend(fontsize=7)
+    fig.suptitle(f"BatchLLM, simulated: {report['model']} on {report['hardware']}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -11,6 +11,8 @@
     FILE.csv      Vidur's processed traces (arrived_at, num_prefill_tokens, num_decode_tokens)
                   or Azure's LLM inference traces as Splitwise uses them (TIMESTAMP,
                   ContextTokens, GeneratedTokens)
+    FILE.jsonl    a `tierserve bench --dataset` file with token ids: {"prompt_token_ids": [...],
+                  "max_tokens": n, "client_id": ...} per line (shared prefixes stay shared)
 
 The length-statistic traces draw each length from a lognormal fitted to the median and P90 and
 truncated at the total bound (the paper's filter), so the drawn median and P90 match the table
@@ -216,5 +218,11 @@ def make_trace(name: str, num_requests: int, seed: int = 0, **conversation) -> l
         return conversation_trace(num_requests, seed, **conversation)
     if Path(name).suffix == ".csv":
         return load_csv_trace(name, num_requests)
+    if Path(name).suffix == ".jsonl":
+        from tierserve.bench.workloads import load_dataset
+
+        return [TraceRequest(len(r.prompt_token_ids), r.max_tokens, client_id=r.client_id,
+                             prompt_token_ids=r.prompt_token_ids)
+                for r in load_dataset(name, None, 128, num_requests)]
     raise ValueError(f"unknown trace {name!r}; choose one of {', '.join(TRACE_NAMES)} or give a "
-                     ".csv file (Vidur or Azure/Splitwise columns)")
+                     ".csv file (Vidur or Azure/Splitwise columns) or a .jsonl dataset of token ids")
