@@ -34,7 +34,7 @@ class ProfileGrid:
     prefill_chunks: tuple[int, ...] = (32, 128, 512)
     prefill_max_context: int = 2048
     decode_batches: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
-    decode_contexts: tuple[int, ...] = (64, 256, 1024, 2048)
+    decode_contexts: tuple[int, ...] = (64, 256, 768, 1536)
 
 
 @dataclass(slots=True)

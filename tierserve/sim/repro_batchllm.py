@@ -57,7 +57,7 @@ def batchllm_cases() -> list[BatchCase]:
 
 def _requests(case: BatchCase, vocab: int):
     spec = WorkloadSpec(name=case.workload, num_requests=case.num_requests, seed=0,
-                        output_len=128, prefix_len=2048, num_prefixes=16)
+                        output_len=128, prefix_len=1024, num_prefixes=16)
     return make_workload(spec, TokenSpace(vocab, frozenset(range(16))))
 
 
