@@ -10,7 +10,7 @@ def test_sched_kv_and_sim_import_no_torch():
                "tierserve.batch.planner"]
     modules += [f"tierserve.sim.{name}" for name in (
         "hardware", "model_shape", "cost", "profiled", "executor", "traces", "driver", "run",
-        "capacity", "cli", "profile", "calibrate", "plots", "priorities", "reproduce",
+        "capacity", "cli", "profile", "calibrate", "plots", "priorities", "repro_sarathi",
         "repro_fastswitch", "repro_batchllm")]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
             + "import tierserve.sim.cli as c, argparse\n"

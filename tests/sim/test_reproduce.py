@@ -1,12 +1,12 @@
 """The paper reproductions run end to end at small size and keep the papers' setups."""
 
-from tierserve.sim import repro_fastswitch, reproduce
+from tierserve.sim import repro_fastswitch, repro_sarathi
 from tierserve.sim.priorities import PriorityPattern
 from tierserve.sim.traces import LENGTH_TRACES
 
 
 def test_sarathi_cases_are_the_papers_deployments():
-    cases = reproduce.sarathi_cases()
+    cases = repro_sarathi.sarathi_cases()
     assert {(c.model, c.tensor_parallel, c.tbt_slo_s, c.token_budget) for c in cases} == {
         ("mistral-7b", 1, 0.1, 512), ("mistral-7b", 1, 0.5, 2048),
         ("yi-34b", 2, 0.2, 512), ("yi-34b", 2, 1.0, 2048)}
@@ -14,14 +14,14 @@ def test_sarathi_cases_are_the_papers_deployments():
 
 
 def test_sarathi_case_beats_the_prefill_first_baseline_under_a_strict_slo():
-    case = reproduce.sarathi_cases()[0]  # Mistral-7B, sharegpt4, strict
-    ours = reproduce.run_case((case, "sarathi", 96, 0, 3))
-    base = reproduce.run_case((case, reproduce.BASELINE, 96, 0, 3))
+    case = repro_sarathi.sarathi_cases()[0]  # Mistral-7B, sharegpt4, strict
+    ours = repro_sarathi.run_case((case, "sarathi", 96, 0, 3))
+    base = repro_sarathi.run_case((case, repro_sarathi.BASELINE, 96, 0, 3))
     assert base["token_budget"] == LENGTH_TRACES["sharegpt4"].max_total
     assert ours["capacity_rps"] > (base["capacity_rps"] or 0)
-    report = {"cases": {case.name: {"sarathi": ours, reproduce.BASELINE: base,
+    report = {"cases": {case.name: {"sarathi": ours, repro_sarathi.BASELINE: base,
                                     "ratio": None}}}
-    assert case.name in reproduce.markdown_table(report)
+    assert case.name in repro_sarathi.markdown_table(report)
 
 
 def test_fastswitch_case_runs_both_systems_under_changing_priorities():

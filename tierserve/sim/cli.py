@@ -292,7 +292,7 @@ def cmd_reproduce(args) -> int:
 
     started = time.perf_counter()
     if args.paper == "sarathi":
-        from tierserve.sim.reproduce import markdown_table, plot_sarathi, reproduce_sarathi
+        from tierserve.sim.repro_sarathi import markdown_table, plot_sarathi, reproduce_sarathi
 
         report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
         plot = plot_sarathi

@@ -61,21 +61,21 @@ class ModelShape:
         inner = self.moe_intermediate_size or self.intermediate_size
         return 3 * self.hidden_size * inner
 
-    @property
-    def mlp_params(self) -> int:
-        """Weights of one layer's feed-forward (all experts, shared expert and router)."""
+    def _feed_forward(self, experts: int) -> int:
         if not self.num_experts:
             return self.expert_params
         shared = 3 * self.hidden_size * self.shared_expert_intermediate_size
-        return self.num_experts * self.expert_params + shared + self.hidden_size * self.num_experts
+        return experts * self.expert_params + shared + self.hidden_size * self.num_experts
+
+    @property
+    def mlp_params(self) -> int:
+        """Weights of one layer's feed-forward (all experts, shared expert and router)."""
+        return self._feed_forward(self.num_experts)
 
     @property
     def active_mlp_params(self) -> int:
         """Feed-forward weights one token multiplies."""
-        if not self.num_experts:
-            return self.expert_params
-        shared = 3 * self.hidden_size * self.shared_expert_intermediate_size
-        return self.experts_per_token * self.expert_params + shared + self.hidden_size * self.num_experts
+        return self._feed_forward(self.experts_per_token)
 
     @property
     def embedding_params(self) -> int:

@@ -25,7 +25,7 @@ from tierserve.batch.planner import prefill_optimum
 from tierserve.bench.workloads import TokenSpace, WorkloadSpec, make_workload
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.request import SamplingParams
-from tierserve.sim.run import build_engine, make_setup
+from tierserve.sim.run import build_engine, make_setup, run_pool
 
 PAPER = "1.1-2x the throughput of vLLM and SGLang (A100)"
 MODEL, HARDWARE = "llama-3-8b", "a100-80gb-sxm"
@@ -109,17 +109,12 @@ def _engine() -> EngineConfig:
 
 
 def reproduce_batchllm(workers: int = 2, progress: bool = True) -> dict:
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [(case, mode) for case in batchllm_cases() for mode in ("planner", "lru")]
     cases: dict[str, dict] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(run_case, jobs):
-            cases.setdefault(result["case"], {})[result["mode"]] = result
-            if progress:
-                print(f"{result['case']}: {result['mode']} computed {result['prefill_tokens']:,} "
-                      f"prompt tokens, {result['output_tokens_per_s']:.0f} output tok/s",
-                      flush=True)
+    for result in run_pool(run_case, jobs, workers, progress and (
+            lambda r: f"{r['case']}: {r['mode']} computed {r['prefill_tokens']:,} prompt "
+            f"tokens, {r['output_tokens_per_s']:.0f} output tok/s")):
+        cases.setdefault(result["case"], {})[result["mode"]] = result
     for by_mode in cases.values():
         ours, base = by_mode["planner"], by_mode["lru"]
         by_mode["throughput_ratio"] = ours["output_tokens_per_s"] / base["output_tokens_per_s"]
@@ -153,7 +148,9 @@ def plot_batchllm(report: dict, path: str) -> None:
         for offset, mode in ((-0.2, "planner"), (0.2, "lru")):
             axis.bar([i + offset for i in x], [report["cases"][n][mode][key] for n in names],
                      0.4, label="BatchLLM planner" if mode == "planner" else "LRU prefix cache")
-        axis.set_xticks(list(x), [n.replace(", ", "\n") for n in names], fontsize=7)
+        axis.set_xticks(list(x), [n.replace(", pool 0.25 of distinct prefix KV", "\n1/4 pool")
+                                  .replace(", full KV pool", "\nfull pool") for n in names],
+                        fontsize=8)
         axis.set_ylabel(label)
     tokens_axis.plot([i - 0.2 for i in x], [report["cases"][n]["planner"]["prefill_optimum"]
                                             for n in names], "k_", markersize=20,

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.sim.priorities import PriorityPattern
-from tierserve.sim.run import make_setup, simulate
+from tierserve.sim.run import make_setup, run_pool, simulate
 from tierserve.sim.traces import conversation_trace, poisson_arrivals
 
 HOST_SWAP = 60_000_000_000  # 60 GB
@@ -89,19 +89,18 @@ def run_case(job: tuple[FastSwitchCase, str, int, int]) -> dict:
 
 def reproduce_fastswitch(conversations: int = 200, seed: int = 0, workers: int = 2,
                          progress: bool = True) -> dict:
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [(case, system, conversations, seed) for case in fastswitch_cases()
             for system in ("fastswitch", "baseline")]
     cases: dict[str, dict] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(run_case, jobs):
-            cases.setdefault(result["case"], {})[result["system"]] = result["row"]
-            if progress:
-                row = result["row"]
-                print(f"{result['case']}: {result['system']} TTFT p99 {row['ttft_p99_s']:.2f} s, "
-                      f"TBT p99.9 {row['tbt_p999_s']:.3f} s, {row['throughput_tokens_per_s']:.0f} "
-                      f"tok/s ({row['wall_s']:.0f} s wall)", flush=True)
+
+    def describe(result: dict) -> str:
+        row = result["row"]
+        return (f"{result['case']}: {result['system']} TTFT p99 {row['ttft_p99_s']:.2f} s, "
+                f"TBT p99.9 {row['tbt_p999_s']:.3f} s, {row['throughput_tokens_per_s']:.0f} "
+                f"tok/s ({row['wall_s']:.0f} s wall)")
+
+    for result in run_pool(run_case, jobs, workers, describe if progress else None):
+        cases.setdefault(result["case"], {})[result["system"]] = result["row"]
     for by_system in cases.values():
         ours, base = by_system["fastswitch"], by_system["baseline"]
         by_system["improvement"] = {

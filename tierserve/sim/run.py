@@ -134,3 +134,17 @@ def simulate(setup: SimSetup, trace: list[TraceRequest], seed: int = 0,
     result = drive(core, trace, clock, clock.advance, PromptMaker(setup.model.vocab_size, seed),
                    progress=progress, before_step=before_step)
     return SimRun(result, executor, time.perf_counter() - started, core.metrics)
+
+
+def run_pool(function, jobs: list, workers: int, describe=None) -> list:
+    """``function`` over ``jobs`` in ``workers`` processes (the simulator is single-threaded),
+    results in job order; ``describe(result)`` (if given, not False) is printed as each arrives."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    results = []
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        for result in pool.map(function, jobs):
+            results.append(result)
+            if describe:
+                print(describe(result), flush=True)
+    return results

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.sim.capacity import CapacitySLO, search_capacity
-from tierserve.sim.run import make_setup, simulate
+from tierserve.sim.run import make_setup, run_pool, simulate
 from tierserve.sim.traces import LENGTH_TRACES, make_trace, poisson_arrivals
 
 BASELINE = "fcfs-prefill-first"
@@ -91,17 +91,12 @@ def run_case(job: tuple[SarathiCase, str, int, int, int]) -> dict:
 def reproduce_sarathi(num_requests: int = 2048, seed: int = 0, iterations: int = 9,
                       workers: int = 2, progress: bool = True) -> dict:
     """Every case, both policies; returns {"cases": {name: {policy: result}}, ...}."""
-    from concurrent.futures import ProcessPoolExecutor
-
     jobs = [(case, policy, num_requests, seed, iterations) for case in sarathi_cases()
             for policy in ("sarathi", BASELINE)]
     results: dict[str, dict] = {}
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(run_case, jobs):
-            results.setdefault(result["case"], {})[result["policy"]] = result
-            if progress:
-                print(f"{result['case']}: {result['policy']} capacity "
-                      f"{result['capacity_rps']} req/s", flush=True)
+    for result in run_pool(run_case, jobs, workers, progress and (
+            lambda r: f"{r['case']}: {r['policy']} capacity {r['capacity_rps']} req/s")):
+        results.setdefault(result["case"], {})[result["policy"]] = result
     for by_policy in results.values():
         ours, base = by_policy["sarathi"]["capacity_rps"], by_policy[BASELINE]["capacity_rps"]
         by_policy["ratio"] = (ours / base) if ours and base else None
