@@ -44,7 +44,8 @@ def test_calibration_compares_simulated_and_measured(profiled):
     config, table = profiled
     workloads = (CalibrationWorkload("online", 12, 24, 8, rate=20.0),
                  CalibrationWorkload("batch", 12, 24, 8, rate=0.0, seed=1))
-    report = calibrate(config, ProfiledCostModel(table), workloads, progress=False)
+    report = calibrate(config, ProfiledCostModel(table), workloads, progress=False,
+                       repeat_real=True)
     assert set(report["workloads"]) == {"online", "batch"}
     for part in report["workloads"].values():
         assert part["measured"]["num_finished"] == part["simulated"]["num_finished"] == 12
@@ -53,4 +54,6 @@ def test_calibration_compares_simulated_and_measured(profiled):
         for values in part["e2e"].values():
             assert values["measured"] > 0 and values["simulated"] > 0
             assert math.isfinite(values["error_pct"])
+            assert values["measured_again"] > 0 and math.isfinite(values["repeat_diff_pct"])
     assert math.isfinite(report["median_abs_e2e_error_pct"])
+    assert math.isfinite(report["median_abs_real_repeat_diff_pct"])

@@ -96,11 +96,15 @@ def measure_real(config: EngineConfig, trace: list[TraceRequest], seed: int = 0)
 
 def calibrate(config: EngineConfig, cost: ProfiledCostModel,
               workloads: tuple[CalibrationWorkload, ...] = DEFAULT_WORKLOADS,
-              progress: bool = True) -> dict:
-    """Measured vs simulated for each workload (module docstring); returns the report."""
+              progress: bool = True, repeat_real: bool = False) -> dict:
+    """Measured vs simulated for each workload (module docstring); returns the report.
+
+    ``repeat_real`` replays each workload on the real engine a second time: how far two real
+    runs of the same code differ is the noise floor no simulator can beat on this machine."""
     report: dict = {"workloads": {}}
     step_errors_all: list[float] = []
     e2e_errors_all: list[float] = []
+    repeat_all: list[float] = []
     for workload in workloads:
         if progress:
             print(f"calibrating on {workload.name}: real engine ...", flush=True)
@@ -117,6 +121,12 @@ def calibrate(config: EngineConfig, cost: ProfiledCostModel,
         e2e = {name: {"measured": measured[name], "simulated": simulated[name],
                       "error_pct": _percent_error(simulated[name], measured[name])}
                for name in E2E_METRICS}
+        if repeat_real:
+            again, _, _ = measure_real(config, workload.trace(), workload.seed)
+            for name in E2E_METRICS:
+                e2e[name]["measured_again"] = again[name]
+                e2e[name]["repeat_diff_pct"] = _percent_error(again[name], measured[name])
+            repeat_all += [e2e[name]["repeat_diff_pct"] for name in E2E_METRICS]
         report["workloads"][workload.name] = {
             "workload": {"num_requests": workload.num_requests, "rate": workload.rate,
                          "prompt_median": workload.prompt_median,
@@ -135,6 +145,8 @@ def calibrate(config: EngineConfig, cost: ProfiledCostModel,
         e2e_errors_all += [v["error_pct"] for v in e2e.values()]
     report["median_abs_step_error_pct"] = statistics.median(step_errors_all)
     report["median_abs_e2e_error_pct"] = statistics.median(e2e_errors_all)
+    if repeat_all:
+        report["median_abs_real_repeat_diff_pct"] = statistics.median(repeat_all)
     return report
 
 

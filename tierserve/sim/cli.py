@@ -98,6 +98,9 @@ def add_sim_parser(sub) -> None:
     add_engine_args(calibrate)
     calibrate.add_argument("--profile", required=True, help="folder written by `sim profile`")
     calibrate.add_argument("--json", default=None, help="write the report here")
+    calibrate.add_argument("--no-repeat", action="store_true",
+                           help="measure each workload once (default: twice, to report how far "
+                           "two real runs differ: the machine's noise floor)")
     calibrate.add_argument("--no-progress", action="store_true")
     calibrate.set_defaults(func=cmd_calibrate)
 
@@ -340,7 +343,7 @@ def cmd_calibrate(args) -> int:
 
     table = ProfileTable.read(args.profile)
     report = calibrate(engine_config_from_args(args), ProfiledCostModel(table),
-                       progress=not args.no_progress)
+                       progress=not args.no_progress, repeat_real=not args.no_repeat)
     report["profile_meta"] = table.meta
     for name, part in report["workloads"].items():
         steps = part["steps"]
@@ -351,10 +354,15 @@ def cmd_calibrate(args) -> int:
                   f"{values['median_abs_error_pct']:5.1f}%  bias "
                   f"{values['median_signed_error_pct']:+5.1f}%")
         for metric, values in part["e2e"].items():
+            again = (f"  again {values['measured_again']:.4g} ({values['repeat_diff_pct']:.1f}%)"
+                     if "measured_again" in values else "")
             print(f"  {metric:24s} measured {values['measured']:.4g}  simulated "
-                  f"{values['simulated']:.4g}  ({values['error_pct']:.1f}%)")
+                  f"{values['simulated']:.4g}  ({values['error_pct']:.1f}%){again}")
     print(f"median abs error: steps {report['median_abs_step_error_pct']:.1f}%, end to end "
           f"{report['median_abs_e2e_error_pct']:.1f}%")
+    if "median_abs_real_repeat_diff_pct" in report:
+        print(f"two real runs differ by {report['median_abs_real_repeat_diff_pct']:.1f}% "
+              "(median over the same metrics): the machine's noise floor")
     if args.json:
         write_json(args.json, report)
         print(f"wrote {args.json}")
