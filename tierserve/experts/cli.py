@@ -1,5 +1,6 @@
-"""``tierserve moe trace | train-predictor | mixtral-like``: record router traces, fit the
-routing-path predictor, write a random Mixtral-shaped model to replay routes on."""
+"""``tierserve moe trace | train-predictor | predict | mixtral-like``: record router traces, fit
+the routing-path predictor, write its predictions, write a random Mixtral-shaped model to replay
+routes on."""
 
 from __future__ import annotations
 
@@ -46,6 +47,16 @@ def add_moe_parser(subparsers) -> None:
     train.add_argument("--top-k", type=int, default=None,
                        help="experts per token (default: read from the traces)")
     train.set_defaults(func=cmd_train)
+
+    predict = sub.add_parser(
+        "predict", help="predict each traced prompt's route with a trained predictor",
+        description="Run the routing-path predictor on every prompt of a router trace and "
+        "write one JSON line per prompt (its key and each MoE layer's expert shares): what "
+        "`tierserve sim reproduce expertflow` replays without torch.")
+    predict.add_argument("predictor", help="folder from `tierserve moe train-predictor`")
+    predict.add_argument("trace", help="trace file from `tierserve moe trace`")
+    predict.add_argument("out", help="file to write (.jsonl)")
+    predict.set_defaults(func=cmd_predict)
 
     like = sub.add_parser(
         "mixtral-like", help="a random-weight Mixtral-shaped model with another MoE's layout",
@@ -100,6 +111,18 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"KL {report.kl:.3f}")
     print(f"  average:   precision {report.prior_precision:.3f} recall {report.prior_recall:.3f} "
           f"KL {report.prior_kl:.3f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from tierserve.experts.predictor import RoutePredictor
+    from tierserve.experts.routes import prompt_key, read_traces, write_predictions
+
+    predictor = RoutePredictor.load(args.predictor)
+    traces = read_traces(args.trace)
+    count = write_predictions(args.out, {prompt_key(t.prompt): predictor.predict(t.prompt)
+                                         for t in traces})
+    print(f"wrote {args.out}: predicted routes of {count} prompts")
     return 0
 
 

@@ -105,6 +105,32 @@ class PredictedRoute:
     shares: dict[int, list[float]]
 
 
+def write_predictions(path: str | Path, predictions: dict[str, PredictedRoute]) -> int:
+    """Predicted routes by prompt key, one JSON line each (``tierserve moe predict``): what the
+    simulator's expertflow reads without running the predictor."""
+    with open(path, "w", encoding="utf-8") as out:
+        for key, route in predictions.items():
+            shares = {str(layer): row for layer, row in sorted(route.shares.items())}
+            out.write(json.dumps({"prompt_key": key, "shares": shares}) + "\n")
+    return len(predictions)
+
+
+def read_predictions(path: str | Path) -> dict[str, PredictedRoute]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"predicted routes {path} do not exist; write them with "
+                                "`tierserve moe predict PREDICTOR TRACE.jsonl OUT.jsonl`")
+    predictions = {}
+    for number, line in enumerate(_lines(path), start=1):
+        try:
+            data = json.loads(line)
+            predictions[data["prompt_key"]] = PredictedRoute(
+                {int(layer): [float(v) for v in row] for layer, row in data["shares"].items()})
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"{path}:{number}: not a predicted-route line ({exc})") from exc
+    return predictions
+
+
 @dataclass(slots=True)
 class StepRequest:
     """One request's chunk in this step, as the expert policies see it."""

@@ -18,15 +18,12 @@ from pathlib import Path
 
 import torch
 
+from tierserve.experts.books import ExpertTierError
 from tierserve.experts.cache import ExpertKey
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 Q4_GROUP = 32  # input columns per Q4 scale
-
-
-class ExpertTierError(RuntimeError):
-    """An expert could not be read from its tier; the message names the file and the fix."""
 
 
 @dataclass(slots=True)

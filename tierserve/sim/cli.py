@@ -62,14 +62,24 @@ def add_sim_parser(sub) -> None:
         "prefills vs a vLLM-like prefill-first scheduler, Mistral-7B and Yi-34B on A100s. "
         "fastswitch: tail TTFT/TBT and throughput of fair scheduling with block groups, async "
         "swap and multi-turn reuse vs priority FCFS with recompute, under changing priorities. "
-        "batchllm: the batch planner vs an LRU prefix cache on shared-prefix batches.")
-    reproduce.add_argument("paper", choices=("sarathi", "fastswitch", "batchllm"))
+        "batchllm: the batch planner vs an LRU prefix cache on shared-prefix batches. "
+        "expertflow: expert policies on a Mixtral-8x7B-sized MoE with offloaded experts, "
+        "replaying recorded routes (needs --trace, --train-trace, --predictions).")
+    reproduce.add_argument("paper", choices=("sarathi", "fastswitch", "batchllm", "expertflow"))
     reproduce.add_argument("--num-requests", type=int, default=2048,
                            help="sarathi: requests per trial (default: %(default)s)")
     reproduce.add_argument("--conversations", type=int, default=200,
                            help="fastswitch: conversations per run (default: %(default)s)")
     reproduce.add_argument("--iterations", type=int, default=9,
                            help="bisection steps per search (default: %(default)s)")
+    reproduce.add_argument("--trace", default=None,
+                           help="expertflow: router trace to replay (`tierserve moe trace`)")
+    reproduce.add_argument("--train-trace", default=None,
+                           help="expertflow: the trace static pins its hot set from (the "
+                           "predictor's training trace)")
+    reproduce.add_argument("--predictions", default=None,
+                           help="expertflow: predicted routes of --trace's prompts "
+                           "(`tierserve moe predict`)")
     reproduce.add_argument("--workers", type=int, default=2, help="processes (default: 2)")
     reproduce.add_argument("--seed", type=int, default=0)
     reproduce.add_argument("--json", default=None)
@@ -304,6 +314,21 @@ def cmd_reproduce(args) -> int:
 
         report = reproduce_batchllm(args.workers)
         plot = plot_batchllm
+    elif args.paper == "expertflow":
+        from tierserve.sim.repro_expertflow import (
+            ExpertInputs,
+            markdown_table,
+            plot_expertflow,
+            reproduce_expertflow,
+        )
+
+        if not (args.trace and args.train_trace and args.predictions):
+            raise SystemExit("reproduce expertflow replays recorded routes: give --trace, "
+                             "--train-trace and --predictions (docs/paper-results.md shows "
+                             "how to make them)")
+        report = reproduce_expertflow(
+            ExpertInputs(args.trace, args.train_trace, args.predictions), args.workers)
+        plot = plot_expertflow
     else:
         from tierserve.sim.repro_fastswitch import (
             markdown_table,

@@ -91,7 +91,9 @@ class SimExecutor:
     - ``step_hooks`` add seconds to a step (an expert-load model: experts fetched for the
       step's tokens): each is called with the plan and its batch shape, returns extra seconds;
     - ``attended`` maps a chunk to the KV tokens its attention reads (default: all of its
-      context); KV selection (MPCache, Quest) reads a budget of them.
+      context); KV selection (MPCache, Quest) reads a budget of them;
+    - ``arrival_hooks`` see each request as the engine admits it (the runner's ``annotate``:
+      an expert model looks up the request's routes there).
     """
 
     def __init__(self, cost: CostModel, clock: VirtualClock, bytes_per_block: int,
@@ -102,12 +104,18 @@ class SimExecutor:
         self.links = links
         self.step_hooks: list[Callable[[StepPlan, BatchShape], float]] = []
         self.attended: Callable[[ScheduledChunk], int] | None = None
+        self.arrival_hooks: list[Callable[[object], None]] = []
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
         self.busy_s = 0.0  # forward time simulated
         self.num_steps = 0
         self._link_free: dict[tuple[Tier, Tier], float] = {}
         self._outstanding: dict[str, _Copy] = {}
+
+    def annotate(self, request) -> None:
+        """EngineCore calls this as a request arrives (as it does the model runner's)."""
+        for hook in self.arrival_hooks:
+            hook(request)
 
     @staticmethod
     def batch_shape(plan: StepPlan, attended: Callable[[ScheduledChunk], int] | None = None

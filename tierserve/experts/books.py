@@ -1,0 +1,218 @@
+"""ExpertBooks: the mechanism of expert offloading without the weights: which expert sits in
+which fast slot, which loads are in flight, what the policy asks to load ahead. No torch.
+
+Two users drive the same books: ``ExpertOffload`` (the engine: slots are weight tensors, loads
+run on the KV tiers' ``SwapWorker``) and the simulator's ``SimExperts`` (loads timed on a
+simulated host link). A load queue is anything with the SwapWorker's three calls:
+
+    submit(key, [ExpertLoad])    start a load
+    poll() -> [done]             loads finished since the last poll (``.key``, ``.error``)
+    wait([key])                  block until those are done (raises ``CopyError`` on failure)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from tierserve.experts.cache import ExpertCache, ExpertKey
+from tierserve.experts.policies import ExpertPolicy
+from tierserve.experts.routes import StepRequest
+from tierserve.sched.plan import CopyError
+
+log = logging.getLogger(__name__)
+
+
+class ExpertTierError(RuntimeError):
+    """An expert could not be read from its tier; the message names the file and the fix."""
+
+
+@dataclass(slots=True, frozen=True)
+class ExpertLoad:
+    """Copy expert ``key`` from the source tier into fast slot ``slot`` (one load-queue op)."""
+
+    key: ExpertKey
+    slot: int
+
+    @property
+    def num_blocks(self) -> int:
+        return 1
+
+    @property
+    def runs(self) -> tuple[ExpertLoad, ...]:
+        return (self,)
+
+
+@dataclass(slots=True)
+class OffloadStats:
+    steps: int = 0
+    stall_seconds: float = 0.0  # forwards waiting for expert loads
+    bytes_loaded: dict[str, int] = field(default_factory=dict)  # source tier -> bytes
+    distinct_per_step: list[int] = field(default_factory=list)  # experts run, all layers
+    experts_this_step: int = 0
+
+
+class LoadQueue(Protocol):
+    def submit(self, key: str, ops: list[ExpertLoad]) -> None: ...
+
+    def poll(self) -> list: ...
+
+    def wait(self, keys: list[str]) -> None: ...
+
+
+class ExpertBooks:
+    """``num_slots`` fast slots over ``policy``; loads go to ``loads``; ``clock`` times stalls."""
+
+    def __init__(self, num_slots: int, policy: ExpertPolicy, moe_layers: Sequence[int],
+                 num_experts: int, top_k: int, loads: LoadQueue,
+                 clock: Callable[[], float]) -> None:
+        if num_slots < num_experts:
+            raise ValueError(f"--expert-cache {num_slots} holds fewer experts than one layer has "
+                             f"({num_experts}); a layer may need all of them at once")
+        self.policy = policy
+        self.loads = loads
+        self.clock = clock
+        self.cache = ExpertCache(num_slots, policy.score if policy.scores else None)
+        policy.bind(sorted(moe_layers), num_experts, top_k, num_slots)
+        self.stats = OffloadStats()
+        self.reserve = num_experts  # slots prefetches leave free: one layer's misses must fit
+        self.pinned = 0
+        self._known: dict[str, None] = {}  # live request ids, arrival order
+        self._load_key: dict[int, str] = {}  # slot -> load-queue key of its load in flight
+        self._serial = itertools.count()
+        self.chunks: list[StepRequest] = []  # this step's, in row order
+
+    # -- requests and steps --------------------------------------------------------------------
+    def annotate(self, request_id: str, route) -> None:
+        """A request arrived with what is known of its path (a prediction, a trace, None)."""
+        self._known[request_id] = None
+        if route is not None:
+            self.policy.annotate(request_id, route)
+
+    def begin_step(self, chunks: list[StepRequest], finished: Iterable[str]) -> None:
+        """A step is about to run ``chunks``: forget ended requests, prefetch what it needs."""
+        self.chunks = chunks
+        for request_id in finished:
+            self._known.pop(request_id, None)
+            self.policy.forget(request_id)
+        self.reap()
+        if self.stats.steps:
+            self.stats.distinct_per_step.append(self.stats.experts_this_step)
+        self.stats.steps += 1
+        self.stats.experts_this_step = 0
+        running = {c.request_id for c in chunks}
+        waiting = [r for r in self._known if r not in running]
+        self.prefetch(self.policy.begin_step(chunks, waiting))
+
+    def observe(self, layer: int, rows: list[list[int]], last: int) -> None:
+        """Tell the policy each request's last ``last`` true choices (``rows``: this step's
+        top-k choices at ``layer``, chunk after chunk)."""
+        row = 0
+        for chunk in self.chunks:
+            end = row + chunk.num_tokens
+            self.policy.observe(chunk.request_id, layer, rows[max(row, end - last):end])
+            row = end
+
+    def hold(self, layer: int, experts: Iterable[int]) -> dict[int, int]:
+        """Hold ``experts`` of ``layer`` for one forward (loading the misses), then prefetch
+        what the policy asks for after this layer's routing; expert -> slot. Release with
+        ``release``; wait for a slot's load with ``ready``."""
+        self.reap()
+        counters = self.cache.counters.layer(layer)
+        held: dict[int, int] = {}
+        try:
+            for expert in experts:
+                slot = self.cache.acquire((layer, expert), counters)
+                if slot is None:
+                    slot = self.load((layer, expert), prefetch=False)
+                    self.cache.hold(slot)
+                held[expert] = slot
+            self.stats.experts_this_step += len(held)
+            self.prefetch(self.policy.after_route(layer))
+        except BaseException:
+            self.cache.release(list(held.values()))
+            raise
+        return held
+
+    def release(self, held: dict[int, int]) -> None:
+        self.cache.release(list(held.values()))
+
+    def ready(self, slot: int) -> None:
+        """Wait for ``slot``'s load, if one is in flight (the time counts as stall)."""
+        key = self._load_key.get(slot)
+        if key is None:
+            return
+        started = self.clock()
+        try:
+            self.loads.wait([key])
+        except CopyError as exc:
+            self.reap()
+            raise ExpertTierError(f"loading expert {self.cache.key_of(slot) or ''} failed: "
+                                  f"{next(iter(exc.failures.values()), exc)}") from exc
+        finally:
+            self.stats.stall_seconds += self.clock() - started
+        self.reap()
+
+    def hot_sets(self, request_id: str) -> tuple[frozenset[int], ...] | None:
+        return self.policy.hot_sets(request_id)
+
+    # -- mechanics ------------------------------------------------------------------------------
+    def load(self, key: ExpertKey, prefetch: bool) -> int:
+        slot = self.cache.reserve(key, prefetch)
+        if slot is None and not prefetch and self._load_key:
+            self.settle()  # loads in flight hold slots until they are reaped
+            slot = self.cache.reserve(key, prefetch)
+        if slot is None:
+            raise ExpertTierError(f"no free expert slot for {key}: all {self.cache.num_slots} are "
+                                  "held; raise --expert-cache")
+        load_key = f"expert:{key[0]}:{key[1]}:{next(self._serial)}"
+        self._load_key[slot] = load_key
+        self.loads.submit(load_key, [ExpertLoad(key, slot)])
+        return slot
+
+    def prefetch(self, keys: list[ExpertKey]) -> None:
+        for key in keys:
+            if self.cache.slot_of(key) is not None:
+                continue
+            # Prefetches leave one layer's worth of slots free: a forward's misses must fit.
+            if self.cache.num_free <= self.reserve:
+                return
+            if self.policy.scores:
+                victim = self.cache.pool.peek_victim()
+                old = self.cache.key_of(victim)
+                if old is not None and self.policy.score(old) >= self.policy.score(key):
+                    return  # everything evictable is worth more than what is asked for
+            self.load(key, prefetch=True)
+
+    def reap(self) -> None:
+        """Mark finished loads ready (or their slots empty, when they failed)."""
+        for done in self.loads.poll():
+            slot = next((s for s, k in self._load_key.items() if k == done.key), None)
+            if slot is None:
+                continue
+            del self._load_key[slot]
+            if done.error is not None:
+                log.warning("expert load %s failed: %s", done.key, done.error)
+            self.cache.loaded(slot, ok=done.error is None)
+
+    def pin(self, keys: list[ExpertKey]) -> None:
+        """Load ``keys`` and hold them for good (a static hot set)."""
+        for key in keys:
+            self.load(key, prefetch=False)
+            self.cache.hold(self.cache.slot_of(key))
+        self.settle()
+        self.pinned = len(keys)
+
+    def settle(self) -> None:
+        """Wait for every load in flight (tests, and before measuring)."""
+        with contextlib.suppress(CopyError):
+            self.loads.wait(list(self._load_key.values()))
+        self.reap()
+
+    def check_invariants(self) -> None:
+        self.settle()
+        self.cache.check_invariants(held=self.pinned)

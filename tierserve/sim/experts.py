@@ -1,0 +1,208 @@
+"""SimExperts: MoE expert offloading on a simulated device. The engine's own ``ExpertBooks``,
+``ExpertCache`` and expert policies decide what is resident, loaded ahead and evicted; loads
+are timed on a simulated host link; the experts each token chooses are replayed from a
+recorded router trace (``tierserve moe trace``), so the policies meet real routing.
+
+A step walks the MoE layers in order, as the forward does:
+
+    for each layer:   hold the experts the step's tokens chose (misses start loading)
+                      wait for those still loading            -> stall
+                      compute the layer (the cost model's step time / layers)
+
+Prefetches and lookahead loads run on the same link meanwhile, so a load started for a later
+layer overlaps this layer's compute, and a forward waits only for what it needs. The step hook
+returns the stall; the executor adds it to the step's compute time.
+
+Gate lookahead (Mixtral-offloading) reads the next layer's true choices from the trace: an
+upper bound on a gate run one layer early.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from tierserve.experts.books import ExpertBooks, ExpertLoad
+from tierserve.experts.policies import ExpertPolicy
+from tierserve.experts.routes import PredictedRoute, RequestTrace, StepRequest, prompt_key
+from tierserve.sched.plan import StepPlan
+from tierserve.sim.cost import BatchShape, CostModel
+from tierserve.sim.hardware import LinkSpec
+
+OBSERVED_ROWS = 8  # as the engine's ExpertOffload: a chunk's last rows correct its route
+
+
+@dataclass(slots=True)
+class _Done:
+    key: str
+    error: None = None
+
+
+class SimLoadQueue:
+    """Expert loads on one simulated link, first in first out: a load finishes at
+    max(submitted, link free) + overhead + bytes / bandwidth. ``now`` is the forward's own
+    time inside a step (it runs ahead of the step's start as layers compute)."""
+
+    def __init__(self, link: LinkSpec, expert_bytes: int) -> None:
+        self.link = link
+        self.expert_bytes = expert_bytes
+        self.now = 0.0
+        self.bytes_moved = 0
+        self._link_free = 0.0
+        self._done_at: dict[str, float] = {}
+
+    def submit(self, key: str, ops: list[ExpertLoad]) -> None:
+        start = max(self.now, self._link_free)
+        nbytes = len(ops) * self.expert_bytes
+        self._link_free = start + self.link.seconds(len(ops), nbytes)
+        self._done_at[key] = self._link_free
+        self.bytes_moved += nbytes
+
+    def poll(self) -> list[_Done]:
+        done = [key for key, at in self._done_at.items() if at <= self.now]
+        for key in done:
+            del self._done_at[key]
+        return [_Done(key) for key in done]
+
+    def restart(self) -> float:
+        """Start the link's clock again at 0 (loads done before serving); returns the time
+        they took."""
+        if self._done_at:
+            raise RuntimeError("loads are still in flight")
+        took, self.now, self._link_free = max(self.now, self._link_free), 0.0, 0.0
+        return took
+
+    def wait(self, keys: list[str]) -> None:
+        self.now = max([self.now, *(self._done_at[k] for k in keys if k in self._done_at)])
+
+
+class SimExperts:
+    """Offloaded experts in a simulation: give it to ``SimExecutor.step_hooks`` and
+    ``SimExecutor.arrival_hooks``. Requests are matched to their recorded routes by prompt
+    (submit the trace's prompts); ``predictions`` are routes predicted from each prompt
+    (``tierserve moe predict``), what ``expertflow`` reads."""
+
+    def __init__(self, policy: ExpertPolicy, num_slots: int, traces: list[RequestTrace],
+                 expert_bytes: int, link: LinkSpec, cost: CostModel, num_layers: int,
+                 predictions: dict[str, PredictedRoute] | None = None) -> None:
+        if not traces:
+            raise ValueError("expert offloading in the simulator replays a router trace; it is "
+                             "empty")
+        self.moe_layers = sorted(traces[0].routes)
+        num_experts = 1 + max(e for t in traces for r in t.routes.values() for c in r for e in c)
+        top_k = max(len(c) for t in traces for r in t.routes.values() for c in r)
+        if num_layers < len(self.moe_layers):
+            raise ValueError(f"the trace routes {len(self.moe_layers)} MoE layers; the simulated "
+                             f"model has {num_layers}")
+        self.policy = policy
+        self.loads = SimLoadQueue(link, expert_bytes)
+        self.books = ExpertBooks(num_slots, policy, self.moe_layers, num_experts, top_k,
+                                 self.loads, clock=lambda: self.loads.now)
+        self.books.pin(policy.pinned())
+        self.pin_seconds = self.loads.restart()  # the static hot set loads before serving
+        self.cost = cost
+        self.num_layers = num_layers
+        self.by_prompt = {prompt_key(t.prompt): t for t in traces}
+        self.predictions = predictions or {}
+        self.expert_bytes = expert_bytes
+        self.num_experts, self.top_k = num_experts, top_k
+        self._routes: dict[str, RequestTrace] = {}  # live request -> its recorded routes
+        self._requests: dict[str, object] = {}  # live requests whose expert_route is refreshed
+
+    # -- hooks -------------------------------------------------------------------------------
+    def annotate(self, request) -> None:
+        """A request arrived: find its recorded routes; tell the policy what it may know."""
+        key = prompt_key(request.prompt_token_ids)
+        trace = self.by_prompt.get(key)
+        if trace is None:
+            raise ValueError(f"request {request.request_id}'s prompt is not in the router trace; "
+                             "replay the trace's own prompts")
+        self._routes[request.request_id] = trace
+        needs = self.policy.needs
+        route = self.predictions.get(key) if needs == "predictor" else (
+            trace if needs == "trace" else None)
+        if needs == "predictor" and route is None:
+            raise ValueError(f"no predicted route for request {request.request_id}'s prompt; "
+                             "write predictions for this trace with `tierserve moe predict`")
+        self.books.annotate(request.request_id, route)
+        request.expert_route = self.books.hot_sets(request.request_id)
+        if request.expert_route is not None:
+            self._requests[request.request_id] = request
+
+    def __call__(self, plan: StepPlan, shape: BatchShape, start: float) -> float:
+        """Walk the step's MoE layers from ``start``; returns the seconds stalled on loads."""
+        for request_id in plan.finished_request_ids:
+            self._routes.pop(request_id, None)
+            self._requests.pop(request_id, None)
+        if not plan.chunks:
+            return 0.0
+        loads = self.loads
+        loads.now = max(loads.now, start)
+        chunks = [StepRequest(c.request_id, c.start_pos, c.num_tokens) for c in plan.chunks]
+        self.books.begin_step(chunks, plan.finished_request_ids)
+        per_layer = self.cost.step_seconds(shape) / self.num_layers
+        dense_layers = self.num_layers - len(self.moe_layers)
+        loads.now += dense_layers * per_layer
+        stalled = 0.0
+        for position, layer in enumerate(self.moe_layers):
+            rows = [choice for c in chunks for choice in self._choices(c, layer)]
+            if self.policy.observes:
+                self.books.observe(layer, rows, OBSERVED_ROWS)
+            held = self.books.hold(layer, sorted({e for row in rows for e in row}))
+            if self.policy.lookahead and position + 1 < len(self.moe_layers):
+                later = self.moe_layers[position + 1]
+                self.books.prefetch(sorted({(later, e) for c in chunks
+                                            for row in self._choices(c, later) for e in row}))
+            before = loads.now
+            for slot in held.values():
+                self.books.ready(slot)
+            stalled += loads.now - before
+            loads.now += per_layer
+            self.books.release(held)
+        for chunk in plan.chunks:  # the regrouping hints follow the policy's corrections
+            request = self._requests.get(chunk.request_id)
+            if request is not None:
+                request.expert_route = self.books.hot_sets(chunk.request_id)
+        return stalled
+
+    def _choices(self, chunk: StepRequest, layer: int) -> list[list[int]]:
+        trace = self._routes[chunk.request_id]
+        per_position = trace.routes[layer]
+        stop = chunk.start_pos + chunk.num_tokens
+        if stop > len(per_position):
+            raise ValueError(f"request {chunk.request_id} runs past its recorded route "
+                             f"({stop} > {len(per_position)} positions): replay the trace's "
+                             "output lengths")
+        return per_position[chunk.start_pos:stop]
+
+    # -- report ------------------------------------------------------------------------------
+    def report(self, output_tokens: int) -> dict:
+        """Hit ratio (per layer too), loads, bytes per token, stall, distinct experts per step,
+        resident expert bytes against all-resident."""
+        counters, stats = self.books.cache.counters, self.books.stats
+        per_layer = {layer: (c.hits / c.requests if c.requests else 0.0)
+                     for layer, c in sorted(counters.layers.items())}
+        distinct = stats.distinct_per_step + [stats.experts_this_step]
+        total = self.num_experts * len(self.moe_layers)
+        return {
+            "expert_policy": self.policy.name,
+            "hit_ratio": counters.hit_ratio,
+            "hit_ratio_per_layer": per_layer,
+            "late": sum(c.late for c in counters.layers.values()),
+            "misses": sum(c.misses for c in counters.layers.values()),
+            "loads": counters.loads,
+            "prefetches": counters.prefetches,
+            "prefetches_used": counters.prefetches_used,
+            "gib_loaded": self.loads.bytes_moved / 2**30,
+            "mib_per_token": self.loads.bytes_moved / 2**20 / max(1, output_tokens),
+            "stall_s": stats.stall_seconds,
+            "distinct_experts_per_step": sum(distinct) / max(1, len(distinct)),
+            "resident_experts": self.books.cache.num_slots,
+            "resident_expert_gib": self.books.cache.num_slots * self.expert_bytes / 2**30,
+            "all_resident_expert_gib": total * self.expert_bytes / 2**30,
+        }
+
+
+def hook_for(experts: SimExperts, clock: Callable[[], float]):
+    """The SimExecutor step hook: the stall of the step starting now."""
+    return lambda plan, shape: experts(plan, shape, clock())
