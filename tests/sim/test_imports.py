@@ -11,7 +11,8 @@ def test_sched_kv_and_sim_import_no_torch():
     modules += [f"tierserve.sim.{name}" for name in (
         "hardware", "model_shape", "cost", "profiled", "executor", "traces", "driver", "run",
         "capacity", "cli", "profile", "calibrate", "plots", "priorities", "repro_sarathi",
-        "repro_fastswitch", "repro_batchllm", "experts", "repro_expertflow")]
+        "repro_fastswitch", "repro_batchllm", "experts", "repro_expertflow", "selection",
+        "repro_mpcache")]
     code = ("import sys\n" + "".join(f"import {m}\n" for m in modules)
             + "import tierserve.sim.cli as c, argparse\n"
             "p = argparse.ArgumentParser(); c.add_sim_parser(p.add_subparsers())\n"

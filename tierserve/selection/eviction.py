@@ -24,16 +24,14 @@ Policies (``--kv-eviction``):
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from tierserve.config import SelectionConfig
+from tierserve.selection.budget import kept_after_eviction, mpcache_window
 
 SCORE_ROWS = 256  # at most this many window queries scored at once
 SCORE_ELEMENTS = 1 << 24  # and at most this many (heads x rows x context) float32 scores
-LONG_PROMPT = 24 * 1024  # MPCache halves its window beyond this many tokens
 
 
 class WindowObserver:
@@ -109,8 +107,8 @@ class StaticEviction:
             survivors = (scores >= threshold) | forced
             count = int(survivors.sum(-1).max())
         else:
-            budget = self.config.kv_eviction_budget
-            count = math.ceil(budget * length) if budget <= 1 else int(budget)
+            count = kept_after_eviction(self.config.kv_eviction_budget, length,
+                                        int(forced.sum()))
         count = min(length, max(count, int(forced.sum())))
         ranked = scores.masked_fill(forced, float("inf"))
         return ranked.topk(count, dim=-1).indices.sort(dim=-1).values
@@ -121,10 +119,7 @@ class MPCacheStatic(StaticEviction):
     reduce = "max"
 
     def window(self, length: int) -> int:
-        share = self.config.kv_eviction_window
-        if length > LONG_PROMPT:
-            share /= 2
-        return max(1, math.ceil(share * length))
+        return mpcache_window(self.config.kv_eviction_window, length)
 
     def forced(self, length: int) -> torch.Tensor:
         index = torch.arange(length)

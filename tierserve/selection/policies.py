@@ -49,7 +49,7 @@ class BlockView:
         valid = index < num_blocks[:, None]
         recent = index >= (num_blocks - config.kv_recent_blocks)[:, None]
         forced = valid & ((index < config.kv_sink_blocks) | recent)
-        budget = config.kv_budget
+        budget = config.kv_budget  # per sequence: budget.selected_blocks (tested to agree)
         if budget <= 1.0:
             keep = torch.ceil(num_blocks.double() * budget).long()
         else:

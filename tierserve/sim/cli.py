@@ -64,10 +64,16 @@ def add_sim_parser(sub) -> None:
         "swap and multi-turn reuse vs priority FCFS with recompute, under changing priorities. "
         "batchllm: the batch planner vs an LRU prefix cache on shared-prefix batches. "
         "expertflow: expert policies on a Mixtral-8x7B-sized MoE with offloaded experts, "
-        "replaying recorded routes (needs --trace, --train-trace, --predictions).")
-    reproduce.add_argument("paper", choices=("sarathi", "fastswitch", "batchllm", "expertflow"))
-    reproduce.add_argument("--num-requests", type=int, default=2048,
-                           help="sarathi: requests per trial (default: %(default)s)")
+        "replaying recorded routes (needs --trace, --train-trace, --predictions). mpcache: "
+        "private decode latency under 3PC from tierserve mpc-cost's counts, and serving "
+        "long prompts with KV selection and static eviction.")
+    reproduce.add_argument("paper", choices=("sarathi", "fastswitch", "batchllm", "expertflow",
+                                             "mpcache"))
+    reproduce.add_argument("--num-requests", type=int, default=None,
+                           help="sarathi: requests per trial (default: 2048); mpcache: "
+                           "requests per serving run (default: 256)")
+    reproduce.add_argument("--rate", type=float, default=1.0,
+                           help="mpcache: online arrival rate, req/s (default: %(default)s)")
     reproduce.add_argument("--conversations", type=int, default=200,
                            help="fastswitch: conversations per run (default: %(default)s)")
     reproduce.add_argument("--iterations", type=int, default=9,
@@ -307,7 +313,8 @@ def cmd_reproduce(args) -> int:
     if args.paper == "sarathi":
         from tierserve.sim.repro_sarathi import markdown_table, plot_sarathi, reproduce_sarathi
 
-        report = reproduce_sarathi(args.num_requests, args.seed, args.iterations, args.workers)
+        report = reproduce_sarathi(args.num_requests or 2048, args.seed, args.iterations,
+                                   args.workers)
         plot = plot_sarathi
     elif args.paper == "batchllm":
         from tierserve.sim.repro_batchllm import markdown_table, plot_batchllm, reproduce_batchllm
@@ -329,6 +336,11 @@ def cmd_reproduce(args) -> int:
         report = reproduce_expertflow(
             ExpertInputs(args.trace, args.train_trace, args.predictions), args.workers)
         plot = plot_expertflow
+    elif args.paper == "mpcache":
+        from tierserve.sim.repro_mpcache import markdown_table, plot_mpcache, reproduce_mpcache
+
+        report = reproduce_mpcache(args.num_requests or 256, args.rate, args.seed, args.workers)
+        plot = plot_mpcache
     else:
         from tierserve.sim.repro_fastswitch import (
             markdown_table,

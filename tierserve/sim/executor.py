@@ -92,6 +92,8 @@ class SimExecutor:
       step's tokens): each is called with the plan and its batch shape, returns extra seconds;
     - ``attended`` maps a chunk to the KV tokens its attention reads (default: all of its
       context); KV selection (MPCache, Quest) reads a budget of them;
+    - ``evicted`` maps a chunk that ends a prompt under static KV eviction to the prompt
+      tokens evicted (the runner's report; the scheduler frees their blocks);
     - ``arrival_hooks`` see each request as the engine admits it (the runner's ``annotate``:
       an expert model looks up the request's routes there).
     """
@@ -104,6 +106,7 @@ class SimExecutor:
         self.links = links
         self.step_hooks: list[Callable[[StepPlan, BatchShape], float]] = []
         self.attended: Callable[[ScheduledChunk], int] | None = None
+        self.evicted: Callable[[ScheduledChunk], int] | None = None
         self.arrival_hooks: list[Callable[[object], None]] = []
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
@@ -145,6 +148,8 @@ class SimExecutor:
             for chunk in plan.chunks:
                 if chunk.sample:
                     result.sampled_token_ids[chunk.request_id] = SIM_TOKEN_ID
+                if chunk.evicts and self.evicted is not None:
+                    result.evicted[chunk.request_id] = self.evicted(chunk)
             if self.record_steps:
                 self.steps.append(StepRecord(started, seconds, ready - started,
                                              plan.num_batched_tokens, len(plan.chunks)))
