@@ -113,3 +113,15 @@ def test_mpcache_reproduction_runs_small():
     assert full["num_finished"] == both["num_finished"] == dynamic["num_finished"] == 12
     assert dynamic["throughput_tokens_per_s"] > full["throughput_tokens_per_s"]
     assert both["throughput_tokens_per_s"] > full["throughput_tokens_per_s"]
+
+
+def test_mpcache_reproduction_report_table_and_plot(tmp_path):
+    report = repro_mpcache.reproduce_mpcache(num_requests=6, rate=2.0, workers=1,
+                                             progress=False)
+    assert set(report["serving"]) == {"offline batch", "online 2 req/s"}
+    for by_mode in report["serving"].values():
+        assert by_mode["full KV"]["throughput_ratio"] == 1.0
+    table = repro_mpcache.markdown_table(report)
+    assert "mpcache static 50% + dynamic 10%" in table and "| 16384 |" in table
+    repro_mpcache.plot_mpcache(report, str(tmp_path / "mpcache.png"))
+    assert (tmp_path / "mpcache.png").stat().st_size > 0

@@ -13,6 +13,9 @@ cost model instead of a model, on a virtual clock, at GPU scale. Imports no torc
     profile.py        `sim profile`: this machine's real engine by operator (loads torch when run)
     calibrate.py      `sim calibrate`: simulated vs measured (loads torch when run)
     priorities.py     FastSwitch's Random/Markov priority patterns
-    repro_sarathi.py, repro_fastswitch.py, repro_batchllm.py   `sim reproduce <paper>`
+    experts.py        offloaded MoE experts: the engine's expert books and policies, loads on a link
+    selection.py      KV selection and static eviction priced (the engine's counting rules)
+    repro_sarathi.py, repro_fastswitch.py, repro_batchllm.py, repro_expertflow.py,
+    repro_mpcache.py  `sim reproduce <paper>`
     plots.py, cli.py  figures and the command line
 """

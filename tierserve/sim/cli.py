@@ -72,7 +72,7 @@ def add_sim_parser(sub) -> None:
     reproduce.add_argument("--num-requests", type=int, default=None,
                            help="sarathi: requests per trial (default: 2048); mpcache: "
                            "requests per serving run (default: 256)")
-    reproduce.add_argument("--rate", type=float, default=1.0,
+    reproduce.add_argument("--rate", type=float, default=0.25,
                            help="mpcache: online arrival rate, req/s (default: %(default)s)")
     reproduce.add_argument("--conversations", type=int, default=200,
                            help="fastswitch: conversations per run (default: %(default)s)")

@@ -197,6 +197,8 @@ class SimExperts:
             "mib_per_token": self.loads.bytes_moved / 2**20 / max(1, output_tokens),
             "stall_s": stats.stall_seconds,
             "distinct_experts_per_step": sum(distinct) / max(1, len(distinct)),
+            # a step wakes each distinct expert once: fewer per token is what regrouping buys
+            "expert_runs_per_token": sum(distinct) / max(1, output_tokens),
             "resident_experts": self.books.cache.num_slots,
             "resident_expert_gib": self.books.cache.num_slots * self.expert_bytes / 2**30,
             "all_resident_expert_gib": total * self.expert_bytes / 2**30,

@@ -59,7 +59,8 @@ class ExpertInputs:
 
 
 def expertflow_cases() -> list[ExpertCase]:
-    return [ExpertCase(share, concurrency) for share in (0.25, 0.5) for concurrency in (16, 32)]
+    return [ExpertCase(0.25, 1), *(ExpertCase(share, concurrency) for share in (0.25, 0.5)
+                                   for concurrency in (16, 32))]
 
 
 def mixtral_shaped(traces: list[RequestTrace], vocab_size: int = 49152) -> ModelShape:
@@ -161,15 +162,17 @@ def reproduce_expertflow(inputs: ExpertInputs, workers: int = 2, progress: bool 
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| case | policy | hit ratio | GiB loaded | distinct experts / step | stall (s) | "
-             "output tok/s | vs LRU | of all-resident |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| case | policy | hit ratio | GiB loaded | distinct experts / step | expert runs / "
+             "token | stall (s) | output tok/s | vs LRU | of all-resident |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for case, by_policy in report["cases"].items():
         for policy, row in by_policy.items():
             distinct = row.get("distinct_experts_per_step")
+            runs = row.get("expert_runs_per_token")
             lines.append(
-                f"| {case} | {policy} | {row['hit_ratio']:.3f} | {row['gib_loaded']:.1f} | "
-                f"{'' if distinct is None else f'{distinct:.0f}'} | {row['stall_s']:.1f} | "
+                f"| {case} | {policy} | {row['hit_ratio']:.3f} | {row['gib_loaded']:.0f} | "
+                f"{'' if distinct is None else f'{distinct:.0f}'} | "
+                f"{'' if runs is None else f'{runs:.1f}'} | {row['stall_s']:.1f} | "
                 f"{row['output_tokens_per_s']:.1f} | {row.get('speedup_vs_lru', 0):.2f}x | "
                 f"{row.get('share_of_all_resident', 0):.2f} |")
     return "\n".join(lines)
@@ -197,7 +200,8 @@ def plot_expertflow(report: dict, path: str) -> None:
                                             for n in names], fontsize=8)
         axis.set_ylabel(label)
     speed_axis.set_yscale("log")
-    hit_axis.legend(fontsize=7)
+    hit_axis.set_ylim(0, 1.3)
+    hit_axis.legend(fontsize=7, ncol=4, loc="upper center")
     fig.suptitle(f"ExpertFlow, simulated: {report['model']} ({report['expert_mib']:.0f} MiB "
                  f"experts) on {report['hardware']}, experts over PCIe", fontsize=10)
     fig.tight_layout()

@@ -22,7 +22,7 @@ Two parts:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig, SelectionConfig
 from tierserve.selection.mpc_cost import SHAPES, MPCacheSetting, Protocol, full_step, mpcache_step
@@ -124,7 +124,7 @@ def run_serving(job: tuple[ServingMode, str, int, float | None, int]) -> dict:
             "kv_capacity_tokens": setup.kv_capacity_tokens}
 
 
-def reproduce_mpcache(num_requests: int = 256, rate: float = 1.0, seed: int = 0,
+def reproduce_mpcache(num_requests: int = 256, rate: float = 0.25, seed: int = 0,
                       workers: int = 2, progress: bool = True) -> dict:
     loads = (("offline batch", None), (f"online {rate:g} req/s", rate))
     jobs = [(mode, load, num_requests, r, seed) for load, r in loads for mode in SERVING_MODES]
@@ -139,19 +139,21 @@ def reproduce_mpcache(num_requests: int = 256, rate: float = 1.0, seed: int = 0,
             row["throughput_ratio"] = (row["throughput_tokens_per_s"]
                                        / base["throughput_tokens_per_s"])
             row["tbt_p50_ratio"] = base["tbt_p50_s"] / row["tbt_p50_s"]
-    return {"private": private_decode(), "networks": [vars(n) for n in NETWORKS],
+    return {"private": private_decode(), "networks": [asdict(n) for n in NETWORKS],
             "serving": serving, "paper": PAPER, "model": MODEL, "hardware": HARDWARE,
             "trace": TRACE}
 
 
 def markdown_table(report: dict) -> str:
-    lines = ["| context | communication full / MPCache (GB) | ratio | LAN latency full / MPCache "
-             "(s) | ratio | WAN ratio |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| context | communication full / MPCache (GB) | ratio | rounds full / MPCache | "
+             "LAN latency full / MPCache (s) | ratio | WAN ratio | break-even one-way latency "
+             "(ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in report["private"]:
         lines.append(f"| {r['context']} | {r['full_gb']:.2f} / {r['mpcache_gb']:.2f} | "
-                     f"{r['communication_ratio']:.2f}x | {r['lan_full_s']:.2f} / "
+                     f"{r['communication_ratio']:.2f}x | {r['full_rounds']:,} / "
+                     f"{r['mpcache_rounds']:,} | {r['lan_full_s']:.2f} / "
                      f"{r['lan_mpcache_s']:.2f} | {r['lan_latency_ratio']:.2f}x | "
-                     f"{r['wan_latency_ratio']:.2f}x |")
+                     f"{r['wan_latency_ratio']:.2f}x | {r['break_even_latency_ms']:.3f} |")
     lines += ["", "| load | mode | output tok/s | vs full | TBT P50 (ms) | TBT P99 (ms) | "
               "preemptions |", "| --- | --- | --- | --- | --- | --- | --- |"]
     for load, by_mode in report["serving"].items():
@@ -164,13 +166,13 @@ def markdown_table(report: dict) -> str:
 
 def plot_mpcache(report: dict, path: str) -> None:
     """Left: private decode latency ratio by context (LAN, WAN) and communication ratio, with
-    the paper's ranges; right: serving throughput per mode and load."""
+    the paper's ranges; then serving: offline throughput and online TBT P50 per mode."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (private, serving) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (private, offline, online) = plt.subplots(1, 3, figsize=(16, 4.5))
     contexts = [r["context"] for r in report["private"]]
     for key, label in (("communication_ratio", "communication"),
                        ("lan_latency_ratio", "latency, LAN"), ("wan_latency_ratio", "latency, WAN")):
@@ -183,17 +185,16 @@ def plot_mpcache(report: dict, path: str) -> None:
     private.set_title("private decode step, 3PC (ABY3)", fontsize=9)
     private.legend(fontsize=7)
     loads = list(report["serving"])
-    modes = list(report["serving"][loads[0]])
-    width = 0.8 / len(modes)
-    for i, mode in enumerate(modes):
-        xs = [j + (i - len(modes) / 2 + 0.5) * width for j in range(len(loads))]
-        serving.bar(xs, [report["serving"][load][mode]["throughput_tokens_per_s"]
-                         for load in loads], width, label=mode)
-    serving.set_xticks(range(len(loads)), loads)
-    serving.set_ylabel("output tokens / s")
-    serving.set_title(f"serving {report['model']} on {report['hardware']}, {report['trace']} "
-                      "prompts", fontsize=9)
-    serving.legend(fontsize=7)
+    for axis, load, key, scale, label in (
+            (offline, loads[0], "throughput_tokens_per_s", 1.0, "output tokens / s"),
+            (online, loads[-1], "tbt_p50_s", 1e3, "TBT P50 (ms)")):
+        modes = list(report["serving"][load])
+        axis.bar(range(len(modes)), [report["serving"][load][m][key] * scale for m in modes],
+                 color=[f"C{i}" for i in range(len(modes))])
+        axis.set_xticks(range(len(modes)), [m.replace(" + ", "\n+ ") for m in modes], fontsize=7)
+        axis.set_ylabel(label)
+        axis.set_title(f"{load}: {report['model']} on {report['hardware']}, {report['trace']} "
+                       "prompts", fontsize=9)
     fig.suptitle("MPCache, simulated", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
