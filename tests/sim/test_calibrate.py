@@ -57,3 +57,34 @@ def test_calibration_compares_simulated_and_measured(profiled):
             assert values["measured_again"] > 0 and math.isfinite(values["repeat_diff_pct"])
     assert math.isfinite(report["median_abs_e2e_error_pct"])
     assert math.isfinite(report["median_abs_real_repeat_diff_pct"])
+
+
+def test_one_command_profiles_then_calibrates(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """`sim calibrate` without --profile profiles first, back to back (small grid here)."""
+    import json
+
+    from tierserve.cli import main
+    from tierserve.sim import calibrate as calibrate_module
+    from tierserve.sim import profile as profile_module
+
+    profiles = []
+
+    def small_profile(config, repeats, progress):
+        profiles.append(repeats)
+        return run_profile(config, repeats, progress, grid=GRID)
+
+    def small_calibrate(config, cost, progress, repeat_real):
+        return calibrate(config, cost, (CalibrationWorkload("online", 8, 24, 8, rate=20.0),),
+                         progress=progress, repeat_real=repeat_real)
+
+    monkeypatch.setattr(profile_module, "run_profile", small_profile)
+    monkeypatch.setattr(calibrate_module, "calibrate", small_calibrate)
+    out, saved = tmp_path / "calibration.json", tmp_path / "profile"
+    assert main(["sim", "calibrate", "--model", str(tiny_llama_dir), "--threads", "1",
+                 "--max-num-batched-tokens", "64", "--repeats", "2", "--no-repeat",
+                 "--no-progress", "--save-profile", str(saved), "--json", str(out)]) == 0
+    assert profiles == [2]
+    assert (saved / "profile.csv").is_file()
+    report = json.loads(out.read_text())
+    assert report["workloads"]["online"]["measured"]["num_finished"] == 8
+    assert "median abs error" in capsys.readouterr().out

@@ -108,11 +108,19 @@ def add_sim_parser(sub) -> None:
 
     calibrate = commands.add_parser(
         "calibrate", help="simulated vs measured on this machine's real engine",
-        description="Replay an online (Poisson) and a batch (all at once) workload on the real "
-        "engine and on the simulator with a profiled cost model; report step-time errors and "
-        "TTFT/TBT P50/P99 predicted vs measured.")
+        description="Profile this machine's engine (unless --profile names one), then replay an "
+        "online (Poisson) and a batch (all at once) workload on the real engine and on the "
+        "simulator with the profiled cost model; report step-time errors and TTFT/TBT P50/P99 "
+        "predicted vs measured. One command regenerates the calibration table.")
     add_engine_args(calibrate)
-    calibrate.add_argument("--profile", required=True, help="folder written by `sim profile`")
+    calibrate.add_argument("--profile", default=None,
+                           help="folder written by `sim profile` (default: profile first, right "
+                           "before measuring: this machine drifts, so a stale profile misses)")
+    calibrate.add_argument("--save-profile", default=None, metavar="FOLDER",
+                           help="without --profile: keep the fresh profile in FOLDER")
+    calibrate.add_argument("--repeats", type=int, default=5,
+                           help="without --profile: steps measured per profile point "
+                           "(default: %(default)s)")
     calibrate.add_argument("--json", default=None, help="write the report here")
     calibrate.add_argument("--no-repeat", action="store_true",
                            help="measure each workload once (default: twice, to report how far "
@@ -378,8 +386,16 @@ def cmd_calibrate(args) -> int:
     from tierserve.sim.calibrate import calibrate
     from tierserve.sim.profiled import ProfiledCostModel, ProfileTable
 
-    table = ProfileTable.read(args.profile)
-    report = calibrate(engine_config_from_args(args), ProfiledCostModel(table),
+    config = engine_config_from_args(args)
+    if args.profile:
+        table = ProfileTable.read(args.profile)
+    else:
+        from tierserve.sim.profile import run_profile
+
+        table = run_profile(config, args.repeats, not args.no_progress)
+        if args.save_profile:
+            print(f"wrote {table.write(args.save_profile)} ({len(table.points)} points)")
+    report = calibrate(config, ProfiledCostModel(table),
                        progress=not args.no_progress, repeat_real=not args.no_repeat)
     report["profile_meta"] = table.meta
     for name, part in report["workloads"].items():
