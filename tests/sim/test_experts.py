@@ -20,9 +20,9 @@ from tierserve.sim import repro_expertflow
 from tierserve.sim.cost import LinearCostModel
 from tierserve.sim.driver import PromptMaker, drive
 from tierserve.sim.executor import SimExecutor, VirtualClock
-from tierserve.sim.experts import SimExperts, SimLoadQueue, hook_for
+from tierserve.sim.experts import SimExperts, SimLoadQueue, install
 from tierserve.sim.hardware import LinkSpec
-from tierserve.sim.traces import TraceRequest
+from tierserve.sim.traces import TraceRequest, poisson_arrivals
 
 LAYERS, EXPERTS, TOP_K = 4, 8, 2
 EXPERT_BYTES = 1_000_000
@@ -50,7 +50,7 @@ def predictions_of(traces) -> dict[str, PredictedRoute]:
 
 
 def run(policy_name, traces, num_slots, step_s=0.004, max_num_seqs=8, policy="sarathi",
-        predictions=None, train=None):
+        predictions=None, train=None, rate=None):
     engine = EngineConfig(
         cache=CacheConfig(block_size=4, enable_prefix_caching=False, swap_space=0),
         scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=max_num_seqs,
@@ -62,12 +62,15 @@ def run(policy_name, traces, num_slots, step_s=0.004, max_num_seqs=8, policy="sa
     policy_object = make_expert_policy(policy_name, train or traces)
     experts = SimExperts(policy_object, num_slots, traces, EXPERT_BYTES, LINK, cost, LAYERS,
                          predictions)
-    executor.arrival_hooks.append(experts.annotate)
-    executor.step_hooks.append(hook_for(experts, clock))
-    requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0, request_id=f"r{i}",
-                             prompt_token_ids=list(t.prompt)) for i, t in enumerate(traces)]
+    install(experts, executor)
+    requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0 if rate is None else
+                             None, request_id=f"r{i}", prompt_token_ids=list(t.prompt))
+                for i, t in enumerate(traces)]
+    if rate is not None:
+        poisson_arrivals(requests, rate, seed=0)
     result = drive(core, requests, clock, clock.advance, PromptMaker(4096))
     assert result.summary["num_finished"] == len(traces)
+    experts.core = core
     return experts, clock.now, executor
 
 
@@ -173,3 +176,20 @@ def test_reproduction_runs_one_small_case(tmp_path):
     assert case.name in repro_expertflow.markdown_table(report)
     repro_expertflow.plot_expertflow(report, str(tmp_path / "plot.png"))
     assert (tmp_path / "plot.png").stat().st_size > 0
+
+
+def test_requests_ended_between_steps_are_forgotten():
+    """Plans without chunks still end requests (arrivals with idle gaps between them)."""
+    traces = make_traces(num_requests=6, seed=4)
+    experts, _, _ = run("expertflow", traces, 16, predictions=predictions_of(traces), rate=2.0)
+    experts.core.step()  # the last requests' endings come with the next plan, chunks or not
+    assert experts.books._known == {}
+    assert experts.policy.predicted == {} and experts.policy.observed == {}
+
+
+def test_a_trace_without_every_prediction_is_refused_up_front():
+    traces = make_traces(num_requests=3)
+    partial = dict(list(predictions_of(traces).items())[:2])
+    with pytest.raises(ValueError, match="1 of the trace's 3 prompts have no predicted route"):
+        SimExperts(make_expert_policy("expertflow"), EXPERTS, traces, EXPERT_BYTES, LINK,
+                   LinearCostModel(), LAYERS, partial)

@@ -67,3 +67,18 @@ def test_batchllm_planner_computes_the_optimum_and_lru_does_not_in_a_tight_pool(
     assert ours["prefill_tokens"] == ours["prefill_optimum"] < base["prefill_tokens"]
     assert ours["output_tokens_per_s"] > base["output_tokens_per_s"]
     assert ours["kv_capacity_tokens"] == base["kv_capacity_tokens"]
+
+
+def test_fastswitch_matched_load_runs_at_a_share_of_the_baselines_service_rate():
+    import dataclasses
+
+    cases = repro_fastswitch.fastswitch_cases()[:1]
+    first = repro_fastswitch._run_pairs(cases, 12, 0, 1, False)
+    base = first[cases[0].name]["baseline"]
+    rate = round(repro_fastswitch.MATCHED_SHARE * base["num_finished"] / base["simulated_s"], 2)
+    matched = dataclasses.replace(cases[0], rate=rate)
+    assert f"{rate:g} req/s" in matched.name
+    again = repro_fastswitch._run_pairs([matched], 12, 0, 1, False)[matched.name]
+    assert again["baseline"]["num_finished"] == base["num_finished"]
+    # a slower arrival process spreads the same conversations over a longer time
+    assert again["baseline"]["simulated_s"] > base["simulated_s"]

@@ -78,6 +78,14 @@ def test_counting_rules_match_the_engine():
     view = BlockView.build(tables, lens, BLOCK, config)
     expected = [selected_blocks(0.1, math.ceil(n / BLOCK), 2, BLOCK) for n in lens.tolist()]
     assert view.keep.tolist() == expected
+    from tierserve.selection.eviction import EVICTIONS
+
+    for name in ("mpcache", "snapkv"):  # the forced tokens the simulator counts are the engine's
+        eviction_config = SelectionConfig(kv_eviction=name, kv_eviction_budget=0.5)
+        engine = EVICTIONS[name](eviction_config, BLOCK)
+        model = SimKVSelection(eviction_config, num_layers=8, block_size=BLOCK, cost=COST)
+        for length in (5, 20, 40, 401):
+            assert model.forced(length) == int(engine.forced(length).sum()), (name, length)
     assert kept_after_eviction(0.5, 401, 32) == 201
     assert kept_after_eviction(0.01, 401, 32) == 32  # sink and last block always stay
     assert mpcache_window(0.2, 1000) == 200 and mpcache_window(0.2, 30000) == 3000
@@ -91,6 +99,19 @@ def test_static_eviction_frees_blocks_and_fits_more_requests():
     assert evict_time < full_time
     # each prompt's end evicted 75% of it (a recomputed prompt evicts again)
     assert len(executor.reports) >= 6 and set(executor.reports) == {300}
+
+
+def test_everything_kept_reads_the_context_without_scoring():
+    config = SelectionConfig(kv_selection="mpcache", kv_budget=0.5)
+    model = SimKVSelection(config, num_layers=8, block_size=BLOCK, cost=COST)
+    assert model.attended(_chunk(20, 1)) == 20  # 2 blocks: sink and recent are all of it
+
+
+def test_a_threshold_eviction_is_refused():
+    config = SelectionConfig(kv_eviction="mpcache", kv_eviction_threshold=0.01)
+    model = SimKVSelection(config, num_layers=8, block_size=BLOCK, cost=COST)
+    with pytest.raises(ValueError, match="--kv-eviction-budget"):
+        model.install(SimExecutor(COST, VirtualClock(), bytes_per_block=1))
 
 
 def test_evicted_count_and_window_cost():

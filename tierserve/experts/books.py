@@ -93,12 +93,16 @@ class ExpertBooks:
         if route is not None:
             self.policy.annotate(request_id, route)
 
-    def begin_step(self, chunks: list[StepRequest], finished: Iterable[str]) -> None:
-        """A step is about to run ``chunks``: forget ended requests, prefetch what it needs."""
-        self.chunks = chunks
+    def forget(self, finished: Iterable[str]) -> None:
+        """These requests ended (twice is harmless)."""
         for request_id in finished:
             self._known.pop(request_id, None)
             self.policy.forget(request_id)
+
+    def begin_step(self, chunks: list[StepRequest], finished: Iterable[str]) -> None:
+        """A step is about to run ``chunks``: forget ended requests, prefetch what it needs."""
+        self.chunks = chunks
+        self.forget(finished)
         self.reap()
         if self.stats.steps:
             self.stats.distinct_per_step.append(self.stats.experts_this_step)

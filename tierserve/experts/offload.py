@@ -57,11 +57,15 @@ class ExpertOffload:
                      for s in range(num_slots)]
         self.cuda_device = device if device.type == "cuda" else None
         self.worker = SwapWorker(self)
-        self.books = ExpertBooks(num_slots, policy, sorted(self.blocks), first.num_experts,
-                                 first.top_k, self.worker, time.perf_counter)
+        try:
+            self.books = ExpertBooks(num_slots, policy, sorted(self.blocks), first.num_experts,
+                                     first.top_k, self.worker, time.perf_counter)
+            self.books.pin(policy.pinned())
+        except BaseException:
+            self.worker.close()  # its thread would outlive a half-built provider
+            raise
         for block in blocks:
             block.provider = self
-        self.books.pin(policy.pinned())
 
     @property
     def cache(self):

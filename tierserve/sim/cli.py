@@ -119,8 +119,8 @@ def add_sim_parser(sub) -> None:
     calibrate.add_argument("--save-profile", default=None, metavar="FOLDER",
                            help="without --profile: keep the fresh profile in FOLDER")
     calibrate.add_argument("--repeats", type=int, default=5,
-                           help="without --profile: steps measured per profile point "
-                           "(default: %(default)s)")
+                           help="steps measured per profile point (default: %(default)s; "
+                           "unused with --profile)")
     calibrate.add_argument("--json", default=None, help="write the report here")
     calibrate.add_argument("--no-repeat", action="store_true",
                            help="measure each workload once (default: twice, to report how far "
@@ -387,6 +387,8 @@ def cmd_calibrate(args) -> int:
     from tierserve.sim.profiled import ProfiledCostModel, ProfileTable
 
     config = engine_config_from_args(args)
+    if args.profile and args.save_profile:
+        raise SystemExit("--save-profile keeps a fresh profile; with --profile none is taken")
     if args.profile:
         table = ProfileTable.read(args.profile)
     else:

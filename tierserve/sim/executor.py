@@ -95,7 +95,9 @@ class SimExecutor:
     - ``evicted`` maps a chunk that ends a prompt under static KV eviction to the prompt
       tokens evicted (the runner's report; the scheduler frees their blocks);
     - ``arrival_hooks`` see each request as the engine admits it (the runner's ``annotate``:
-      an expert model looks up the request's routes there).
+      an expert model looks up the request's routes there);
+    - ``plan_hooks`` see every plan, with or without chunks, before it runs (the requests it
+      ends, as the runner's expert provider does).
     """
 
     def __init__(self, cost: CostModel, clock: VirtualClock, bytes_per_block: int,
@@ -108,6 +110,7 @@ class SimExecutor:
         self.attended: Callable[[ScheduledChunk], int] | None = None
         self.evicted: Callable[[ScheduledChunk], int] | None = None
         self.arrival_hooks: list[Callable[[object], None]] = []
+        self.plan_hooks: list[Callable[[StepPlan], None]] = []
         self.record_steps = record_steps
         self.steps: list[StepRecord] = []
         self.busy_s = 0.0  # forward time simulated
@@ -132,6 +135,8 @@ class SimExecutor:
 
     def execute(self, plan: StepPlan) -> StepResult:
         started = self.clock.now
+        for hook in self.plan_hooks:
+            hook(plan)
         for order in plan.swap_orders:
             self._submit(order.key, order.ops, started)
         needed = [*plan.wait_keys, *(order.key for order in plan.swap_orders if order.wait)]

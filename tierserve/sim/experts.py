@@ -104,38 +104,46 @@ class SimExperts:
         self.num_layers = num_layers
         self.by_prompt = {prompt_key(t.prompt): t for t in traces}
         self.predictions = predictions or {}
+        if policy.needs == "predictor":
+            missing = [key for key in self.by_prompt if key not in self.predictions]
+            if missing:
+                raise ValueError(f"{len(missing)} of the trace's {len(self.by_prompt)} prompts "
+                                 "have no predicted route; write predictions for this trace "
+                                 "with `tierserve moe predict`")
         self.expert_bytes = expert_bytes
         self.num_experts, self.top_k = num_experts, top_k
         self._routes: dict[str, RequestTrace] = {}  # live request -> its recorded routes
         self._requests: dict[str, object] = {}  # live requests whose expert_route is refreshed
+        self.stall_seconds = 0.0  # forwards waiting for loads, all steps
 
     # -- hooks -------------------------------------------------------------------------------
     def annotate(self, request) -> None:
         """A request arrived: find its recorded routes; tell the policy what it may know."""
         key = prompt_key(request.prompt_token_ids)
         trace = self.by_prompt.get(key)
-        if trace is None:
+        if trace is None:  # EngineCore logs this; the request fails at its first step
             raise ValueError(f"request {request.request_id}'s prompt is not in the router trace; "
                              "replay the trace's own prompts")
         self._routes[request.request_id] = trace
         needs = self.policy.needs
         route = self.predictions.get(key) if needs == "predictor" else (
             trace if needs == "trace" else None)
-        if needs == "predictor" and route is None:
-            raise ValueError(f"no predicted route for request {request.request_id}'s prompt; "
-                             "write predictions for this trace with `tierserve moe predict`")
         self.books.annotate(request.request_id, route)
         request.expert_route = self.books.hot_sets(request.request_id)
         if request.expert_route is not None:
             self._requests[request.request_id] = request
 
-    def __call__(self, plan: StepPlan, shape: BatchShape, start: float) -> float:
-        """Walk the step's MoE layers from ``start``; returns the seconds stalled on loads."""
+    def end_requests(self, plan: StepPlan) -> None:
+        """The plan-hook: forget the requests the plan ends (every plan, chunks or not)."""
         for request_id in plan.finished_request_ids:
             self._routes.pop(request_id, None)
             self._requests.pop(request_id, None)
-        if not plan.chunks:
-            return 0.0
+        self.books.forget(plan.finished_request_ids)
+
+    def __call__(self, plan: StepPlan, shape: BatchShape, start: float) -> float:
+        """Walk the step's MoE layers from ``start``; returns the seconds stalled on loads.
+        Within a layer each expert runs once its own load is done, the layer's compute split
+        evenly over its experts (the forward takes them one by one, as ``MoEBlock`` does)."""
         loads = self.loads
         loads.now = max(loads.now, start)
         chunks = [StepRequest(c.request_id, c.start_pos, c.num_tokens) for c in plan.chunks]
@@ -148,17 +156,22 @@ class SimExperts:
             rows = [choice for c in chunks for choice in self._choices(c, layer)]
             if self.policy.observes:
                 self.books.observe(layer, rows, OBSERVED_ROWS)
+            entered = loads.now
             held = self.books.hold(layer, sorted({e for row in rows for e in row}))
+            stalled += loads.now - entered  # a miss with every slot held settles loads first
             if self.policy.lookahead and position + 1 < len(self.moe_layers):
                 later = self.moe_layers[position + 1]
                 self.books.prefetch(sorted({(later, e) for c in chunks
                                             for row in self._choices(c, later) for e in row}))
-            before = loads.now
             for slot in held.values():
+                waited = loads.now
                 self.books.ready(slot)
-            stalled += loads.now - before
-            loads.now += per_layer
+                stalled += loads.now - waited
+                loads.now += per_layer / len(held)
+            if not held:
+                loads.now += per_layer
             self.books.release(held)
+        self.stall_seconds += stalled
         for chunk in plan.chunks:  # the regrouping hints follow the policy's corrections
             request = self._requests.get(chunk.request_id)
             if request is not None:
@@ -166,7 +179,10 @@ class SimExperts:
         return stalled
 
     def _choices(self, chunk: StepRequest, layer: int) -> list[list[int]]:
-        trace = self._routes[chunk.request_id]
+        trace = self._routes.get(chunk.request_id)
+        if trace is None:
+            raise ValueError(f"request {chunk.request_id} has no recorded route (its prompt is "
+                             "not in the router trace)")
         per_position = trace.routes[layer]
         stop = chunk.start_pos + chunk.num_tokens
         if stop > len(per_position):
@@ -195,7 +211,7 @@ class SimExperts:
             "prefetches_used": counters.prefetches_used,
             "gib_loaded": self.loads.bytes_moved / 2**30,
             "mib_per_token": self.loads.bytes_moved / 2**20 / max(1, output_tokens),
-            "stall_s": stats.stall_seconds,
+            "stall_s": self.stall_seconds,
             "distinct_experts_per_step": sum(distinct) / max(1, len(distinct)),
             # a step wakes each distinct expert once: fewer per token is what regrouping buys
             "expert_runs_per_token": sum(distinct) / max(1, output_tokens),
@@ -208,3 +224,10 @@ class SimExperts:
 def hook_for(experts: SimExperts, clock: Callable[[], float]):
     """The SimExecutor step hook: the stall of the step starting now."""
     return lambda plan, shape: experts(plan, shape, clock())
+
+
+def install(experts: SimExperts, executor) -> None:
+    """Hook ``experts`` into a SimExecutor: arrivals, every plan's endings, every step."""
+    executor.arrival_hooks.append(experts.annotate)
+    executor.plan_hooks.append(experts.end_requests)
+    executor.step_hooks.append(hook_for(experts, executor.clock))

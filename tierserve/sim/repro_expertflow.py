@@ -26,7 +26,7 @@ from tierserve.experts.policies import make_expert_policy
 from tierserve.experts.routes import RequestTrace, read_predictions, read_traces
 from tierserve.sim.cost import RooflineCostModel
 from tierserve.sim.driver import PromptMaker, drive
-from tierserve.sim.experts import SimExperts, hook_for
+from tierserve.sim.experts import SimExperts, install
 from tierserve.sim.hardware import get_hardware
 from tierserve.sim.model_shape import KNOWN_MODELS, ModelShape
 from tierserve.sim.run import SimSetup, build_engine, run_pool
@@ -114,8 +114,7 @@ def run_case(job: tuple[ExpertCase, str, ExpertInputs]) -> dict:
                              setup.hardware.host_link, setup.cost, shape.num_layers,
                              read_predictions(inputs.predictions) if policy.needs == "predictor"
                              else None)
-        executor.arrival_hooks.append(experts.annotate)
-        executor.step_hooks.append(hook_for(experts, clock))
+        install(experts, executor)
     requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0,
                              request_id=f"r{i}", prompt_token_ids=list(t.prompt))
                 for i, t in enumerate(traces)]

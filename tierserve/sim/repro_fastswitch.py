@@ -24,7 +24,7 @@ Conversations: ``conversation_trace`` (mean 5.5 turns), started as a Poisson pro
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.sim.priorities import PriorityPattern
@@ -35,6 +35,8 @@ HOST_SWAP = 60_000_000_000  # 60 GB
 PAPER = ("1.4-5.8x lower P95/P99/P99.9 TTFT, up to 11.2x lower P99.9 TBT, up to 1.44x "
          "throughput, vs vLLM 0.3.3 with priority scheduling")
 METRICS = ("ttft_p95_s", "ttft_p99_s", "ttft_p999_s", "tbt_p999_s")
+MEAN_TURNS = 5.5  # conversation_trace's mean: conversations start at rate / 5.5
+MATCHED_SHARE = 0.8  # the matched load: this share of the baseline's service rate
 
 
 @dataclass(slots=True, frozen=True)
@@ -44,11 +46,13 @@ class FastSwitchCase:
     pattern: str  # random | markov
     update_fraction: float
     max_model_len: int = 8192
+    rate: float = 1.0  # requests/s (conversations start at rate / 5.5)
 
     @property
     def name(self) -> str:
+        load = "" if self.rate == 1.0 else f", {self.rate:g} req/s"
         return f"{self.model} on {self.hardware}, {self.pattern} priorities every " \
-               f"{self.update_fraction:g} of steps"
+               f"{self.update_fraction:g} of steps{load}"
 
 
 def fastswitch_cases() -> list[FastSwitchCase]:
@@ -77,7 +81,7 @@ def run_case(job: tuple[FastSwitchCase, str, int, int]) -> dict:
     case, system, conversations, seed = job
     setup = make_setup(_engine(system), case.max_model_len, case.model, case.hardware)
     trace = conversation_trace(conversations, seed, max_context=case.max_model_len)
-    poisson_arrivals(trace, rate=1 / 5.5, seed=seed)
+    poisson_arrivals(trace, rate=case.rate / MEAN_TURNS, seed=seed)
     pattern = PriorityPattern(case.pattern, case.update_fraction, seed=seed)
     run = simulate(setup, trace, seed, before_step=pattern)
     row = run.row()
@@ -88,8 +92,25 @@ def run_case(job: tuple[FastSwitchCase, str, int, int]) -> dict:
 
 
 def reproduce_fastswitch(conversations: int = 200, seed: int = 0, workers: int = 2,
-                         progress: bool = True) -> dict:
-    jobs = [(case, system, conversations, seed) for case in fastswitch_cases()
+                         progress: bool = True, matched_load: bool = True) -> dict:
+    """The paper's 1 req/s on each case; with ``matched_load``, each case again at 0.8 of the
+    rate its baseline sustained there (finished requests / simulated seconds), where the
+    baseline is loaded but not past saturation."""
+    cases = _run_pairs(fastswitch_cases(), conversations, seed, workers, progress)
+    if matched_load:
+        matched = []
+        for case in fastswitch_cases():
+            base = cases[case.name]["baseline"]
+            service = base["num_finished"] / base["simulated_s"]
+            matched.append(replace(case, rate=round(MATCHED_SHARE * service, 2)))
+        cases.update(_run_pairs(matched, conversations, seed, workers, progress))
+    return {"cases": cases, "paper": PAPER, "conversations": conversations, "seed": seed,
+            "matched_share": MATCHED_SHARE if matched_load else None}
+
+
+def _run_pairs(case_list: list[FastSwitchCase], conversations: int, seed: int, workers: int,
+               progress: bool) -> dict[str, dict]:
+    jobs = [(case, system, conversations, seed) for case in case_list
             for system in ("fastswitch", "baseline")]
     cases: dict[str, dict] = {}
 
@@ -106,7 +127,7 @@ def reproduce_fastswitch(conversations: int = 200, seed: int = 0, workers: int =
         by_system["improvement"] = {
             **{m: base[m] / ours[m] if ours[m] else None for m in METRICS},
             "throughput": ours["throughput_tokens_per_s"] / base["throughput_tokens_per_s"]}
-    return {"cases": cases, "paper": PAPER, "conversations": conversations, "seed": seed}
+    return cases
 
 
 def markdown_table(report: dict) -> str:

@@ -46,7 +46,10 @@ class SimKVSelection:
         cfg, block = self.config, self.block_size
         num_blocks = math.ceil((context + 1) / block)
         forced = cfg.kv_sink_blocks + cfg.kv_recent_blocks
-        read = min(context, selected_blocks(cfg.kv_budget, num_blocks, forced, block) * block)
+        kept = selected_blocks(cfg.kv_budget, num_blocks, forced, block)
+        if kept >= num_blocks:  # everything kept: the engine attends densely, scores nothing
+            return context
+        read = min(context, kept * block)
         dense = min(cfg.kv_dense_layers, self.num_layers)
         sparse = self.num_layers - dense
         if SCORES_BOUNDS.get(cfg.kv_selection):
@@ -59,10 +62,16 @@ class SimKVSelection:
     def evicted(self, chunk: ScheduledChunk) -> int:
         """Prompt tokens the static eviction drops as the chunk ends the prompt."""
         length = len(chunk.prompt_token_ids)
-        forced = min(length, self.config.kv_sink_blocks * self.block_size + self.block_size)
+        return length - kept_after_eviction(self.config.kv_eviction_budget, length,
+                                            self.forced(length))
+
+    def forced(self, length: int) -> int:
+        """Prompt tokens the eviction always keeps: MPCache the sink blocks and the last block,
+        SnapKV its observation window (``eviction.py``'s ``forced``)."""
         if self.config.kv_eviction == "snapkv":
-            forced = min(length, max(forced, self.config.snapkv_window))
-        return length - kept_after_eviction(self.config.kv_eviction_budget, length, forced)
+            return min(length, self.config.snapkv_window)
+        sink = self.config.kv_sink_blocks * self.block_size
+        return min(length, sink + self.block_size)
 
     def window(self, length: int) -> int:
         if self.config.kv_eviction == "mpcache":
@@ -82,6 +91,10 @@ class SimKVSelection:
 
     def install(self, executor) -> None:
         """Hook this model into a SimExecutor."""
+        if self.config.kv_eviction != "none" and self.config.kv_eviction_threshold is not None:
+            raise ValueError("the simulator prices budgeted static eviction only: a threshold "
+                             "keeps a data-dependent number of tokens; give "
+                             "--kv-eviction-budget instead")
         if self.config.kv_selection != "full":
             executor.attended = self.attended
         if self.config.kv_eviction != "none":
