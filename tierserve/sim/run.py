@@ -142,6 +142,13 @@ def run_pool(function, jobs: list, workers: int, describe=None) -> list:
     from concurrent.futures import ProcessPoolExecutor
 
     results = []
+    if workers <= 1:  # in this process: no fork (a large parent may not be able to)
+        outcomes = map(function, jobs)
+        for result in outcomes:
+            results.append(result)
+            if describe:
+                print(describe(result), flush=True)
+        return results
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for result in pool.map(function, jobs):
             results.append(result)
