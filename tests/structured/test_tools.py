@@ -111,3 +111,76 @@ def test_earlier_call_arguments_reach_a_tools_template_as_objects():
     messages = chat_messages(body, template_takes_tools=True)
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == {"a": 1, "b": 2}
     assert messages[2]["tool_call_id"] == "c1"
+
+
+def test_each_family_is_known_by_its_template():
+    from tierserve.structured.tools import HERMES, LLAMA3, MISTRAL, syntax_for
+
+    assert syntax_for(None) is HERMES and syntax_for("{{ messages }}") is HERMES  # no tools
+    assert syntax_for("{% if tools %}[AVAILABLE_TOOLS]{% endif %}[TOOL_CALLS]") is MISTRAL
+    assert syntax_for("{% if tools %}{{ tools }}{% endif %}<|python_tag|>") is LLAMA3
+    assert syntax_for("{% for tool in tools %}<tool_call>{% endfor %}") is HERMES
+    assert syntax_for("{% if tools %}{{ tools }}{% endif %}") is HERMES  # says nothing else
+
+
+def test_mistral_calls_are_one_array_after_the_marker():
+    from tierserve.structured.tools import MISTRAL, complete_calls, content_end
+
+    text = ('Adding.[TOOL_CALLS][{"name": "add", "arguments": {"a": 1, "b": 2}}, '
+            '{"name": "now", "arguments": {}}]')
+    content, calls = parse_calls(text, MISTRAL)
+    assert content == "Adding."
+    assert [c["function"]["name"] for c in calls] == ["add", "now"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert len(complete_calls(text[:-5], MISTRAL)) == 1  # the second is still being written
+    assert content_end("Adding.[TOOL", MISTRAL) == len("Adding.")
+    assert parse_calls('[TOOL_CALLS][{"nom": 1}]', MISTRAL)[1] == []  # not calls: text
+
+
+def test_llama3_calls_are_the_whole_answer():
+    from tierserve.structured.tools import LLAMA3, complete_calls, content_end
+
+    text = ('<|python_tag|>{"name": "add", "parameters": {"a": 1, "b": 2}}; '
+            '{"name": "now", "parameters": {}}')
+    content, calls = parse_calls(text, LLAMA3)
+    assert content is None and [c["function"]["name"] for c in calls] == ["add", "now"]
+    assert json.loads(calls[0]["function"]["arguments"]) == {"a": 1, "b": 2}
+    assert parse_calls('{"a": 1}', LLAMA3) == ('{"a": 1}', [])  # JSON, but not a call
+    assert parse_calls("The answer is 3.", LLAMA3) == ("The answer is 3.", [])
+    assert len(complete_calls(text[:-3], LLAMA3)) == 1  # the second is still being written
+    assert content_end(" {", LLAMA3) == 0 and content_end("<|py", LLAMA3) == 0
+    assert content_end("Sure, 3.", LLAMA3) == len("Sure, 3.")
+
+
+def test_without_parallel_calls_one_call_is_kept_and_the_rest_is_dropped():
+    text = ('<tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>\n'
+            '<tool_call>\n{"name": "now", "arguments": {}}\n</tool_call>')
+    content, calls = parse_calls(text, parallel=False)
+    assert content is None and [c["function"]["name"] for c in calls] == ["add"]
+
+
+@pytest.mark.parametrize("family", ["hermes", "mistral", "llama3"])
+def test_forced_calls_of_every_family_generate_and_parse(tiny_llama_dir, family):
+    """The forced grammar of each syntax makes even a random model write a call its parser
+    reads back, valid for the schema."""
+    import jsonschema
+
+    from tierserve.engine.llm import LLM
+    from tierserve.request import SamplingParams
+    from tierserve.structured.tools import SYNTAXES
+
+    syntax = SYNTAXES[family]
+    llm = LLM(str(tiny_llama_dir), num_blocks=64)
+    schema = TOOLS[0]["function"]["parameters"]
+    for choice, parallel in (("add", False), (None, True)):
+        params = SamplingParams(max_tokens=400, temperature=0.0,
+                                structured_outputs=call_grammar(TOOLS, choice, parallel, syntax))
+        completion = llm.generate(["x"], params)[0].outputs[0]
+        content, calls = parse_calls(completion.text, syntax)
+        assert calls, completion.text
+        # a stopped answer is all calls; one cut by max_tokens may end inside the next call
+        assert content is None or completion.finish_reason == "length", completion.text
+        for call in calls:
+            if call["function"]["name"] == "add":
+                jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    llm.engine.runner.close()

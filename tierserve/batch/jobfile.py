@@ -29,6 +29,7 @@ from tierserve.outputs import RequestOutput
 from tierserve.request import SamplingParams
 from tierserve.server import convert, protocol
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
+from tierserve.structured.tools import CallSyntax
 
 ROUTES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
 
@@ -42,6 +43,7 @@ class Job:
     prompt: tuple[str | None, list[int]] | None = None
     params: SamplingParams | None = None
     result: dict | None = None  # the finished output line
+    syntax: CallSyntax | None = None  # tool-call syntax the answer is parsed with (chat, tools)
     id_prefix: str = "batch_req_"
 
     @property
@@ -202,7 +204,9 @@ def _engine_input(job: Job, tokenizer) -> tuple[tuple[str | None, list[int]], Sa
     body = job.body
     if isinstance(body, ChatCompletionRequest):
         messages, template_args = convert.chat_inputs(body, tokenizer)
-        return tokenizer.chat_prompt(messages, **template_args), convert.chat_params(body)
+        job.syntax = convert.tool_syntax(body, tokenizer)
+        return (tokenizer.chat_prompt(messages, **template_args),
+                convert.chat_params(body, job.syntax))
     prompts = convert.encode_prompts(tokenizer, body.prompt)
     if len(prompts) != 1:
         raise InvalidRequestError("a batch line takes one prompt; split the list into lines",
@@ -215,8 +219,8 @@ def success_line(job: Job, output: RequestOutput, model_name: str) -> dict:
     model = body.model or model_name
     counts = protocol.usage(*protocol.count_tokens([output]))
     if isinstance(body, ChatCompletionRequest):
-        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0,
-                                        convert.tools_active(body)) for c in output.outputs]
+        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0, job.syntax,
+                                        body.parallel_tool_calls) for c in output.outputs]
         response = protocol.envelope(f"chatcmpl-batch-{job.line}", "chat.completion", model,
                                      choices, usage_=counts)
     else:

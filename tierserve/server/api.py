@@ -160,15 +160,17 @@ def _v1_router(engine: AsyncEngine, settings: ServerSettings) -> APIRouter:
                                                  **template_args)
         except ValueError as exc:  # a template that rejects the conversation
             raise ApiError(400, str(exc), param="messages") from exc
-        params = _checked(convert.chat_params, body)
+        syntax = convert.tool_syntax(body, engine.tokenizer)
+        params = _checked(convert.chat_params, body, syntax)
         await _check_structured(engine, params)
         request_id = engine.next_request_id("chatcmpl")
         streams = [_submit(engine, request_id, None, prompt_ids, params, body)]
         if body.stream:
-            return _sse(stream_chat(streams, request_id, settings.model_name, body, params))
+            return _sse(stream_chat(streams, request_id, settings.model_name, body, params,
+                                    syntax))
         outputs = await _collect(streams, request, settings)
-        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0,
-                                        convert.tools_active(body))
+        choices = [protocol.chat_choice(c.index, c, body.top_logprobs or 0, syntax,
+                                        body.parallel_tool_calls)
                    for c in outputs[0].outputs]
         response = protocol.envelope(request_id, "chat.completion", settings.model_name, choices,
                                      usage_=protocol.usage(*protocol.count_tokens(outputs)))

@@ -10,7 +10,7 @@ from tierserve.model.tokenizer import Tokenizer
 from tierserve.request import SamplingParams
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from tierserve.structured import StructuredOutputs
-from tierserve.structured.tools import call_grammar, prompt_messages
+from tierserve.structured.tools import HERMES, CallSyntax, call_grammar, prompt_messages, syntax_for
 
 
 def chat_messages(body: ChatCompletionRequest, template_takes_tools: bool = False
@@ -49,6 +49,12 @@ def chat_inputs(body: ChatCompletionRequest, tokenizer: Tokenizer) -> tuple[list
     return chat_messages(body, takes_tools), {"tools": tools} if tools else {}
 
 
+def tool_syntax(body: ChatCompletionRequest, tokenizer: Tokenizer) -> CallSyntax | None:
+    """The call syntax the answer is parsed with (the checkpoint's, by its chat template), or
+    None when the request has no active tools."""
+    return syntax_for(tokenizer.chat_template) if tools_active(body) else None
+
+
 def tools_active(body: ChatCompletionRequest) -> bool:
     """Whether the answer is parsed for tool calls."""
     return bool(body.tools) and body.tool_choice != "none"
@@ -61,10 +67,17 @@ def chat_tools(body: ChatCompletionRequest) -> list[dict] | None:
     return [tool.model_dump(exclude_none=True) for tool in body.tools]
 
 
-def chat_params(body: ChatCompletionRequest) -> SamplingParams:
+def chat_params(body: ChatCompletionRequest, syntax: CallSyntax | None = None
+                ) -> SamplingParams:
+    """``syntax``: the checkpoint's call syntax (``tool_syntax``) when tools are active."""
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
                              body.prompt_logprobs)
+    syntax = syntax or HERMES
+    if tools_active(body) and syntax is not HERMES:
+        # Mistral's [TOOL_CALLS] and Llama 3's <|python_tag|> are special tokens: the parser
+        # must see them (vLLM keeps special tokens for tool requests too).
+        params.skip_special_tokens = False
     choice = body.tool_choice
     forced = bool(body.tools) and (choice == "required" or not isinstance(choice, (str, type(None))))
     if forced:  # the call must be valid JSON for the tool's parameters: the grammar sees to it
@@ -74,7 +87,7 @@ def chat_params(body: ChatCompletionRequest) -> SamplingParams:
                                       "tool_choice")
         name = None if choice == "required" else choice.function.name
         params.structured_outputs = call_grammar(chat_tools(body), name,
-                                                 body.parallel_tool_calls)
+                                                 body.parallel_tool_calls, syntax)
     elif choice is not None and choice != "none" and not body.tools:
         named = choice if isinstance(choice, str) else "a named function"
         raise InvalidRequestError(f"tool_choice {named} needs tools", "tool_choice")

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable
 
 from tierserve.outputs import CompletionOutput, Logprob, RequestOutput
-from tierserve.structured.tools import parse_calls
+from tierserve.structured.tools import CallSyntax, parse_calls
 
 SYSTEM_FINGERPRINT = "tierserve-0.1.0"
 LOGPROB_FLOOR = -9999.0  # JSON has no -Infinity: a logprob below this is sent as this (as vLLM)
@@ -126,13 +126,13 @@ def _prompt_entry(lp: Logprob) -> dict:
 
 
 def chat_choice(index: int, completion: CompletionOutput, top_logprobs: int,
-                tools: bool = False) -> dict:
-    """One choice; with ``tools`` the text is parsed for tool calls (then the finish reason of
-    a stopped answer is ``tool_calls``)."""
+                tools: CallSyntax | None = None, parallel: bool = True) -> dict:
+    """One choice; with ``tools`` (the call syntax) the text is parsed for tool calls (then the
+    finish reason of a stopped answer is ``tool_calls``); without ``parallel``, one call."""
     message = {"role": "assistant", "content": completion.text}
     reason = finish_reason(completion)
-    if tools:
-        content, calls = parse_calls(completion.text)
+    if tools is not None:
+        content, calls = parse_calls(completion.text, tools, parallel)
         if calls:
             message = {"role": "assistant", "content": content, "tool_calls": calls}
             reason = "tool_calls" if reason == "stop" else reason

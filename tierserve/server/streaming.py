@@ -19,7 +19,7 @@ from tierserve.request import SamplingParams
 from tierserve.server import protocol
 from tierserve.server.convert import tools_active
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
-from tierserve.structured.tools import complete_calls, content_end
+from tierserve.structured.tools import CallSyntax, between_calls, complete_calls, content_end
 
 
 class _Chunks:
@@ -52,7 +52,6 @@ class _ChoiceState:
         self.finished = False
         self.echo_len: int | None = None  # chars of echoed prompt sent (None: not yet)
         self.calls_sent = 0  # tool calls streamed so far (requests with tools)
-        self.calls_end = 0  # where the last streamed call ends in the text
 
 
 def _ready(completion: CompletionOutput, state: _ChoiceState, holdback: int) -> tuple[str, int]:
@@ -100,7 +99,9 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]
 
 
 async def stream_chat(streams, request_id: str, model: str, body: ChatCompletionRequest,
-                      params: SamplingParams) -> AsyncIterator[str]:
+                      params: SamplingParams, syntax: CallSyntax | None = None
+                      ) -> AsyncIterator[str]:
+    """SSE chunks of a chat completion; with ``syntax`` (tools active) calls are parsed out."""
     chunk = _Chunks(request_id, "chat.completion.chunk", model, body.stream_options)
 
     for index in range(params.n):
@@ -109,7 +110,7 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     holdback = max((len(s) for s in params.stop), default=1) - 1
     states = [_ChoiceState() for _ in range(params.n)]
     final: RequestOutput | None = None
-    tools = tools_active(body)
+    tools = syntax if tools_active(body) else None
     try:
         async for _, output in _merged(streams):
             final = output
@@ -121,7 +122,8 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
                 if state.finished:
                     continue
                 if tools:  # content until a call opens, then each call once it is complete
-                    for event in _tool_stream(chunk, completion, state, holdback):
+                    for event in _tool_stream(chunk, completion, state, holdback, tools,
+                                              body.parallel_tool_calls):
                         yield event
                     continue
                 text, tokens = _ready(completion, state, holdback)
@@ -143,35 +145,37 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     yield protocol.sse("[DONE]")
 
 
-def _tool_stream(chunk, completion, state: _ChoiceState, holdback: int) -> list[str]:
+def _tool_stream(chunk, completion, state: _ChoiceState, holdback: int, syntax: CallSyntax,
+                 parallel: bool = True) -> list[str]:
     """The events of one update of a choice of a request with tools: text while no call has
     opened (a tail that may start one held back), each call as a tool_calls delta as soon as
-    it is complete, at the end the text after the last call and the finish reason (tool_calls
-    when it called)."""
+    it is complete (only the first without ``parallel``), at the end the text between and
+    after the calls and the finish reason (tool_calls when it called)."""
     text, index, events = completion.text, completion.index, []
 
     def delta(body: dict, reason: str | None = None) -> str:
         return chunk([{"index": index, "delta": body, "logprobs": None,
                        "finish_reason": reason}])
 
-    calls = complete_calls(text)
+    calls = complete_calls(text, syntax)
     if state.calls_sent == 0:
         # Finished without a call: all of it is content (a broken call block too, as the
         # non-streamed answer has it).
         end = (len(text) if completion.finished and not calls
-               else min(content_end(text), len(text) - (0 if completion.finished else holdback)))
+               else min(content_end(text, syntax),
+                        len(text) - (0 if completion.finished else holdback)))
         if end > state.text_sent:
             events.append(delta({"content": text[state.text_sent:end]}))
             state.text_sent = end
-    for _, stop, call in calls[state.calls_sent:]:
+    for _, _, call in (calls if parallel else calls[:1])[state.calls_sent:]:
         events.append(delta({"tool_calls": [{"index": state.calls_sent, **call}]}))
         state.calls_sent += 1
-        state.calls_end = stop
     if completion.finished:
         state.finished = True
         reason = protocol.finish_reason(completion)
-        if state.calls_sent:
-            rest = text[state.calls_end:].strip()
+        if state.calls_sent:  # what the non-streamed answer has as content, less what was sent
+            rest = between_calls(text, calls, state.text_sent)
+            rest = rest.rstrip() if state.text_sent else rest.strip()
             if rest:
                 events.append(delta({"content": rest}))
             reason = "tool_calls" if reason == "stop" else reason

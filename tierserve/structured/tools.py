@@ -1,11 +1,12 @@
-"""Tool calling: tool definitions into the prompt, the model's calls out of its text, and the
-grammar that makes a required (or named) call valid JSON for its parameters' schema.
+"""Tool calling: tools described to the model, calls parsed out of its answer, forced calls.
 
-The call syntax is a parser per model family, as data (``SYNTAXES``). Today one is built:
-Hermes / Qwen style, ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, which is also
-what a checkpoint whose chat template knows no tools (SmolLM2's) is told to write: the tools are
-then described in the system prompt in that syntax, as NousResearch's Hermes prompts do. A chat
-template that takes ``tools`` renders them itself.
+The call syntax is a parser per model family, as data (``SYNTAXES``): Hermes / Qwen style
+``<tool_call>{"name": ..., "arguments": {...}}</tool_call>`` blocks, Mistral's
+``[TOOL_CALLS][{...}, ...]`` and Llama 3's JSON calls (``{"name": ..., "parameters": {...}}`` as
+the whole answer, ``;`` apart, perhaps after ``<|python_tag|>``). A chat template that takes
+``tools`` renders them itself and its markers say which syntax its model writes; a checkpoint
+whose template knows no tools (SmolLM2's) is told Hermes: the tools are then described in the
+system prompt in that syntax, as NousResearch's Hermes prompts do.
 """
 
 from __future__ import annotations
@@ -21,15 +22,45 @@ from tierserve.structured import JSON_LAYOUT, StructuredOutputs
 
 @dataclass(frozen=True, slots=True)
 class CallSyntax:
-    """How a model family writes a call: ``open`` + JSON ``{"name", "arguments"}`` + ``close``."""
+    """How a model family writes its calls, as data. Each call is a JSON object with its name
+    under ``"name"`` and its arguments under ``arguments``; the calls come
+
+    - each in a block between ``open`` and ``close`` (Hermes / Qwen ``<tool_call>``), text around;
+    - as one JSON array after ``open`` (Mistral's ``[TOOL_CALLS][...]``), text before;
+    - as the whole answer, objects ``separator`` apart, ``open`` an optional lead (Llama 3's JSON
+      tool calls, perhaps after ``<|python_tag|>``).
+
+    ``detect`` are strings of a chat template that say the family writes this syntax."""
 
     name: str
     open: str
-    close: str
+    close: str = ""
+    arguments: str = "arguments"
+    form: str = "blocks"  # blocks | array | whole
+    separator: str = "\n"  # between two forced calls
+    detect: tuple[str, ...] = ()
 
 
-HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>")
-SYNTAXES = {"hermes": HERMES}
+HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>", detect=("<tool_call>",))
+MISTRAL = CallSyntax("mistral", "[TOOL_CALLS]", form="array", separator=", ",
+                     detect=("[TOOL_CALLS]",))
+LLAMA3 = CallSyntax("llama3", "<|python_tag|>", arguments="parameters", form="whole",
+                    separator="; ", detect=("<|python_tag|>",))
+SYNTAXES = {syntax.name: syntax for syntax in (HERMES, MISTRAL, LLAMA3)}
+
+
+def syntax_for(chat_template: str | None) -> CallSyntax:
+    """The syntax a checkpoint writes: a template that renders ``tools`` says which by its
+    markers (Hermes when it names none); one that knows no tools is told Hermes (the system
+    prompt above)."""
+    template = chat_template or ""
+    if "tools" not in template:
+        return HERMES
+    for syntax in (MISTRAL, LLAMA3, HERMES):
+        if any(marker in template for marker in syntax.detect):
+            return syntax
+    return HERMES
+
 
 SYSTEM_PROMPT = (
     "You are a function calling AI model. You may call one or more functions to assist with "
@@ -100,12 +131,17 @@ def call_grammar(tools: list[dict], choice: str | None, parallel: bool,
                                       "in tools", "tool_choice")
     rules = []
     for i, function in enumerate(defined):
-        head = syntax.open + '{"name": ' + json.dumps(function["name"]) + ', "arguments": '
-        rules.append(f"call_{i}: {json.dumps(head)} args_{i} {json.dumps('}' + syntax.close)}")
+        head = '{"name": ' + json.dumps(function["name"]) + f', "{syntax.arguments}": '
+        close = "}" + (syntax.close if syntax.form == "blocks" else "")
+        head = (syntax.open if syntax.form == "blocks" else "") + head
+        rules.append(f"call_{i}: {json.dumps(head)} args_{i} {json.dumps(close)}")
         rules.append(f"args_{i}: %json {json.dumps(_closed(function.get('parameters')))}")
     calls = " | ".join(f"call_{i}" for i in range(len(defined)))
-    start = "start: call" if choice is not None or not parallel else r'start: call ("\n" call)*'
-    lark = "\n".join([start, f"call: {calls}", *rules]) + "\n"
+    body = "call" if choice is not None or not parallel else \
+        f"call ({json.dumps(syntax.separator)} call)*"
+    if syntax.form == "array":
+        body = f"{json.dumps(syntax.open + '[')} {body} \"]\""
+    lark = "\n".join([f"start: {body}", f"call: {calls}", *rules]) + "\n"
     return StructuredOutputs(grammar=lark, param="tool_choice")
 
 
@@ -122,46 +158,110 @@ def _closed(parameters: dict | None) -> dict:
     return parameters
 
 
-_CALL = {name: re.compile(re.escape(s.open.strip()) + r"\s*(.*?)\s*" + re.escape(s.close.strip()),
-                          re.DOTALL) for name, s in SYNTAXES.items()}
+_BLOCK = {name: re.compile(re.escape(s.open.strip()) + r"\s*(.*?)\s*" + re.escape(s.close.strip()),
+                           re.DOTALL) for name, s in SYNTAXES.items() if s.form == "blocks"}
+_JSON = json.JSONDecoder()
+
+
+def _call(value, syntax: CallSyntax) -> dict | None:
+    """A parsed JSON value as a call in OpenAI's shape (a new id), or None if it is not one."""
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get(syntax.arguments, value.get("arguments", {}))
+    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+            "function": {"name": value["name"], "arguments": arguments
+                         if isinstance(arguments, str) else json.dumps(arguments)}}
+
+
+def _decode(text: str, at: int):
+    """The JSON value starting at ``at`` (after whitespace) and where it ends, or None."""
+    at += len(text[at:]) - len(text[at:].lstrip())
+    try:
+        return _JSON.raw_decode(text, at)
+    except json.JSONDecodeError:
+        return None
 
 
 def complete_calls(text: str, syntax: CallSyntax = HERMES) -> list[tuple[int, int, dict]]:
-    """The complete calls in ``text`` so far: (start, end, call in OpenAI's shape, new id). A
-    block that is not a JSON call is not one."""
+    """The complete calls in ``text`` so far: (start, end, call in OpenAI's shape). What does
+    not parse as a call is not one."""
+    if syntax.form == "blocks":
+        found = []
+        for match in _BLOCK[syntax.name].finditer(text):
+            decoded = _decode(match.group(1), 0)
+            call = _call(decoded[0], syntax) if decoded and not \
+                match.group(1)[decoded[1]:].strip() else None
+            if call is not None:
+                found.append((match.start(), match.end(), call))
+        return found
+    if syntax.form == "array":  # an array after the marker: each element once it parses
+        at = text.find(syntax.open)
+        if at < 0:
+            return []
+        rest = text[at + len(syntax.open):].lstrip()
+        if not rest.startswith("["):
+            return []
+        return _sequence(text, len(text) - len(rest) + 1, at, syntax, ",", close="]")
+    # the whole answer: objects one after another, ``separator`` apart
+    at = len(text) - len(text.lstrip())
+    if text.startswith(syntax.open, at):
+        at += len(syntax.open)
+    return _sequence(text, at, 0, syntax, syntax.separator.strip())
+
+
+def _sequence(text: str, at: int, start: int, syntax: CallSyntax, separator: str,
+              close: str = "") -> list[tuple[int, int, dict]]:
+    """Calls written one after another from ``at``, ``separator`` apart (and ``close`` after
+    the last): each complete one with its span, the first from ``start``, the last taking the
+    closing mark when it is there."""
     found = []
-    for match in _CALL[syntax.name].finditer(text):
-        try:
-            value = json.loads(match.group(1))
-            name, arguments = value["name"], value.get("arguments", {})
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-            continue
-        if not isinstance(name, str):
-            continue
-        found.append((match.start(), match.end(), {
-            "id": f"call_{secrets.token_hex(12)}", "type": "function",
-            "function": {"name": name, "arguments": arguments if isinstance(arguments, str)
-                         else json.dumps(arguments)}}))
+    while (decoded := _decode(text, at)) is not None:
+        call = _call(decoded[0], syntax)
+        if call is None:
+            break
+        found.append((start, decoded[1], call))
+        start = at = decoded[1]
+        rest = text[at:].lstrip()
+        if close and rest.startswith(close):
+            found[-1] = (found[-1][0], len(text) - len(rest) + len(close), call)
+            break
+        if not rest.startswith(separator):
+            break
+        at = len(text) - len(rest) + len(separator)
     return found
 
 
-def parse_calls(text: str, syntax: CallSyntax = HERMES) -> tuple[str | None, list[dict]]:
+def parse_calls(text: str, syntax: CallSyntax = HERMES, parallel: bool = True
+                ) -> tuple[str | None, list[dict]]:
     """(content, tool_calls) of a model's answer: the calls in OpenAI's shape, the text around
-    them as content (None when nothing is left). A block that is not a JSON call stays text."""
+    them as content (None when nothing is left). What does not parse as a call stays text.
+    Without ``parallel`` only the first call is kept (``parallel_tool_calls: false``)."""
     found = complete_calls(text, syntax)
     if not found:
         return text, []
-    kept, last = [], 0
+    calls = [call for _, _, call in found]
+    return between_calls(text, found, 0).strip() or None, calls if parallel else calls[:1]
+
+
+def between_calls(text: str, found: list[tuple[int, int, dict]], since: int) -> str:
+    """The text from ``since`` that lies outside the calls ``found`` (content around them)."""
+    kept, last = [], since
     for start, end, _ in found:
-        kept.append(text[last:start])
-        last = end
-    content = ("".join(kept) + text[last:]).strip()
-    return content or None, [call for _, _, call in found]
+        if start > last:
+            kept.append(text[last:start])
+        last = max(last, end)
+    return "".join(kept) + text[last:]
 
 
 def content_end(text: str, syntax: CallSyntax = HERMES) -> int:
     """How much of ``text`` is surely content: up to the first call's opening, and short of a
-    tail that may be the start of one (held back until the next tokens tell)."""
+    tail that may be the start of one (held back until the next tokens tell). An answer that
+    may be Llama 3's calls (it opens with ``{`` or the lead) is held back whole."""
+    if syntax.form == "whole":
+        lead = text.lstrip()
+        if not lead or lead.startswith(("{", syntax.open)) or syntax.open.startswith(lead):
+            return 0
+        return len(text)
     marker = syntax.open.strip()
     at = text.find(marker)
     if at >= 0:
