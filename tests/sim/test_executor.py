@@ -152,7 +152,7 @@ def test_hooks_price_selected_kv_and_expert_loads():
     full.execute(plan)
     selected = SimExecutor(cost, VirtualClock(), 1024)
     selected.attended = lambda chunk: (chunk.start_pos - chunk.kv_offset) // 10  # 10% of the KV
-    selected.step_hooks.append(lambda plan, shape: 0.002)  # an expert fetch per step
+    selected.step_hooks.append(lambda plan, shape, seconds: 0.002)  # an expert fetch per step
     selected.execute(plan)
     attention = cost.breakdown(SimExecutor.batch_shape(plan))["attention_decode"]
     saved = 0.9 * attention

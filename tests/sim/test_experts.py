@@ -60,7 +60,7 @@ def run(policy_name, traces, num_slots, step_s=0.004, max_num_seqs=8, policy="sa
     executor = SimExecutor(cost, clock, bytes_per_block=1)
     core = EngineCore(engine, executor, EngineLimits(256, 4096, 4096, 1), clock=clock)
     policy_object = make_expert_policy(policy_name, train or traces)
-    experts = SimExperts(policy_object, num_slots, traces, EXPERT_BYTES, LINK, cost, LAYERS,
+    experts = SimExperts(policy_object, num_slots, traces, EXPERT_BYTES, LINK, LAYERS,
                          predictions)
     install(experts, executor)
     requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0 if rate is None else
@@ -142,8 +142,7 @@ def test_simulated_runs_are_deterministic():
 
 def test_a_prompt_outside_the_trace_is_refused_by_name():
     traces = make_traces(num_requests=2)
-    experts = SimExperts(make_expert_policy("lru"), EXPERTS, traces, EXPERT_BYTES, LINK,
-                         LinearCostModel(), LAYERS)
+    experts = SimExperts(make_expert_policy("lru"), EXPERTS, traces, EXPERT_BYTES, LINK, LAYERS)
     request = type("R", (), {"request_id": "stranger", "prompt_token_ids": [1, 2, 3]})()
     with pytest.raises(ValueError, match="stranger.*not in the router trace"):
         experts.annotate(request)
@@ -192,4 +191,4 @@ def test_a_trace_without_every_prediction_is_refused_up_front():
     partial = dict(list(predictions_of(traces).items())[:2])
     with pytest.raises(ValueError, match="1 of the trace's 3 prompts have no predicted route"):
         SimExperts(make_expert_policy("expertflow"), EXPERTS, traces, EXPERT_BYTES, LINK,
-                   LinearCostModel(), LAYERS, partial)
+                   LAYERS, partial)

@@ -25,6 +25,7 @@ from tierserve.experts.routes import StepRequest
 from tierserve.sched.plan import CopyError
 
 log = logging.getLogger(__name__)
+OBSERVED_ROWS = 8  # a chunk's last rows that correct its request's predicted route
 
 
 class ExpertTierError(RuntimeError):
@@ -112,13 +113,13 @@ class ExpertBooks:
         waiting = [r for r in self._known if r not in running]
         self.prefetch(self.policy.begin_step(chunks, waiting))
 
-    def observe(self, layer: int, rows: list[list[int]], last: int) -> None:
-        """Tell the policy each request's last ``last`` true choices (``rows``: this step's
-        top-k choices at ``layer``, chunk after chunk)."""
+    def observe(self, layer: int, rows: list[list[int]]) -> None:
+        """Tell the policy each request's last ``OBSERVED_ROWS`` true choices (``rows``: this
+        step's top-k choices at ``layer``, chunk after chunk)."""
         row = 0
         for chunk in self.chunks:
             end = row + chunk.num_tokens
-            self.policy.observe(chunk.request_id, layer, rows[max(row, end - last):end])
+            self.policy.observe(chunk.request_id, layer, rows[max(row, end - OBSERVED_ROWS):end])
             row = end
 
     def hold(self, layer: int, experts: Iterable[int]) -> dict[int, int]:
@@ -168,7 +169,9 @@ class ExpertBooks:
     def load(self, key: ExpertKey, prefetch: bool) -> int:
         slot = self.cache.reserve(key, prefetch)
         if slot is None and not prefetch and self._load_key:
-            self.settle()  # loads in flight hold slots until they are reaped
+            started = self.clock()  # loads in flight hold slots until they are reaped: the
+            self.settle()  # forward waits for them, a stall like waiting for its own load
+            self.stats.stall_seconds += self.clock() - started
             slot = self.cache.reserve(key, prefetch)
         if slot is None:
             raise ExpertTierError(f"no free expert slot for {key}: all {self.cache.num_slots} are "

@@ -95,13 +95,12 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tierserve.experts.predictor import report_json, train_predictor
-    from tierserve.experts.routes import read_traces
+    from tierserve.experts.routes import read_traces, trace_layout
 
     traces = [t for path in args.traces for t in read_traces(path)]
-    layers = sorted(traces[0].routes)
-    num_experts = args.num_experts or 1 + max(e for t in traces for r in t.routes.values()
-                                              for choice in r for e in choice)
-    top_k = args.top_k or max(len(c) for c in next(iter(traces[0].routes.values())))
+    layers, seen_experts, seen_top_k = trace_layout(traces)
+    num_experts = args.num_experts or seen_experts
+    top_k = args.top_k or seen_top_k
     predictor, report = train_predictor(traces, layers, num_experts, top_k, args.epochs, args.seed)
     predictor.save(args.out)
     summary = report_json(report)

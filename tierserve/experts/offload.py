@@ -17,15 +17,13 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from tierserve.experts.books import ExpertBooks, ExpertLoad, OffloadStats
+from tierserve.experts.books import OBSERVED_ROWS, ExpertBooks, ExpertLoad, OffloadStats
 from tierserve.experts.cache import ExpertKey
 from tierserve.experts.policies import ExpertPolicy
 from tierserve.experts.routes import StepRequest, prompt_key
 from tierserve.experts.tiers import ExpertSource
 from tierserve.model.kv_storage import SwapWorker
 from tierserve.model.moe import DenseMLP, MoEBlock
-
-OBSERVED_ROWS = 8  # a chunk's last rows that correct its request's predicted route
 
 __all__ = ["ExpertLoad", "ExpertOffload", "OffloadStats", "OBSERVED_ROWS"]
 
@@ -106,7 +104,7 @@ class ExpertOffload:
         (rows, top_k) choices); yields ``get(expert) -> mlp``, which waits for that expert's
         load only. Everything held is released on exit."""
         if self.policy.observes:
-            self.books.observe(layer, ids.tolist(), OBSERVED_ROWS)
+            self.books.observe(layer, ids.tolist())
         held = self.books.hold(layer, experts)
         try:
             if self.policy.lookahead:

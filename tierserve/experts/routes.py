@@ -89,6 +89,14 @@ def _lines(path: Path) -> Iterator[str]:
         yield from (line for line in lines if line.strip())
 
 
+def trace_layout(traces: list[RequestTrace]) -> tuple[list[int], int, int]:
+    """(MoE layers, experts per layer, experts per token) of a trace: the largest expert id
+    seen + 1, and the longest choice."""
+    choices = [c for t in traces for per_position in t.routes.values() for c in per_position]
+    return (sorted(traces[0].routes), 1 + max(e for c in choices for e in c),
+            max(len(c) for c in choices))
+
+
 def expert_frequencies(traces: Iterable[RequestTrace]) -> Counter[ExpertKey]:
     """How often each (layer, expert) was chosen over every position of every trace."""
     counts: Counter[ExpertKey] = Counter()

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import math
 
+# What each policy (``--kv-selection``) reads, by name: ``policies.py`` and the simulator both ask.
+READS_BOUNDS = frozenset({"quest", "mpcache"})  # score blocks by their per-block key bounds
+SHARES_LAYER_PAIRS = frozenset({"mpcache"})  # layers 2i and 2i+1 share one selection
+
 
 def kept_after_eviction(budget: float, length: int, forced: int) -> int:
     """Prompt tokens a budgeted static eviction keeps: ``budget`` of ``length`` (a share up to

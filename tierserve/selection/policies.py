@@ -27,6 +27,7 @@ import torch
 
 from tierserve.config import SelectionConfig
 from tierserve.kernels import cpu_ops
+from tierserve.selection.budget import READS_BOUNDS, SHARES_LAYER_PAIRS
 
 
 @dataclass(slots=True)
@@ -67,11 +68,17 @@ class SelectionPolicy:
     sparse layer on, layers 2i and 2i+1 use one selection."""
 
     name = "full"
-    needs_bounds = False
-    shares_layer_pairs = False
 
     def __init__(self, config: SelectionConfig) -> None:
         self.config = config
+
+    @property
+    def needs_bounds(self) -> bool:
+        return self.name in READS_BOUNDS
+
+    @property
+    def shares_layer_pairs(self) -> bool:
+        return self.name in SHARES_LAYER_PAIRS
 
     def scores(self, q: torch.Tensor, view: BlockView, num_kv_heads: int,
                key_max: torch.Tensor | None, key_min: torch.Tensor | None) -> torch.Tensor:
@@ -95,7 +102,6 @@ class StreamingLLM(SelectionPolicy):
 
 class Quest(SelectionPolicy):
     name = "quest"
-    needs_bounds = True
 
     def scores(self, q, view, num_kv_heads, key_max, key_min):
         grouped = q.float().view(q.shape[0], num_kv_heads, -1, q.shape[-1])  # (D, nkv, G, hd)
@@ -106,8 +112,6 @@ class Quest(SelectionPolicy):
 
 class MPCache(SelectionPolicy):
     name = "mpcache"
-    needs_bounds = True
-    shares_layer_pairs = True
 
     def scores(self, q, view, num_kv_heads, key_max, key_min):
         alpha = self.config.mpcache_alpha

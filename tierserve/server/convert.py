@@ -74,9 +74,7 @@ def chat_params(body: ChatCompletionRequest, syntax: CallSyntax | None = None
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
                              body.prompt_logprobs)
     syntax = syntax or HERMES
-    if tools_active(body) and syntax is not HERMES:
-        # Mistral's [TOOL_CALLS] and Llama 3's <|python_tag|> are special tokens: the parser
-        # must see them (vLLM keeps special tokens for tool requests too).
+    if tools_active(body) and syntax.special:  # the parser must see the markers (as vLLM)
         params.skip_special_tokens = False
     choice = body.tool_choice
     forced = bool(body.tools) and (choice == "required" or not isinstance(choice, (str, type(None))))

@@ -126,13 +126,14 @@ def _prompt_entry(lp: Logprob) -> dict:
 
 
 def chat_choice(index: int, completion: CompletionOutput, top_logprobs: int,
-                tools: CallSyntax | None = None, parallel: bool = True) -> dict:
-    """One choice; with ``tools`` (the call syntax) the text is parsed for tool calls (then the
-    finish reason of a stopped answer is ``tool_calls``); without ``parallel``, one call."""
+                syntax: CallSyntax | None = None, parallel: bool = True) -> dict:
+    """One choice; with a call ``syntax`` (tools active) the text is parsed for tool calls
+    (then the finish reason of a stopped answer is ``tool_calls``); without ``parallel``, one
+    call."""
     message = {"role": "assistant", "content": completion.text}
     reason = finish_reason(completion)
-    if tools is not None:
-        content, calls = parse_calls(completion.text, tools, parallel)
+    if syntax is not None:
+        content, calls = parse_calls(completion.text, syntax, parallel)
         if calls:
             message = {"role": "assistant", "content": content, "tool_calls": calls}
             reason = "tool_calls" if reason == "stop" else reason

@@ -17,7 +17,6 @@ from tierserve.engine.async_engine import EngineDeadError
 from tierserve.outputs import CompletionOutput, RequestOutput
 from tierserve.request import SamplingParams
 from tierserve.server import protocol
-from tierserve.server.convert import tools_active
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
 from tierserve.structured.tools import CallSyntax, between_calls, complete_calls, content_end
 
@@ -101,7 +100,8 @@ async def _merged(streams: list[AsyncIterator[RequestOutput]]
 async def stream_chat(streams, request_id: str, model: str, body: ChatCompletionRequest,
                       params: SamplingParams, syntax: CallSyntax | None = None
                       ) -> AsyncIterator[str]:
-    """SSE chunks of a chat completion; with ``syntax`` (tools active) calls are parsed out."""
+    """SSE chunks of a chat completion; with ``syntax`` (``convert.tool_syntax``: tools are
+    active) calls are parsed out."""
     chunk = _Chunks(request_id, "chat.completion.chunk", model, body.stream_options)
 
     for index in range(params.n):
@@ -110,7 +110,6 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
     holdback = max((len(s) for s in params.stop), default=1) - 1
     states = [_ChoiceState() for _ in range(params.n)]
     final: RequestOutput | None = None
-    tools = syntax if tools_active(body) else None
     try:
         async for _, output in _merged(streams):
             final = output
@@ -121,8 +120,8 @@ async def stream_chat(streams, request_id: str, model: str, body: ChatCompletion
                 state = states[completion.index]
                 if state.finished:
                     continue
-                if tools:  # content until a call opens, then each call once it is complete
-                    for event in _tool_stream(chunk, completion, state, holdback, tools,
+                if syntax:  # content until a call opens, then each call once it is complete
+                    for event in _tool_stream(chunk, completion, state, holdback, syntax,
                                               body.parallel_tool_calls):
                         yield event
                     continue

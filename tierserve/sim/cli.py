@@ -67,8 +67,7 @@ def add_sim_parser(sub) -> None:
         "replaying recorded routes (needs --trace, --train-trace, --predictions). mpcache: "
         "private decode latency under 3PC from tierserve mpc-cost's counts, and serving "
         "long prompts with KV selection and static eviction.")
-    reproduce.add_argument("paper", choices=("sarathi", "fastswitch", "batchllm", "expertflow",
-                                             "mpcache"))
+    reproduce.add_argument("paper", choices=tuple(REPRODUCTIONS))
     reproduce.add_argument("--num-requests", type=int, default=None,
                            help="sarathi: requests per trial (default: 2048); mpcache: "
                            "requests per serving run (default: 256)")
@@ -314,50 +313,37 @@ def _rate_text(capacity: float | None, args) -> str:
     return f"{capacity:.3g} req/s"
 
 
+def _expertflow(module, args) -> dict:
+    if not (args.trace and args.train_trace and args.predictions):
+        raise SystemExit("reproduce expertflow replays recorded routes: give --trace, "
+                         "--train-trace and --predictions (docs/paper-results.md shows how to "
+                         "make them)")
+    return module.reproduce_expertflow(
+        module.ExpertInputs(args.trace, args.train_trace, args.predictions), args.workers)
+
+
+# paper -> how its module's reproduce_<paper> is called (module tierserve.sim.repro_<paper>,
+# which also has markdown_table and plot_<paper>)
+REPRODUCTIONS = {
+    "sarathi": lambda m, a: m.reproduce_sarathi(a.num_requests or 2048, a.seed, a.iterations,
+                                                a.workers),
+    "fastswitch": lambda m, a: m.reproduce_fastswitch(a.conversations, a.seed, a.workers),
+    "batchllm": lambda m, a: m.reproduce_batchllm(a.workers),
+    "expertflow": _expertflow,
+    "mpcache": lambda m, a: m.reproduce_mpcache(a.num_requests or 256, a.rate, a.seed,
+                                                a.workers),
+}
+
+
 def cmd_reproduce(args) -> int:
+    import importlib
+
     from tierserve.bench.report import write_json
 
     started = time.perf_counter()
-    if args.paper == "sarathi":
-        from tierserve.sim.repro_sarathi import markdown_table, plot_sarathi, reproduce_sarathi
-
-        report = reproduce_sarathi(args.num_requests or 2048, args.seed, args.iterations,
-                                   args.workers)
-        plot = plot_sarathi
-    elif args.paper == "batchllm":
-        from tierserve.sim.repro_batchllm import markdown_table, plot_batchllm, reproduce_batchllm
-
-        report = reproduce_batchllm(args.workers)
-        plot = plot_batchllm
-    elif args.paper == "expertflow":
-        from tierserve.sim.repro_expertflow import (
-            ExpertInputs,
-            markdown_table,
-            plot_expertflow,
-            reproduce_expertflow,
-        )
-
-        if not (args.trace and args.train_trace and args.predictions):
-            raise SystemExit("reproduce expertflow replays recorded routes: give --trace, "
-                             "--train-trace and --predictions (docs/paper-results.md shows "
-                             "how to make them)")
-        report = reproduce_expertflow(
-            ExpertInputs(args.trace, args.train_trace, args.predictions), args.workers)
-        plot = plot_expertflow
-    elif args.paper == "mpcache":
-        from tierserve.sim.repro_mpcache import markdown_table, plot_mpcache, reproduce_mpcache
-
-        report = reproduce_mpcache(args.num_requests or 256, args.rate, args.seed, args.workers)
-        plot = plot_mpcache
-    else:
-        from tierserve.sim.repro_fastswitch import (
-            markdown_table,
-            plot_fastswitch,
-            reproduce_fastswitch,
-        )
-
-        report = reproduce_fastswitch(args.conversations, args.seed, args.workers)
-        plot = plot_fastswitch
+    module = importlib.import_module(f"tierserve.sim.repro_{args.paper}")
+    report = REPRODUCTIONS[args.paper](module, args)
+    markdown_table, plot = module.markdown_table, getattr(module, f"plot_{args.paper}")
     report["wall_s"] = time.perf_counter() - started
     print(markdown_table(report))
     print(f"paper: {report['paper']}")

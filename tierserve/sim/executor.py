@@ -89,7 +89,8 @@ class SimExecutor:
     Two hooks model capabilities the cost model does not know:
 
     - ``step_hooks`` add seconds to a step (an expert-load model: experts fetched for the
-      step's tokens): each is called with the plan and its batch shape, returns extra seconds;
+      step's tokens): each is called with the plan, its batch shape and the cost model's
+      price of it, returns extra seconds;
     - ``attended`` maps a chunk to the KV tokens its attention reads (default: all of its
       context); KV selection (MPCache, Quest) reads a budget of them;
     - ``evicted`` maps a chunk that ends a prompt under static KV eviction to the prompt
@@ -106,7 +107,7 @@ class SimExecutor:
         self.clock = clock
         self.bytes_per_block = bytes_per_block
         self.links = links
-        self.step_hooks: list[Callable[[StepPlan, BatchShape], float]] = []
+        self.step_hooks: list[Callable[[StepPlan, BatchShape, float], float]] = []
         self.attended: Callable[[ScheduledChunk], int] | None = None
         self.evicted: Callable[[ScheduledChunk], int] | None = None
         self.arrival_hooks: list[Callable[[object], None]] = []
@@ -148,7 +149,7 @@ class SimExecutor:
         if plan.chunks:
             shape = self.batch_shape(plan, self.attended)
             seconds = self.cost.step_seconds(shape)
-            seconds += sum(hook(plan, shape) for hook in self.step_hooks)
+            seconds += sum(hook(plan, shape, seconds) for hook in self.step_hooks)
             self.clock.advance(seconds)
             for chunk in plan.chunks:
                 if chunk.sample:

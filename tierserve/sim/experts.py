@@ -7,7 +7,7 @@ A step walks the MoE layers in order, as the forward does:
 
     for each layer:   hold the experts the step's tokens chose (misses start loading)
                       wait for those still loading            -> stall
-                      compute the layer (the cost model's step time / layers)
+                      compute the layer (the step's priced time / layers)
 
 Prefetches and lookahead loads run on the same link meanwhile, so a load started for a later
 layer overlaps this layer's compute, and a forward waits only for what it needs. The step hook
@@ -19,17 +19,19 @@ upper bound on a gate run one layer early.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from tierserve.experts.books import ExpertBooks, ExpertLoad
 from tierserve.experts.policies import ExpertPolicy
-from tierserve.experts.routes import PredictedRoute, RequestTrace, StepRequest, prompt_key
+from tierserve.experts.routes import (
+    PredictedRoute,
+    RequestTrace,
+    StepRequest,
+    prompt_key,
+    trace_layout,
+)
 from tierserve.sched.plan import StepPlan
-from tierserve.sim.cost import BatchShape, CostModel
 from tierserve.sim.hardware import LinkSpec
-
-OBSERVED_ROWS = 8  # as the engine's ExpertOffload: a chunk's last rows correct its route
 
 
 @dataclass(slots=True)
@@ -64,33 +66,28 @@ class SimLoadQueue:
             del self._done_at[key]
         return [_Done(key) for key in done]
 
-    def restart(self) -> float:
-        """Start the link's clock again at 0 (loads done before serving); returns the time
-        they took."""
+    def restart(self) -> None:
+        """Start the link's clock again at 0 (the loads so far were done before serving)."""
         if self._done_at:
             raise RuntimeError("loads are still in flight")
-        took, self.now, self._link_free = max(self.now, self._link_free), 0.0, 0.0
-        return took
+        self.now = self._link_free = 0.0
 
     def wait(self, keys: list[str]) -> None:
         self.now = max([self.now, *(self._done_at[k] for k in keys if k in self._done_at)])
 
 
 class SimExperts:
-    """Offloaded experts in a simulation: give it to ``SimExecutor.step_hooks`` and
-    ``SimExecutor.arrival_hooks``. Requests are matched to their recorded routes by prompt
-    (submit the trace's prompts); ``predictions`` are routes predicted from each prompt
-    (``tierserve moe predict``), what ``expertflow`` reads."""
+    """Offloaded experts in a simulation: ``install`` it in a SimExecutor. Requests are matched
+    to their recorded routes by prompt (submit the trace's prompts); ``predictions`` are routes
+    predicted from each prompt (``tierserve moe predict``), what ``expertflow`` reads."""
 
     def __init__(self, policy: ExpertPolicy, num_slots: int, traces: list[RequestTrace],
-                 expert_bytes: int, link: LinkSpec, cost: CostModel, num_layers: int,
+                 expert_bytes: int, link: LinkSpec, num_layers: int,
                  predictions: dict[str, PredictedRoute] | None = None) -> None:
         if not traces:
             raise ValueError("expert offloading in the simulator replays a router trace; it is "
                              "empty")
-        self.moe_layers = sorted(traces[0].routes)
-        num_experts = 1 + max(e for t in traces for r in t.routes.values() for c in r for e in c)
-        top_k = max(len(c) for t in traces for r in t.routes.values() for c in r)
+        self.moe_layers, num_experts, top_k = trace_layout(traces)
         if num_layers < len(self.moe_layers):
             raise ValueError(f"the trace routes {len(self.moe_layers)} MoE layers; the simulated "
                              f"model has {num_layers}")
@@ -99,8 +96,7 @@ class SimExperts:
         self.books = ExpertBooks(num_slots, policy, self.moe_layers, num_experts, top_k,
                                  self.loads, clock=lambda: self.loads.now)
         self.books.pin(policy.pinned())
-        self.pin_seconds = self.loads.restart()  # the static hot set loads before serving
-        self.cost = cost
+        self.loads.restart()  # the static hot set loads before serving
         self.num_layers = num_layers
         self.by_prompt = {prompt_key(t.prompt): t for t in traces}
         self.predictions = predictions or {}
@@ -111,10 +107,9 @@ class SimExperts:
                                  "have no predicted route; write predictions for this trace "
                                  "with `tierserve moe predict`")
         self.expert_bytes = expert_bytes
-        self.num_experts, self.top_k = num_experts, top_k
+        self.num_experts = num_experts
         self._routes: dict[str, RequestTrace] = {}  # live request -> its recorded routes
         self._requests: dict[str, object] = {}  # live requests whose expert_route is refreshed
-        self.stall_seconds = 0.0  # forwards waiting for loads, all steps
 
     # -- hooks -------------------------------------------------------------------------------
     def annotate(self, request) -> None:
@@ -140,43 +135,38 @@ class SimExperts:
             self._requests.pop(request_id, None)
         self.books.forget(plan.finished_request_ids)
 
-    def __call__(self, plan: StepPlan, shape: BatchShape, start: float) -> float:
-        """Walk the step's MoE layers from ``start``; returns the seconds stalled on loads.
-        Within a layer each expert runs once its own load is done, the layer's compute split
-        evenly over its experts (the forward takes them one by one, as ``MoEBlock`` does)."""
-        loads = self.loads
+    def step(self, plan: StepPlan, start: float, compute_s: float) -> float:
+        """Walk the step's MoE layers from ``start`` (``compute_s``: the forward's price);
+        returns the seconds stalled on loads. Within a layer each expert runs once its own load
+        is done, the layer's compute split evenly over its experts (the forward takes them one
+        by one, as ``MoEBlock`` does)."""
+        loads, stats = self.loads, self.books.stats
         loads.now = max(loads.now, start)
+        stalled_before = stats.stall_seconds
         chunks = [StepRequest(c.request_id, c.start_pos, c.num_tokens) for c in plan.chunks]
         self.books.begin_step(chunks, plan.finished_request_ids)
-        per_layer = self.cost.step_seconds(shape) / self.num_layers
-        dense_layers = self.num_layers - len(self.moe_layers)
-        loads.now += dense_layers * per_layer
-        stalled = 0.0
+        per_layer = compute_s / self.num_layers
+        loads.now += (self.num_layers - len(self.moe_layers)) * per_layer  # dense layers
         for position, layer in enumerate(self.moe_layers):
             rows = [choice for c in chunks for choice in self._choices(c, layer)]
             if self.policy.observes:
-                self.books.observe(layer, rows, OBSERVED_ROWS)
-            entered = loads.now
+                self.books.observe(layer, rows)
             held = self.books.hold(layer, sorted({e for row in rows for e in row}))
-            stalled += loads.now - entered  # a miss with every slot held settles loads first
             if self.policy.lookahead and position + 1 < len(self.moe_layers):
                 later = self.moe_layers[position + 1]
                 self.books.prefetch(sorted({(later, e) for c in chunks
                                             for row in self._choices(c, later) for e in row}))
             for slot in held.values():
-                waited = loads.now
                 self.books.ready(slot)
-                stalled += loads.now - waited
                 loads.now += per_layer / len(held)
             if not held:
                 loads.now += per_layer
             self.books.release(held)
-        self.stall_seconds += stalled
         for chunk in plan.chunks:  # the regrouping hints follow the policy's corrections
             request = self._requests.get(chunk.request_id)
             if request is not None:
                 request.expert_route = self.books.hot_sets(chunk.request_id)
-        return stalled
+        return stats.stall_seconds - stalled_before
 
     def _choices(self, chunk: StepRequest, layer: int) -> list[list[int]]:
         trace = self._routes.get(chunk.request_id)
@@ -211,7 +201,7 @@ class SimExperts:
             "prefetches_used": counters.prefetches_used,
             "gib_loaded": self.loads.bytes_moved / 2**30,
             "mib_per_token": self.loads.bytes_moved / 2**20 / max(1, output_tokens),
-            "stall_s": self.stall_seconds,
+            "stall_s": stats.stall_seconds,
             "distinct_experts_per_step": sum(distinct) / max(1, len(distinct)),
             # a step wakes each distinct expert once: fewer per token is what regrouping buys
             "expert_runs_per_token": sum(distinct) / max(1, output_tokens),
@@ -221,13 +211,10 @@ class SimExperts:
         }
 
 
-def hook_for(experts: SimExperts, clock: Callable[[], float]):
-    """The SimExecutor step hook: the stall of the step starting now."""
-    return lambda plan, shape: experts(plan, shape, clock())
-
-
 def install(experts: SimExperts, executor) -> None:
-    """Hook ``experts`` into a SimExecutor: arrivals, every plan's endings, every step."""
+    """Hook ``experts`` into a SimExecutor: arrivals, every plan's endings, every step (its
+    stall is added to the step)."""
     executor.arrival_hooks.append(experts.annotate)
     executor.plan_hooks.append(experts.end_requests)
-    executor.step_hooks.append(hook_for(experts, executor.clock))
+    executor.step_hooks.append(
+        lambda plan, shape, compute_s: experts.step(plan, executor.clock(), compute_s))

@@ -19,17 +19,17 @@ tokenizer's.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from tierserve.experts.policies import make_expert_policy
-from tierserve.experts.routes import RequestTrace, read_predictions, read_traces
+from tierserve.experts.routes import RequestTrace, read_predictions, read_traces, trace_layout
 from tierserve.sim.cost import RooflineCostModel
-from tierserve.sim.driver import PromptMaker, drive
 from tierserve.sim.experts import SimExperts, install
 from tierserve.sim.hardware import get_hardware
 from tierserve.sim.model_shape import KNOWN_MODELS, ModelShape
-from tierserve.sim.run import SimSetup, build_engine, run_pool
+from tierserve.sim.run import SimSetup, run_pool, simulate
 from tierserve.sim.traces import TraceRequest
 
 PAPER = ("up to 93.72% less GPU memory, 2-10x the throughput of offloading baselines on one GPU "
@@ -67,13 +67,17 @@ def mixtral_shaped(traces: list[RequestTrace], vocab_size: int = 49152) -> Model
     """Mixtral-8x7B's dimensions with the trace's MoE layout (same active and total expert
     weights per layer)."""
     mixtral = KNOWN_MODELS["mixtral-8x7b"]
-    routes = traces[0].routes
-    experts = 1 + max(e for t in traces for r in t.routes.values() for c in r for e in c)
-    top_k = max(len(c) for r in routes.values() for c in r)
+    layers, experts, top_k = trace_layout(traces)
     width = mixtral.intermediate_size * mixtral.experts_per_token // top_k
     return replace(mixtral, name=f"mixtral-8x7b-as-{experts}e-top{top_k}",
-                   num_layers=len(routes), num_experts=experts, experts_per_token=top_k,
+                   num_layers=len(layers), num_experts=experts, experts_per_token=top_k,
                    moe_intermediate_size=width, vocab_size=vocab_size)
+
+
+@functools.lru_cache(maxsize=4)
+def _traces(path: str) -> list[RequestTrace]:
+    """A trace file, read once per process (every policy and case replays the same one)."""
+    return read_traces(path)
 
 
 def _setup(shape: ModelShape, slots: int, concurrency: int, regroup: bool) -> SimSetup:
@@ -97,36 +101,36 @@ def _setup(shape: ModelShape, slots: int, concurrency: int, regroup: bool) -> Si
 def run_case(job: tuple[ExpertCase, str, ExpertInputs]) -> dict:
     """One policy on one case: replay every traced request, all arriving at once."""
     case, policy_name, inputs = job
-    traces = read_traces(inputs.trace)
+    traces = _traces(inputs.trace)
     shape = mixtral_shaped(traces)
     total = shape.num_layers * shape.num_experts
     slots = max(shape.num_experts, round(case.resident_share * total))
     resident = policy_name == "all-resident"
     setup = _setup(shape, slots if not resident else 0, case.concurrency,
                    regroup=policy_name.endswith("+regroup"))
-    core, executor, clock = build_engine(setup)
     experts = None
     if not resident:
         name = policy_name.removesuffix("+regroup")
-        policy = make_expert_policy(name, read_traces(inputs.train_trace) if name == "static"
+        policy = make_expert_policy(name, _traces(inputs.train_trace) if name == "static"
                                     else traces if name == "oracle" else None)
         experts = SimExperts(policy, slots, traces, shape.expert_params * shape.dtype_bytes,
-                             setup.hardware.host_link, setup.cost, shape.num_layers,
+                             setup.hardware.host_link, shape.num_layers,
                              read_predictions(inputs.predictions) if policy.needs == "predictor"
                              else None)
-        install(experts, executor)
     requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0,
                              request_id=f"r{i}", prompt_token_ids=list(t.prompt))
                 for i, t in enumerate(traces)]
-    result = drive(core, requests, clock, clock.advance, PromptMaker(shape.vocab_size))
-    finished = result.summary["num_finished"]
-    if finished != len(requests):
-        raise RuntimeError(f"{policy_name}: {finished} of {len(requests)} requests finished")
+    run = simulate(setup, requests,
+                   prepare=None if experts is None else functools.partial(install, experts))
+    summary = run.result.summary
+    if summary["num_finished"] != len(requests):
+        raise RuntimeError(f"{policy_name}: {summary['num_finished']} of {len(requests)} "
+                           "requests finished")
     output = sum(len(t.output) for t in traces)
     row = {"case": case.name, "policy": policy_name, "output_tokens": output,
-           "output_tokens_per_s": output / clock.now, "simulated_s": clock.now,
-           "num_steps": executor.num_steps,
-           "tbt_p50_s": result.summary["tbt"]["p50"], "tbt_p99_s": result.summary["tbt"]["p99"]}
+           "output_tokens_per_s": output / run.result.clock_s, "simulated_s": run.result.clock_s,
+           "num_steps": run.result.num_steps,
+           "tbt_p50_s": summary["tbt"]["p50"], "tbt_p99_s": summary["tbt"]["p99"]}
     if experts is not None:
         row.update(experts.report(output))
     else:
@@ -153,7 +157,7 @@ def reproduce_expertflow(inputs: ExpertInputs, workers: int = 2, progress: bool 
             if "all-resident" in by_policy:
                 row["share_of_all_resident"] = (row["output_tokens_per_s"]
                                                 / by_policy["all-resident"]["output_tokens_per_s"])
-    shape = mixtral_shaped(read_traces(inputs.trace))
+    shape = mixtral_shaped(_traces(inputs.trace))
     return {"cases": report_cases, "paper": PAPER, "hardware": HARDWARE, "model": shape.name,
             "expert_mib": shape.expert_params * shape.dtype_bytes / 2**20,
             "inputs": {"trace": inputs.trace, "train_trace": inputs.train_trace,

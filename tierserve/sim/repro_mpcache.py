@@ -21,13 +21,11 @@ Two parts:
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig, SelectionConfig
 from tierserve.selection.mpc_cost import SHAPES, MPCacheSetting, Protocol, full_step, mpcache_step
-from tierserve.sim.driver import PromptMaker, drive
-from tierserve.sim.run import SimRun, build_engine, make_setup, run_pool
+from tierserve.sim.run import make_setup, run_pool, simulate
 from tierserve.sim.selection import SimKVSelection
 from tierserve.sim.traces import LENGTH_TRACES, length_trace, poisson_arrivals
 
@@ -112,14 +110,10 @@ def run_serving(job: tuple[ServingMode, str, int, float | None, int]) -> dict:
     setup = make_setup(_engine(mode.selection), LENGTH_TRACES[TRACE].max_total, MODEL, HARDWARE)
     trace = length_trace(TRACE, num_requests, seed)
     poisson_arrivals(trace, rate or 0.0, seed)  # rate None: every request at time 0
-    core, executor, clock = build_engine(setup)
-    SimKVSelection(mode.selection, setup.model.num_layers, setup.engine.cache.block_size,
-                   setup.cost).install(executor)
-    started = time.perf_counter()
-    result = drive(core, trace, clock, clock.advance, PromptMaker(setup.model.vocab_size, seed))
-    run = SimRun(result, executor, time.perf_counter() - started, core.metrics)
-    row = run.row()
-    return {"mode": mode.name, "load": load, **row,
+    selection = SimKVSelection(mode.selection, setup.model.num_layers,
+                               setup.engine.cache.block_size, setup.cost)
+    run = simulate(setup, trace, seed, prepare=selection.install)
+    return {"mode": mode.name, "load": load, **run.row(),
             "tbt_p50_s": run.percentile("tbt", 50), "tbt_p99_s": run.percentile("tbt", 99),
             "kv_capacity_tokens": setup.kv_capacity_tokens}
 

@@ -127,9 +127,13 @@ def build_engine(setup: SimSetup, record_steps: bool = False
 
 
 def simulate(setup: SimSetup, trace: list[TraceRequest], seed: int = 0,
-             record_steps: bool = False, progress=None, before_step=None) -> SimRun:
-    """Replay ``trace`` (arrivals assigned) on a fresh simulated engine."""
+             record_steps: bool = False, progress=None, before_step=None,
+             prepare=None) -> SimRun:
+    """Replay ``trace`` (arrivals assigned) on a fresh simulated engine; ``prepare(executor)``
+    installs models of capabilities the cost model does not know (experts, KV selection)."""
     core, executor, clock = build_engine(setup, record_steps)
+    if prepare is not None:
+        prepare(executor)
     started = time.perf_counter()
     result = drive(core, trace, clock, clock.advance, PromptMaker(setup.model.vocab_size, seed),
                    progress=progress, before_step=before_step)
@@ -141,17 +145,15 @@ def run_pool(function, jobs: list, workers: int, describe=None) -> list:
     results in job order; ``describe(result)`` (if given, not False) is printed as each arrives."""
     from concurrent.futures import ProcessPoolExecutor
 
-    results = []
-    if workers <= 1:  # in this process: no fork (a large parent may not be able to)
-        outcomes = map(function, jobs)
+    def collect(outcomes) -> list:
+        results = []
         for result in outcomes:
             results.append(result)
             if describe:
                 print(describe(result), flush=True)
         return results
+
+    if workers <= 1:  # in this process: no fork (a large parent may not be able to)
+        return collect(map(function, jobs))
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        for result in pool.map(function, jobs):
-            results.append(result)
-            if describe:
-                print(describe(result), flush=True)
-    return results
+        return collect(pool.map(function, jobs))

@@ -22,11 +22,14 @@ from dataclasses import dataclass
 
 from tierserve.config import SelectionConfig
 from tierserve.sched.plan import ScheduledChunk, StepPlan
-from tierserve.selection.budget import kept_after_eviction, mpcache_window, selected_blocks
+from tierserve.selection.budget import (
+    READS_BOUNDS,
+    SHARES_LAYER_PAIRS,
+    kept_after_eviction,
+    mpcache_window,
+    selected_blocks,
+)
 from tierserve.sim.cost import BatchShape, ChunkShape, CostModel
-
-SCORES_BOUNDS = {"quest": True, "mpcache": True}  # policies that read per-block bounds
-SHARES_PAIRS = {"mpcache"}  # layer pairs share one selection
 
 
 @dataclass(slots=True)
@@ -52,11 +55,10 @@ class SimKVSelection:
         read = min(context, kept * block)
         dense = min(cfg.kv_dense_layers, self.num_layers)
         sparse = self.num_layers - dense
-        if SCORES_BOUNDS.get(cfg.kv_selection):
-            scoring_layers = math.ceil(sparse / 2) if cfg.kv_selection in SHARES_PAIRS else sparse
-            bounds = scoring_layers * num_blocks
-        else:
-            bounds = 0
+        bounds = 0
+        if cfg.kv_selection in READS_BOUNDS:
+            pairs = cfg.kv_selection in SHARES_LAYER_PAIRS
+            bounds = (math.ceil(sparse / 2) if pairs else sparse) * num_blocks
         return round((dense * context + sparse * read + bounds) / self.num_layers)
 
     def evicted(self, chunk: ScheduledChunk) -> int:
@@ -78,7 +80,7 @@ class SimKVSelection:
             return mpcache_window(self.config.kv_eviction_window, length)
         return min(length, self.config.snapkv_window)
 
-    def eviction_seconds(self, plan: StepPlan, shape: BatchShape) -> float:
+    def eviction_seconds(self, plan: StepPlan, shape: BatchShape, compute_s: float) -> float:
         """The step hook: the observation windows of the prompts that end in this step."""
         extra = 0.0
         for chunk in plan.chunks:

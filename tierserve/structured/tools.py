@@ -30,7 +30,8 @@ class CallSyntax:
     - as the whole answer, objects ``separator`` apart, ``open`` an optional lead (Llama 3's JSON
       tool calls, perhaps after ``<|python_tag|>``).
 
-    ``detect`` are strings of a chat template that say the family writes this syntax."""
+    ``detect`` are strings of a chat template that say the family writes this syntax;
+    ``special``: its markers are special tokens, which the answer must keep to be parsed."""
 
     name: str
     open: str
@@ -39,13 +40,14 @@ class CallSyntax:
     form: str = "blocks"  # blocks | array | whole
     separator: str = "\n"  # between two forced calls
     detect: tuple[str, ...] = ()
+    special: bool = False
 
 
 HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>", detect=("<tool_call>",))
 MISTRAL = CallSyntax("mistral", "[TOOL_CALLS]", form="array", separator=", ",
-                     detect=("[TOOL_CALLS]",))
+                     detect=("[TOOL_CALLS]",), special=True)
 LLAMA3 = CallSyntax("llama3", "<|python_tag|>", arguments="parameters", form="whole",
-                    separator="; ", detect=("<|python_tag|>",))
+                    separator="; ", detect=("<|python_tag|>",), special=True)
 SYNTAXES = {syntax.name: syntax for syntax in (HERMES, MISTRAL, LLAMA3)}
 
 
