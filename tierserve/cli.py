@@ -93,6 +93,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="expertflow with --expert-trace: this share of the slots keeps the "
                      "trace's most chosen experts for good, the rest follows the predictions "
                      "(LSM-GNN's static + dynamic hybrid) (default: %(default)s)")
+    moe.add_argument("--expert-prefetch-window", type=int, default=2,
+                     help="start no prefetch while this many expert loads are in flight: loads "
+                     "queue first in, first out, so speculative ones delay the misses a forward "
+                     "waits for (0: no limit) (default: %(default)s)")
+    moe.add_argument("--expert-victim-buffer", default=None,
+                     help="host memory for experts evicted from the fast slots, unquantized: a "
+                     "count (120) or a size (1GiB); a later miss copies one back instead of "
+                     "reading the disk or dequantizing (default: none)")
     longctx = parser.add_argument_group(
         "long-context KV selection",
         "Each decode attends to a budget of its cached blocks instead of all of them; every "
@@ -140,7 +148,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         expert_cache=args.expert_cache, expert_policy=args.expert_policy,
         expert_host_format=args.expert_host_format, expert_trace=args.expert_trace,
         expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth,
-        expert_pin_fraction=args.expert_pin_fraction, kv_selection=args.kv_selection,
+        expert_pin_fraction=args.expert_pin_fraction,
+        expert_prefetch_window=args.expert_prefetch_window,
+        expert_victim_buffer=args.expert_victim_buffer, kv_selection=args.kv_selection,
         kv_budget=args.kv_budget, kv_dense_layers=args.kv_dense_layers,
         kv_eviction=args.kv_eviction, kv_eviction_budget=args.kv_eviction_budget,
         kv_eviction_threshold=args.kv_eviction_threshold)

@@ -158,6 +158,11 @@ class ExpertConfig:
     expert_predictor: str | None = None  # routing-path predictor (expertflow)
     expert_prefetch_depth: int = 2  # MoE layers ahead that predictive policies load
     expert_pin_fraction: float = 0.0  # expertflow: slots pinned to the trace's hot experts
+    expert_prefetch_window: int = 2  # no prefetch starts past this many loads in flight (0: any)
+    # Host-memory buffer of experts evicted from the fast slots, in the model dtype (experts or
+    # bytes, like expert_cache): a later miss copies them back instead of reading the disk or
+    # dequantizing again (LSM-GNN's victim buffer; the KV tiers' save_evicted_to_host).
+    expert_victim_buffer: str | int | None = None
     drop_page_cache: bool = True  # posix_fadvise(DONTNEED) the expert files at start
 
     def __post_init__(self) -> None:
@@ -171,15 +176,25 @@ class ExpertConfig:
             raise ValueError("expert_prefetch_depth must be >= 0")
         if not 0.0 <= self.expert_pin_fraction < 1.0:
             raise ValueError(f"expert_pin_fraction must be in [0, 1), got {self.expert_pin_fraction}")
+        if self.expert_prefetch_window < 0:
+            raise ValueError("expert_prefetch_window must be >= 0 (0: no limit)")
 
     def num_slots(self, expert_bytes: int) -> int | None:
         """Fast slots: a plain number is experts, a size (with a unit) is bytes."""
-        if self.expert_cache is None:
-            return None
-        value = str(self.expert_cache).strip()
-        if value.isdigit():
-            return int(value)
-        return parse_size(value) // expert_bytes
+        return _experts(self.expert_cache, expert_bytes)
+
+    def num_victim_slots(self, expert_bytes: int) -> int:
+        """Victim-buffer slots (0: none), counted like ``num_slots``."""
+        return _experts(self.expert_victim_buffer, expert_bytes) or 0
+
+
+def _experts(value: str | int | None, expert_bytes: int) -> int | None:
+    if value is None:
+        return None
+    value = str(value).strip()
+    if value.isdigit():
+        return int(value)
+    return parse_size(value) // expert_bytes
 
 
 KV_SELECTIONS = ("full", "streaming", "quest", "mpcache")

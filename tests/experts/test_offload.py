@@ -72,7 +72,10 @@ def test_recorded_traces_cover_every_computed_position(mixtral):
     dict(expert_policy="expertflow", expert_cache="8", predictor=True,
          scheduling_policy="expert-grouped"),
     dict(expert_policy="lru", expert_cache="7", expert_host_format="float"),
-], ids=["lru", "lookahead", "static", "oracle", "expertflow", "expertflow-regrouped", "host"])
+    dict(expert_policy="expertflow", expert_cache="8", predictor=True, expert_victim_buffer="6",
+         expert_prefetch_window=0),
+], ids=["lru", "lookahead", "static", "oracle", "expertflow", "expertflow-regrouped", "host",
+        "victim-buffer-unlimited-prefetch"])
 def test_every_policy_gives_the_tokens_of_all_resident_experts(mixtral, options):
     folder, prompts, tokens, trace, predictor, _ = mixtral
     options = dict(options)
@@ -95,6 +98,51 @@ def test_quantized_host_tier_gives_the_same_tokens_under_any_policy(mixtral):
     large, _ = _run(folder, prompts, expert_cache="12", expert_host_format="q8",
                     expert_policy="oracle", expert_trace=trace)
     assert small == large
+
+
+@pytest.mark.parametrize("host_format", ["none", "q4"])
+def test_a_victim_buffer_serves_evicted_experts_again_without_the_slower_tier(mixtral,
+                                                                               host_format):
+    """Disk or Q4 host tier behind a buffer of 12 evicted experts (6 fast slots: LRU over 3 layers of 6 would miss every time): same tokens as without it,
+    and some misses are copied back from the buffer instead of read or dequantized again."""
+    folder, prompts = mixtral[0], mixtral[1]
+    options = dict(expert_cache="6", expert_host_format=host_format)
+    plain, without = _run(folder, prompts, **options)
+    buffered, offload = _run(folder, prompts, **options, expert_victim_buffer="12")
+    assert buffered == plain
+    tier = offload.source.tier
+    assert offload.victims.cache.counters.hits > 0
+    assert offload.stats.bytes_loaded["victim"] > 0
+    assert offload.stats.bytes_loaded[tier] < without.stats.bytes_loaded[tier]
+    assert offload.cache.counters.loads == without.cache.counters.loads  # same fast-slot story
+    assert offload.victims.nbytes == 12 * offload.expert_bytes
+
+
+def test_prefetches_wait_while_the_window_of_loads_in_flight_is_full():
+    from tierserve.experts.books import ExpertBooks
+    from tierserve.experts.policies import ExpertPolicy
+
+    class Queue:  # loads never finish: every one stays in flight
+        def __init__(self):
+            self.started = []
+
+        def submit(self, key, ops):
+            self.started += [op.key for op in ops]
+
+        def poll(self):
+            return []
+
+        def wait(self, keys):
+            pass
+
+    for window, started in ((2, 2), (None, 5)):
+        queue = Queue()
+        books = ExpertBooks(16, ExpertPolicy(), [0, 1], 4, 2, queue, lambda: 0.0, window)
+        books.prefetch([(1, e) for e in range(4)] + [(0, 3)])
+        assert len(queue.started) == started
+    assert books.cache.evicted is None  # nothing was in the slots to put out
+    books.hold(0, [0])  # a forward's miss loads whatever the window says
+    assert queue.started[-1] == (0, 0)
 
 
 @pytest.mark.parametrize("fmt, bound", [("q8", 0.5 / 127), ("q4", 0.5 / 7)])
@@ -235,3 +283,46 @@ def test_replayed_routes_make_another_model_choose_the_traces_experts(mixtral, t
         llm.engine.runner.close()
     for got, want in zip(replayed, traces):
         assert got.routes == want.routes  # every position's experts, at every layer
+
+
+def test_a_gguf_moe_serves_its_experts_from_the_file_and_gives_the_resident_tokens(
+        mixtral, tmp_path):
+    """The GGUF disk tier reads one expert's slice of the stacked ``ffn_*_exps`` tensors (here
+    Q8_0, dequantized on load) and must give the tokens of the same file served resident."""
+    import gguf
+    import torch
+
+    from tests.model.test_loader_moe import write_moe_gguf
+    from tierserve.experts.tiers import DiskExperts
+    from tierserve.model.loader import load_checkpoint
+
+    folder, prompts = mixtral[0], mixtral[1][:6]
+    reference = load_checkpoint(folder)
+    path = tmp_path / "mixtral-q8.gguf"
+    write_moe_gguf(path, {n: t.numpy() for n, t in reference.tensors.items()}, reference.arch,
+                   expert_qtype=gguf.GGMLQuantizationType.Q8_0, tokenizer_dir=folder)
+    resident = load_checkpoint(path).tensors
+    disk = DiskExperts.from_gguf(path, torch.float32)
+    for key in [(0, 0), (1, 3), (2, 5)]:
+        weights = disk.read(key)
+        prefix = f"model.layers.{key[0]}.mlp.experts.{key[1]}."
+        assert torch.equal(weights.gate_up, torch.cat([resident[prefix + "gate_proj.weight"],
+                                                       resident[prefix + "up_proj.weight"]]))
+        assert torch.equal(weights.down, resident[prefix + "down_proj.weight"])
+    want, _ = _run(path, prompts)
+    got, offload = _run(path, prompts, expert_cache="6")
+    assert got == want
+    assert offload.source.tier == "disk" and offload.stats.bytes_loaded["disk"] > 0
+    # The file cut short after start-up: the failed loads name it, the engine goes on.
+    llm = LLM(str(path), num_blocks=64, swap_space=0, expert_cache="6")
+    try:
+        damaged = tmp_path / "partial"
+        damaged.write_bytes(path.read_bytes()[: path.stat().st_size // 8])
+        os.replace(damaged, path)
+        outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS,
+                               use_tqdm=False)
+        assert all(o.outputs[0].finish_reason == "error" for o in outputs)
+        assert all("mixtral-q8.gguf is truncated" in o.error for o in outputs)
+        assert llm.core.check_kv_accounting() and not llm.core.has_unfinished()
+    finally:
+        llm.engine.runner.close()

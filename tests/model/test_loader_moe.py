@@ -64,8 +64,13 @@ def llama_cpp_tensors(hf: dict[str, np.ndarray], arch) -> dict[str, np.ndarray]:
     return out
 
 
-def write_moe_gguf(path, hf: dict[str, np.ndarray], arch, expert_qtype=None) -> None:
+def write_moe_gguf(path, hf: dict[str, np.ndarray], arch, expert_qtype=None,
+                   tokenizer_dir=None) -> None:
+    """``tokenizer_dir``: a folder whose byte-level BPE tokenizer.json goes in as GPT-2 style
+    ``tokenizer.ggml.*`` metadata, so that the file alone is a servable model."""
     writer = gguf.GGUFWriter(path, GGUF_ARCH[arch.architecture])
+    if tokenizer_dir is not None:
+        _add_bpe_tokenizer(writer, tokenizer_dir)
     writer.add_block_count(arch.num_layers)
     writer.add_context_length(arch.max_position_embeddings)
     writer.add_embedding_length(arch.hidden_size)
@@ -95,6 +100,24 @@ def write_moe_gguf(path, hf: dict[str, np.ndarray], arch, expert_qtype=None) -> 
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def _add_bpe_tokenizer(writer, folder) -> None:
+    import json
+    from pathlib import Path
+
+    spec = json.loads((Path(folder) / "tokenizer.json").read_text())
+    vocab = dict(spec["model"]["vocab"])
+    specials = {t["id"]: t["content"] for t in spec.get("added_tokens", [])}
+    vocab |= {content: index for index, content in specials.items()}
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_merges(merges)
+    writer.add_token_types([3 if vocab[t] in specials else 1 for t in tokens])
+    writer.add_bos_token_id(vocab["<s>"])
+    writer.add_eos_token_id(vocab["</s>"])
 
 
 @pytest.fixture(scope="module")

@@ -26,6 +26,7 @@ from tierserve.sched.plan import CopyError
 
 log = logging.getLogger(__name__)
 OBSERVED_ROWS = 8  # a chunk's last rows that correct its request's predicted route
+PREFETCH_WINDOW = 2  # loads in flight beyond which no prefetch starts (see ExpertBooks)
 
 
 class ExpertTierError(RuntimeError):
@@ -34,10 +35,12 @@ class ExpertTierError(RuntimeError):
 
 @dataclass(slots=True, frozen=True)
 class ExpertLoad:
-    """Copy expert ``key`` from the source tier into fast slot ``slot`` (one load-queue op)."""
+    """Copy expert ``key`` from the source tier into fast slot ``slot`` (one load-queue op);
+    ``evicted``: the expert the slot held until now (a victim buffer saves it first)."""
 
     key: ExpertKey
     slot: int
+    evicted: ExpertKey | None = None
 
     @property
     def num_blocks(self) -> int:
@@ -66,11 +69,18 @@ class LoadQueue(Protocol):
 
 
 class ExpertBooks:
-    """``num_slots`` fast slots over ``policy``; loads go to ``loads``; ``clock`` times stalls."""
+    """``num_slots`` fast slots over ``policy``; loads go to ``loads``; ``clock`` times stalls.
+
+    ``prefetch_window``: a prefetch starts only while fewer loads than this are in flight
+    (None or 0: no limit). The load queue is first in, first out, so every prefetch queued ahead of
+    a forward's miss delays it; a short window keeps the link for what is surely needed. In the
+    simulator (Mixtral-sized experts over PCIe 4.0) a window of 1 or 2 turned expertflow from
+    0.42-0.91x LRU's tok/s into 1.07-1.12x; 4 gave back part of it (docs/paper-results.md)."""
 
     def __init__(self, num_slots: int, policy: ExpertPolicy, moe_layers: Sequence[int],
                  num_experts: int, top_k: int, loads: LoadQueue,
-                 clock: Callable[[], float]) -> None:
+                 clock: Callable[[], float],
+                 prefetch_window: int | None = PREFETCH_WINDOW) -> None:
         if num_slots < num_experts:
             raise ValueError(f"--expert-cache {num_slots} holds fewer experts than one layer has "
                              f"({num_experts}); a layer may need all of them at once")
@@ -81,6 +91,7 @@ class ExpertBooks:
         policy.bind(sorted(moe_layers), num_experts, top_k, num_slots)
         self.stats = OffloadStats()
         self.reserve = num_experts  # slots prefetches leave free: one layer's misses must fit
+        self.prefetch_window = prefetch_window or None
         self.pinned = 0
         self._known: dict[str, None] = {}  # live request ids, arrival order
         self._load_key: dict[int, str] = {}  # slot -> load-queue key of its load in flight
@@ -178,13 +189,15 @@ class ExpertBooks:
                                   "held; raise --expert-cache")
         load_key = f"expert:{key[0]}:{key[1]}:{next(self._serial)}"
         self._load_key[slot] = load_key
-        self.loads.submit(load_key, [ExpertLoad(key, slot)])
+        self.loads.submit(load_key, [ExpertLoad(key, slot, self.cache.evicted)])
         return slot
 
     def prefetch(self, keys: list[ExpertKey]) -> None:
         for key in keys:
             if self.cache.slot_of(key) is not None:
                 continue
+            if self.prefetch_window is not None and len(self._load_key) >= self.prefetch_window:
+                return
             # Prefetches leave one layer's worth of slots free: a forward's misses must fit.
             if self.cache.num_free <= self.reserve:
                 return

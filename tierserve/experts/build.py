@@ -38,12 +38,12 @@ def make_source(config: ExpertConfig, path: Path, arch, experts: dict, dtype: to
     if config.expert_host_format != "none":
         return HostExperts(experts, config.expert_host_format)
     if path.suffix == ".gguf":
-        raise ValueError("a disk expert tier reads safetensors folders; for a GGUF checkpoint "
-                         "use --expert-host-format float, q8 or q4")
-    from tierserve.model.loader_hf import FAMILIES, _safetensors_files
+        source = DiskExperts.from_gguf(path, dtype)
+    else:
+        from tierserve.model.loader_hf import FAMILIES, _safetensors_files
 
-    renames = [(re.compile(p), t) for p, t in FAMILIES[arch.architecture].renames]
-    source = DiskExperts(_safetensors_files(path), renames, dtype)
+        renames = [(re.compile(p), t) for p, t in FAMILIES[arch.architecture].renames]
+        source = DiskExperts.from_safetensors(_safetensors_files(path), renames, dtype)
     if config.drop_page_cache:
         source.drop_page_cache()
     return source
@@ -72,12 +72,15 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
     source = make_source(config, path, model.arch, experts, dtype)
     offload = ExpertOffload(blocks, source, num_slots, policy,
                             lambda weight: Linear(weight, None, model.ops, False), predictor,
-                            traces if config.expert_policy == "oracle" else None)
+                            traces if config.expert_policy == "oracle" else None,
+                            config.expert_prefetch_window,
+                            config.num_victim_slots(expert_bytes(model.arch, dtype)))
     runner.experts = offload
     total = len(blocks) * blocks[0].num_experts
     log.info("experts offloaded: %d of %d in fast slots (%.0f MiB of %.0f), the rest in the %s "
-             "tier%s; policy %s", num_slots, total, offload.resident_bytes() / 2**20,
+             "tier%s%s; policy %s", num_slots, total, offload.resident_bytes() / 2**20,
              total * offload.expert_bytes / 2**20, source.tier,
              f" ({config.expert_host_format})" if source.tier == "host" else "",
-             config.expert_policy)
+             f" behind a victim buffer of {offload.victims.cache.num_slots} experts"
+             if offload.victims else "", config.expert_policy)
     return offload

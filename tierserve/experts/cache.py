@@ -71,6 +71,7 @@ class ExpertCache:
         self._key_of: dict[int, ExpertKey] = {}
         self._loading: set[int] = set()
         self._prefetched: set[int] = set()  # loaded ahead, not asked for yet
+        self.evicted: ExpertKey | None = None  # what the last ``reserve`` put out of its slot
         self._score = score
         self.pool = BlockPool(num_slots, on_evict=self._evicted, is_cached=self._key_of.__contains__,
                               evict_score=self._slot_score if score is not None else None,
@@ -98,6 +99,7 @@ class ExpertCache:
         """A slot for ``key``'s load (evicting a free one), held by the load; None when every
         slot is held. The caller starts the load and reports it with ``loaded``."""
         require(key not in self._slot_of, f"expert {key} is already in slot {self._slot_of.get(key)}")
+        self.evicted = None
         if self.pool.num_free == 0:
             return None
         slot = self.pool.allocate(1)[0]
@@ -143,6 +145,11 @@ class ExpertCache:
     def release(self, slots: list[int]) -> None:
         self.pool.release(slots)
 
+    def drop(self, slot: int) -> None:
+        """Forget the expert in held ``slot`` and release it: the slot is free and empty."""
+        self._forget(slot)
+        self.pool.release([slot])
+
     def check_invariants(self, held: int = 0) -> None:
         """Books agree; with no forward running, only loads hold slots (``held`` extra refs
         are pins, e.g. a static hot set)."""
@@ -158,6 +165,7 @@ class ExpertCache:
     def _evicted(self, slot: int) -> None:
         if slot in self._key_of:
             self.counters.evictions += 1
+            self.evicted = self._key_of[slot]
             self._forget(slot)
 
     def _forget(self, slot: int) -> None:

@@ -17,11 +17,17 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
-from tierserve.experts.books import OBSERVED_ROWS, ExpertBooks, ExpertLoad, OffloadStats
+from tierserve.experts.books import (
+    OBSERVED_ROWS,
+    PREFETCH_WINDOW,
+    ExpertBooks,
+    ExpertLoad,
+    OffloadStats,
+)
 from tierserve.experts.cache import ExpertKey
 from tierserve.experts.policies import ExpertPolicy
 from tierserve.experts.routes import StepRequest, prompt_key
-from tierserve.experts.tiers import ExpertSource
+from tierserve.experts.tiers import ExpertSource, VictimBuffer
 from tierserve.model.kv_storage import SwapWorker
 from tierserve.model.moe import DenseMLP, MoEBlock
 
@@ -32,7 +38,8 @@ class ExpertOffload:
     """``num_slots`` experts resident; the rest come from ``source`` when needed."""
 
     def __init__(self, blocks: list[MoEBlock], source: ExpertSource, num_slots: int,
-                 policy: ExpertPolicy, make_linear, predictor=None, traces=None) -> None:
+                 policy: ExpertPolicy, make_linear, predictor=None, traces=None,
+                 prefetch_window: int | None = PREFETCH_WINDOW, victim_slots: int = 0) -> None:
         if not blocks:
             raise ValueError("expert offloading needs an MoE model; this one has no MoE layers")
         first = blocks[0]
@@ -54,10 +61,13 @@ class ExpertOffload:
         self.mlps = [DenseMLP.from_linears(make_linear(self.gate_up[s]), make_linear(self.down[s]))
                      for s in range(num_slots)]
         self.cuda_device = device if device.type == "cuda" else None
+        self.victims = VictimBuffer(victim_slots, sample, pin_memory=self.cuda_device is not None
+                                    ) if victim_slots else None
         self.worker = SwapWorker(self)
         try:
             self.books = ExpertBooks(num_slots, policy, sorted(self.blocks), first.num_experts,
-                                     first.top_k, self.worker, time.perf_counter)
+                                     first.top_k, self.worker, time.perf_counter,
+                                     prefetch_window)
             self.books.pin(policy.pinned())
         except BaseException:
             self.worker.close()  # its thread would outlive a half-built provider
@@ -79,8 +89,12 @@ class ExpertOffload:
 
     # -- the SwapWorker's storage side ---------------------------------------------------------
     def copy(self, op: ExpertLoad, non_blocking: bool = False) -> int:
-        moved = self.source.read_into(op.key, self.gate_up[op.slot], self.down[op.slot])
-        tier = self.source.tier
+        gate_up, down = self.gate_up[op.slot], self.down[op.slot]
+        moved, tier = 0, "victim"
+        if self.victims is not None:  # the slot still holds op.evicted: the buffer keeps it
+            moved = self.victims.exchange(op.evicted, op.key, gate_up, down)
+        if not moved:
+            moved, tier = self.source.read_into(op.key, gate_up, down), self.source.tier
         self.stats.bytes_loaded[tier] = self.stats.bytes_loaded.get(tier, 0) + moved
         return moved
 
@@ -137,7 +151,9 @@ class ExpertOffload:
         return self.cache.num_slots * self.expert_bytes
 
     def check_invariants(self) -> None:
-        self.books.check_invariants()
+        self.books.check_invariants()  # settles: the worker is idle, its books can be read
+        if self.victims is not None:
+            self.victims.cache.check_invariants()
 
     def close(self) -> None:
         self.worker.close()

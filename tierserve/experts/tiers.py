@@ -1,5 +1,6 @@
 """Where experts live off the fast tier: host memory (the model dtype, or Q8/Q4 dequantized on
-load) or disk (read from the checkpoint's own safetensors files on every load).
+load) or disk (read from the checkpoint's own files on every load: safetensors tensors, or one
+expert's slice of a GGUF file's stacked ``ffn_{gate,up,down}_exps``, dequantized on load).
 
 Disk reads are honest: ``drop_page_cache`` asks the kernel to forget the files' cached pages
 (``posix_fadvise(DONTNEED)``) so a benchmark's first loads really come from the disk. A missing
@@ -16,6 +17,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from tierserve.experts.books import ExpertTierError
@@ -83,6 +85,66 @@ class HostExperts(ExpertSource):
         return ExpertWeights(dequantize(stored[0], self.dtype), dequantize(stored[1], self.dtype))
 
 
+class VictimBuffer:
+    """Host memory for experts evicted from the fast slots, in the model dtype, in front of a
+    slower tier (the disk, or a quantized host tier): a later miss copies the expert back
+    instead of reading the file or dequantizing again. LSM-GNN's victim buffer, as the KV
+    tiers keep one (``save_evicted_to_host``). Exclusive: an expert copied back leaves the
+    buffer, so fast slots and buffer together hold as many experts as they have slots. Its
+    books are an ``ExpertCache`` (least recently used out); only the copy worker touches them,
+    one op after another."""
+
+    def __init__(self, num_slots: int, sample: ExpertWeights, pin_memory: bool = False) -> None:
+        from tierserve.experts.cache import ExpertCache
+
+        self.cache = ExpertCache(num_slots)
+        self.gate_up = torch.empty((num_slots, *sample.gate_up.shape), dtype=sample.gate_up.dtype,
+                                   pin_memory=pin_memory)
+        self.down = torch.empty((num_slots, *sample.down.shape), dtype=sample.down.dtype,
+                                pin_memory=pin_memory)
+        self.scratch_gate_up = torch.empty(sample.gate_up.shape, dtype=sample.gate_up.dtype,
+                                           pin_memory=pin_memory)
+        self.scratch_down = torch.empty(sample.down.shape, dtype=sample.down.dtype,
+                                        pin_memory=pin_memory)
+
+    @property
+    def nbytes(self) -> int:
+        return self.gate_up.nbytes + self.down.nbytes
+
+    def exchange(self, evicted: ExpertKey | None, key: ExpertKey, gate_up: torch.Tensor,
+                 down: torch.Tensor) -> int:
+        """A fast slot (``gate_up``, ``down``) passes from ``evicted`` to ``key``: keep the
+        weights it holds, and fill it from here if ``key`` is here; bytes copied in (0: not
+        here, read it from the slower tier). ``key`` goes out through a scratch expert first,
+        so its buffer slot is the one ``evicted`` takes: nothing else is pushed out."""
+        slot = self.cache.acquire(key)  # counted as a hit or a miss of the buffer
+        if slot is not None:
+            try:
+                self.scratch_gate_up.copy_(self.gate_up[slot])
+                self.scratch_down.copy_(self.down[slot])
+            finally:
+                self.cache.drop(slot)
+        if evicted is not None:
+            self._save(evicted, gate_up, down)
+        if slot is None:
+            return 0
+        gate_up.copy_(self.scratch_gate_up)
+        down.copy_(self.scratch_down)
+        return self.scratch_gate_up.nbytes + self.scratch_down.nbytes
+
+    def _save(self, key: ExpertKey, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+        if self.cache.slot_of(key) is not None:  # a copy from before a failed load: kept
+            return
+        slot = self.cache.reserve(key)
+        try:
+            self.gate_up[slot].copy_(gate_up)
+            self.down[slot].copy_(down)
+        except BaseException:
+            self.cache.loaded(slot, ok=False)
+            raise
+        self.cache.loaded(slot)
+
+
 def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) -> (codes, scales); symmetric absmax, ``q8`` per row, ``q4`` per group."""
     w = weight.float()
@@ -113,21 +175,34 @@ class _Extent:
     path: Path
     offset: int  # from the start of the file
     nbytes: int
-    dtype: torch.dtype
+    dtype: torch.dtype  # of the stored values; float32 for a quantized GGUF slice
     shape: tuple[int, ...]
+    qtype: object = None  # a GGUF quantization type (gguf.GGMLQuantizationType) to dequantize
+
+
+GGUF_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight$")
 
 
 class DiskExperts(ExpertSource):
-    """Experts read straight from the checkpoint's safetensors files (``pread`` of each
-    tensor's bytes), nothing of them kept in memory."""
+    """Experts read straight from the checkpoint's files (``pread`` of each projection's
+    bytes), nothing of them kept in memory. ``extents``: (layer, expert) -> gate/up/down."""
 
     tier = "disk"
 
-    def __init__(self, files: list[Path], renames: list[tuple[re.Pattern, str]],
-                 dtype: torch.dtype) -> None:
+    def __init__(self, extents: dict[ExpertKey, dict[str, _Extent]], dtype: torch.dtype,
+                 where: Path) -> None:
         self.dtype = dtype
-        self._extents: dict[ExpertKey, dict[str, _Extent]] = {}
-        self._files: set[Path] = set()
+        self._extents = extents
+        for key, parts in extents.items():
+            if set(parts) != {"gate", "up", "down"}:
+                raise ExpertTierError(f"expert {key} of {where} lacks "
+                                      f"{sorted({'gate', 'up', 'down'} - set(parts))} projections")
+        self._files = {e.path for parts in extents.values() for e in parts.values()}
+
+    @classmethod
+    def from_safetensors(cls, files: list[Path], renames: list[tuple[re.Pattern, str]],
+                         dtype: torch.dtype) -> DiskExperts:
+        extents: dict[ExpertKey, dict[str, _Extent]] = {}
         for path in files:
             for name, extent in _header(path).items():
                 for pattern, target in renames:
@@ -135,12 +210,35 @@ class DiskExperts(ExpertSource):
                 match = EXPERT_NAME.match(name)
                 if match:
                     key = (int(match.group(1)), int(match.group(2)))
-                    self._extents.setdefault(key, {})[match.group(3)] = extent
-        for key, parts in self._extents.items():
-            if set(parts) != {"gate", "up", "down"}:
-                raise ExpertTierError(f"expert {key} of {files[0].parent} lacks "
-                                      f"{sorted({'gate', 'up', 'down'} - set(parts))} projections")
-        self._files = {e.path for parts in self._extents.values() for e in parts.values()}
+                    extents.setdefault(key, {})[match.group(3)] = extent
+        return cls(extents, dtype, files[0].parent)
+
+    @classmethod
+    def from_gguf(cls, path: Path, dtype: torch.dtype) -> DiskExperts:
+        """Each expert's slice of the stacked ``blk.N.ffn_*_exps`` tensors: experts are their
+        outermost dimension, so a slice is one contiguous run of (maybe quantized) bytes."""
+        from gguf import GGMLQuantizationType as Q
+
+        from tierserve.model.gguf_file import GGUFFormatError, read_gguf
+
+        try:
+            gguf_file = read_gguf(path)
+        except (GGUFFormatError, OSError) as exc:
+            raise ExpertTierError(str(exc)) from exc
+        plain = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+        extents: dict[ExpertKey, dict[str, _Extent]] = {}
+        for name, info in gguf_file.tensors.items():
+            match = GGUF_EXPERTS.match(name)
+            if not match:
+                continue
+            count, shape = info.shape[0], tuple(info.shape[1:])
+            each = info.n_bytes // count
+            stored = plain.get(info.qtype)
+            for expert in range(count):
+                extents.setdefault((int(match.group(1)), expert), {})[match.group(2)] = _Extent(
+                    path, info.offset + expert * each, each, stored or torch.float32, shape,
+                    None if stored else info.qtype)
+        return cls(extents, dtype, path)
 
     def read(self, key: ExpertKey) -> ExpertWeights:
         parts = self._extents.get(key)
@@ -154,7 +252,7 @@ class DiskExperts(ExpertSource):
         slot's memory: one copy); otherwise through ``read``."""
         parts = self._extents.get(key)
         if parts is None or gate_up.device.type != "cpu" or any(
-                e.dtype != gate_up.dtype for e in parts.values()):
+                e.dtype != gate_up.dtype or e.qtype is not None for e in parts.values()):
             return super().read_into(key, gate_up, down)
         rows = parts["gate"].shape[0]
         targets = [(parts["gate"], gate_up[:rows]), (parts["up"], gate_up[rows:]),
@@ -183,9 +281,17 @@ class DiskExperts(ExpertSource):
                 f"{extent.offset:,}, read {got:,}; re-create or re-copy the checkpoint")
 
     def _read(self, extent: _Extent) -> torch.Tensor:
-        tensor = torch.empty(extent.shape, dtype=extent.dtype)
-        self._read_exact(extent, _bytes_of(tensor))
-        return tensor.to(self.dtype)
+        if extent.qtype is None:
+            tensor = torch.empty(extent.shape, dtype=extent.dtype)
+            self._read_exact(extent, _bytes_of(tensor))
+            return tensor.to(self.dtype)
+        from gguf.quants import dequantize as gguf_dequantize, quant_shape_to_byte_shape
+
+        raw = np.empty(extent.nbytes, dtype=np.uint8)
+        self._read_exact(extent, memoryview(raw).cast("B"))
+        values = gguf_dequantize(raw.reshape(quant_shape_to_byte_shape(extent.shape, extent.qtype)),
+                                 extent.qtype).reshape(extent.shape)
+        return torch.from_numpy(np.asarray(values, dtype=np.float32)).to(self.dtype)
 
     def drop_page_cache(self) -> None:
         for path in sorted(self._files):
