@@ -1,5 +1,7 @@
 """tierserve bench moe on a tiny Mixtral: every row measured, every policy's tokens checked."""
 
+import pytest
+
 from tests.conftest import make_tiny_moe
 from tierserve.bench.moe import MoeSpec, run_moe
 
@@ -7,10 +9,13 @@ from tierserve.bench.moe import MoeSpec, run_moe
 def test_bench_moe_reports_every_policy_against_all_resident(tmp_path):
     folder = tmp_path / "mixtral"
     make_tiny_moe("mixtral", folder)
-    spec = MoeSpec(model=str(folder), policies=("lru", "lookahead", "oracle"),
-                   expert_cache="50%", num_requests=6, concurrency=6, scale=0.05)
+    spec = MoeSpec(model=str(folder), policies=("lru", "lookahead", "oracle", "lru+victim",
+                                                "oracle+window0"),
+                   expert_cache="50%", num_requests=6, concurrency=6, scale=0.05,
+                   victim_buffer="9")
     result = run_moe(spec, progress=False)
-    assert list(result.results) == ["all-resident", "lru", "lookahead", "oracle"]
+    assert list(result.results) == ["all-resident", "lru", "lookahead", "oracle", "lru+victim",
+                                    "oracle+window0"]
     assert result.config["expert_cache_slots"] == 9 and result.config["total_experts"] == 18
     for name, row in result.results.items():
         assert row["same_tokens"], name
@@ -19,3 +24,10 @@ def test_bench_moe_reports_every_policy_against_all_resident(tmp_path):
     assert result.results["lru"]["disk_mib_per_token"] > 0
     assert result.results["oracle"]["hit_ratio"] >= result.results["lru"]["hit_ratio"]
     assert len(result.per_layer_hits["lru"]) == 3
+    # 9 fast slots and 9 in the buffer hold all 18 experts: each is read from disk once.
+    victim = result.results["lru+victim"]
+    assert victim["victim_hit_ratio"] > 0 and victim["victim_mib_per_token"] > 0
+    assert victim["disk_mib_per_token"] < result.results["lru"]["disk_mib_per_token"]
+    assert result.results["lru"]["victim_hit_ratio"] is None
+    with pytest.raises(ValueError, match="unknown variant"):
+        run_moe(MoeSpec(model=str(folder), policies=("lru+turbo",)), progress=False)

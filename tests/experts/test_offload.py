@@ -135,14 +135,20 @@ def test_prefetches_wait_while_the_window_of_loads_in_flight_is_full():
         def wait(self, keys):
             pass
 
-    for window, started in ((2, 2), (None, 5)):
+    for window, started in ((2, [(1, 0), (1, 1)]), (None, [(1, e) for e in range(4)] + [(0, 3)])):
         queue = Queue()
         books = ExpertBooks(16, ExpertPolicy(), [0, 1], 4, 2, queue, lambda: 0.0, window)
         books.prefetch([(1, e) for e in range(4)] + [(0, 3)])
-        assert len(queue.started) == started
+        assert queue.started == started
     assert books.cache.evicted is None  # nothing was in the slots to put out
     books.hold(0, [0])  # a forward's miss loads whatever the window says
     assert queue.started[-1] == (0, 0)
+    # The window looks at the most urgent experts only, resident ones included.
+    books = ExpertBooks(16, ExpertPolicy(), [0, 1], 4, 2, Queue(), lambda: 0.0, 2)
+    books.cache.reserve((1, 0))
+    books.cache.loaded(books.cache.slot_of((1, 0)))
+    books.prefetch([(1, 0), (1, 1), (1, 2)])
+    assert books.loads.started == [(1, 1)]
 
 
 @pytest.mark.parametrize("fmt, bound", [("q8", 0.5 / 127), ("q4", 0.5 / 7)])

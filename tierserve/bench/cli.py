@@ -132,8 +132,13 @@ def _add_moe(sub) -> None:
     moe.add_argument("--policies", default="lru,static,lookahead,expertflow,oracle,"
                      "expertflow+regroup",
                      help="expert policies; +regroup adds the expert-grouped scheduling policy, "
-                     "+pin pins half the slots from --train-trace (expertflow) "
+                     "+pin pins half the slots from --train-trace (expertflow), +victim puts a "
+                     "victim buffer of --victim-buffer experts in front of the slow tier, "
+                     "+window0 lifts the prefetch window (any number of loads in flight) "
                      "(default: %(default)s)")
+    moe.add_argument("--victim-buffer", default="25%",
+                     help="experts in the +victim runs' buffer: a count or a percentage of all "
+                     "experts (default: %(default)s)")
     moe.add_argument("--expert-cache", default="25%",
                      help="fast slots: a count or a percentage of all experts (default: %(default)s)")
     moe.add_argument("--train-trace", default=None,
@@ -170,7 +175,7 @@ def cmd_moe(args: argparse.Namespace) -> int:
                    concurrency=args.concurrency, seed=args.seed, scale=args.scale,
                    train_trace=args.train_trace, predictor=args.predictor,
                    host_format=args.expert_host_format, threads=args.threads,
-                   replay_routes=args.replay_routes)
+                   replay_routes=args.replay_routes, victim_buffer=args.victim_buffer)
     result = run_moe(spec, progress=not args.no_progress)
     _finish(args, result.config, result.results, MOE_COLUMNS,
             extra={"per_layer_hit_ratio": result.per_layer_hits})

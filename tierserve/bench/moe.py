@@ -38,6 +38,7 @@ class MoeSpec:
     host_format: str = "none"
     threads: int | None = None
     replay_routes: str | None = None  # force these traces' routes (a random-weight model)
+    victim_buffer: str = "25%"  # experts in the buffer of the "+victim" runs
 
 
 @dataclass(slots=True)
@@ -47,11 +48,19 @@ class MoeResult:
     per_layer_hits: dict[str, list[float]] = field(default_factory=dict)
 
 
+VARIANTS = ("regroup", "pin", "victim", "window0")  # "+name" suffixes of a policy
+
+
 def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
     from tierserve.engine.llm import LLM
     from tierserve.experts.routes import read_traces, write_traces
     from tierserve.experts.trace import RouteRecorder, RouteReplay, text_requests
 
+    for name in spec.policies:
+        unknown = set(name.split("+")[1:]) - set(VARIANTS)
+        if unknown:
+            raise ValueError(f"{name}: unknown variant(s) {', '.join(sorted(unknown))}; a policy "
+                             f"takes +{', +'.join(VARIANTS)}")
     work = Path(tempfile.mkdtemp(prefix="tierserve-bench-moe-"))
     base = dict(swap_space=0, max_num_seqs=spec.concurrency, num_threads=spec.threads)
     replay = read_traces(spec.replay_routes) if spec.replay_routes else None
@@ -94,6 +103,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
                         "concurrency": spec.concurrency, "seed": spec.seed, "scale": spec.scale,
                         "expert_cache_slots": slots, "total_experts": total_experts,
                         "expert_bytes": one_expert, "host_format": spec.host_format,
+                        "victim_buffer": spec.victim_buffer,
                         "output_tokens": num_output})
     result.results["all-resident"] = {
         "hit_ratio": 1.0, "distinct_experts_per_step": _mean(distinct) / num_moe_layers,
@@ -107,6 +117,10 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
             options["scheduling_policy"] = "expert-grouped"
         if "pin" in extras:  # LSM-GNN's hybrid: half the slots pinned from the training trace
             options.update(expert_pin_fraction=0.5, expert_trace=spec.train_trace)
+        if "victim" in extras:
+            options["expert_victim_buffer"] = str(_slots(spec.victim_buffer, total_experts))
+        if "window0" in extras:
+            options["expert_prefetch_window"] = 0
         if policy == "static":
             options["expert_trace"] = spec.train_trace
         if policy == "oracle":
@@ -132,6 +146,10 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
             "stall_s": stats.stall_seconds,
             "disk_mib_per_token": stats.bytes_loaded.get("disk", 0) / 2**20 / max(1, num_output),
             "host_mib_per_token": stats.bytes_loaded.get("host", 0) / 2**20 / max(1, num_output),
+            "victim_mib_per_token": (stats.bytes_loaded.get("victim", 0) / 2**20
+                                     / max(1, num_output)),
+            "victim_hit_ratio": (offload.victims.cache.counters.hit_ratio
+                                 if offload.victims else None),
             "output_tokens_per_s": num_output / seconds,
             "resident_expert_mib": offload.resident_bytes() / 2**20,
             "same_tokens": tokens == reference,

@@ -71,11 +71,14 @@ class LoadQueue(Protocol):
 class ExpertBooks:
     """``num_slots`` fast slots over ``policy``; loads go to ``loads``; ``clock`` times stalls.
 
-    ``prefetch_window``: a prefetch starts only while fewer loads than this are in flight
-    (None or 0: no limit). The load queue is first in, first out, so every prefetch queued ahead of
-    a forward's miss delays it; a short window keeps the link for what is surely needed. In the
-    simulator (Mixtral-sized experts over PCIe 4.0) a window of 1 or 2 turned expertflow from
-    0.42-0.91x LRU's tok/s into 1.07-1.12x; 4 gave back part of it (docs/paper-results.md)."""
+    ``prefetch_window`` (None or 0: no limit): with ``n`` loads in flight, a prefetch looks at
+    only the first ``window - n`` experts the policy asks for (most urgent first); those already
+    in a slot take their turn too. The load queue is first in, first out, so each speculative
+    load queued ahead of a forward's miss delays it; the rest of the list is asked again at the
+    next layer, when the routes are better known. In the simulator (Mixtral-sized experts over
+    PCIe 4.0) a window of 2 turned expertflow from 0.42-0.91x LRU's tok/s into 1.07-1.12x
+    (docs/paper-results.md); starting up to ``window`` loads from anywhere down the list gave
+    0.91-1.11x, a window of 4 less than 2."""
 
     def __init__(self, num_slots: int, policy: ExpertPolicy, moe_layers: Sequence[int],
                  num_experts: int, top_k: int, loads: LoadQueue,
@@ -193,11 +196,11 @@ class ExpertBooks:
         return slot
 
     def prefetch(self, keys: list[ExpertKey]) -> None:
+        if self.prefetch_window is not None:
+            keys = keys[:max(0, self.prefetch_window - len(self._load_key))]
         for key in keys:
             if self.cache.slot_of(key) is not None:
                 continue
-            if self.prefetch_window is not None and len(self._load_key) >= self.prefetch_window:
-                return
             # Prefetches leave one layer's worth of slots free: a forward's misses must fit.
             if self.cache.num_free <= self.reserve:
                 return

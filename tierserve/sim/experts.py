@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tierserve.experts.books import ExpertBooks, ExpertLoad
+from tierserve.experts.books import PREFETCH_WINDOW, ExpertBooks, ExpertLoad
 from tierserve.experts.policies import ExpertPolicy
 from tierserve.experts.routes import (
     PredictedRoute,
@@ -83,7 +83,8 @@ class SimExperts:
 
     def __init__(self, policy: ExpertPolicy, num_slots: int, traces: list[RequestTrace],
                  expert_bytes: int, link: LinkSpec, num_layers: int,
-                 predictions: dict[str, PredictedRoute] | None = None) -> None:
+                 predictions: dict[str, PredictedRoute] | None = None,
+                 prefetch_window: int | None = PREFETCH_WINDOW) -> None:
         if not traces:
             raise ValueError("expert offloading in the simulator replays a router trace; it is "
                              "empty")
@@ -94,7 +95,8 @@ class SimExperts:
         self.policy = policy
         self.loads = SimLoadQueue(link, expert_bytes)
         self.books = ExpertBooks(num_slots, policy, self.moe_layers, num_experts, top_k,
-                                 self.loads, clock=lambda: self.loads.now)
+                                 self.loads, clock=lambda: self.loads.now,
+                                 prefetch_window=prefetch_window)
         self.books.pin(policy.pinned())
         self.loads.restart()  # the static hot set loads before serving
         self.num_layers = num_layers

@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass, replace
 
 from tierserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from tierserve.experts.books import PREFETCH_WINDOW
 from tierserve.experts.policies import make_expert_policy
 from tierserve.experts.routes import RequestTrace, read_predictions, read_traces, trace_layout
 from tierserve.sim.cost import RooflineCostModel
@@ -35,8 +36,10 @@ from tierserve.sim.traces import TraceRequest
 PAPER = ("up to 93.72% less GPU memory, 2-10x the throughput of offloading baselines on one GPU "
          "(abstract; the prototype: Mixtral-8x7B, 4 of 8 experts per layer offloaded, batch 16)")
 HARDWARE = "a100-80gb-pcie"
-POLICIES = ("all-resident", "lru", "static", "lookahead", "expertflow", "expertflow+regroup",
-            "oracle")
+# "+window0": no prefetch window (every prefetch the policy asks for starts at once); "+pin":
+# LSM-GNN's static + dynamic hybrid, half the slots pinned to the training trace's hot experts.
+POLICIES = ("all-resident", "lru", "static", "lookahead", "expertflow", "expertflow+window0",
+            "expertflow+pin", "expertflow+regroup", "oracle")
 
 
 @dataclass(slots=True, frozen=True)
@@ -106,17 +109,20 @@ def run_case(job: tuple[ExpertCase, str, ExpertInputs]) -> dict:
     total = shape.num_layers * shape.num_experts
     slots = max(shape.num_experts, round(case.resident_share * total))
     resident = policy_name == "all-resident"
+    name, *variants = policy_name.split("+")
     setup = _setup(shape, slots if not resident else 0, case.concurrency,
-                   regroup=policy_name.endswith("+regroup"))
+                   regroup="regroup" in variants)
     experts = None
     if not resident:
-        name = policy_name.removesuffix("+regroup")
-        policy = make_expert_policy(name, _traces(inputs.train_trace) if name == "static"
-                                    else traces if name == "oracle" else None)
+        pin = "pin" in variants
+        policy = make_expert_policy(name, _traces(inputs.train_trace) if name == "static" or pin
+                                    else traces if name == "oracle" else None,
+                                    pin_fraction=0.5 if pin else 0.0)
         experts = SimExperts(policy, slots, traces, shape.expert_params * shape.dtype_bytes,
                              setup.hardware.host_link, shape.num_layers,
                              read_predictions(inputs.predictions) if policy.needs == "predictor"
-                             else None)
+                             else None, prefetch_window=0 if "window0" in variants
+                             else PREFETCH_WINDOW)
     requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0,
                              request_id=f"r{i}", prompt_token_ids=list(t.prompt))
                 for i, t in enumerate(traces)]
