@@ -332,3 +332,47 @@ def test_a_gguf_moe_serves_its_experts_from_the_file_and_gives_the_resident_toke
         assert llm.core.check_kv_accounting() and not llm.core.has_unfinished()
     finally:
         llm.engine.runner.close()
+
+
+def test_replay_gives_lookahead_the_traced_models_guesses(mixtral):
+    """Traces keep the gate lookahead's guess per position (the next MoE layer's router on this
+    layer's input); replayed onto a model, ``lookahead`` prefetches those guesses. On the
+    traced model's first prefill they are exactly what its own gate guesses at layer 0 (later
+    inputs differ: the replay weighs each chosen expert 1 / top_k)."""
+    import torch
+    import torch.nn.functional as F
+
+    from tierserve.experts.trace import RouteReplay
+
+    folder, prompts, _, _, _, traces = mixtral
+    for trace in traces:
+        assert sorted(trace.lookahead) == [0, 1]  # the last MoE layer has none after it
+        assert all(len(per) == trace.num_positions for per in trace.lookahead.values())
+        assert all(len(choice) == 2 for per in trace.lookahead.values() for choice in per)
+    llm = LLM(str(folder), num_blocks=64, swap_space=0, expert_cache="12",
+              expert_policy="lookahead", expert_prefetch_window=0)
+    try:
+        RouteReplay(llm.engine.runner, traces)
+        offload = llm.engine.runner.experts
+        calls = []
+        replayed_gate = offload._gate_lookahead
+
+        def spy(layer, x):
+            guess = replayed_gate(layer, x)
+            if layer == 0:
+                after = offload.blocks[1]
+                own = torch.topk(F.linear(x, after.router), after.top_k, dim=-1).indices
+                calls.append((guess, [(1, int(e)) for e in torch.unique(own)], x.shape[0]))
+            return guess
+        offload._gate_lookahead = spy
+        llm.generate([{"prompt_token_ids": p} for p in prompts], PARAMS, use_tqdm=False)
+        assert offload.cache.counters.prefetches > 0
+    finally:
+        llm.engine.runner.close()
+    first, own, rows = calls[0]
+    assert rows == sum(len(p) for p in prompts)  # the first step: every prompt, whole
+    traced = sorted({(1, e) for t in traces for choice in t.lookahead[0][:len(t.prompt)]
+                     for e in choice})
+    assert first == traced  # read from the trace...
+    assert traced == own  # ...which recorded what the gate guesses
+    assert len(calls) > 5 and all(guess for guess, _, _ in calls)

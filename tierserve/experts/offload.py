@@ -61,6 +61,8 @@ class ExpertOffload:
         self.mlps = [DenseMLP.from_linears(make_linear(self.gate_up[s]), make_linear(self.down[s]))
                      for s in range(num_slots)]
         self.cuda_device = device if device.type == "cuda" else None
+        # Set by RouteReplay: layer -> the traced model's lookahead guess (None: run the gate).
+        self.lookahead_guess = None
         self.victims = VictimBuffer(victim_slots, sample, pin_memory=self.cuda_device is not None
                                     ) if victim_slots else None
         self.worker = SwapWorker(self)
@@ -136,6 +138,10 @@ class ExpertOffload:
 
     # -- mechanics ------------------------------------------------------------------------------
     def _gate_lookahead(self, layer: int, x: torch.Tensor) -> list[ExpertKey]:
+        if self.lookahead_guess is not None:
+            guess = self.lookahead_guess(layer)
+            if guess is not None:
+                return guess
         later = [index for index in self.blocks if index > layer]
         if not later:
             return []

@@ -24,6 +24,9 @@ class RequestTrace:
     prompt: list[int]
     output: list[int]
     routes: dict[int, list[list[int]]] = field(default_factory=dict)  # layer -> per position
+    # layer -> per position: what the next MoE layer's router picks on this layer's input (the
+    # gate lookahead's guess), so that a replay onto another model can still run ``lookahead``
+    lookahead: dict[int, list[list[int]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         lengths = {len(per_position) for per_position in self.routes.values()}
@@ -45,14 +48,18 @@ class RequestTrace:
         return [counts[e] / total if total else 0.0 for e in range(num_experts)]
 
     def to_json(self) -> str:
-        return json.dumps({"prompt": self.prompt, "output": self.output,
-                           "routes": {str(layer): r for layer, r in sorted(self.routes.items())}})
+        data = {"prompt": self.prompt, "output": self.output,
+                "routes": {str(layer): r for layer, r in sorted(self.routes.items())}}
+        if self.lookahead:
+            data["lookahead"] = {str(layer): r for layer, r in sorted(self.lookahead.items())}
+        return json.dumps(data)
 
     @classmethod
     def from_json(cls, line: str) -> RequestTrace:
         data = json.loads(line)
         return cls(list(data["prompt"]), list(data["output"]),
-                   {int(layer): r for layer, r in data["routes"].items()})
+                   {int(layer): r for layer, r in data["routes"].items()},
+                   {int(layer): r for layer, r in data.get("lookahead", {}).items()})
 
 
 def prompt_key(prompt: Iterable[int]) -> str:
