@@ -148,8 +148,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
             "host_mib_per_token": stats.bytes_loaded.get("host", 0) / 2**20 / max(1, num_output),
             "victim_mib_per_token": (stats.bytes_loaded.get("victim", 0) / 2**20
                                      / max(1, num_output)),
-            "victim_hit_ratio": (offload.victims.cache.counters.hit_ratio
-                                 if offload.victims else None),
+            "victim_hit_ratio": offload.victims.hit_ratio if offload.victims else None,
             "output_tokens_per_s": num_output / seconds,
             "resident_expert_mib": offload.resident_bytes() / 2**20,
             "same_tokens": tokens == reference,

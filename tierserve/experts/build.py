@@ -81,6 +81,6 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
              "tier%s%s; policy %s", num_slots, total, offload.resident_bytes() / 2**20,
              total * offload.expert_bytes / 2**20, source.tier,
              f" ({config.expert_host_format})" if source.tier == "host" else "",
-             f" behind a victim buffer of {offload.victims.cache.num_slots} experts"
+             f" behind a victim buffer of {offload.victims.num_slots} experts"
              if offload.victims else "", config.expert_policy)
     return offload

@@ -159,7 +159,7 @@ class ExpertOffload:
     def check_invariants(self) -> None:
         self.books.check_invariants()  # settles: the worker is idle, its books can be read
         if self.victims is not None:
-            self.victims.cache.check_invariants()
+            self.victims.check_invariants()
 
     def close(self) -> None:
         self.worker.close()

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,15 +90,16 @@ class VictimBuffer:
     """Host memory for experts evicted from the fast slots, in the model dtype, in front of a
     slower tier (the disk, or a quantized host tier): a later miss copies the expert back
     instead of reading the file or dequantizing again. LSM-GNN's victim buffer, as the KV
-    tiers keep one (``save_evicted_to_host``). Exclusive: an expert copied back leaves the
-    buffer, so fast slots and buffer together hold as many experts as they have slots. Its
-    books are an ``ExpertCache`` (least recently used out); only the copy worker touches them,
-    one op after another."""
+    tiers keep one (``save_evicted_to_host``), with LSM-GNN's hybrid rule for what stays: when
+    the buffer is full, an evicted expert replaces the least used one (loads asked for, counted
+    here) only if it was asked for more often; otherwise it is not kept. The MoE layers are
+    swept in a cycle larger than the cache, where recency keeps exactly the wrong experts: an
+    LRU buffer of 120 behind 120 fast slots (of 480) hit 10% of the misses on the MoEfied
+    SmolLM2 (docs/benchmarks.md). Exclusive: an expert copied back leaves the buffer. Only the
+    copy worker touches it, one op after another."""
 
     def __init__(self, num_slots: int, sample: ExpertWeights, pin_memory: bool = False) -> None:
-        from tierserve.experts.cache import ExpertCache
-
-        self.cache = ExpertCache(num_slots)
+        self.num_slots = num_slots
         self.gate_up = torch.empty((num_slots, *sample.gate_up.shape), dtype=sample.gate_up.dtype,
                                    pin_memory=pin_memory)
         self.down = torch.empty((num_slots, *sample.down.shape), dtype=sample.down.dtype,
@@ -106,24 +108,36 @@ class VictimBuffer:
                                            pin_memory=pin_memory)
         self.scratch_down = torch.empty(sample.down.shape, dtype=sample.down.dtype,
                                         pin_memory=pin_memory)
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._key_of: list[ExpertKey | None] = [None] * num_slots
+        self._empty = list(range(num_slots - 1, -1, -1))
+        self.uses: Counter[ExpertKey] = Counter()  # loads asked for, per expert
+        self.hits = self.misses = self.saved = self.passed_over = 0
 
     @property
     def nbytes(self) -> int:
         return self.gate_up.nbytes + self.down.nbytes
 
+    @property
+    def hit_ratio(self) -> float:
+        return self.hits / (self.hits + self.misses) if self.hits + self.misses else 0.0
+
     def exchange(self, evicted: ExpertKey | None, key: ExpertKey, gate_up: torch.Tensor,
                  down: torch.Tensor) -> int:
         """A fast slot (``gate_up``, ``down``) passes from ``evicted`` to ``key``: keep the
-        weights it holds, and fill it from here if ``key`` is here; bytes copied in (0: not
-        here, read it from the slower tier). ``key`` goes out through a scratch expert first,
-        so its buffer slot is the one ``evicted`` takes: nothing else is pushed out."""
-        slot = self.cache.acquire(key)  # counted as a hit or a miss of the buffer
-        if slot is not None:
-            try:
-                self.scratch_gate_up.copy_(self.gate_up[slot])
-                self.scratch_down.copy_(self.down[slot])
-            finally:
-                self.cache.drop(slot)
+        weights it holds if they earn a place, and fill it from here if ``key`` is here; bytes
+        copied in (0: not here, read it from the slower tier). ``key`` goes out through a
+        scratch expert first, so its buffer slot is free for ``evicted``."""
+        self.uses[key] += 1
+        slot = self._slot_of.pop(key, None)
+        if slot is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+            self.scratch_gate_up.copy_(self.gate_up[slot])
+            self.scratch_down.copy_(self.down[slot])
+            self._key_of[slot] = None
+            self._empty.append(slot)
         if evicted is not None:
             self._save(evicted, gate_up, down)
         if slot is None:
@@ -133,16 +147,28 @@ class VictimBuffer:
         return self.scratch_gate_up.nbytes + self.scratch_down.nbytes
 
     def _save(self, key: ExpertKey, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-        if self.cache.slot_of(key) is not None:  # a copy from before a failed load: kept
+        if key in self._slot_of:
             return
-        slot = self.cache.reserve(key)
-        try:
-            self.gate_up[slot].copy_(gate_up)
-            self.down[slot].copy_(down)
-        except BaseException:
-            self.cache.loaded(slot, ok=False)
-            raise
-        self.cache.loaded(slot)
+        if self._empty:
+            slot = self._empty.pop()
+        else:
+            slot = min(self._slot_of.values(), key=lambda s: self.uses[self._key_of[s]])
+            if self.uses[self._key_of[slot]] >= self.uses[key]:
+                self.passed_over += 1
+                return
+            del self._slot_of[self._key_of[slot]]
+            self._key_of[slot] = None
+        self.gate_up[slot].copy_(gate_up)
+        self.down[slot].copy_(down)
+        self._slot_of[key], self._key_of[slot] = slot, key
+        self.saved += 1
+
+    def check_invariants(self) -> None:
+        held = [slot for slot, key in enumerate(self._key_of) if key is not None]
+        if sorted(self._slot_of.values()) != held or len(held) + len(self._empty) != self.num_slots:
+            raise AssertionError("victim buffer books disagree")
+        if any(self._slot_of[self._key_of[slot]] != slot for slot in held):
+            raise AssertionError("victim buffer maps disagree")
 
 
 def quantize(weight: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
