@@ -158,7 +158,9 @@ class ExpertConfig:
     expert_predictor: str | None = None  # routing-path predictor (expertflow)
     expert_prefetch_depth: int = 2  # MoE layers ahead that predictive policies load
     expert_pin_fraction: float = 0.0  # expertflow: slots pinned to the trace's hot experts
-    expert_prefetch_window: int = 2  # no prefetch starts past this many loads in flight (0: any)
+    # No prefetch starts past this many loads in flight (0 or None: no limit); the default is
+    # experts.books.PREFETCH_WINDOW (not imported: this module stays free of the engine's).
+    expert_prefetch_window: int | None = 2
     # Host-memory buffer of experts evicted from the fast slots, in the model dtype (experts or
     # bytes, like expert_cache): a later miss copies them back instead of reading the disk or
     # dequantizing again (LSM-GNN's victim buffer; the KV tiers' save_evicted_to_host).
@@ -176,7 +178,7 @@ class ExpertConfig:
             raise ValueError("expert_prefetch_depth must be >= 0")
         if not 0.0 <= self.expert_pin_fraction < 1.0:
             raise ValueError(f"expert_pin_fraction must be in [0, 1), got {self.expert_pin_fraction}")
-        if self.expert_prefetch_window < 0:
+        if self.expert_prefetch_window is not None and self.expert_prefetch_window < 0:
             raise ValueError("expert_prefetch_window must be >= 0 (0: no limit)")
 
     def num_slots(self, expert_bytes: int) -> int | None:

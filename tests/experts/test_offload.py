@@ -118,6 +118,15 @@ def test_a_victim_buffer_serves_evicted_experts_again_without_the_slower_tier(mi
     assert offload.victims.nbytes == 12 * offload.expert_bytes
 
 
+def test_a_victim_buffer_is_sized_to_what_it_could_hold(mixtral):
+    folder, prompts = mixtral[0], mixtral[1][:2]
+    _, offload = _run(folder, prompts, expert_cache="6", expert_victim_buffer="100")
+    assert offload.victims.num_slots == 12  # 18 experts, 6 of them in fast slots
+    _, offload = _run(folder, prompts, expert_cache="6", expert_victim_buffer="6",
+                      expert_host_format="float")
+    assert offload.victims is None  # host memory holds them unquantized already
+
+
 def test_prefetches_wait_while_the_window_of_loads_in_flight_is_full():
     from tierserve.experts.books import ExpertBooks
     from tierserve.experts.policies import ExpertPolicy
@@ -140,15 +149,46 @@ def test_prefetches_wait_while_the_window_of_loads_in_flight_is_full():
         books = ExpertBooks(16, ExpertPolicy(), [0, 1], 4, 2, queue, lambda: 0.0, window)
         books.prefetch([(1, e) for e in range(4)] + [(0, 3)])
         assert queue.started == started
-    assert books.cache.evicted is None  # nothing was in the slots to put out
-    books.hold(0, [0])  # a forward's miss loads whatever the window says
-    assert queue.started[-1] == (0, 0)
+    # A full window stops prefetches, never a forward's misses.
+    books = ExpertBooks(16, ExpertPolicy(), [0, 1], 4, 2, Queue(), lambda: 0.0, 2)
+    books.prefetch([(1, 0), (1, 1)])
+    books.prefetch([(1, 2)])
+    assert books.loads.started == [(1, 0), (1, 1)]
+    books.hold(0, [0, 1])
+    assert books.loads.started == [(1, 0), (1, 1), (0, 0), (0, 1)]
     # The window looks at the most urgent experts only, resident ones included.
     books = ExpertBooks(16, ExpertPolicy(), [0, 1], 4, 2, Queue(), lambda: 0.0, 2)
     books.cache.reserve((1, 0))
     books.cache.loaded(books.cache.slot_of((1, 0)))
     books.prefetch([(1, 0), (1, 1), (1, 2)])
     assert books.loads.started == [(1, 1)]
+
+
+def test_a_load_names_the_expert_its_slot_held_until_then():
+    from tierserve.experts.books import ExpertBooks
+    from tierserve.experts.policies import ExpertPolicy
+
+    class Queue:  # every load done at once
+        def __init__(self):
+            self.ops, self.pending = [], []
+
+        def submit(self, key, ops):
+            self.ops += ops
+            self.pending.append(key)
+
+        def poll(self):
+            done, self.pending = self.pending, []
+            return [type("Done", (), {"key": k, "error": None})() for k in done]
+
+        def wait(self, keys):
+            pass
+
+    books = ExpertBooks(2, ExpertPolicy(), [0, 1], 2, 1, Queue(), lambda: 0.0)
+    books.release(books.hold(0, [1, 0]))  # expert (0, 1) is freed first: least recent
+    books.reap()
+    books.release(books.hold(1, [0]))
+    assert [(op.key, op.evicted) for op in books.loads.ops] == [
+        ((0, 1), None), ((0, 0), None), ((1, 0), (0, 1))]
 
 
 @pytest.mark.parametrize("fmt, bound", [("q8", 0.5 / 127), ("q4", 0.5 / 7)])
@@ -371,8 +411,10 @@ def test_replay_gives_lookahead_the_traced_models_guesses(mixtral):
         llm.engine.runner.close()
     first, own, rows = calls[0]
     assert rows == sum(len(p) for p in prompts)  # the first step: every prompt, whole
-    traced = sorted({(1, e) for t in traces for choice in t.lookahead[0][:len(t.prompt)]
-                     for e in choice})
-    assert first == traced  # read from the trace...
-    assert traced == own  # ...which recorded what the gate guesses
+    from tierserve.experts.routes import by_votes
+
+    traced = [(1, e) for e in by_votes(choice for t in traces
+                                       for choice in t.lookahead[0][:len(t.prompt)])]
+    assert first == traced  # read from the trace, most chosen first...
+    assert sorted(traced) == own  # ...which recorded what the gate guesses
     assert len(calls) > 5 and all(guess for guess, _, _ in calls)

@@ -70,7 +70,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
     requests = text_requests(llm.tokenizer, spec.num_requests, spec.seed, spec.scale)
     prompts = [{"prompt_token_ids": p} for p, _ in requests]
     params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for _, m in requests]
-    recorder = RouteRecorder(llm.engine.runner)
+    recorder = RouteRecorder(llm.engine.runner, lookahead=False)  # this run is timed
     distinct: list[int] = []
     llm.engine.runner.step_hooks.append(lambda plan: distinct.append(0))
     for layer in llm.engine.runner.model.layers:  # count each step's distinct experts

@@ -70,13 +70,19 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
     policy = make_expert_policy(config.expert_policy, traces, config.expert_prefetch_depth,
                                 config.expert_pin_fraction)
     source = make_source(config, path, model.arch, experts, dtype)
+    total = len(blocks) * blocks[0].num_experts
+    victim_slots = config.num_victim_slots(expert_bytes(model.arch, dtype))
+    if victim_slots and config.expert_host_format == "float":
+        log.warning("--expert-victim-buffer in front of --expert-host-format float only copies "
+                    "experts that host memory already holds in the model dtype; leaving it out")
+        victim_slots = 0
+    if num_slots is not None and victim_slots > total - num_slots:
+        victim_slots = max(0, total - num_slots)  # more could never hold anything
     offload = ExpertOffload(blocks, source, num_slots, policy,
                             lambda weight: Linear(weight, None, model.ops, False), predictor,
                             traces if config.expert_policy == "oracle" else None,
-                            config.expert_prefetch_window,
-                            config.num_victim_slots(expert_bytes(model.arch, dtype)))
+                            config.expert_prefetch_window, victim_slots)
     runner.experts = offload
-    total = len(blocks) * blocks[0].num_experts
     log.info("experts offloaded: %d of %d in fast slots (%.0f MiB of %.0f), the rest in the %s "
              "tier%s%s; policy %s", num_slots, total, offload.resident_bytes() / 2**20,
              total * offload.expert_bytes / 2**20, source.tier,

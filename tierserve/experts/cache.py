@@ -149,11 +149,6 @@ class ExpertCache:
     def release(self, slots: list[int]) -> None:
         self.pool.release(slots)
 
-    def drop(self, slot: int) -> None:
-        """Forget the expert in held ``slot`` and release it: the slot is free and empty."""
-        self._forget(slot)
-        self.pool.release([slot])
-
     def check_invariants(self, held: int = 0) -> None:
         """Books agree; with no forward running, only loads hold slots (``held`` extra refs
         are pins, e.g. a static hot set)."""

@@ -62,6 +62,13 @@ class RequestTrace:
                    {int(layer): r for layer, r in data.get("lookahead", {}).items()})
 
 
+def by_votes(rows: Iterable[Iterable[int]]) -> list[int]:
+    """The experts some row chose, most chosen first (ties by id): a lookahead's prefetch order,
+    since a prefetch window looks at the front of the list only."""
+    votes = Counter(e for row in rows for e in row)
+    return sorted(votes, key=lambda e: (-votes[e], e))
+
+
 def prompt_key(prompt: Iterable[int]) -> str:
     """A request's identity in a trace: the hash of its prompt tokens."""
     return hashlib.blake2b(json.dumps(list(prompt)).encode(), digest_size=12).hexdigest()

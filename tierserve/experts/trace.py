@@ -13,14 +13,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tierserve.experts.routes import RequestTrace
+from tierserve.experts.routes import RequestTrace, by_votes
 from tierserve.model.moe import MoEBlock
 
 
 class RouteRecorder:
     """Attach to an engine's runner; ``trace(request_id, prompt, output)`` once it finished."""
 
-    def __init__(self, runner) -> None:
+    def __init__(self, runner, lookahead: bool = True) -> None:
+        """``lookahead``: also record the gate lookahead's guesses (one more router GEMM and
+        top-k per MoE layer; off where the recorded run is timed)."""
         self._chunks: list[tuple[str, int, int]] = []
         self.routes: dict[str, dict[int, dict[int, list[int]]]] = {}
         self.guesses: dict[str, dict[int, dict[int, list[int]]]] = {}
@@ -29,7 +31,7 @@ class RouteRecorder:
         blocks = [layer.mlp for layer in runner.model.layers if isinstance(layer.mlp, MoEBlock)]
         for block, after in zip(blocks, blocks[1:] + [None]):
             block.on_route = self._on_route
-            if after is not None:
+            if after is not None and lookahead:
                 block.route = self._guessing(block, after, block.route)
 
     def _guessing(self, block: MoEBlock, after: MoEBlock, route):
@@ -115,13 +117,13 @@ class RouteReplay:
         after = self._next.get(layer)
         if after is None:
             return []
-        experts: set[int] = set()
+        rows: list[list[int]] = []
         for trace, start, count in self._rows:
             per_position = trace.lookahead.get(layer, []) if trace else []
             if start + count > len(per_position):
                 return None
-            experts.update(e for choice in per_position[start:start + count] for e in choice)
-        return [(after, e) for e in sorted(experts)]
+            rows += per_position[start:start + count]
+        return [(after, e) for e in by_votes(rows)]
 
     def _on_plan(self, plan) -> None:
         for request_id in plan.finished_request_ids:

@@ -27,6 +27,7 @@ from tierserve.experts.routes import (
     PredictedRoute,
     RequestTrace,
     StepRequest,
+    by_votes,
     prompt_key,
     trace_layout,
 )
@@ -156,8 +157,8 @@ class SimExperts:
             held = self.books.hold(layer, sorted({e for row in rows for e in row}))
             if self.policy.lookahead and position + 1 < len(self.moe_layers):
                 later = self.moe_layers[position + 1]
-                self.books.prefetch(sorted({(later, e) for c in chunks
-                                            for row in self._choices(c, later) for e in row}))
+                self.books.prefetch([(later, e) for e in by_votes(
+                    row for c in chunks for row in self._choices(c, later))])
             for slot in held.values():
                 self.books.ready(slot)
                 loads.now += per_layer / len(held)
