@@ -76,9 +76,9 @@ class ExpertBooks:
     in a slot take their turn too. The load queue is first in, first out, so each speculative
     load queued ahead of a forward's miss delays it; the rest of the list is asked again at the
     next layer, when the routes are better known. In the simulator (Mixtral-sized experts over
-    PCIe 4.0) a window of 2 turned expertflow from 0.42-0.91x LRU's tok/s into 1.07-1.12x
-    (docs/paper-results.md); starting up to ``window`` loads from anywhere down the list gave
-    0.91-1.11x, a window of 4 less than 2."""
+    PCIe 4.0, 16-32 concurrent) the window of 2 makes expertflow 1.41-2.52x LRU's tok/s against
+    1.07-1.86x without one; windows of 1 and 2 tie, 4 and 16 lose part of it, and starting up to
+    ``window`` loads from anywhere down the list loses at batch 1 (docs/paper-results.md)."""
 
     def __init__(self, num_slots: int, policy: ExpertPolicy, moe_layers: Sequence[int],
                  num_experts: int, top_k: int, loads: LoadQueue,

@@ -23,7 +23,7 @@ ExpertKey = tuple[int, int]  # (layer index, expert index)
 # The MoE layers are swept in a cycle larger than the cache, where the least recently freed
 # slots hold the experts needed soonest: weighing only the oldest 16 made predicted next use
 # little better than LRU. At GPU scale (simulated, 16-32 concurrent) the full scan took
-# expertflow from 1.07-1.17x LRU's tok/s to 1.41-2.53x (oracle 1.45-2.68x); at batch 1, whose
+# expertflow from 1.07-1.17x LRU's tok/s to 1.41-2.52x (oracle 1.45-2.67x); at batch 1, whose
 # predictions are weakest, from 1.11x to 0.83x (docs/paper-results.md).
 EVICTION_SCAN: int | None = None
 
