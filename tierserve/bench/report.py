@@ -190,6 +190,10 @@ def plot_bars(results: dict[str, dict], metrics: Sequence[tuple[str, str]], path
         axis.bar_label(bars, labels=[_cell(value) for value in values])
         axis.set_title(label, fontsize="medium")
         axis.tick_params(axis="x", labelsize="small")
+        if len(names) > 4 or max(map(len, names)) > 10:  # long names would run together
+            axis.tick_params(axis="x", labelrotation=30)
+            for tick in axis.get_xticklabels():
+                tick.set_horizontalalignment("right")
     _suptitle(figure, title)
     _save(figure, path)
     plt.close(figure)
