@@ -264,13 +264,26 @@ def test_an_expert_file_damaged_while_serving_fails_its_requests_not_the_engine(
         llm.engine.runner.close()
 
 
-def test_the_disk_tier_drops_its_page_cache_at_start(mixtral, monkeypatch):
-    calls = []
+def test_the_disk_tier_drops_its_page_cache_at_start_and_never_loads_the_experts(
+        mixtral, monkeypatch):
+    from tierserve.engine import loading
+
+    calls, loaded = [], []
     real = os.posix_fadvise
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, o, n, advice: (
         calls.append(advice), real(fd, o, n, advice)))
+    real_load = loading.load_checkpoint
+
+    def spy(*args, **kwargs):
+        checkpoint = real_load(*args, **kwargs)
+        loaded.append(sorted(checkpoint.tensors))
+        return checkpoint
+    monkeypatch.setattr(loading, "load_checkpoint", spy)
     _run(mixtral[0], mixtral[1][:1], expert_cache="6")
     assert os.POSIX_FADV_DONTNEED in calls
+    assert loaded and not any(".mlp.experts." in name for name in loaded[0])
+    _run(mixtral[0], mixtral[1][:1], expert_cache="6", expert_host_format="q8")
+    assert any(".mlp.experts." in name for name in loaded[1])  # the host tier takes them
 
 
 def test_offloading_needs_an_moe_model_and_room_for_a_layer(mixtral, tiny_llama_dir):

@@ -159,3 +159,20 @@ def test_quantized_stacked_experts_dequantize_slice_by_slice(from_folder, tmp_pa
     original, mine = hf[name], loaded.tensors[name].numpy()
     assert mine.shape == original.shape and not np.array_equal(mine, original)
     assert np.abs(mine - original).max() <= 0.01 * np.abs(original).max()
+
+
+def test_skipping_experts_loads_everything_else_and_reads_no_expert(from_folder, tmp_path):
+    """An expert disk tier reads the experts itself: the loader leaves them in the files, from
+    HF folders and GGUF alike, and checks the rest as usual."""
+    from tierserve.model.loader import ROUTED_EXPERT
+
+    family, reference = from_folder
+    hf = {name: tensor.numpy() for name, tensor in reference.tensors.items()}
+    write_moe_gguf(tmp_path / "moe.gguf", hf, reference.arch)
+    folder = reference.path
+    for path in (folder, tmp_path / "moe.gguf"):
+        lean = load_checkpoint(path, skip_experts=True)
+        kept = {n for n in reference.tensors if not ROUTED_EXPERT.match(n)}
+        assert set(lean.tensors) == kept and len(kept) < len(reference.tensors), (family, path)
+        for name in kept:
+            assert np.array_equal(lean.tensors[name].numpy(), reference.tensors[name].numpy())

@@ -40,7 +40,10 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
     if config.model.num_threads:
         torch.set_num_threads(config.model.num_threads)
     path = resolve_model(config.model.model)
-    checkpoint = load_checkpoint(path, DTYPES[config.model.dtype])
+    # An expert disk tier reads the experts from the files itself: never load them here.
+    disk_experts = (config.experts.expert_cache is not None
+                    and config.experts.expert_host_format == "none")
+    checkpoint = load_checkpoint(path, DTYPES[config.model.dtype], skip_experts=disk_experts)
     arch = checkpoint.arch
     tokenizer = Tokenizer.from_path(path)
     max_model_len = _max_model_len(config, arch)

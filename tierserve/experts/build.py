@@ -44,6 +44,9 @@ def make_source(config: ExpertConfig, path: Path, arch, experts: dict, dtype: to
 
         renames = [(re.compile(p), t) for p, t in FAMILIES[arch.architecture].renames]
         source = DiskExperts.from_safetensors(_safetensors_files(path), renames, dtype)
+    source.check_shapes(arch.moe_intermediate_size, arch.hidden_size,
+                        [(layer, e) for layer in range(arch.num_layers) if arch.is_moe_layer(layer)
+                         for e in range(arch.num_experts)])
     if config.drop_page_cache:
         source.drop_page_cache()
     return source

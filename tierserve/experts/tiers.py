@@ -225,6 +225,22 @@ class DiskExperts(ExpertSource):
                                       f"{sorted({'gate', 'up', 'down'} - set(parts))} projections")
         self._files = {e.path for parts in extents.values() for e in parts.values()}
 
+    def check_shapes(self, expert_ffn: int, hidden: int, keys: list[ExpertKey]) -> None:
+        """Every expert the model routes to is here with the shapes its config implies (the
+        loader skipped these tensors, so this is their only check)."""
+        want = {"gate": (expert_ffn, hidden), "up": (expert_ffn, hidden),
+                "down": (hidden, expert_ffn)}
+        for key in keys:
+            parts = self._extents.get(key)
+            if parts is None:
+                raise ExpertTierError(f"expert {key} is in none of the checkpoint's files "
+                                      f"({', '.join(sorted(map(str, self._files)))})")
+            for name, extent in parts.items():
+                if tuple(extent.shape) != want[name]:
+                    raise ExpertTierError(
+                        f"{extent.path}: expert {key}'s {name} projection has shape "
+                        f"{tuple(extent.shape)}, the config implies {want[name]}")
+
     @classmethod
     def from_safetensors(cls, files: list[Path], renames: list[tuple[re.Pattern, str]],
                          dtype: torch.dtype) -> DiskExperts:

@@ -186,9 +186,10 @@ def _moe_fields(gguf_file: GGUFFile, spec: GGUFArchSpec, get, num_layers: int) -
 
 
 def load_gguf_tensors(
-    gguf_file: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype
+    gguf_file: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype, skip_experts: bool = False
 ) -> dict[str, torch.Tensor]:
-    """Dequantize every weight once, un-permute q/k where needed, and return it under its HF name."""
+    """Dequantize every weight once, un-permute q/k where needed, and return it under its HF name
+    (without the stacked routed experts with ``skip_experts``: those are never read)."""
     spec = _arch_spec(gguf_file)
     tensors: dict[str, torch.Tensor] = {}
     for name, info in gguf_file.tensors.items():
@@ -201,6 +202,8 @@ def load_gguf_tensors(
                 f"{gguf_file.path}: tensor {name!r} has no HF name for architecture {spec.architecture}; "
                 "this GGUF has parts tierserve's model lacks (check it is a plain text decoder)"
             )
+        if skip_experts and "{e}" in spec.tensor_names[template]:
+            continue
         try:
             values = gguf_file.read_float32(name)
         except NotImplementedError:

@@ -152,26 +152,35 @@ def _moe_fields(config: dict, family: Family, num_layers: int, need) -> dict:
     return fields
 
 
-def load_safetensors(folder: Path, arch: ModelArchConfig, dtype: torch.dtype
-                     ) -> dict[str, torch.Tensor]:
-    """Every weight of the folder as ``dtype``, under the model code's names."""
-    from safetensors.torch import load_file
+def load_safetensors(folder: Path, arch: ModelArchConfig, dtype: torch.dtype,
+                     skip_experts: bool = False) -> dict[str, torch.Tensor]:
+    """Every weight of the folder as ``dtype``, under the model code's names (without the
+    routed experts' with ``skip_experts``: those are never read)."""
+    from safetensors import safe_open
+
+    from tierserve.model.loader import ROUTED_EXPERT
 
     renames = [(re.compile(pattern), target) for pattern, target in
                FAMILIES[arch.architecture].renames]
     tensors: dict[str, torch.Tensor] = {}
     for file in _safetensors_files(folder):
         try:
-            weights = load_file(file)
+            with safe_open(file, framework="pt") as weights:
+                for stored in weights.keys():  # noqa: SIM118 (safe_open is no dict)
+                    if stored.endswith(_IGNORED_SUFFIXES):
+                        continue
+                    name = stored
+                    for pattern, target in renames:
+                        name = pattern.sub(target, name)
+                    if skip_experts and ROUTED_EXPERT.match(name):
+                        continue
+                    tensor = weights.get_tensor(stored)
+                    tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        except CheckpointError:
+            raise
         except Exception as exc:  # safetensors' messages do not say which file
             raise CheckpointError(f"cannot read {file}: {exc}; the file is truncated or damaged, "
                                   "re-create or re-copy the checkpoint") from exc
-        for name, tensor in weights.items():
-            if name.endswith(_IGNORED_SUFFIXES):
-                continue
-            for pattern, target in renames:
-                name = pattern.sub(target, name)
-            tensors[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
     if arch.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)  # a saved copy of the embedding; the model ties
     return tensors
