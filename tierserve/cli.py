@@ -68,8 +68,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     moe = parser.add_argument_group(
         "MoE expert offloading",
         "Keep only some experts of an MoE model in fast memory (the GPU, or prepared slots on "
-        "CPU); the rest stay on disk (read from the checkpoint's safetensors files) or in host "
-        "memory. Tokens are the same as with every expert resident.")
+        "CPU); the rest stay on disk (read from the checkpoint's safetensors or GGUF files, "
+        "never loaded whole) or in host memory. Tokens are the same as with every expert "
+        "resident.")
     moe.add_argument("--expert-cache", default=None,
                      help="experts in fast slots: a count (120) or a size (64MiB); at least one "
                      "layer's experts (default: all resident, no offloading)")
