@@ -13,7 +13,8 @@ import torch
 from tierserve.config import ExpertConfig
 from tierserve.experts.policies import make_expert_policy
 from tierserve.experts.routes import read_traces
-from tierserve.experts.tiers import EXPERT_NAME, DiskExperts, ExpertWeights, HostExperts
+from tierserve.experts.tiers import DiskExperts, ExpertWeights, HostExperts
+from tierserve.model.loader import ROUTED_EXPERT
 
 log = logging.getLogger(__name__)
 
@@ -21,8 +22,8 @@ log = logging.getLogger(__name__)
 def take_experts(tensors: dict[str, torch.Tensor]) -> dict[tuple[int, int], ExpertWeights]:
     """Remove every routed expert's weights from ``tensors``; (layer, expert) -> weights."""
     parts: dict[tuple[int, int], dict[str, torch.Tensor]] = {}
-    for name in [n for n in tensors if EXPERT_NAME.match(n)]:
-        match = EXPERT_NAME.match(name)
+    for name in [n for n in tensors if ROUTED_EXPERT.match(n)]:
+        match = ROUTED_EXPERT.match(name)
         parts.setdefault((int(match.group(1)), int(match.group(2))), {})[match.group(3)] = (
             tensors.pop(name))
     return {key: ExpertWeights(torch.cat([p["gate"], p["up"]]).contiguous(), p["down"].contiguous())
@@ -79,8 +80,7 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
         log.warning("--expert-victim-buffer in front of --expert-host-format float only copies "
                     "experts that host memory already holds in the model dtype; leaving it out")
         victim_slots = 0
-    if num_slots is not None and victim_slots > total - num_slots:
-        victim_slots = max(0, total - num_slots)  # more could never hold anything
+    victim_slots = min(victim_slots, max(0, total - num_slots))  # more could never hold anything
     offload = ExpertOffload(blocks, source, num_slots, policy,
                             lambda weight: Linear(weight, None, model.ops, False), predictor,
                             traces if config.expert_policy == "oracle" else None,

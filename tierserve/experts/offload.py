@@ -26,7 +26,7 @@ from tierserve.experts.books import (
 )
 from tierserve.experts.cache import ExpertKey
 from tierserve.experts.policies import ExpertPolicy
-from tierserve.experts.routes import StepRequest, by_votes, prompt_key
+from tierserve.experts.routes import StepRequest, prompt_key
 from tierserve.experts.tiers import ExpertSource, VictimBuffer
 from tierserve.model.kv_storage import SwapWorker
 from tierserve.model.moe import DenseMLP, MoEBlock
@@ -147,7 +147,9 @@ class ExpertOffload:
             return []
         block = self.blocks[min(later)]
         chosen = torch.topk(F.linear(x, block.router), block.top_k, dim=-1).indices
-        return [(block.layer_index, e) for e in by_votes(chosen.tolist())]
+        votes = torch.bincount(chosen.flatten(), minlength=block.num_experts)
+        order = torch.argsort(-votes, stable=True)  # most chosen first, ties by id (by_votes)
+        return [(block.layer_index, int(e)) for e in order[: int((votes > 0).sum())]]
 
     def settle(self) -> None:
         """Wait for every load in flight (tests, and before measuring)."""

@@ -23,9 +23,9 @@ import torch
 
 from tierserve.experts.books import ExpertTierError
 from tierserve.experts.cache import ExpertKey
+from tierserve.model.loader import ROUTED_EXPERT
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-EXPERT_NAME = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
 Q4_GROUP = 32  # input columns per Q4 scale
 
 
@@ -249,7 +249,7 @@ class DiskExperts(ExpertSource):
             for name, extent in _header(path).items():
                 for pattern, target in renames:
                     name = pattern.sub(target, name)
-                match = EXPERT_NAME.match(name)
+                match = ROUTED_EXPERT.match(name)
                 if match:
                     key = (int(match.group(1)), int(match.group(2)))
                     extents.setdefault(key, {})[match.group(3)] = extent
@@ -327,13 +327,11 @@ class DiskExperts(ExpertSource):
             tensor = torch.empty(extent.shape, dtype=extent.dtype)
             self._read_exact(extent, _bytes_of(tensor))
             return tensor.to(self.dtype)
-        from gguf.quants import dequantize as gguf_dequantize, quant_shape_to_byte_shape
+        from tierserve.model.gguf_file import dequantize_float32
 
         raw = np.empty(extent.nbytes, dtype=np.uint8)
         self._read_exact(extent, memoryview(raw).cast("B"))
-        values = gguf_dequantize(raw.reshape(quant_shape_to_byte_shape(extent.shape, extent.qtype)),
-                                 extent.qtype).reshape(extent.shape)
-        return torch.from_numpy(np.asarray(values, dtype=np.float32)).to(self.dtype)
+        return torch.from_numpy(dequantize_float32(raw, extent.shape, extent.qtype)).to(self.dtype)
 
     def drop_page_cache(self) -> None:
         for path in sorted(self._files):

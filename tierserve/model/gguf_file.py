@@ -73,11 +73,17 @@ class GGUFFile:
         raw = raw.view(
             np.ndarray
         )  # a plain array: memmap slices are slow to make, and dequantize makes many
-        byte_shape = quant_shape_to_byte_shape(info.shape, info.qtype)
-        values = dequantize(raw.reshape(byte_shape), info.qtype).reshape(info.shape)
-        if not values.flags.writeable or values.dtype != np.float32:
-            values = np.array(values, dtype=np.float32)  # F32 comes back as a view of the map
-        return values
+        return dequantize_float32(raw, info.shape, info.qtype)
+
+
+def dequantize_float32(
+    raw: np.ndarray, shape: tuple[int, ...], qtype: GGMLQuantizationType
+) -> np.ndarray:
+    """A tensor's stored bytes (uint8) as a writable float32 array of ``shape`` (torch order)."""
+    values = dequantize(raw.reshape(quant_shape_to_byte_shape(shape, qtype)), qtype).reshape(shape)
+    if not values.flags.writeable or values.dtype != np.float32:
+        values = np.array(values, dtype=np.float32)  # F32 comes back as a view of the map
+    return values
 
 
 def read_gguf(path: str | Path) -> GGUFFile:
