@@ -73,9 +73,9 @@ def chat_params(body: ChatCompletionRequest, syntax: CallSyntax | None = None
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     params = sampling_params(body, body.max_completion_tokens or body.max_tokens, logprobs,
                              body.prompt_logprobs)
-    syntax = syntax or HERMES
-    if tools_active(body) and syntax.special:  # the parser must see the markers (as vLLM)
+    if syntax is not None and syntax.special:  # the parser must see the markers (as vLLM)
         params.skip_special_tokens = False
+    syntax = syntax or HERMES
     choice = body.tool_choice
     forced = bool(body.tools) and (choice == "required" or not isinstance(choice, (str, type(None))))
     if forced:  # the call must be valid JSON for the tool's parameters: the grammar sees to it

@@ -18,7 +18,13 @@ from tierserve.outputs import CompletionOutput, RequestOutput
 from tierserve.request import SamplingParams
 from tierserve.server import protocol
 from tierserve.server.schemas import ChatCompletionRequest, CompletionRequest, error_body
-from tierserve.structured.tools import CallSyntax, between_calls, complete_calls, content_end
+from tierserve.structured.tools import (
+    CallSyntax,
+    between_calls,
+    complete_calls,
+    content_end,
+    with_id,
+)
 
 
 class _Chunks:
@@ -167,7 +173,7 @@ def _tool_stream(chunk, completion, state: _ChoiceState, holdback: int, syntax: 
             events.append(delta({"content": text[state.text_sent:end]}))
             state.text_sent = end
     for _, _, call in (calls if parallel else calls[:1])[state.calls_sent:]:
-        events.append(delta({"tool_calls": [{"index": state.calls_sent, **call}]}))
+        events.append(delta({"tool_calls": [{"index": state.calls_sent, **with_id(call)}]}))
         state.calls_sent += 1
     if completion.finished:
         state.finished = True

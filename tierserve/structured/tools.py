@@ -30,8 +30,8 @@ class CallSyntax:
     - as the whole answer, objects ``separator`` apart, ``open`` an optional lead (Llama 3's JSON
       tool calls, perhaps after ``<|python_tag|>``).
 
-    ``detect`` are strings of a chat template that say the family writes this syntax;
-    ``special``: its markers are special tokens, which the answer must keep to be parsed."""
+    A chat template naming ``open`` (stripped) writes this syntax; ``special``: its markers are
+    special tokens, which the answer must keep to be parsed."""
 
     name: str
     open: str
@@ -39,15 +39,13 @@ class CallSyntax:
     arguments: str = "arguments"
     form: str = "blocks"  # blocks | array | whole
     separator: str = "\n"  # between two forced calls
-    detect: tuple[str, ...] = ()
     special: bool = False
 
 
-HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>", detect=("<tool_call>",))
-MISTRAL = CallSyntax("mistral", "[TOOL_CALLS]", form="array", separator=", ",
-                     detect=("[TOOL_CALLS]",), special=True)
+HERMES = CallSyntax("hermes", "<tool_call>\n", "\n</tool_call>")
+MISTRAL = CallSyntax("mistral", "[TOOL_CALLS]", form="array", separator=", ", special=True)
 LLAMA3 = CallSyntax("llama3", "<|python_tag|>", arguments="parameters", form="whole",
-                    separator="; ", detect=("<|python_tag|>",), special=True)
+                    separator="; ", special=True)
 SYNTAXES = {syntax.name: syntax for syntax in (HERMES, MISTRAL, LLAMA3)}
 
 
@@ -58,10 +56,8 @@ def syntax_for(chat_template: str | None) -> CallSyntax:
     template = chat_template or ""
     if "tools" not in template:
         return HERMES
-    for syntax in (MISTRAL, LLAMA3, HERMES):
-        if any(marker in template for marker in syntax.detect):
-            return syntax
-    return HERMES
+    return next((syntax for syntax in (MISTRAL, LLAMA3) if syntax.open.strip() in template),
+                HERMES)
 
 
 SYSTEM_PROMPT = (
@@ -163,21 +159,28 @@ def _closed(parameters: dict | None) -> dict:
 _BLOCK = {name: re.compile(re.escape(s.open.strip()) + r"\s*(.*?)\s*" + re.escape(s.close.strip()),
                            re.DOTALL) for name, s in SYNTAXES.items() if s.form == "blocks"}
 _JSON = json.JSONDecoder()
+_WHITESPACE = re.compile(r"\s*")
 
 
 def _call(value, syntax: CallSyntax) -> dict | None:
-    """A parsed JSON value as a call in OpenAI's shape (a new id), or None if it is not one."""
+    """A parsed JSON value as a call in OpenAI's shape, without its id (``with_id`` gives one
+    to a call handed out), or None if it is not one."""
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get(syntax.arguments, value.get("arguments", {}))
-    return {"id": f"call_{secrets.token_hex(12)}", "type": "function",
+    return {"type": "function",
             "function": {"name": value["name"], "arguments": arguments
                          if isinstance(arguments, str) else json.dumps(arguments)}}
 
 
+def with_id(call: dict) -> dict:
+    """A parsed call as handed to a client: with a new id."""
+    return {"id": f"call_{secrets.token_hex(12)}", **call}
+
+
 def _decode(text: str, at: int):
     """The JSON value starting at ``at`` (after whitespace) and where it ends, or None."""
-    at += len(text[at:]) - len(text[at:].lstrip())
+    at = _WHITESPACE.match(text, at).end()  # no copy of the rest: this runs per streamed token
     try:
         return _JSON.raw_decode(text, at)
     except json.JSONDecodeError:
@@ -203,19 +206,20 @@ def complete_calls(text: str, syntax: CallSyntax = HERMES) -> list[tuple[int, in
         rest = text[at + len(syntax.open):].lstrip()
         if not rest.startswith("["):
             return []
-        return _sequence(text, len(text) - len(rest) + 1, at, syntax, ",", close="]")
+        return _sequence(text, len(text) - len(rest) + 1, at, syntax, close="]")
     # the whole answer: objects one after another, ``separator`` apart
-    at = len(text) - len(text.lstrip())
+    at = _WHITESPACE.match(text).end()
     if text.startswith(syntax.open, at):
         at += len(syntax.open)
-    return _sequence(text, at, 0, syntax, syntax.separator.strip())
+    return _sequence(text, at, 0, syntax)
 
 
-def _sequence(text: str, at: int, start: int, syntax: CallSyntax, separator: str,
+def _sequence(text: str, at: int, start: int, syntax: CallSyntax,
               close: str = "") -> list[tuple[int, int, dict]]:
-    """Calls written one after another from ``at``, ``separator`` apart (and ``close`` after
-    the last): each complete one with its span, the first from ``start``, the last taking the
-    closing mark when it is there."""
+    """Calls written one after another from ``at``, the syntax's separator apart (and
+    ``close`` after the last): each complete one with its span, the first from ``start``, the
+    last taking the closing mark when it is there."""
+    separator = syntax.separator.strip()
     found = []
     while (decoded := _decode(text, at)) is not None:
         call = _call(decoded[0], syntax)
@@ -241,8 +245,8 @@ def parse_calls(text: str, syntax: CallSyntax = HERMES, parallel: bool = True
     found = complete_calls(text, syntax)
     if not found:
         return text, []
-    calls = [call for _, _, call in found]
-    return between_calls(text, found, 0).strip() or None, calls if parallel else calls[:1]
+    calls = [with_id(call) for _, _, call in (found if parallel else found[:1])]
+    return between_calls(text, found, 0).strip() or None, calls
 
 
 def between_calls(text: str, found: list[tuple[int, int, dict]], since: int) -> str:
