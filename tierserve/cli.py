@@ -102,6 +102,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                      help="host memory for experts evicted from the fast slots, unquantized: a "
                      "count (120) or a size (1GiB); a later miss copies one back instead of "
                      "reading the disk or dequantizing (default: none)")
+    moe.add_argument("--expert-host-compute", type=int, default=0, metavar="ROWS",
+                     help="run a missed expert that at most ROWS of a forward's rows chose on "
+                     "the host tier's weights instead of loading it (Fiddler: on a GPU machine "
+                     "the CPU computes cold experts; needs --expert-host-format) (default: "
+                     "%(default)s, off)")
     longctx = parser.add_argument_group(
         "long-context KV selection",
         "Each decode attends to a budget of its cached blocks instead of all of them; every "
@@ -151,7 +156,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         expert_predictor=args.expert_predictor, expert_prefetch_depth=args.expert_prefetch_depth,
         expert_pin_fraction=args.expert_pin_fraction,
         expert_prefetch_window=args.expert_prefetch_window,
-        expert_victim_buffer=args.expert_victim_buffer, kv_selection=args.kv_selection,
+        expert_victim_buffer=args.expert_victim_buffer,
+        expert_host_compute=args.expert_host_compute, kv_selection=args.kv_selection,
         kv_budget=args.kv_budget, kv_dense_layers=args.kv_dense_layers,
         kv_eviction=args.kv_eviction, kv_eviction_budget=args.kv_eviction_budget,
         kv_eviction_threshold=args.kv_eviction_threshold)

@@ -165,6 +165,9 @@ class ExpertConfig:
     # bytes, like expert_cache): a later miss copies them back instead of reading the disk or
     # dequantizing again (LSM-GNN's victim buffer; the KV tiers' save_evicted_to_host).
     expert_victim_buffer: str | int | None = None
+    # A missed expert that at most this many of a forward's rows chose runs on the host tier's
+    # weights instead of loading into a fast slot (Fiddler's cold experts on the CPU); 0: off.
+    expert_host_compute: int = 0
     drop_page_cache: bool = True  # posix_fadvise(DONTNEED) the expert files at start
 
     def __post_init__(self) -> None:
@@ -180,6 +183,11 @@ class ExpertConfig:
             raise ValueError(f"expert_pin_fraction must be in [0, 1), got {self.expert_pin_fraction}")
         if self.expert_prefetch_window is not None and self.expert_prefetch_window < 0:
             raise ValueError("expert_prefetch_window must be >= 0 (0: no limit)")
+        if self.expert_host_compute < 0:
+            raise ValueError("expert_host_compute must be >= 0 (0: off)")
+        if self.expert_host_compute and self.expert_host_format == "none":
+            raise ValueError("--expert-host-compute runs experts on the host tier's weights; "
+                             "keep them in host memory with --expert-host-format float|q8|q4")
 
     def num_slots(self, expert_bytes: int) -> int | None:
         """Fast slots: a plain number is experts, a size (with a unit) is bytes."""

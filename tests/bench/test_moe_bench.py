@@ -31,3 +31,5 @@ def test_bench_moe_reports_every_policy_against_all_resident(tmp_path):
     assert result.results["lru"]["victim_hit_ratio"] is None
     with pytest.raises(ValueError, match="unknown variant"):
         run_moe(MoeSpec(model=str(folder), policies=("lru+turbo",)), progress=False)
+    with pytest.raises(ValueError, match="--expert-host-format"):
+        run_moe(MoeSpec(model=str(folder), policies=("static+cpu",)), progress=False)

@@ -74,8 +74,10 @@ def test_recorded_traces_cover_every_computed_position(mixtral):
     dict(expert_policy="lru", expert_cache="7", expert_host_format="float"),
     dict(expert_policy="expertflow", expert_cache="8", predictor=True, expert_victim_buffer="6",
          expert_prefetch_window=0),
+    dict(expert_policy="static", expert_cache="10", trace=True, expert_host_format="float",
+         expert_host_compute=2),
 ], ids=["lru", "lookahead", "static", "oracle", "expertflow", "expertflow-regrouped", "host",
-        "victim-buffer-unlimited-prefetch"])
+        "victim-buffer-unlimited-prefetch", "static-cold-on-host"])
 def test_every_policy_gives_the_tokens_of_all_resident_experts(mixtral, options):
     folder, prompts, tokens, trace, predictor, _ = mixtral
     options = dict(options)
@@ -116,6 +118,34 @@ def test_a_victim_buffer_serves_evicted_experts_again_without_the_slower_tier(mi
     assert offload.stats.bytes_loaded[tier] < without.stats.bytes_loaded[tier]
     assert offload.cache.counters.loads == without.cache.counters.loads  # same fast-slot story
     assert offload.victims.nbytes == 12 * offload.expert_bytes
+
+
+@pytest.mark.parametrize("host_format", ["float", "q8"])
+def test_cold_experts_run_on_the_host_tier_instead_of_loading(mixtral, host_format):
+    """--expert-host-compute: a miss that few rows chose runs on the host tier's weights (no
+    load, no slot); the tokens are those of the same tier loading every miss."""
+    folder, prompts = mixtral[0], mixtral[1]
+    options = dict(expert_cache="6", expert_host_format=host_format)
+    loading, plain = _run(folder, prompts, **options)
+    everything, on_host = _run(folder, prompts, **options, expert_host_compute=10_000)
+    assert everything == loading
+    assert on_host.cache.counters.loads == 0 and on_host.stats.bytes_loaded == {}
+    assert on_host.stats.host_runs == _misses(on_host) > 0
+    few, some = _run(folder, prompts, **options, expert_host_compute=1)
+    assert few == loading
+    # prompts (many rows) still load their misses; single-row decodes run on the host
+    assert 0 < some.cache.counters.loads < plain.cache.counters.loads
+    assert 0 < some.stats.host_runs == some.stats.host_rows
+    assert some.stats.host_runs + some.cache.counters.loads == _misses(some)
+
+
+def _misses(offload):
+    return sum(c.misses for c in offload.cache.counters.layers.values())
+
+
+def test_host_compute_needs_a_host_tier(mixtral):
+    with pytest.raises(ValueError, match="--expert-host-format"):
+        _run(mixtral[0], mixtral[1][:1], expert_cache="6", expert_host_compute=2)
 
 
 def test_a_victim_buffer_is_sized_to_what_it_could_hold(mixtral):

@@ -21,12 +21,16 @@ from tierserve.sim.cost import LinearCostModel
 from tierserve.sim.driver import PromptMaker, drive
 from tierserve.sim.executor import SimExecutor, VirtualClock
 from tierserve.sim.experts import SimExperts, SimLoadQueue, install
-from tierserve.sim.hardware import LinkSpec
+from tierserve.sim.hardware import HostCPU, LinkSpec
 from tierserve.sim.traces import TraceRequest, poisson_arrivals
 
 LAYERS, EXPERTS, TOP_K = 4, 8, 2
 EXPERT_BYTES = 1_000_000
 LINK = LinkSpec(bandwidth=1e9, overhead_s=0.0, efficiency=1.0)  # 1 ms per expert
+FLOPS_PER_ROW = 1e6
+# Reads an expert in 0.25 ms, computes a row in 0.1 ms: up to 10 rows beat a 1 ms load.
+FAST_CPU = HostCPU("fast", flops=1e10, memory_bandwidth=4e9, source="test",
+                   flops_efficiency=1.0, bandwidth_efficiency=1.0)
 
 
 def make_traces(num_requests=8, seed=0, prompt_len=6, output_len=10) -> list[RequestTrace]:
@@ -50,7 +54,7 @@ def predictions_of(traces) -> dict[str, PredictedRoute]:
 
 
 def run(policy_name, traces, num_slots, step_s=0.004, max_num_seqs=8, policy="sarathi",
-        predictions=None, train=None, rate=None):
+        predictions=None, train=None, rate=None, host_cpu=None):
     engine = EngineConfig(
         cache=CacheConfig(block_size=4, enable_prefix_caching=False, swap_space=0),
         scheduler=SchedulerConfig(max_num_batched_tokens=256, max_num_seqs=max_num_seqs,
@@ -61,7 +65,7 @@ def run(policy_name, traces, num_slots, step_s=0.004, max_num_seqs=8, policy="sa
     core = EngineCore(engine, executor, EngineLimits(256, 4096, 4096, 1), clock=clock)
     policy_object = make_expert_policy(policy_name, train or traces)
     experts = SimExperts(policy_object, num_slots, traces, EXPERT_BYTES, LINK, LAYERS,
-                         predictions)
+                         predictions, host_cpu=host_cpu, expert_flops_per_row=FLOPS_PER_ROW)
     install(experts, executor)
     requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0 if rate is None else
                              None, request_id=f"r{i}", prompt_token_ids=list(t.prompt))
@@ -130,6 +134,33 @@ def test_regrouping_runs_fewer_distinct_experts_per_step():
                         policy="expert-grouped")
     assert (grouped.report(output)["distinct_experts_per_step"]
             < plain.report(output)["distinct_experts_per_step"])
+
+
+def test_cold_experts_run_on_the_host_cpu_when_it_beats_a_load():
+    traces = make_traces(seed=3)
+    output = sum(len(t.output) for t in traces)
+    loading, took_loading, _ = run("static", traces, EXPERTS * 2)
+    fiddler, took_fiddler, _ = run("static", traces, EXPERTS * 2, host_cpu=FAST_CPU)
+    report = fiddler.report(output)
+    assert fiddler.host_rows == 10
+    assert fiddler.host_seconds(1) == pytest.approx(0.00025)  # bandwidth-bound
+    assert fiddler.host_seconds(10) == pytest.approx(0.001)  # compute-bound
+    assert report["host_runs"] > 0 and report["host_rows"] >= report["host_runs"]
+    # a host run loads nothing: only the pins and the misses of more than 10 rows load
+    assert report["loads"] < loading.report(output)["loads"]
+    assert report["gib_loaded"] < loading.report(output)["gib_loaded"]
+    assert took_fiddler < took_loading
+    fiddler.books.check_invariants()
+    assert fiddler.books.cache.num_free == EXPERTS * 2 - fiddler.books.pinned
+
+
+def test_a_host_cpu_slower_than_the_link_changes_nothing():
+    traces = make_traces(seed=3)
+    slow = HostCPU("slow", flops=1e9, memory_bandwidth=0.5e9, source="test")
+    plain, took_plain, _ = run("lru", traces, EXPERTS * 2)
+    with_cpu, took_cpu, _ = run("lru", traces, EXPERTS * 2, host_cpu=slow)
+    assert with_cpu.host_rows == 0 and with_cpu.books.stats.host_runs == 0
+    assert took_cpu == took_plain
 
 
 def test_simulated_runs_are_deterministic():

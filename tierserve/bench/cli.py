@@ -134,8 +134,12 @@ def _add_moe(sub) -> None:
                      help="expert policies; +regroup adds the expert-grouped scheduling policy, "
                      "+pin pins half the slots from --train-trace (expertflow), +victim puts a "
                      "victim buffer of --victim-buffer experts in front of the slow tier, "
-                     "+window0 lifts the prefetch window (any number of loads in flight) "
+                     "+window0 lifts the prefetch window (any number of loads in flight), "
+                     "+cpu runs misses of at most --host-compute rows on the host tier's weights "
+                     "instead of loading them (Fiddler; needs --expert-host-format) "
                      "(default: %(default)s)")
+    moe.add_argument("--host-compute", type=int, default=4, metavar="ROWS",
+                     help="the +cpu runs' --expert-host-compute (default: %(default)s)")
     moe.add_argument("--victim-buffer", default="25%",
                      help="experts in the +victim runs' buffer: a count or a percentage of all "
                      "experts (default: %(default)s)")
@@ -175,7 +179,8 @@ def cmd_moe(args: argparse.Namespace) -> int:
                    concurrency=args.concurrency, seed=args.seed, scale=args.scale,
                    train_trace=args.train_trace, predictor=args.predictor,
                    host_format=args.expert_host_format, threads=args.threads,
-                   replay_routes=args.replay_routes, victim_buffer=args.victim_buffer)
+                   replay_routes=args.replay_routes, victim_buffer=args.victim_buffer,
+                   host_compute=args.host_compute)
     result = run_moe(spec, progress=not args.no_progress)
     _finish(args, result.config, result.results, MOE_COLUMNS,
             extra={"per_layer_hit_ratio": result.per_layer_hits})

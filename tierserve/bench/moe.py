@@ -39,6 +39,7 @@ class MoeSpec:
     threads: int | None = None
     replay_routes: str | None = None  # force these traces' routes (a random-weight model)
     victim_buffer: str = "25%"  # experts in the buffer of the "+victim" runs
+    host_compute: int = 4  # the "+cpu" runs' --expert-host-compute (rows)
 
 
 @dataclass(slots=True)
@@ -48,7 +49,7 @@ class MoeResult:
     per_layer_hits: dict[str, list[float]] = field(default_factory=dict)
 
 
-VARIANTS = ("regroup", "pin", "victim", "window0")  # "+name" suffixes of a policy
+VARIANTS = ("regroup", "pin", "victim", "window0", "cpu")  # "+name" suffixes of a policy
 
 
 def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
@@ -61,6 +62,9 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
         if unknown:
             raise ValueError(f"{name}: unknown variant(s) {', '.join(sorted(unknown))}; a policy "
                              f"takes +{', +'.join(VARIANTS)}")
+        if "cpu" in name.split("+")[1:] and spec.host_format == "none":
+            raise ValueError(f"{name}: +cpu runs missed experts on the host tier's weights; "
+                             "give --expert-host-format float|q8|q4")
     work = Path(tempfile.mkdtemp(prefix="tierserve-bench-moe-"))
     base = dict(swap_space=0, max_num_seqs=spec.concurrency, num_threads=spec.threads)
     replay = read_traces(spec.replay_routes) if spec.replay_routes else None
@@ -121,6 +125,8 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
             options["expert_victim_buffer"] = str(_slots(spec.victim_buffer, total_experts))
         if "window0" in extras:
             options["expert_prefetch_window"] = 0
+        if "cpu" in extras:
+            options["expert_host_compute"] = spec.host_compute
         if policy == "static":
             options["expert_trace"] = spec.train_trace
         if policy == "oracle":
@@ -153,6 +159,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
             "resident_expert_mib": offload.resident_bytes() / 2**20,
             "same_tokens": tokens == reference,
             "loads": counters.loads, "evictions": counters.evictions,
+            "host_runs": stats.host_runs,
         }
         if policy == "expertflow" and offload.predictor is not None:
             row.update(_predictor_quality(offload.predictor, traces, arch.num_experts))

@@ -27,6 +27,9 @@ from tierserve.sched.plan import CopyError
 log = logging.getLogger(__name__)
 OBSERVED_ROWS = 8  # a chunk's last rows that correct its request's predicted route
 PREFETCH_WINDOW = 2  # loads in flight beyond which no prefetch starts (see ExpertBooks)
+# ``hold``'s slot for an expert the forward computes where its weights live (the host), not in
+# a fast slot: a miss chosen by at most ``host_rows`` rows (Fiddler's rule).
+ON_HOST = -1
 
 
 class ExpertTierError(RuntimeError):
@@ -58,6 +61,8 @@ class OffloadStats:
     bytes_loaded: dict[str, int] = field(default_factory=dict)  # source tier -> bytes
     distinct_per_step: list[int] = field(default_factory=list)  # experts run, all layers
     experts_this_step: int = 0
+    host_runs: int = 0  # missed experts computed on the host instead of loaded (Fiddler)
+    host_rows: int = 0  # rows those host runs computed
 
 
 class LoadQueue(Protocol):
@@ -78,12 +83,16 @@ class ExpertBooks:
     next layer, when the routes are better known. In the simulator (Mixtral-sized experts over
     PCIe 4.0, 16-32 concurrent) the window of 2 makes expertflow 1.41-2.52x LRU's tok/s against
     1.07-1.86x without one; windows of 1 and 2 tie, 4 and 16 lose part of it, and starting up to
-    ``window`` loads from anywhere down the list loses at batch 1 (docs/paper-results.md)."""
+    ``window`` loads from anywhere down the list loses at batch 1 (docs/paper-results.md).
+
+    ``host_rows`` (0: off): a missed expert that at most this many of a forward's rows chose is
+    not loaded; the forward computes it where the lower tier keeps it (``ON_HOST``), as Fiddler
+    computes cold experts on the CPU: a few rows there cost less than moving the weights."""
 
     def __init__(self, num_slots: int, policy: ExpertPolicy, moe_layers: Sequence[int],
                  num_experts: int, top_k: int, loads: LoadQueue,
                  clock: Callable[[], float],
-                 prefetch_window: int | None = PREFETCH_WINDOW) -> None:
+                 prefetch_window: int | None = PREFETCH_WINDOW, host_rows: int = 0) -> None:
         if num_slots < num_experts:
             raise ValueError(f"--expert-cache {num_slots} holds fewer experts than one layer has "
                              f"({num_experts}); a layer may need all of them at once")
@@ -95,6 +104,7 @@ class ExpertBooks:
         self.stats = OffloadStats()
         self.reserve = num_experts  # slots prefetches leave free: one layer's misses must fit
         self.prefetch_window = prefetch_window or None
+        self.host_rows = host_rows
         self.pinned = 0
         self._known: dict[str, None] = {}  # live request ids, arrival order
         self._load_key: dict[int, str] = {}  # slot -> load-queue key of its load in flight
@@ -136,16 +146,24 @@ class ExpertBooks:
             self.policy.observe(chunk.request_id, layer, rows[max(row, end - OBSERVED_ROWS):end])
             row = end
 
-    def hold(self, layer: int, experts: Iterable[int]) -> dict[int, int]:
+    def hold(self, layer: int, experts: Sequence[int],
+             rows: Sequence[int] | None = None) -> dict[int, int]:
         """Hold ``experts`` of ``layer`` for one forward (loading the misses), then prefetch
-        what the policy asks for after this layer's routing; expert -> slot. Release with
-        ``release``; wait for a slot's load with ``ready``."""
+        what the policy asks for after this layer's routing; expert -> slot, or ``ON_HOST`` for
+        a miss the forward computes on the host (``rows[i]``: how many rows chose
+        ``experts[i]``, at most ``host_rows``). Release with ``release``; wait for a slot's
+        load with ``ready``."""
         self.reap()
         counters = self.cache.counters.layer(layer)
         held: dict[int, int] = {}
         try:
-            for expert in experts:
+            for i, expert in enumerate(experts):
                 slot = self.cache.acquire((layer, expert), counters)
+                if slot is None and rows is not None and rows[i] <= self.host_rows:
+                    held[expert] = ON_HOST
+                    self.stats.host_runs += 1
+                    self.stats.host_rows += rows[i]
+                    continue
                 if slot is None:
                     slot = self.load((layer, expert), prefetch=False)
                     self.cache.hold(slot)
@@ -153,12 +171,12 @@ class ExpertBooks:
             self.stats.experts_this_step += len(held)
             self.prefetch(self.policy.after_route(layer))
         except BaseException:
-            self.cache.release(list(held.values()))
+            self.release(held)
             raise
         return held
 
     def release(self, held: dict[int, int]) -> None:
-        self.cache.release(list(held.values()))
+        self.cache.release([slot for slot in held.values() if slot != ON_HOST])
 
     def ready(self, slot: int) -> None:
         """Wait for ``slot``'s load, if one is in flight (the time counts as stall)."""

@@ -81,10 +81,14 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
                     "experts that host memory already holds in the model dtype; leaving it out")
         victim_slots = 0
     victim_slots = min(victim_slots, max(0, total - num_slots))  # more could never hold anything
+    on_gpu = blocks[0].router.device.type == "cuda"
     offload = ExpertOffload(blocks, source, num_slots, policy,
                             lambda weight: Linear(weight, None, model.ops, False), predictor,
                             traces if config.expert_policy == "oracle" else None,
-                            config.expert_prefetch_window, victim_slots)
+                            config.expert_prefetch_window, victim_slots,
+                            config.expert_host_compute,
+                            # host runs on a GPU machine take the CPU's torch path
+                            (lambda weight: Linear(weight, None, None, False)) if on_gpu else None)
     runner.experts = offload
     log.info("experts offloaded: %d of %d in fast slots (%.0f MiB of %.0f), the rest in the %s "
              "tier%s%s; policy %s", num_slots, total, offload.resident_bytes() / 2**20,
@@ -92,4 +96,7 @@ def attach_offload(model, runner, config: ExpertConfig, path: Path, experts: dic
              f" ({config.expert_host_format})" if source.tier == "host" else "",
              f" behind a victim buffer of {offload.victims.num_slots} experts"
              if offload.victims else "", config.expert_policy)
+    if config.expert_host_compute:
+        log.info("experts missed by at most %d rows of a forward run on the host tier's weights "
+                 "instead of loading", config.expert_host_compute)
     return offload

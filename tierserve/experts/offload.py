@@ -6,6 +6,11 @@ bookkeeping (slots, loads in flight, prefetch) is ``ExpertBooks``, shared with t
 A forward waits only for the experts its tokens chose, each just before it runs; the others keep
 loading meanwhile. Loads never change numerics: a slot holds exactly the weights the source
 returns, and an expert runs through the same code as a resident one.
+
+With ``host_rows`` (``--expert-host-compute``), a miss that few rows chose is not loaded: the
+forward runs it on the host tier's weights where they are (Fiddler's cold experts on the CPU;
+on a GPU its rows go to the CPU and back). On a CPU it is the same code over the same weights,
+so tokens do not change; on a GPU the CPU's roundings differ from the device's.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from tierserve.experts.books import (
     OBSERVED_ROWS,
+    ON_HOST,
     PREFETCH_WINDOW,
     ExpertBooks,
     ExpertLoad,
@@ -27,7 +33,7 @@ from tierserve.experts.books import (
 from tierserve.experts.cache import ExpertKey
 from tierserve.experts.policies import ExpertPolicy
 from tierserve.experts.routes import StepRequest, prompt_key
-from tierserve.experts.tiers import ExpertSource, VictimBuffer
+from tierserve.experts.tiers import ExpertSource, HostExperts, VictimBuffer
 from tierserve.model.kv_storage import SwapWorker
 from tierserve.model.moe import DenseMLP, MoEBlock
 
@@ -39,9 +45,13 @@ class ExpertOffload:
 
     def __init__(self, blocks: list[MoEBlock], source: ExpertSource, num_slots: int,
                  policy: ExpertPolicy, make_linear, predictor=None, traces=None,
-                 prefetch_window: int | None = PREFETCH_WINDOW, victim_slots: int = 0) -> None:
+                 prefetch_window: int | None = PREFETCH_WINDOW, victim_slots: int = 0,
+                 host_rows: int = 0, make_host_linear=None) -> None:
         if not blocks:
             raise ValueError("expert offloading needs an MoE model; this one has no MoE layers")
+        if host_rows and not isinstance(source, HostExperts):
+            raise ValueError("--expert-host-compute runs experts on the host tier's weights; "
+                             "keep them in host memory with --expert-host-format float|q8|q4")
         first = blocks[0]
         if num_slots < first.num_experts:
             raise ValueError(f"--expert-cache {num_slots} holds fewer experts than one layer has "
@@ -61,6 +71,8 @@ class ExpertOffload:
         self.mlps = [DenseMLP.from_linears(make_linear(self.gate_up[s]), make_linear(self.down[s]))
                      for s in range(num_slots)]
         self.cuda_device = device if device.type == "cuda" else None
+        self.host_rows = host_rows
+        self.make_host_linear = make_host_linear or make_linear
         # Set by RouteReplay: layer -> the traced model's lookahead guess (None: run the gate).
         self.lookahead_guess = None
         self.victims = VictimBuffer(victim_slots, sample, pin_memory=self.cuda_device is not None
@@ -69,7 +81,7 @@ class ExpertOffload:
         try:
             self.books = ExpertBooks(num_slots, policy, sorted(self.blocks), first.num_experts,
                                      first.top_k, self.worker, time.perf_counter,
-                                     prefetch_window)
+                                     prefetch_window, host_rows)
             self.books.pin(policy.pinned())
         except BaseException:
             self.worker.close()  # its thread would outlive a half-built provider
@@ -118,20 +130,38 @@ class ExpertOffload:
     def use(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor) -> Iterator:
         """Hold ``experts`` of ``layer`` for one forward (``x``: its rows, ``ids``: their
         (rows, top_k) choices); yields ``get(expert) -> mlp``, which waits for that expert's
-        load only. Everything held is released on exit."""
+        load only, and the order to run them in: the host's last, so on a GPU the device's
+        queued work overlaps them. Everything held is released on exit."""
         if self.policy.observes:
             self.books.observe(layer, ids.tolist())
-        held = self.books.hold(layer, experts)
+        rows = None
+        if self.host_rows:
+            counts = torch.bincount(ids.flatten(), minlength=self.blocks[layer].num_experts)
+            rows = counts[experts].tolist()
+        held = self.books.hold(layer, experts, rows)
         try:
             if self.policy.lookahead:
                 self.books.prefetch(self._gate_lookahead(layer, x))
-            yield lambda expert: self._ready(held[expert])
+            order = sorted(experts, key=lambda e: held[e] == ON_HOST) if rows else experts
+            yield (lambda expert: self._ready(layer, expert, held[expert])), order
         finally:
             self.books.release(held)
 
-    def _ready(self, slot: int) -> DenseMLP:
+    def _ready(self, layer: int, expert: int, slot: int):
+        if slot == ON_HOST:
+            return self._on_host((layer, expert))
         self.books.ready(slot)
         return self.mlps[slot]
+
+    def _on_host(self, key: ExpertKey):
+        """The expert as an MLP over the host tier's weights (dequantized when the tier is);
+        on a GPU, rows go to the host and the result comes back."""
+        weights = self.source.read(key)
+        mlp = DenseMLP.from_linears(self.make_host_linear(weights.gate_up),
+                                    self.make_host_linear(weights.down))
+        if self.cuda_device is None:
+            return mlp
+        return lambda x, ops=None: mlp(x.to("cpu", weights.gate_up.dtype)).to(x.device, x.dtype)
 
     def hot_sets(self, request_id: str) -> tuple[frozenset[int], ...] | None:
         return self.books.hot_sets(request_id)

@@ -9,6 +9,7 @@ stable sort of the (token, expert) pairs, the scatter one ``index_add_``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -124,12 +125,13 @@ class MoEBlock:
         rows = x[tokens]  # (T * k, hidden)
         outputs = torch.empty_like(rows)
         active = [expert for expert, count in enumerate(counts) if count]
+        starts = dict(zip(active, itertools.accumulate([0] + [counts[e] for e in active])))
         # Small groups run padded to min_rows in one scratch buffer; its other rows hold
         # zeros or an earlier group's rows, which cannot change this group's (rows independent).
         scratch = rows.new_zeros(self.min_rows, rows.shape[1]) if self.min_rows > 1 else None
-        with self._experts(active, x, ids) as expert_mlp:
-            start = 0
-            for expert in active:
+        with self._experts(active, x, ids) as (expert_mlp, run_order):
+            for expert in run_order:  # groups are independent: any order gives the same rows
+                start = starts[expert]
                 end = start + counts[expert]
                 group = rows[start:end]
                 if counts[expert] < self.min_rows:
@@ -137,14 +139,14 @@ class MoEBlock:
                     group = scratch
                 produced = expert_mlp(expert)(group, ops)[: counts[expert]]
                 outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
-                start = end
         return torch.zeros_like(x).index_add_(0, tokens, outputs)
 
     def _experts(self, active: list[int], x: torch.Tensor, ids: torch.Tensor):
-        """A context that yields ``expert -> mlp``: resident experts, or the provider's."""
+        """A context that yields ``(expert -> mlp, the order to run active in)``: resident
+        experts, or the provider's (which may run some elsewhere last)."""
         if self.provider is not None:
             return self.provider.use(self.layer_index, active, x, ids)
-        return contextlib.nullcontext(self.experts.__getitem__)
+        return contextlib.nullcontext((self.experts.__getitem__, active))
 
     def linears(self) -> list:
         shared = self.shared.linears() if self.shared is not None else []

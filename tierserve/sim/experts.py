@@ -15,13 +15,20 @@ returns the stall; the executor adds it to the step's compute time.
 
 Gate lookahead (Mixtral-offloading) reads the next layer's true choices from the trace: an
 upper bound on a gate run one layer early.
+
+With a ``host_cpu``, a miss that few rows chose runs on the host CPU instead of loading
+(Fiddler): whenever its roofline time, plus the rows' two trips over the link, is below one
+expert's load. The CPU is one more clock: a layer's host experts start when the layer does, one
+after another, while the device computes the rest; the layer ends when both are done. Their
+share of the layer's device time is still charged (a slight overestimate for the host runs).
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
-from tierserve.experts.books import PREFETCH_WINDOW, ExpertBooks, ExpertLoad
+from tierserve.experts.books import ON_HOST, PREFETCH_WINDOW, ExpertBooks, ExpertLoad
 from tierserve.experts.policies import ExpertPolicy
 from tierserve.experts.routes import (
     PredictedRoute,
@@ -32,7 +39,7 @@ from tierserve.experts.routes import (
     trace_layout,
 )
 from tierserve.sched.plan import StepPlan
-from tierserve.sim.hardware import LinkSpec
+from tierserve.sim.hardware import HostCPU, LinkSpec
 
 
 @dataclass(slots=True)
@@ -85,7 +92,8 @@ class SimExperts:
     def __init__(self, policy: ExpertPolicy, num_slots: int, traces: list[RequestTrace],
                  expert_bytes: int, link: LinkSpec, num_layers: int,
                  predictions: dict[str, PredictedRoute] | None = None,
-                 prefetch_window: int | None = PREFETCH_WINDOW) -> None:
+                 prefetch_window: int | None = PREFETCH_WINDOW, host_cpu: HostCPU | None = None,
+                 expert_flops_per_row: float = 0.0) -> None:
         if not traces:
             raise ValueError("expert offloading in the simulator replays a router trace; it is "
                              "empty")
@@ -95,9 +103,12 @@ class SimExperts:
                              f"model has {num_layers}")
         self.policy = policy
         self.loads = SimLoadQueue(link, expert_bytes)
+        self.host_cpu, self.expert_flops_per_row = host_cpu, expert_flops_per_row
+        self.host_rows = self._host_rows(link, expert_bytes) if host_cpu is not None else 0
+        self._cpu_free = 0.0
         self.books = ExpertBooks(num_slots, policy, self.moe_layers, num_experts, top_k,
                                  self.loads, clock=lambda: self.loads.now,
-                                 prefetch_window=prefetch_window)
+                                 prefetch_window=prefetch_window, host_rows=self.host_rows)
         self.books.pin(policy.pinned())
         self.loads.restart()  # the static hot set loads before serving
         self.num_layers = num_layers
@@ -154,22 +165,45 @@ class SimExperts:
             rows = [choice for c in chunks for choice in self._choices(c, layer)]
             if self.policy.observes:
                 self.books.observe(layer, rows)
-            held = self.books.hold(layer, sorted({e for row in rows for e in row}))
+            counts = Counter(e for row in rows for e in row)
+            experts = sorted(counts)
+            held = self.books.hold(layer, experts, [counts[e] for e in experts])
+            host_done = loads.now
+            for expert in (e for e in experts if held[e] == ON_HOST):
+                self._cpu_free = max(loads.now, self._cpu_free) + self.host_seconds(counts[expert])
+                host_done = self._cpu_free
             if self.policy.lookahead and position + 1 < len(self.moe_layers):
                 later = self.moe_layers[position + 1]
                 self.books.prefetch([(later, e) for e in by_votes(
                     row for c in chunks for row in self._choices(c, later))])
             for slot in held.values():
-                self.books.ready(slot)
+                if slot != ON_HOST:
+                    self.books.ready(slot)
                 loads.now += per_layer / len(held)
             if not held:
                 loads.now += per_layer
+            if host_done > loads.now:  # the device waits for the host's experts
+                stats.stall_seconds += host_done - loads.now
+                loads.now = host_done
             self.books.release(held)
         for chunk in plan.chunks:  # the regrouping hints follow the policy's corrections
             request = self._requests.get(chunk.request_id)
             if request is not None:
                 request.expert_route = self.books.hot_sets(chunk.request_id)
         return stats.stall_seconds - stalled_before
+
+    def host_seconds(self, rows: int) -> float:
+        """One expert over ``rows`` rows on the host CPU, the rows' two link trips included."""
+        return (self.host_cpu.seconds(self.loads.expert_bytes, rows * self.expert_flops_per_row)
+                + 2 * self.loads.link.overhead_s)
+
+    def _host_rows(self, link: LinkSpec, expert_bytes: int) -> int:
+        """The most rows for which the host computes an expert faster than the link loads it."""
+        load = link.seconds(1, expert_bytes)
+        rows = 0
+        while rows < 1 << 16 and self.host_seconds(rows + 1) <= load:
+            rows += 1
+        return rows
 
     def _choices(self, chunk: StepRequest, layer: int) -> list[list[int]]:
         trace = self._routes.get(chunk.request_id)
@@ -205,6 +239,9 @@ class SimExperts:
             "gib_loaded": self.loads.bytes_moved / 2**30,
             "mib_per_token": self.loads.bytes_moved / 2**20 / max(1, output_tokens),
             "stall_s": stats.stall_seconds,
+            "host_rows_limit": self.host_rows,
+            "host_runs": stats.host_runs,
+            "host_rows": stats.host_rows,
             "distinct_experts_per_step": sum(distinct) / max(1, len(distinct)),
             # a step wakes each distinct expert once: fewer per token is what regrouping buys
             "expert_runs_per_token": sum(distinct) / max(1, output_tokens),

@@ -91,6 +91,30 @@ HARDWARE: dict[str, HardwareProfile] = {profile.name: profile for profile in (
                "(121 dense), 24 GB GDDR6 at 300 GB/s, PCIe Gen4 x16 64 GB/s, no NVLink"),
 )}
 
+@dataclass(slots=True, frozen=True)
+class HostCPU:
+    """The host's CPU, for work the engine runs there instead of on the device (Fiddler's cold
+    experts): a roofline over ``flops`` and ``memory_bandwidth``, each at an achieved fraction."""
+
+    name: str
+    flops: float  # peak FLOP/s at the math bf16 weights run in (FP32 FMA on CPUs without BF16)
+    memory_bandwidth: float  # bytes/s, all channels
+    source: str
+    flops_efficiency: float = 0.4  # bf16 weights widened to FP32 before the FMAs
+    bandwidth_efficiency: float = 0.7  # STREAM-like reads reach about this share of the peak
+
+    def seconds(self, weight_bytes: float, flops: float) -> float:
+        """A GEMM reading ``weight_bytes`` of weights and doing ``flops``."""
+        return max(weight_bytes / (self.memory_bandwidth * self.bandwidth_efficiency),
+                   flops / (self.flops * self.flops_efficiency))
+
+
+# One socket of the kind of host an A100 PCIe server has.
+EPYC_7763 = HostCPU(
+    "epyc-7763", flops=64 * 2.45e9 * 32, memory_bandwidth=8 * 25.6 * GB,
+    source="AMD EPYC 7763 product page: 64 Zen 3 cores at 2.45 GHz base, 8 channels of "
+           "DDR4-3200 (25.6 GB/s each); Zen 3 issues two 256-bit FMAs a cycle (32 FP32 FLOP)")
+
 # Tensor-parallel traffic between machines (no NVLink across hosts): 100 Gb/s Ethernet.
 ETHERNET_100G = 12.5 * GB
 

@@ -28,7 +28,7 @@ from tierserve.experts.policies import make_expert_policy
 from tierserve.experts.routes import RequestTrace, read_predictions, read_traces, trace_layout
 from tierserve.sim.cost import RooflineCostModel
 from tierserve.sim.experts import SimExperts, install
-from tierserve.sim.hardware import get_hardware
+from tierserve.sim.hardware import EPYC_7763, get_hardware
 from tierserve.sim.model_shape import KNOWN_MODELS, ModelShape
 from tierserve.sim.run import SimSetup, run_pool, simulate
 from tierserve.sim.traces import TraceRequest
@@ -37,9 +37,12 @@ PAPER = ("up to 93.72% less GPU memory, 2-10x the throughput of offloading basel
          "(abstract; the prototype: Mixtral-8x7B, 4 of 8 experts per layer offloaded, batch 16)")
 HARDWARE = "a100-80gb-pcie"
 # "+window0": no prefetch window (every prefetch the policy asks for starts at once); "+pin":
-# LSM-GNN's static + dynamic hybrid, half the slots pinned to the training trace's hot experts.
+# LSM-GNN's static + dynamic hybrid, half the slots pinned to the training trace's hot experts;
+# "+cpu": a miss that few rows chose runs on the host CPU instead of loading (Fiddler is
+# "static+cpu").
 POLICIES = ("all-resident", "lru", "static", "lookahead", "expertflow", "expertflow+window0",
-            "expertflow+pin", "expertflow+regroup", "oracle")
+            "expertflow+pin", "expertflow+regroup", "static+cpu", "expertflow+cpu", "oracle")
+HOST_CPU = EPYC_7763
 
 
 @dataclass(slots=True, frozen=True)
@@ -122,7 +125,9 @@ def run_case(job: tuple[ExpertCase, str, ExpertInputs]) -> dict:
                              setup.hardware.host_link, shape.num_layers,
                              read_predictions(inputs.predictions) if policy.needs == "predictor"
                              else None, prefetch_window=0 if "window0" in variants
-                             else PREFETCH_WINDOW)
+                             else PREFETCH_WINDOW,
+                             host_cpu=HOST_CPU if "cpu" in variants else None,
+                             expert_flops_per_row=2.0 * shape.expert_params)
     requests = [TraceRequest(len(t.prompt), len(t.output), arrival_s=0.0,
                              request_id=f"r{i}", prompt_token_ids=list(t.prompt))
                 for i, t in enumerate(traces)]
@@ -164,7 +169,8 @@ def reproduce_expertflow(inputs: ExpertInputs, workers: int = 2, progress: bool 
                 row["share_of_all_resident"] = (row["output_tokens_per_s"]
                                                 / by_policy["all-resident"]["output_tokens_per_s"])
     shape = mixtral_shaped(_traces(inputs.trace))
-    return {"cases": report_cases, "paper": PAPER, "hardware": HARDWARE, "model": shape.name,
+    return {"cases": report_cases, "paper": PAPER, "hardware": HARDWARE,
+            "host_cpu": HOST_CPU.name, "model": shape.name,
             "expert_mib": shape.expert_params * shape.dtype_bytes / 2**20,
             "inputs": {"trace": inputs.trace, "train_trace": inputs.train_trace,
                        "predictions": inputs.predictions}}
