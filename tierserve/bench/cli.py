@@ -192,7 +192,7 @@ def cmd_moe(args: argparse.Namespace) -> int:
                   f"{result.config['total_experts']} experts resident")
         print(f"wrote {args.plot}")
     same = all(row.get("same_tokens") for row in result.results.values())
-    print(f"every policy's tokens equal all-resident: {same}")
+    print(f"every policy's tokens equal {result.config['tokens_checked_against']}: {same}")
     return 0 if same else 1
 
 
