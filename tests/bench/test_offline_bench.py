@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 
 import pytest
 
@@ -17,8 +18,10 @@ from tierserve.bench.offline import (
     OfflineSpec,
     compute_ratios,
     plan_contenders,
+    run_offline,
     worker_failure,
 )
+from tierserve.bench.workloads import WorkloadSpec
 
 
 # -- pure parts --------------------------------------------------------------------------------
@@ -174,7 +177,58 @@ def test_offline_command_runs_each_contender_and_skips_a_missing_llama_cpp(
     assert results["tierserve"]["output_tokens"] == results["hf"]["output_tokens"]
     assert document["equal_output_tokens"] is True
     assert set(document["ratios"]) == {"hf"}
+    assert document["complete"] is True
+    assert results["hf"]["weights"] == "dense float32"
     assert (tmp_path / "offline.png").stat().st_size > 0
+
+
+def test_a_baseline_past_its_time_limit_does_not_finish_and_the_others_results_stand(
+        tiny_llama_dir, one_torch_thread):
+    from tierserve.config import EngineConfig
+
+    spec = OfflineSpec(workload=WorkloadSpec(num_requests=2, scale=0.05, max_output_len=4),
+                       baselines=("hf",), threads=1, hf_batch_sizes=(2,),
+                       baseline_timeout_s=0.5)  # transformers alone takes longer to import
+    engine = EngineConfig.from_kwargs(model=str(tiny_llama_dir), num_blocks=64, swap_space=0)
+    seen = []
+    started = time.monotonic()
+    outcome = run_offline(engine, spec, progress=False,
+                          on_result=lambda partial: seen.append(dict(partial.results)))
+    assert time.monotonic() - started < 120
+    assert [list(partial) for partial in seen] == [["tierserve"], ["tierserve", "hf"]]
+    assert seen[0]["tierserve"]["output_tokens_per_s"] > 0  # reported before hf ran
+    assert outcome.results["hf"]["did_not_finish"].startswith("stopped after 0.5 s")
+    assert outcome.results["tierserve"] == seen[0]["tierserve"]
+    assert outcome.ratios == {}  # nothing to compare with
+
+
+def test_a_gguf_becomes_a_dense_folder_once_for_hf(hf_smollm2, smollm2_path, tmp_path,
+                                                    monkeypatch):
+    """The HF baseline on a GGUF loads dense weights (no GGUF quantizer), written once."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tierserve.bench import baselines
+
+    loads = []
+    real = AutoModelForCausalLM.from_pretrained
+
+    def counting(*args, **kwargs):
+        loads.append(kwargs.get("gguf_file"))
+        return copy.deepcopy(hf_smollm2) if kwargs.get("gguf_file") else real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
+    folder = baselines.hf_dense_folder(smollm2_path, home=tmp_path, progress=False)
+    assert baselines.hf_dense_folder(smollm2_path, home=tmp_path, progress=False) == folder
+    assert loads == [smollm2_path.name]  # converted once, then reused
+    dense = real(folder, dtype=torch.bfloat16)
+    assert getattr(dense, "hf_quantizer", None) is None
+    gate = dense.model.layers[0].mlp.gate_proj.weight
+    assert gate.dtype == torch.bfloat16
+    reference = hf_smollm2.model.layers[0].mlp.gate_proj.weight
+    assert torch.equal(gate, reference.to(torch.bfloat16))
 
 
 def test_a_crashed_worker_is_named_by_its_signal_and_llama_cpp_sigill_says_how_to_rebuild():

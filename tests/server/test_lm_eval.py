@@ -68,12 +68,10 @@ def hf_smollm2_dir(hf_smollm2, smollm2_path, tmp_path_factory):
 
     from transformers import AutoTokenizer
 
+    from tierserve.bench.baselines import save_dense
+
     path = tmp_path_factory.mktemp("hf_smollm2")
-    model = copy.deepcopy(hf_smollm2)  # the session's model stays as loaded
-    model.config.quantization_config = None  # a GGUF-loaded model refuses to save otherwise
-    model.hf_quantizer = None
-    model.is_quantized = False
-    model.save_pretrained(path)
+    save_dense(copy.deepcopy(hf_smollm2), path)  # the session's model stays as loaded
     AutoTokenizer.from_pretrained(smollm2_path.parent, gguf_file=smollm2_path.name
                                   ).save_pretrained(path)
     return path

@@ -11,9 +11,52 @@ from tierserve.bench.contenders import WARMUP_TOKENS, WorkerJob
 
 
 # -- HF transformers ---------------------------------------------------------------------------
+def hf_dense_folder(gguf_path: Path, home=None, progress: bool = True) -> Path:
+    """A folder holding ``gguf_path``'s weights dequantized to dense float32 safetensors, with
+    its tokenizer: written once under ``$TIERSERVE_HOME/hf-dense`` (keyed by the file's name,
+    size and modification time), reused after. HF's fastest correct configuration for a GGUF:
+    transformers 5.24 loads a GGUF with its weights kept packed and casts every matmul's input
+    and output, which is slower than plain dense weights in any dtype."""
+    from tierserve.model.hub import tierserve_home
+
+    stat = gguf_path.stat()
+    folder = tierserve_home(home) / "hf-dense" / (
+        f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}")
+    if (folder / "config.json").is_file():
+        return folder
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if progress:
+        print(f"hf: writing {gguf_path.name}'s weights dequantized to dense float32 into "
+              f"{folder} (once)", flush=True)
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                                 dtype=torch.float32)
+    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
+        save_dense(model, scratch)
+        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name
+                                      ).save_pretrained(scratch)
+        Path(scratch).rename(folder)  # whole or not at all
+        Path(scratch).mkdir()  # for the context manager's cleanup
+    return folder
+
+
+def save_dense(model, folder) -> None:
+    """Save a model transformers loaded from a GGUF as a plain dense checkpoint (it refuses to
+    save one marked as GGUF-quantized); the model is unmarked in place."""
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(folder)
+
+
 class HFContender:
-    """transformers ``generate`` on the same checkpoint (a GGUF is dequantized to ``dtype``):
-    static batches, left padding, greedy, ``min_new_tokens = max_new_tokens``."""
+    """transformers ``generate`` on the same checkpoint: static batches, left padding, greedy,
+    ``min_new_tokens = max_new_tokens``. A GGUF runs as dense weights in ``dtype``
+    (``hf_dense_folder``: the parent converts it once, the worker loads the folder)."""
 
     def __init__(self, job: WorkerJob) -> None:
         self.job = job
@@ -35,7 +78,9 @@ class HFContender:
         eos = config.eos_token_id
         eos = eos[0] if isinstance(eos, list) else eos
         self.pad_id = config.pad_token_id if config.pad_token_id is not None else (eos or 0)
-        return {"attn_implementation": model.config._attn_implementation}
+        return {"attn_implementation": model.config._attn_implementation,
+                "weights": f"dense {self.job.dtype}" + (
+                    " (dequantized from the GGUF)" if "hf-dense" in path.parts else "")}
 
     def warm_up(self) -> None:
         prompts = [prompt[:16] for prompt in self.job.prompts[:2]]

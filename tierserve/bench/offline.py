@@ -14,10 +14,12 @@ Scenarios:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import pickle
+import shlex
 import signal
 import subprocess
 import sys
@@ -62,6 +64,9 @@ class OfflineSpec:
     threads: int = 1
     llama_cpp_n_batch: int = 512
     llama_cpp_batch_sizes: tuple[int, ...] = (1,)  # 1: sequential; B: B sequences per decode
+    # A baseline still running after this many seconds is stopped and marked "did not finish"
+    # (tierserve itself runs without a limit: it is what the run is for).
+    baseline_timeout_s: float | None = 1800.0
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -80,6 +85,9 @@ class OfflineSpec:
                              f"{self.llama_cpp_batch_sizes}")
         if self.threads < 1:
             raise ValueError(f"--threads must be positive, got {self.threads}")
+        if self.baseline_timeout_s is not None and self.baseline_timeout_s <= 0:
+            raise ValueError("--baseline-timeout must be positive seconds (0 on the command "
+                             f"line: no limit), got {self.baseline_timeout_s}")
         if self.prompt_len is None:
             self.prompt_len = DEFAULT_PROMPT_LEN.get(self.scenario)
 
@@ -122,8 +130,11 @@ def plan_contenders(spec: OfflineSpec) -> dict[str, tuple[str, str]]:
     return plan
 
 
-def run_offline(config: EngineConfig, spec: OfflineSpec, progress: bool = True) -> OfflineResult:
-    """Run every planned contender in its own process on the same prompts."""
+def run_offline(config: EngineConfig, spec: OfflineSpec, progress: bool = True,
+                on_result=None) -> OfflineResult:
+    """Run every planned contender in its own process on the same prompts. ``on_result``, when
+    given, is called with the ``OfflineResult`` so far after each contender, so a run cut short
+    keeps what it measured."""
     from tqdm.auto import tqdm
 
     from tierserve.model.hub import resolve_model
@@ -134,6 +145,21 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, progress: bool = True) 
     requests = build_prompts(spec, model_path, context)
     results: dict[str, dict] = {}
     plan = plan_contenders(spec)
+    document_config = {
+        "scenario": spec.scenario, "model": str(model_path), "threads": spec.threads,
+        "dtypes": list(spec.dtypes), "baselines": list(spec.baselines),
+        "hf_batch_sizes": list(spec.hf_batch_sizes),
+        "llama_cpp_batch_sizes": list(spec.llama_cpp_batch_sizes), "prompt_len": spec.prompt_len,
+        "baseline_timeout_s": spec.baseline_timeout_s,
+        "ratio_metric": SCENARIO_METRIC[spec.scenario], "workload": asdict(spec.workload),
+        "requests": describe(requests), "engine": asdict(config)}
+
+    def outcome() -> OfflineResult:
+        measured = [row["output_tokens"] for row in results.values() if "output_tokens" in row]
+        return OfflineResult(document_config, dict(results),
+                             compute_ratios(results, SCENARIO_METRIC[spec.scenario]),
+                             len(set(measured)) <= 1)
+
     bar = tqdm(plan.items(), desc="offline", unit="contender", disable=not progress)
     for name, (contender, dtype) in bar:
         bar.set_description(name)
@@ -152,18 +178,15 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, progress: bool = True) 
                         hf_batch_sizes=spec.hf_batch_sizes,
                         llama_cpp_n_batch=spec.llama_cpp_n_batch,
                         llama_cpp_batch_sizes=spec.llama_cpp_batch_sizes)
-        results[name] = run_worker(job)
-    measured = [row["output_tokens"] for row in results.values() if "output_tokens" in row]
-    metric = SCENARIO_METRIC[spec.scenario]
-    document_config = {
-        "scenario": spec.scenario, "model": str(model_path), "threads": spec.threads,
-        "dtypes": list(spec.dtypes), "baselines": list(spec.baselines),
-        "hf_batch_sizes": list(spec.hf_batch_sizes),
-        "llama_cpp_batch_sizes": list(spec.llama_cpp_batch_sizes), "prompt_len": spec.prompt_len,
-        "ratio_metric": metric, "workload": asdict(spec.workload), "requests": describe(requests),
-        "engine": asdict(config)}
-    return OfflineResult(document_config, results, compute_ratios(results, metric),
-                         len(set(measured)) <= 1)
+        if contender == "hf" and model_path.suffix == ".gguf":
+            from tierserve.bench.baselines import hf_dense_folder
+
+            job.model_path = str(hf_dense_folder(model_path, progress=progress))
+        results[name] = run_worker(job, None if contender == "tierserve"
+                                   else spec.baseline_timeout_s)
+        if on_result is not None:
+            on_result(outcome())
+    return outcome()
 
 
 def _skip_reason(contender: str, model_path: Path) -> str | None:
@@ -178,17 +201,31 @@ def _skip_reason(contender: str, model_path: Path) -> str | None:
     return None
 
 
-def run_worker(job: WorkerJob) -> dict:
-    """Run ``job`` in a fresh ``python -m tierserve.bench.contenders`` process; its result row
-    (or ``{"error": ...}`` when the process failed; its traceback is on stderr)."""
+def run_worker(job: WorkerJob, timeout_s: float | None = None) -> dict:
+    """Run ``job`` in a fresh ``python -m tierserve.bench.contenders`` process; its result row,
+    ``{"error": ...}`` when the process failed (its traceback is on stderr), or
+    ``{"did_not_finish": ...}`` when it ran past ``timeout_s`` (its process group is killed)."""
     with tempfile.TemporaryDirectory(prefix="tierserve-offline-") as folder:
         job_path, result_path = Path(folder) / "job.pickle", Path(folder) / "result.json"
         job_path.write_bytes(pickle.dumps(job))
         env = {**os.environ, "OMP_NUM_THREADS": str(job.threads)}
-        proc = subprocess.run([sys.executable, "-m", "tierserve.bench.contenders",
-                               str(job_path), str(result_path)], env=env)
-        if proc.returncode != 0 or not result_path.is_file():
-            return {"contender": job.contender, "error": worker_failure(job, proc.returncode)}
+        proc = subprocess.Popen([sys.executable, "-m", "tierserve.bench.contenders",
+                                 str(job_path), str(result_path)], env=env,
+                                start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return {"contender": job.contender, "dtype": job.dtype,
+                    "did_not_finish": f"stopped after {timeout_s:g} s (--baseline-timeout)"}
+        except BaseException:  # Ctrl-C: take the worker down too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        if returncode != 0 or not result_path.is_file():
+            return {"contender": job.contender, "error": worker_failure(job, returncode)}
         return json.loads(result_path.read_text(encoding="utf-8"))
 
 
@@ -267,6 +304,10 @@ def add_offline_subcommand(sub, add_common) -> None:
                          "1 is Llama.generate one prompt at a time; B > 1 decodes B sequences "
                          "per llama_decode (low-level API, one KV cache per sequence) "
                          "(default: %(default)s)")
+    offline.add_argument("--baseline-timeout", type=float, default=1800.0, metavar="S",
+                         help="stop a baseline still running after S seconds and mark it "
+                         "'did not finish'; the others' results stand (0: no limit) "
+                         "(default: %(default)s)")
     offline.set_defaults(func=cmd_offline)
 
 
@@ -286,15 +327,28 @@ def cmd_offline(args) -> int:
                        prompt_len=args.prompt_len, threads=threads,
                        llama_cpp_n_batch=args.llama_cpp_n_batch,
                        llama_cpp_batch_sizes=tuple(
-                           int(s) for s in cli._names(args.llama_cpp_batch_sizes)))
-    outcome = run_offline(cli._engine_config(args), spec, progress=not args.no_progress)
+                           int(s) for s in cli._names(args.llama_cpp_batch_sizes)),
+                       baseline_timeout_s=args.baseline_timeout or None)
+
+    def write_partial(partial: OfflineResult) -> None:
+        if args.json:  # what is measured so far, replaced by the full document at the end
+            from tierserve.bench.report import machine_info, write_json
+
+            write_json(args.json, {"machine": machine_info(",".join(dtypes)),
+                                   "config": {"argv": shlex.join(sys.argv), **partial.config},
+                                   "results": partial.results, "ratios": partial.ratios,
+                                   "complete": False})
+
+    outcome = run_offline(cli._engine_config(args), spec, progress=not args.no_progress,
+                          on_result=write_partial)
     cli._finish(args, outcome.config, outcome.results, SCENARIO_COLUMNS[spec.scenario],
                 extra={"ratios": outcome.ratios,
-                       "equal_output_tokens": outcome.equal_output_tokens},
+                       "equal_output_tokens": outcome.equal_output_tokens, "complete": True},
                 dtype=",".join(dtypes))
     for name, row in outcome.results.items():
-        if "skipped" in row or "error" in row:
-            print(f"{name}: {row.get('skipped') or row.get('error')}")
+        reason = row.get("skipped") or row.get("error") or row.get("did_not_finish")
+        if reason:
+            print(f"{name}: {reason}")
     if outcome.ratios:
         metric = SCENARIO_METRIC[spec.scenario]
         print(f"tierserve / baseline, {metric}:")

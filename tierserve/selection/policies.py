@@ -15,7 +15,8 @@ Policies (``--kv-selection``):
   ``q . (a kmax + (1 - a) kmin)`` keep ``mpcache_level1_keep`` of them (or enough for the
   budget, if more), then the blocks inside the kept clusters are scored the same way down to the
   budget; the picked blocks are shared by
-  the layer pairs (2, 3), (4, 5), ... as the reference does.
+  the layer pairs (2, 3), (4, 5), ... as the paper describes (the reference repository's
+  committed attention code neither shares nor keeps layers dense: docs/benchmarks.md).
 """
 
 from __future__ import annotations
