@@ -33,3 +33,15 @@ def test_bench_moe_reports_every_policy_against_all_resident(tmp_path):
         run_moe(MoeSpec(model=str(folder), policies=("lru+turbo",)), progress=False)
     with pytest.raises(ValueError, match="--expert-host-format"):
         run_moe(MoeSpec(model=str(folder), policies=("static+cpu",)), progress=False)
+
+
+def test_a_quantized_host_tier_is_checked_against_every_expert_resident_from_it(tmp_path):
+    folder = tmp_path / "mixtral"
+    make_tiny_moe("mixtral", folder)
+    spec = MoeSpec(model=str(folder), policies=("lru", "lru+cpu"), expert_cache="50%",
+                   num_requests=4, concurrency=4, scale=0.05, host_format="q8", host_compute=2)
+    result = run_moe(spec, progress=False)
+    assert list(result.results) == ["all-resident", "all-resident-q8", "lru", "lru+cpu"]
+    assert result.config["tokens_checked_against"] == "every expert resident from the q8 host tier"
+    assert result.results["lru"]["same_tokens"] and result.results["lru+cpu"]["same_tokens"]
+    assert result.results["lru+cpu"]["host_runs"] > 0 and result.results["lru"]["host_runs"] == 0

@@ -220,9 +220,10 @@ def test_a_gguf_becomes_a_dense_folder_once_for_hf(hf_smollm2, smollm2_path, tmp
         return copy.deepcopy(hf_smollm2) if kwargs.get("gguf_file") else real(*args, **kwargs)
 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", counting)
-    folder = baselines.hf_dense_folder(smollm2_path, home=tmp_path, progress=False)
-    assert baselines.hf_dense_folder(smollm2_path, home=tmp_path, progress=False) == folder
+    folder = baselines.hf_dense_folder(smollm2_path, home=tmp_path)
+    assert baselines.hf_dense_folder(smollm2_path, home=tmp_path) == folder
     assert loads == [smollm2_path.name]  # converted once, then reused
+    assert sorted(p.name for p in folder.parent.iterdir()) == sorted([folder.name, ".lock"])
     dense = real(folder, dtype=torch.bfloat16)
     assert getattr(dense, "hf_quantizer", None) is None
     gate = dense.model.layers[0].mlp.gate_proj.weight

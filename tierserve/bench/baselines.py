@@ -3,6 +3,11 @@
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import shutil
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -11,36 +16,45 @@ from tierserve.bench.contenders import WARMUP_TOKENS, WorkerJob
 
 
 # -- HF transformers ---------------------------------------------------------------------------
-def hf_dense_folder(gguf_path: Path, home=None, progress: bool = True) -> Path:
+def hf_dense_folder(gguf_path: Path, home=None) -> Path:
     """A folder holding ``gguf_path``'s weights dequantized to dense float32 safetensors, with
-    its tokenizer: written once under ``$TIERSERVE_HOME/hf-dense`` (keyed by the file's name,
+    its tokenizer: written once under ``$TIERSERVE_HOME/hf-dense`` (keyed by the file's path,
     size and modification time), reused after. HF's fastest correct configuration for a GGUF:
     transformers 5.24 loads a GGUF with its weights kept packed and casts every matmul's input
-    and output, which is slower than plain dense weights in any dtype."""
+    and output, which is slower than plain dense weights in any dtype. One run converts at a
+    time (a lock file); a run killed while writing leaves a ``*.partial-*`` folder that the next
+    conversion removes."""
     from tierserve.model.hub import tierserve_home
 
+    gguf_path = gguf_path.resolve()
     stat = gguf_path.stat()
-    folder = tierserve_home(home) / "hf-dense" / (
-        f"{gguf_path.stem}-{stat.st_size}-{int(stat.st_mtime)}")
+    where = hashlib.sha256(str(gguf_path).encode()).hexdigest()[:8]
+    root = tierserve_home(home) / "hf-dense"
+    folder = root / f"{gguf_path.stem}-{where}-{stat.st_size}-{stat.st_mtime_ns}"
     if (folder / "config.json").is_file():
         return folder
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if progress:
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # another run may be converting the same file
+        if (folder / "config.json").is_file():
+            return folder
+        for stale in root.glob(f"{folder.name}.partial-*"):
+            shutil.rmtree(stale, ignore_errors=True)
         print(f"hf: writing {gguf_path.name}'s weights dequantized to dense float32 into "
-              f"{folder} (once)", flush=True)
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
-                                                 dtype=torch.float32)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as scratch:
-        save_dense(model, scratch)
-        AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name
-                                      ).save_pretrained(scratch)
-        Path(scratch).rename(folder)  # whole or not at all
-        Path(scratch).mkdir()  # for the context manager's cleanup
+              f"{folder} (once; later runs reuse it)", file=sys.stderr, flush=True)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        scratch = Path(tempfile.mkdtemp(prefix=f"{folder.name}.partial-", dir=root))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+            save_dense(model, scratch)
+            AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name
+                                          ).save_pretrained(scratch)
+            scratch.rename(folder)  # whole or not at all
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     return folder
 
 

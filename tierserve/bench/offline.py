@@ -178,15 +178,27 @@ def run_offline(config: EngineConfig, spec: OfflineSpec, progress: bool = True,
                         hf_batch_sizes=spec.hf_batch_sizes,
                         llama_cpp_n_batch=spec.llama_cpp_n_batch,
                         llama_cpp_batch_sizes=spec.llama_cpp_batch_sizes)
-        if contender == "hf" and model_path.suffix == ".gguf":
-            from tierserve.bench.baselines import hf_dense_folder
-
-            job.model_path = str(hf_dense_folder(model_path, progress=progress))
-        results[name] = run_worker(job, None if contender == "tierserve"
-                                   else spec.baseline_timeout_s)
+        try:
+            job.model_path = str(prepare_model(contender, model_path))
+        except Exception as exc:  # noqa: BLE001 - a baseline's preparation fails that row only
+            results[name] = {"contender": contender, "dtype": dtype,
+                             "error": f"preparing the model failed: {exc}"}
+        else:
+            results[name] = run_worker(job, None if contender == "tierserve"
+                                       else spec.baseline_timeout_s)
         if on_result is not None:
             on_result(outcome())
     return outcome()
+
+
+def prepare_model(contender: str, model_path: Path) -> Path:
+    """The checkpoint ``contender`` loads: HF reads a GGUF as a dense folder written once
+    (``hf_dense_folder``; not timed, and outside ``--baseline-timeout``), the rest the path."""
+    if contender == "hf" and model_path.suffix == ".gguf":
+        from tierserve.bench.baselines import hf_dense_folder
+
+        return hf_dense_folder(model_path)
+    return model_path
 
 
 def _skip_reason(contender: str, model_path: Path) -> str | None:
@@ -220,9 +232,10 @@ def run_worker(job: WorkerJob, timeout_s: float | None = None) -> dict:
             proc.wait()
             return {"contender": job.contender, "dtype": job.dtype,
                     "did_not_finish": f"stopped after {timeout_s:g} s (--baseline-timeout)"}
-        except BaseException:  # Ctrl-C: take the worker down too
-            with contextlib.suppress(ProcessLookupError):
+        except BaseException:  # Ctrl-C, or SIGTERM (cmd_offline raises SystemExit): its own
+            with contextlib.suppress(ProcessLookupError):  # session would outlive the bench
                 os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
             raise
         if returncode != 0 or not result_path.is_file():
             return {"contender": job.contender, "error": worker_failure(job, returncode)}
@@ -339,8 +352,14 @@ def cmd_offline(args) -> int:
                                    "results": partial.results, "ratios": partial.ratios,
                                    "complete": False})
 
-    outcome = run_offline(cli._engine_config(args), spec, progress=not args.no_progress,
-                          on_result=write_partial)
+    # Workers run in sessions of their own (so a time limit kills a whole group): a SIGTERM to
+    # the bench unwinds through run_worker, which kills the worker running.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    try:
+        outcome = run_offline(cli._engine_config(args), spec, progress=not args.no_progress,
+                              on_result=write_partial)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     cli._finish(args, outcome.config, outcome.results, SCENARIO_COLUMNS[spec.scenario],
                 extra={"ratios": outcome.ratios,
                        "equal_output_tokens": outcome.equal_output_tokens, "complete": True},

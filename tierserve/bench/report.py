@@ -89,7 +89,9 @@ def write_json(path: str | Path, document: dict) -> None:
     """Write ``document`` as indented JSON (NaN becomes null), creating parent folders."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_finite(document), indent=2) + "\n", encoding="utf-8")
+    partial = path.with_name(path.name + ".partial")  # replaced whole: a kill leaves the old one
+    partial.write_text(json.dumps(_finite(document), indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, path)
 
 
 def _finite(value):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -127,41 +127,64 @@ class ExpertOffload:
         self.books.begin_step(chunks, plan.finished_request_ids)
 
     @contextlib.contextmanager
-    def use(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor) -> Iterator:
+    def use(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
+            counts: list[int]) -> Iterator:
         """Hold ``experts`` of ``layer`` for one forward (``x``: its rows, ``ids``: their
-        (rows, top_k) choices); yields ``get(expert) -> mlp``, which waits for that expert's
-        load only, and the order to run them in: the host's last, so on a GPU the device's
-        queued work overlaps them. Everything held is released on exit."""
+        (rows, top_k) choices, ``counts[e]``: the rows that chose ``e``); yields
+        ``get(expert) -> mlp``, which waits for that expert's load only, and the order to run
+        them in: the host's last. On a GPU the host experts' rows start copying to the host
+        before any device expert is queued, so the CPU computes them while the device runs the
+        rest. Everything held is released on exit."""
         if self.policy.observes:
             self.books.observe(layer, ids.tolist())
-        rows = None
-        if self.host_rows:
-            counts = torch.bincount(ids.flatten(), minlength=self.blocks[layer].num_experts)
-            rows = counts[experts].tolist()
+        rows = [counts[e] for e in experts] if self.host_rows else None
         held = self.books.hold(layer, experts, rows)
         try:
             if self.policy.lookahead:
                 self.books.prefetch(self._gate_lookahead(layer, x))
-            order = sorted(experts, key=lambda e: held[e] == ON_HOST) if rows else experts
-            yield (lambda expert: self._ready(layer, expert, held[expert])), order
+            on_host = [e for e in experts if held[e] == ON_HOST]
+            staged = self._stage(on_host, x, ids) if on_host and self.cuda_device is not None else {}
+            order = [e for e in experts if held[e] != ON_HOST] + on_host
+            yield (lambda expert: self._ready(layer, expert, held[expert], staged)), order
         finally:
             self.books.release(held)
 
-    def _ready(self, layer: int, expert: int, slot: int):
+    def _ready(self, layer: int, expert: int, slot: int, staged: dict) -> Callable:
         if slot == ON_HOST:
-            return self._on_host((layer, expert))
+            return self._on_host((layer, expert), staged.get(expert))
         self.books.ready(slot)
         return self.mlps[slot]
 
-    def _on_host(self, key: ExpertKey):
+    def _stage(self, on_host: list[int], x: torch.Tensor, ids: torch.Tensor) -> dict:
+        """GPU: each host expert's rows (in token order, as ``MoEBlock`` groups them) copied
+        to pinned host memory without blocking; expert -> (rows, event marking the copy)."""
+        staged = {}
+        for expert in on_host:
+            tokens = (ids == expert).any(-1).nonzero().flatten()
+            device_rows = x[tokens]
+            host_rows = torch.empty(device_rows.shape, dtype=x.dtype, pin_memory=True)
+            host_rows.copy_(device_rows, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            staged[expert] = (host_rows, event)
+        return staged
+
+    def _on_host(self, key: ExpertKey, staged: tuple | None) -> Callable:
         """The expert as an MLP over the host tier's weights (dequantized when the tier is);
-        on a GPU, rows go to the host and the result comes back."""
+        on a GPU it reads the rows ``_stage`` copied and sends the result back."""
         weights = self.source.read(key)
         mlp = DenseMLP.from_linears(self.make_host_linear(weights.gate_up),
                                     self.make_host_linear(weights.down))
-        if self.cuda_device is None:
+        if staged is None:
             return mlp
-        return lambda x, ops=None: mlp(x.to("cpu", weights.gate_up.dtype)).to(x.device, x.dtype)
+        host_rows, event = staged
+
+        def run(group: torch.Tensor, ops=None) -> torch.Tensor:
+            event.synchronize()  # the rows' copy only: the device experts queued since go on
+            out = mlp(host_rows.to(weights.gate_up.dtype))
+            return out.to(group.device, group.dtype, non_blocking=True)
+
+        return run
 
     def hot_sets(self, request_id: str) -> tuple[frozenset[int], ...] | None:
         return self.books.hot_sets(request_id)

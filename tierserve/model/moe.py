@@ -129,7 +129,10 @@ class MoEBlock:
         # Small groups run padded to min_rows in one scratch buffer; its other rows hold
         # zeros or an earlier group's rows, which cannot change this group's (rows independent).
         scratch = rows.new_zeros(self.min_rows, rows.shape[1]) if self.min_rows > 1 else None
-        with self._experts(active, x, ids) as (expert_mlp, run_order):
+        with self._experts(active, x, ids, counts) as (expert_mlp, run_order):
+            if len(run_order) != len(active):  # every group's rows must be written
+                raise RuntimeError(f"layer {self.layer_index}: the expert provider ordered "
+                                   f"{len(run_order)} of {len(active)} experts")
             for expert in run_order:  # groups are independent: any order gives the same rows
                 start = starts[expert]
                 end = start + counts[expert]
@@ -141,11 +144,13 @@ class MoEBlock:
                 outputs[start:end] = (produced * pair_weights[start:end]).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, tokens, outputs)
 
-    def _experts(self, active: list[int], x: torch.Tensor, ids: torch.Tensor):
+    def _experts(self, active: list[int], x: torch.Tensor, ids: torch.Tensor,
+                 counts: list[int]):
         """A context that yields ``(expert -> mlp, the order to run active in)``: resident
-        experts, or the provider's (which may run some elsewhere last)."""
+        experts, or the provider's (which may run some elsewhere last). ``counts[e]``: the rows
+        that chose expert ``e``."""
         if self.provider is not None:
-            return self.provider.use(self.layer_index, active, x, ids)
+            return self.provider.use(self.layer_index, active, x, ids, counts)
         return contextlib.nullcontext((self.experts.__getitem__, active))
 
     def linears(self) -> list:

@@ -193,7 +193,8 @@ class SimExperts:
         return stats.stall_seconds - stalled_before
 
     def host_seconds(self, rows: int) -> float:
-        """One expert over ``rows`` rows on the host CPU, the rows' two link trips included."""
+        """One expert over ``rows`` rows on the host CPU, plus the two link copies' fixed costs
+        for the rows (their bytes, a few KiB, are left out)."""
         return (self.host_cpu.seconds(self.loads.expert_bytes, rows * self.expert_flops_per_row)
                 + 2 * self.loads.link.overhead_s)
 
