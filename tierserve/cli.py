@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-from tierserve.config import KV_EVICTIONS, KV_SELECTIONS, EngineConfig
+from tierserve.config import KV_EVICTIONS, KV_SELECTIONS, QUANTIZATIONS, EngineConfig
 from tierserve.server.run import add_serve_args
 
 
@@ -21,6 +21,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="weights and KV cache dtype; auto: bfloat16 where the CPU/GPU computes "
                        "it natively (about 2x faster here, not batch-invariant), else float32 "
                        "(default: %(default)s)")
+    group.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS),
+                       help="keep linear weights packed and compute from them as llama.cpp "
+                       "does (int8 activations per block of 32): gguf keeps a GGUF's Q8_0/Q4_0/"
+                       "Q4_1 tensors as stored; q8_0, q4_0, q4_1 pack every linear and the "
+                       "embedding at load; none dequantizes to --dtype (default: %(default)s)")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's own)")
     group.add_argument("--kv-cache-memory", default="1GiB",
@@ -143,6 +148,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
+        quantization=args.quantization,
         num_threads=args.threads, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
         shared_prefix_attention=not getattr(args, "no_shared_prefix_attention", False),

@@ -40,6 +40,9 @@ def auto_dtype() -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags.split()) else "float32"
 
 
+QUANTIZATIONS = ("none", "gguf", "q8_0", "q4_0", "q4_1")
+
+
 @dataclass(slots=True)
 class ModelConfig:
     """Which checkpoint to run and how."""
@@ -55,8 +58,15 @@ class ModelConfig:
     # Decodes whose block tables start with the same blocks (a shared prefix) read them together
     # in the native kernel (bfloat16 only: float32 keeps each row's arithmetic fixed).
     shared_prefix_attention: bool = True
+    # Linear weights kept packed (tierserve/model/packed.py): "none" dequantizes everything to
+    # dtype; "gguf" keeps a GGUF's Q8_0/Q4_0/Q4_1 tensors as stored; q8_0/q4_0/q4_1 pack every
+    # linear (and the embedding) at load, from whatever the checkpoint holds.
+    quantization: str = "none"
 
     def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, "
+                             f"got {self.quantization!r}")
         if self.dtype == "auto":
             self.dtype = auto_dtype()
         if self.dtype not in ("float32", "bfloat16", "float16"):

@@ -95,6 +95,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     from tierserve.bench.faults import add_faults_subcommand
     from tierserve.bench.grammar_engines import add_grammar_engines_subcommand
     from tierserve.bench.offline import add_offline_subcommand
+    from tierserve.bench.quant import add_quant_subcommand
     from tierserve.bench.roofline import add_roofline_subcommand
     from tierserve.bench.shared_prefix import add_shared_prefix_subcommand
     from tierserve.bench.structured import add_structured_subcommand
@@ -108,6 +109,7 @@ def _add_subcommands(parser: argparse.ArgumentParser) -> None:
     add_shared_prefix_subcommand(sub, _add_common)
     add_structured_subcommand(sub, _add_common)
     add_grammar_engines_subcommand(sub)
+    add_quant_subcommand(sub, _add_common)
 
 
 def _add_longctx(sub) -> None:

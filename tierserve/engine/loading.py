@@ -43,7 +43,8 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
     # An expert disk tier reads the experts from the files itself: never load them here.
     disk_experts = (config.experts.expert_cache is not None
                     and config.experts.expert_host_format == "none")
-    checkpoint = load_checkpoint(path, DTYPES[config.model.dtype], skip_experts=disk_experts)
+    checkpoint = load_checkpoint(path, DTYPES[config.model.dtype], skip_experts=disk_experts,
+                                 quantization=config.model.quantization)
     arch = checkpoint.arch
     tokenizer = Tokenizer.from_path(path)
     max_model_len = _max_model_len(config, arch)

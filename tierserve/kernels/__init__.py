@@ -1,10 +1,12 @@
-"""Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp, selection.cpp; module.cpp binds them),
-compiled for this machine at first use.
+"""Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp, selection.cpp; module.cpp binds them;
+quant.cpp, its own module), compiled for this machine at first use.
 
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++
 compiler, no ninja, TIERSERVE_KERNELS=0) or would not pay (a CPU without AVX-512, which
 every fast path needs: their scalar fallbacks are slower than torch's own ops): callers then
-take the plain torch path, which gives the same results to rounding. The build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
+take the plain torch path, which gives the same results to rounding. ``quant_ops()`` is the
+packed-weight linear (Q8_0/Q4_0/Q4_1), built where the CPU has AVX2, FMA and F16C (every x86
+CPU this project runs on); without it packed weights are dequantized per call. Each build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
 the source, the torch version, the flags, the CPU (model and instruction sets) and the Python
 ABI, so later runs on the same machine load it in well under a second.
 """
@@ -36,6 +38,8 @@ SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp",
 HEADERS = [HERE / "common.h", HERE / "ops.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 MODULE_NAME = "tierserve_cpu_ops"
+QUANT_SOURCES = [HERE / "quant.cpp"]
+QUANT_MODULE_NAME = "tierserve_quant_ops"
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -61,8 +65,35 @@ def cpu_ops():
             if reason is not None:
                 logger.warning("tierserve CPU kernels not used: %s; using plain torch ops",
                                reason)
-            _state["module"] = None if reason is not None else _build()
+            _state["module"] = None if reason is not None else _build(MODULE_NAME, SOURCES)
     return _state["module"]
+
+
+def quant_ops():
+    """The packed-weight kernel module (quant.cpp), built on first call; None if disabled, the
+    CPU lacks AVX2/FMA/F16C, or the build fails."""
+    if not enabled():
+        return None
+    if "quant" in _state:
+        return _state["quant"]
+    with _lock:
+        if "quant" not in _state:
+            reason = quant_unsupported_reason()
+            if reason is not None:
+                logger.warning("packed-weight kernel not used: %s; packed weights are "
+                               "dequantized for each matmul", reason)
+            _state["quant"] = (None if reason is not None
+                               else _build(QUANT_MODULE_NAME, QUANT_SOURCES))
+    return _state["quant"]
+
+
+def quant_unsupported_reason() -> str | None:
+    """Why the packed-weight kernel is not built on this CPU, or None where it is."""
+    machine = platform.machine().lower()
+    if machine not in ("x86_64", "amd64"):
+        return f"it is written for x86 with AVX2, this is {machine}"
+    missing = {"avx2", "fma", "f16c"} - cpu_flags()
+    return f"this CPU lacks {', '.join(sorted(missing))}" if missing else None
 
 
 @functools.lru_cache(maxsize=1)
@@ -108,9 +139,9 @@ def cpu_identity() -> str:
     return "\n".join(f"{name}: {value}" for name, value in sorted(seen.items()))
 
 
-def build_key() -> str:
+def build_key(sources: list[Path] = SOURCES) -> str:
     """The build cache's key: sources, torch version, flags, CPU and Python ABI."""
-    texts = [path.read_text() for path in SOURCES + HEADERS]
+    texts = [path.read_text() for path in sources + HEADERS]
     # EXT_SUFFIX names the Python ABI (e.g. .cpython-311-x86_64-linux-gnu.so): venvs of two
     # Pythons can share one $TIERSERVE_HOME.
     parts = [*texts, torch.__version__, *CFLAGS, cpu_identity(),
@@ -118,8 +149,8 @@ def build_key() -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
-def _build():
-    """Load the cached library for this build key, compiling it first if there is none.
+def _build(name: str = MODULE_NAME, sources: list[Path] = SOURCES):
+    """Load the cached library ``name`` for its build key, compiling it first if there is none.
 
     NOTE: compiled in a private work folder and moved into place whole, under an flock that
     the kernel releases when its holder dies: a build interrupted by Ctrl-C leaves no half
@@ -127,8 +158,8 @@ def _build():
     killed build, makes every later start wait forever). A library already built is imported
     directly, without ninja, whatever checkout the sources are in.
     """
-    cache_dir = tierserve_home() / "kernels" / build_key()
-    library = cache_dir / f"{MODULE_NAME}.so"
+    cache_dir = tierserve_home() / "kernels" / build_key(sources)
+    library = cache_dir / f"{name}.so"
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         module = _load_cached(library, warn=False)
@@ -139,23 +170,23 @@ def _build():
             if module is not None:
                 return module
             # Shown at the default log level: it explains a first start that takes longer.
-            logger.warning("compiling tierserve's CPU kernels for this machine into %s "
-                           "(once, about a minute)", cache_dir)
+            logger.warning("compiling tierserve's CPU kernels (%s) for this machine into %s "
+                           "(once, about a minute)", name, cache_dir)
             for leftover in cache_dir.glob("build-*"):  # interrupted builds: we hold the lock
                 shutil.rmtree(leftover, ignore_errors=True)
-            return _compile(library)
+            return _compile(library, name, sources)
     except Exception as error:  # no compiler, no ninja, a compile error: fall back, say so
         logger.warning("tierserve CPU kernels unavailable (%s: %s); using plain torch ops",
                        type(error).__name__, str(error).splitlines()[0] if str(error) else "")
         return None
 
 
-def _compile(library: Path):
+def _compile(library: Path, name: str, sources: list[Path]):
     from torch.utils.cpp_extension import load
 
     work = Path(tempfile.mkdtemp(prefix="build-", dir=library.parent))
     try:
-        module = load(name=MODULE_NAME, sources=[str(p) for p in SOURCES],
+        module = load(name=name, sources=[str(p) for p in sources],
                       extra_cflags=CFLAGS, extra_include_paths=[str(HERE)],
                       extra_ldflags=["-fopenmp"], build_directory=str(work), verbose=False)
         os.replace(work / library.name, library)  # atomic: later runs see all of it or none
@@ -179,7 +210,7 @@ def _load_cached(library: Path, warn: bool):
 
 
 def _import(library: Path):
-    spec = importlib.util.spec_from_file_location(MODULE_NAME, library)
+    spec = importlib.util.spec_from_file_location(library.stem, library)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

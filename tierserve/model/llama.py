@@ -12,7 +12,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from tierserve.kernels import cpu_ops, onednn_bf16_supported
+from tierserve.kernels import cpu_ops, onednn_bf16_supported, quant_ops
 from tierserve.model.arch import ModelArchConfig
 from tierserve.model.layers import (
     AttentionMetadata,
@@ -22,10 +22,15 @@ from tierserve.model.layers import (
     rms_norm,
 )
 from tierserve.model.moe import DenseMLP, MoEBlock
+from tierserve.model.packed import KERNEL_CODES, PackedWeight, concat_rows
 
 # Up to this many rows the native skinny kernel beats the GEMMs (measured on SmolLM2's shapes,
 # bfloat16: 9.9 vs 14.5 ms of linears a step at 1 row, 12.8 vs 15.5 at 4, 19.0 vs 16.4 at 8).
 SKINNY_MAX_ROWS = 4
+# From this many rows packed weights are dequantized (natively, ~2 ms a layer here) for a float
+# GEMM instead of the integer kernel. SmolLM2's 30 layers of Q4_1 linears, float32, AMD Zen 3,
+# 2 threads: integer 233 vs dequantize+GEMM 255 ms at 64 rows, 977 vs 753 ms at 256.
+PACKED_GEMM_ROWS = 128
 
 
 def _pack_enabled() -> bool:
@@ -38,27 +43,51 @@ class Linear:
     A few rows (decode at small batch) go through the native skinny kernel, which streams the
     weight near memory bandwidth. More rows use GEMM: for bfloat16, oneDNN on a weight reordered
     once into its blocked layout (bitwise equal to F.linear, 1.1-1.7x faster here; costs a second
-    copy of the weight); otherwise F.linear.
+    copy of the weight); otherwise F.linear. A PackedWeight (--quantization) goes through the
+    packed kernel at every row count (int8 activations, so a row's result does not depend on
+    the batch), or is dequantized for the call where that kernel is not built.
     """
 
-    __slots__ = ("weight", "bias", "packed", "ops")
+    __slots__ = ("weight", "bias", "packed", "ops", "quant")
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, ops, pack: bool) -> None:
-        self.weight = weight.contiguous()
+    def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None, ops,
+                 pack: bool) -> None:
         self.bias = bias
         self.ops = ops
         self.packed = None
+        self.quant = None
+        if isinstance(weight, PackedWeight):
+            self.weight = weight
+            self.quant = quant_ops()
+            return
+        self.weight = weight.contiguous()
         if (pack and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
                 and onednn_bf16_supported()):
             self.packed = torch.ops.mkldnn._reorder_linear_weight(self.weight, 64)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.weight, PackedWeight):
+            return self._packed(x)
         rows = x.shape[0]
         if self.ops is not None and rows <= SKINNY_MAX_ROWS:
             return self.ops.skinny_linear(x, self.weight, self.bias)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
+
+    def _packed(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.quant is None:
+            return F.linear(x, weight.dequantize(x.dtype), self.bias)
+        code = KERNEL_CODES[weight.qtype]
+        if x.shape[0] >= PACKED_GEMM_ROWS:  # prefill-sized: a float GEMM reuses each weight
+            dense = self.quant.packed_dequantize(code, weight.quants, weight.scales, weight.mins)
+            return F.linear(x, dense.to(x.dtype), self.bias)
+        out = self.quant.packed_linear(x.float(), code, weight.quants, weight.scales,
+                                       weight.mins)  # (rows, n) float32
+        if self.bias is not None:
+            out += self.bias
+        return out.to(x.dtype)
 
 
 class DecoderLayer:
@@ -73,7 +102,7 @@ class DecoderLayer:
         def linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> Linear:
             return Linear(weight, bias, ops, pack)
 
-        self.qkv = linear(torch.cat([tensors[f"{attn}{p}_proj.weight"] for p in "qkv"]),
+        self.qkv = linear(concat_rows([tensors[f"{attn}{p}_proj.weight"] for p in "qkv"]),
                           torch.cat([tensors[f"{attn}{p}_proj.bias"] for p in "qkv"])
                           if arch.attention_bias else None)
         self.o = linear(tensors[f"{attn}o_proj.weight"])
@@ -112,14 +141,14 @@ class LlamaModel:
                  max_positions: int, use_kernels: bool = True) -> None:
         self.arch = arch
         self.max_positions = max_positions
-        self.embed = tensors["model.embed_tokens.weight"]
+        self.embed = tensors["model.embed_tokens.weight"]  # a tensor, or a PackedWeight
         self.ops = cpu_ops() if use_kernels else None
         pack = _pack_enabled()
         self.lm_head = Linear(tensors.get("lm_head.weight", self.embed), None, self.ops, pack)
         self.norm = tensors["model.norm.weight"]
         self.layers = [DecoderLayer(tensors, i, arch, self.ops, pack)
                        for i in range(arch.num_layers)]
-        self.dtype = self.embed.dtype
+        self.dtype = self.norm.dtype  # the compute dtype (the embedding may be packed)
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
         self.attention = TorchPagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim,
@@ -148,7 +177,7 @@ class LlamaModel:
         if self.ops is not None:
             return self._forward_fused(input_ids, positions, kv_cache, meta)
         arch = self.arch
-        hidden = self.embed[input_ids]  # (T, hidden)
+        hidden = self._embed(input_ids)  # (T, hidden)
         cos, sin = self.rotary.tables(positions, self.dtype)
         for index, layer in enumerate(self.layers):
             residual = hidden
@@ -165,6 +194,11 @@ class LlamaModel:
             x = rms_norm(hidden, layer.post_attention_norm, arch.rms_norm_eps)
             hidden = residual + layer.mlp(x, None, meta.num_tokens)
         return rms_norm(hidden, self.norm, arch.rms_norm_eps)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.embed, PackedWeight):
+            return self.embed.embed(input_ids, self.dtype)
+        return self.embed[input_ids]
 
     @staticmethod
     def _layer_cache(kv_cache: torch.Tensor, index: int, key_bounds: bool):
@@ -207,7 +241,7 @@ class LlamaModel:
         cos, sin = self.rotary.tables(positions, self.dtype)
         cos, sin = cos[:, 0], sin[:, 0]  # (T, head_dim)
         rotated_heads = arch.num_heads + arch.num_kv_heads  # q then k lead each qkv row
-        x, hidden = ops.add_rms_norm(self.embed[input_ids], None, self.layers[0].input_norm, eps)
+        x, hidden = ops.add_rms_norm(self._embed(input_ids), None, self.layers[0].input_norm, eps)
         norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
         for index, (layer, next_norm) in enumerate(zip(self.layers, norms)):
             qkv = self._normed_qkv(layer, layer.qkv(x))

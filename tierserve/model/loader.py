@@ -52,16 +52,21 @@ ROUTED_EXPERT = re.compile(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up
 
 
 def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
-                    skip_experts: bool = False) -> LoadedCheckpoint:
+                    skip_experts: bool = False, quantization: str = "none") -> LoadedCheckpoint:
     """Load the weights at ``path`` (a .gguf file or a folder with config.json) as ``dtype``.
 
     GGUF weights are dequantized to float32 once, then cast. Every expected tensor must be present
     with the shape the config implies; anything else raises CheckpointError. ``skip_experts``:
     leave every routed expert's weights in the files (an expert disk tier reads them itself), so
-    a model whose experts do not fit in memory still loads.
+    a model whose experts do not fit in memory still loads. ``quantization`` (ModelConfig's):
+    "gguf" keeps a GGUF's packed linears packed; "q8_0", "q4_0", "q4_1" pack every linear.
     """
     path = Path(path)
     source_format = _source_format(path)
+    if quantization == "gguf" and source_format != "gguf":
+        raise CheckpointError(f"--quantization gguf keeps a GGUF file's packed tensors; {path} is "
+                              "a safetensors folder: pass --quantization q8_0, q4_0 or q4_1 to "
+                              "pack it at load")
     start = time.perf_counter()
     if source_format == "gguf":
         from tierserve.model.gguf_file import read_gguf
@@ -69,12 +74,20 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
 
         gguf_file = read_gguf(path)
         arch = gguf_arch_config(gguf_file)
-        tensors = load_gguf_tensors(gguf_file, arch, dtype, skip_experts)
+        tensors = load_gguf_tensors(gguf_file, arch, dtype, skip_experts,
+                                    keep_packed=quantization != "none")
     else:
         from tierserve.model.loader_hf import hf_arch_config, load_safetensors
 
         arch = hf_arch_config(path)
         tensors = load_safetensors(path, arch, dtype, skip_experts)
+    if quantization != "none" and arch.num_experts:
+        raise CheckpointError(f"--quantization packs dense models' weights; {path} is an MoE "
+                              "model: its experts' memory is set by --expert-host-format q8|q4")
+    if quantization not in ("none", "gguf"):
+        from tierserve.model.packed import QuantType, pack_tensors
+
+        pack_tensors(tensors, QuantType(quantization))
     _check_tensors(tensors, arch, path, skip_experts)
     log.info(
         "loaded %s (%d tensors, %s) in %.1f s",

@@ -22,6 +22,7 @@ import torch
 from tierserve.model.arch import SUPPORTED_ARCHITECTURES, ModelArchConfig
 from tierserve.model.gguf_file import GGUFFile
 from tierserve.model.loader import CheckpointError
+from tierserve.model.packed import PACKABLE, PackedWeight, QuantType, from_gguf_bytes
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,17 @@ def _moe_fields(gguf_file: GGUFFile, spec: GGUFArchSpec, get, num_layers: int) -
 
 
 def load_gguf_tensors(
-    gguf_file: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype, skip_experts: bool = False
+    gguf_file: GGUFFile, arch: ModelArchConfig, dtype: torch.dtype, skip_experts: bool = False,
+    keep_packed: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Dequantize every weight once, un-permute q/k where needed, and return it under its HF name
-    (without the stacked routed experts with ``skip_experts``: those are never read)."""
+    (without the stacked routed experts with ``skip_experts``: those are never read).
+    ``keep_packed``: linear and embedding weights stored as Q8_0/Q4_0/Q4_1 stay packed
+    (PackedWeight, rows un-permuted as blocks); other types are dequantized, and the log says
+    which."""
     spec = _arch_spec(gguf_file)
     tensors: dict[str, torch.Tensor] = {}
+    unpacked: set[str] = set()
     for name, info in gguf_file.tensors.items():
         if name in NON_WEIGHT_TENSORS:
             continue
@@ -204,6 +210,14 @@ def load_gguf_tensors(
             )
         if skip_experts and "{e}" in spec.tensor_names[template]:
             continue
+        hf_name = spec.tensor_names[template]
+        layer = {"i": int(match.group(1))} if match else {}
+        if keep_packed and "{e}" not in hf_name and PACKABLE.match(hf_name.format(**layer)):
+            packed = _packed(gguf_file, info, template, spec, arch)
+            if packed is not None:
+                tensors[hf_name.format(**layer)] = packed
+                continue
+            unpacked.add(info.qtype.name)
         try:
             values = gguf_file.read_float32(name)
         except NotImplementedError:
@@ -214,8 +228,6 @@ def load_gguf_tensors(
             ) from None
         if template in spec.permuted_rows:
             values = unpermute_rotary_rows(values, getattr(arch, spec.permuted_rows[template]))
-        hf_name = spec.tensor_names[template]
-        layer = {"i": int(match.group(1))} if match else {}
         if "{e}" in hf_name:  # stacked experts: one HF tensor per slice
             for expert, part in enumerate(values):
                 tensors[hf_name.format(e=expert, **layer)] = torch.from_numpy(part).to(dtype)
@@ -223,7 +235,27 @@ def load_gguf_tensors(
         if template == "blk.{i}.ffn_gate_inp_shexp.weight":
             values = values.reshape(1, -1)
         tensors[hf_name.format(**layer)] = torch.from_numpy(values).to(dtype)
+    if unpacked:
+        log.warning("%s: linear weights stored as %s have no packed kernel; dequantized to %s",
+                    gguf_file.path.name, ", ".join(sorted(unpacked)), dtype)
     return tensors
+
+
+def _packed(gguf_file: GGUFFile, info, template: str, spec: GGUFArchSpec,
+            arch: ModelArchConfig) -> PackedWeight | None:
+    """A GGUF tensor of a packed kernel's type as a PackedWeight, or None for other types."""
+    try:
+        qtype = QuantType(info.qtype.name.lower())
+    except ValueError:
+        return None
+    raw = np.memmap(gguf_file.path, dtype=np.uint8, mode="r", offset=info.offset,
+                    shape=(info.n_bytes,))
+    packed = from_gguf_bytes(raw, info.shape, qtype)
+    if template in spec.permuted_rows:  # llama.cpp permuted whole rows: move them back
+        order = np.arange(info.shape[0], dtype=np.int64)
+        order = unpermute_rotary_rows(order, getattr(arch, spec.permuted_rows[template]))
+        packed = packed.rows(torch.from_numpy(np.ascontiguousarray(order)))
+    return packed
 
 
 def _arch_spec(gguf_file: GGUFFile) -> GGUFArchSpec:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from tierserve.model.packed import concat_rows
+
 # The linear layer type the model builds (tierserve.model.llama.Linear): ``linear(x)``.
 LinearFactory = Callable[[torch.Tensor], object]
 
@@ -26,7 +28,7 @@ class DenseMLP:
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                  make_linear: LinearFactory) -> None:
-        self.gate_up = make_linear(torch.cat([gate, up]))  # (2 * ffn, hidden)
+        self.gate_up = make_linear(concat_rows([gate, up]))  # (2 * ffn, hidden)
         self.down = make_linear(down)  # (hidden, ffn)
 
     def __call__(self, x: torch.Tensor, ops=None, num_rows: int | None = None) -> torch.Tensor:

@@ -1,0 +1,131 @@
+"""Packed quantized weights: formats against the gguf package, the kernel against its emulation and
+against dequantize-then-matmul within the activation quantization's bound."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from tierserve.kernels import quant_ops
+from tierserve.model.packed import (
+    KERNEL_CODES,
+    PackedWeight,
+    QuantType,
+    concat_rows,
+    emulated_linear,
+    from_gguf_bytes,
+    quantize,
+    quantize_activations,
+)
+
+GGML = {QuantType.Q8_0: GGMLQuantizationType.Q8_0, QuantType.Q4_0: GGMLQuantizationType.Q4_0,
+        QuantType.Q4_1: GGMLQuantizationType.Q4_1}
+FORMATS = list(QuantType)
+
+
+def _weight(rows: int = 48, cols: int = 128, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, cols, generator=generator)
+    weight[3, :32] = 0.0  # an all-zero block: scale 0
+    weight[5, 32:64] = 1.5  # a constant block: Q4_1's range 0
+    return weight
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_gguf_bytes_are_read_packed_and_dequantize_as_the_gguf_package_does(qtype):
+    weight = _weight().numpy()
+    raw = gguf_quantize(weight, GGML[qtype])  # (rows, bytes) as a GGUF stores it
+    packed = from_gguf_bytes(raw.reshape(-1), weight.shape, qtype)
+    expected = gguf_dequantize(raw, GGML[qtype])
+    assert np.array_equal(packed.dequantize().numpy(), expected)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_quantizing_at_load_gives_the_bytes_llama_quantize_writes(qtype):
+    weight = _weight(seed=1)
+    raw = gguf_quantize(weight.numpy(), GGML[qtype])
+    ours = quantize(weight, qtype)
+    theirs = from_gguf_bytes(raw.reshape(-1), tuple(weight.shape), qtype)
+    assert torch.equal(ours.scales, theirs.scales)
+    assert torch.equal(ours.quants, theirs.quants)
+    if qtype.has_min:
+        assert torch.equal(ours.mins, theirs.mins)
+
+
+def test_rows_of_one_format_are_stacked_packed_and_mixed_ones_repacked_in_the_finer():
+    a, b = quantize(_weight(seed=2), QuantType.Q4_1), quantize(_weight(seed=3), QuantType.Q4_1)
+    fused = concat_rows([a, b])
+    assert fused.qtype is QuantType.Q4_1
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    mixed = concat_rows([a, quantize(_weight(seed=4), QuantType.Q8_0)])
+    assert mixed.qtype is QuantType.Q8_0 and mixed.shape == (96, 128)
+    assert torch.equal(concat_rows([_weight(), _weight()]), torch.cat([_weight(), _weight()]))
+
+
+def test_a_packed_embedding_looks_up_dequantized_rows():
+    packed = quantize(_weight(), QuantType.Q8_0)
+    ids = torch.tensor([7, 0, 7, 47])
+    assert torch.equal(packed.embed(ids, torch.float32), packed.dequantize()[ids])
+
+
+def test_packed_weight_refuses_blocks_that_do_not_fit():
+    with pytest.raises(ValueError, match="needs mins"):
+        PackedWeight(QuantType.Q4_1, torch.zeros(2, 1, 16, dtype=torch.uint8),
+                     torch.zeros(2, 1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="do not fit"):
+        PackedWeight(QuantType.Q8_0, torch.zeros(2, 1, 16, dtype=torch.int8),
+                     torch.zeros(2, 1, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_emulated_linear_is_within_the_activation_rounding_bound_of_dequantized_matmul(qtype):
+    # The weight is exact in both; only x is rounded, by at most half its block step d_x / 2,
+    # so |error| <= sum over blocks of d_x / 2 * sum |w| over the block.
+    packed = quantize(_weight(), qtype)
+    x = torch.randn(5, 128, generator=torch.Generator().manual_seed(5)) * 3
+    dense = packed.dequantize()
+    exact = x.double() @ dense.double().T
+    _, x_scale = quantize_activations(x)
+    block_weight = dense.abs().reshape(48, 4, 32).sum(-1)  # (n, blocks)
+    bound = (x_scale.double() / 2) @ block_weight.double().T + 1e-4
+    error = (emulated_linear(x, packed).double() - exact).abs()
+    assert (error <= bound).all()
+    assert error.max() > 0  # the activation rounding is really there
+
+
+needs_kernel = pytest.mark.skipif(quant_ops() is None, reason="packed kernel not built here (no AVX2)")
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", FORMATS)
+@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+def test_packed_kernel_equals_its_torch_emulation(qtype, rows):
+    packed = quantize(_weight(rows=37, cols=160, seed=6), qtype)
+    x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
+    out = quant_ops().packed_linear(x, KERNEL_CODES[qtype], packed.quants, packed.scales,
+                                    packed.mins)
+    torch.testing.assert_close(out, emulated_linear(x, packed), rtol=1e-5, atol=2e-5)
+
+
+@needs_kernel
+def test_packed_kernel_rows_do_not_depend_on_the_batch():
+    packed = quantize(_weight(rows=40, cols=128), QuantType.Q4_1)
+    x = torch.randn(11, 128, generator=torch.Generator().manual_seed(8))
+    together = quant_ops().packed_linear(x, 2, packed.quants, packed.scales, packed.mins)
+    alone = torch.cat([quant_ops().packed_linear(x[i:i + 1], 2, packed.quants, packed.scales,
+                                                 packed.mins) for i in range(11)])
+    assert torch.equal(together, alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_native_dequantize_equals_the_torch_one(qtype):
+    packed = quantize(_weight(), qtype)
+    native = quant_ops().packed_dequantize(KERNEL_CODES[qtype], packed.quants, packed.scales,
+                                           packed.mins)
+    # Q4_1's d * q + m may be fused into one rounding by the compiler: within an ulp.
+    torch.testing.assert_close(native, packed.dequantize(), rtol=2e-7, atol=0)

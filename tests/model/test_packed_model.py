@@ -1,0 +1,176 @@
+"""Models with packed weights (--quantization): loading packed, the kernel-free path bitwise equal
+to the dequantized model, SmolLM2's greedy tokens against the float32 model, memory, and the
+errors that name the fix. (The kernel's rows not depending on the batch: test_packed.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tests.model.test_loader import tiny_llama_gguf_tensors, write_gguf
+from tierserve.config import ModelConfig
+from tierserve.engine.llm import LLM
+from tierserve.model.loader import CheckpointError, load_checkpoint
+from tierserve.model.packed import PACKABLE, PackedWeight, QuantType
+from tierserve.request import SamplingParams
+
+PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
+           "Explain what a hash table is in two sentences.", "List three uses of copper.",
+           "How do I reverse a list in Python?", "Why is the sky blue?"]
+# Largest top-2 logprob gap of the float32 model at which the packed model may choose the other
+# token: int8 activations move SmolLM2's logprobs by up to ~0.1 (bench quant measured every
+# divergence of 6 x 64 tokens at a gap of 0.04-0.2).
+PACKED_TIE = 0.25
+
+
+def test_a_gguf_loads_its_packed_tensors_packed_with_the_dequantized_values(tmp_path):
+    tensors = tiny_llama_gguf_tensors()  # matrices cycle through Q8_0, Q4_0, Q4_1 and F16
+    write_gguf(tmp_path / "tiny.gguf", "llama", tensors)
+    dense = load_checkpoint(tmp_path / "tiny.gguf").tensors
+    packed = load_checkpoint(tmp_path / "tiny.gguf", quantization="gguf").tensors
+    kinds = set()
+    for name, weight in packed.items():
+        if isinstance(weight, PackedWeight):
+            kinds.add(weight.qtype)
+            assert PACKABLE.match(name)
+            # q/k rows un-permuted as whole blocks: the same values as the float loader's.
+            assert torch.equal(weight.dequantize(), dense[name]), name
+        else:
+            assert torch.equal(weight, dense[name]), name
+    assert kinds == set(QuantType)
+    assert isinstance(packed["model.layers.0.input_layernorm.weight"], torch.Tensor)
+    f16 = [n for n, (_, qtype) in tensors.items() if qtype.name == "F16"]
+    assert f16  # a type the kernel lacks stays float
+
+
+def test_quantizing_at_load_packs_every_linear_and_the_embedding(tiny_llama_dir):
+    checkpoint = load_checkpoint(tiny_llama_dir, quantization="q8_0")
+    packed = {n for n, w in checkpoint.tensors.items() if isinstance(w, PackedWeight)}
+    assert packed == {n for n in checkpoint.tensors if PACKABLE.match(n)}
+    assert "model.embed_tokens.weight" in packed and "lm_head.weight" in packed
+    assert all(checkpoint.tensors[n].qtype is QuantType.Q8_0 for n in packed)
+
+
+def test_quantization_errors_name_the_fix(tiny_llama_dir):
+    with pytest.raises(CheckpointError, match="q8_0, q4_0 or q4_1"):
+        load_checkpoint(tiny_llama_dir, quantization="gguf")
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        ModelConfig(quantization="q5_k")
+
+
+def test_quantization_refuses_moe_models(tmp_path):
+    from tests.conftest import make_tiny_moe
+
+    make_tiny_moe("mixtral", tmp_path / "moe")
+    with pytest.raises(CheckpointError, match="--expert-host-format"):
+        load_checkpoint(tmp_path / "moe", quantization="q4_0")
+
+
+def test_a_tiny_llama_packed_at_load_scores_tokens_as_the_float_model_does(tiny_llama_dir):
+    # Q8_0 weights and int8 activations: each token's logprob moves by a few hundredths (this
+    # model's logprobs are near-uniform, ~-3.2 over 512 tokens, so greedy ties are common).
+    prompt = {"prompt_token_ids": [5, 17, 42, 99, 300, 301, 7, 12, 480, 3]}
+    ours = _prompt_logprobs(LLM(str(tiny_llama_dir), quantization="q8_0"), prompt)
+    theirs = _prompt_logprobs(LLM(str(tiny_llama_dir)), prompt)
+    assert (ours - theirs).abs().max() < 0.15
+    assert not torch.equal(ours, theirs)
+
+
+def _chats(llm, count):
+    tokenizer = llm.get_tokenizer()
+    return [{"prompt_token_ids": tokenizer.encode_chat([{"role": "user", "content": text}])}
+            for text in PROMPTS[:count]]
+
+
+def _prompt_logprobs(llm, prompt):
+    out = llm.generate([prompt], SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)
+    steps = out[0].prompt_logprobs[1:]
+    return torch.tensor([step[token].logprob
+                         for token, step in zip(out[0].prompt_token_ids[1:], steps)])
+
+
+@pytest.fixture(scope="module")
+def smol_float(smollm2_path):
+    return LLM(str(smollm2_path), kv_cache_memory="256MiB")
+
+
+@pytest.fixture(scope="module")
+def smol_packed(smollm2_path):
+    return LLM(str(smollm2_path), quantization="gguf", kv_cache_memory="256MiB")
+
+
+def test_without_the_kernel_a_packed_smollm2_equals_the_dequantized_model(
+        smollm2_path, smol_float, monkeypatch):
+    import tierserve.model.llama as llama
+
+    monkeypatch.setattr(llama, "quant_ops", lambda: None)  # dequantize for each matmul
+    fallback = LLM(str(smollm2_path), quantization="gguf", kv_cache_memory="64MiB")
+    assert fallback.engine.runner.model.layers[0].qkv.quant is None
+    prompt = _chats(smol_float, 1)[0]
+    assert torch.equal(_prompt_logprobs(fallback, prompt), _prompt_logprobs(smol_float, prompt))
+
+
+needs_kernel = pytest.mark.skipif(
+    __import__("tierserve.kernels", fromlist=["quant_ops"]).quant_ops() is None,
+    reason="packed kernel not built here (no AVX2)")
+
+
+@needs_kernel
+def test_packed_smollm2_greedy_parts_from_float32_only_at_near_ties(smol_float, smol_packed):
+    params = SamplingParams(temperature=0.0, max_tokens=64, ignore_eos=True, logprobs=2)
+    prompts = _chats(smol_float, 6)
+    reference = smol_float.generate(prompts, params, use_tqdm=False)
+    packed = smol_packed.generate(prompts, params, use_tqdm=False)
+    for ref, ours in zip(reference, packed):
+        ref_tokens, our_tokens = ref.outputs[0].token_ids, ours.outputs[0].token_ids
+        first = next((i for i, (a, b) in enumerate(zip(ref_tokens, our_tokens)) if a != b), None)
+        if first is None:
+            assert ref_tokens == our_tokens
+            continue
+        top2 = ref.outputs[0].logprobs[first]
+        assert our_tokens[first] in top2, f"packed chose a token outside float32's top 2 at {first}"
+        gap = abs(top2[ref_tokens[first]].logprob - top2[our_tokens[first]].logprob)
+        assert gap < PACKED_TIE, f"diverged at step {first} with a logprob gap of {gap:.3f}"
+
+
+@needs_kernel
+def test_prefill_sized_batches_take_the_dequantized_gemm(smol_packed, monkeypatch):
+    import tierserve.model.llama as llama
+
+    linear = smol_packed.engine.runner.model.layers[0].mlp.gate_up
+    x = torch.randn(llama.PACKED_GEMM_ROWS, 576, generator=torch.Generator().manual_seed(0))
+    gemm = linear(x)
+    monkeypatch.setattr(llama, "PACKED_GEMM_ROWS", 10**9)  # the integer kernel for every size
+    integer = linear(x)
+    dense = x @ linear.weight.dequantize().T
+    torch.testing.assert_close(gemm, dense, rtol=1e-5, atol=1e-4)  # float: no int8 rounding
+    assert (integer - dense).abs().max() > 1e-3  # the integer path rounds x to int8
+
+
+@needs_kernel
+def test_packed_smollm2_prompt_logprobs_are_close_to_float32(smol_float, smol_packed):
+    prompt = _chats(smol_float, 3)[2]
+    ours, theirs = _prompt_logprobs(smol_packed, prompt), _prompt_logprobs(smol_float, prompt)
+    # The mean per-token log-likelihood (the perplexity) moves by under 1%.
+    assert abs(ours.mean() - theirs.mean()) < 0.01 * abs(theirs.mean())
+    assert (ours - theirs).abs().max() < 1.0
+    assert not torch.equal(ours, theirs)  # the kernel, not a float path, computed them
+
+
+def test_packed_smollm2_holds_under_40_percent_of_the_bfloat16_weights(smol_packed):
+    from tierserve.bench.quant import weight_bytes
+
+    model = smol_packed.engine.runner.model
+    packed_bytes = weight_bytes(model)
+    params = sum(np.prod(w.shape) for w in _distinct_weights(model))
+    assert packed_bytes <= 0.40 * params * 2  # bfloat16: 2 bytes a weight
+
+
+def _distinct_weights(model):
+    seen = {}
+    for weight in [model.embed, model.lm_head.weight, *(linear.weight for layer in model.layers
+                                                        for linear in layer.linears())]:
+        seen[id(weight)] = weight
+    return list(seen.values())
+

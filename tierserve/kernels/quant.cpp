@@ -1,0 +1,273 @@
+// packed_linear: y = x @ w.T for a weight kept as GGML Q8_0 / Q4_0 / Q4_1 blocks (tierserve/model/
+// packed.py), the way llama.cpp computes it: each row of x is quantized per block of 32 to int8 with
+// a float scale, the block products are summed in integers, then scaled and added in float32.
+// Decode at batch 1 streams the packed weight once (0.56 bytes a weight for Q4_1 against 2 for
+// bfloat16), which is what bounds it. AVX2 integer dot products (maddubs + madd) where the CPU has
+// them, scalar code otherwise. Built as its own module (tierserve_quant_ops), gated on AVX2 rather
+// than the AVX-512 the other kernels need. Results equal packed.emulated_linear up to the order of
+// float32 sums.
+
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+enum Kind : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };  // packed.QuantType's kernel codes
+constexpr int64_t kRowGroup = 4;   // rows of x that share one unpacked weight block
+constexpr int64_t kWeightTile = 16;  // weight rows kept hot while every row group passes
+
+inline float half_to_float(uint16_t bits) {
+#if defined(__F16C__)
+  return _cvtsh_ss(bits);
+#else
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+#endif
+}
+
+// Rows of x per block: int8 codes round-half-even(x / d), d = max|x| / 127, and d * sum(codes)
+// (Q4_1's minimum term). Same float32 operations as packed.quantize_activations.
+void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* codes, float* scales,
+                   float* block_sums) {
+  const int64_t blocks = k / kBlock;
+  at::parallel_for(0, m * blocks, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const float* src = x + index * kBlock;  // rows are contiguous: block index = r * blocks + b
+      float peak = 0.f;
+      for (int64_t i = 0; i < kBlock; ++i) peak = std::fmax(peak, std::fabs(src[i]));
+      const float scale = peak / 127.f;
+      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        const int32_t code = static_cast<int32_t>(std::nearbyint(src[i] * inverse));
+        codes[index * kBlock + i] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      scales[index] = scale;
+      block_sums[index] = scale * static_cast<float>(sum);
+    }
+  });
+}
+
+#if defined(__AVX2__)
+// 16 bytes of nibbles -> 32 unsigned codes in element order (low nibbles, then high).
+inline __m256i unpack_nibbles(const uint8_t* packed) {
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  const __m128i low = _mm_and_si128(bytes, mask);
+  const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
+  return _mm256_set_m128i(high, low);
+}
+
+// 32 unsigned x 32 signed bytes -> 8 float partial sums (exact: |pair sums| < 2^15).
+inline __m256 dot_unsigned_signed(__m256i u, __m256i s) {
+  const __m256i pairs = _mm256_maddubs_epi16(u, s);
+  return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+
+// Signed x signed through the unsigned form: |a| * (b * sign(a)).
+inline __m256 dot_signed(__m256i a, __m256i b) {
+  return dot_unsigned_signed(_mm256_sign_epi8(a, a), _mm256_sign_epi8(b, a));
+}
+
+inline float horizontal_sum(__m256 v) {
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+  sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
+  return _mm_cvtss_f32(sum);
+}
+#endif
+
+struct PackedView {
+  const uint8_t* quants;  // (n, blocks, quant_bytes)
+  const uint16_t* scales;  // (n, blocks) float16 bits
+  const uint16_t* mins;  // (n, blocks) float16 bits, Q4_1 only
+  int64_t blocks;
+  int64_t quant_bytes;
+};
+
+struct QuantizedRows {
+  const int8_t* codes;  // (m, k)
+  const float* scales;  // (m, blocks)
+  const float* block_sums;  // (m, blocks)
+  int64_t k;
+};
+
+// out[r] = row r of x (rows first .. first + R) . weight row j.
+template <int64_t KIND, int64_t R>
+void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int64_t first,
+                    float* out) {
+  const int64_t blocks = w.blocks;
+  const uint8_t* quants = w.quants + j * blocks * w.quant_bytes;
+  const uint16_t* scales = w.scales + j * blocks;
+  const uint16_t* mins = KIND == kQ4_1 ? w.mins + j * blocks : nullptr;
+  float extra[R] = {};
+#if defined(__AVX2__)
+  __m256 acc[R];
+  for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float weight_scale = half_to_float(scales[b]);
+    __m256i codes;
+    if constexpr (KIND == kQ8_0) {
+      codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + b * 32));
+    } else {
+      codes = unpack_nibbles(quants + b * 16);
+      if constexpr (KIND == kQ4_0) codes = _mm256_sub_epi8(codes, _mm256_set1_epi8(8));
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = first + r;
+      const __m256i xv = _mm256_loadu_si256(
+          reinterpret_cast<const __m256i*>(x.codes + row * x.k + b * kBlock));
+      const __m256 dots = KIND == kQ4_1 ? dot_unsigned_signed(codes, xv) : dot_signed(codes, xv);
+      acc[r] = _mm256_fmadd_ps(dots, _mm256_set1_ps(weight_scale * x.scales[row * blocks + b]),
+                               acc[r]);
+      if constexpr (KIND == kQ4_1) extra[r] += half_to_float(mins[b]) * x.block_sums[row * blocks + b];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]) + extra[r];
+#else
+  float acc[R] = {};
+  for (int64_t b = 0; b < blocks; ++b) {
+    const float weight_scale = half_to_float(scales[b]);
+    int32_t codes[kBlock];
+    for (int64_t i = 0; i < kBlock; ++i) {
+      if constexpr (KIND == kQ8_0) {
+        codes[i] = static_cast<int8_t>(quants[b * 32 + i]);
+      } else {
+        const uint8_t byte = quants[b * 16 + (i % 16)];
+        codes[i] = (i < 16 ? byte & 0x0F : byte >> 4) - (KIND == kQ4_0 ? 8 : 0);
+      }
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t row = first + r;
+      const int8_t* xv = x.codes + row * x.k + b * kBlock;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < kBlock; ++i) sum += codes[i] * xv[i];
+      acc[r] += static_cast<float>(sum) * (weight_scale * x.scales[row * blocks + b]);
+      if constexpr (KIND == kQ4_1) extra[r] += half_to_float(mins[b]) * x.block_sums[row * blocks + b];
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
+#endif
+}
+
+template <int64_t KIND>
+void packed_linear_impl(const PackedView& w, int64_t n, const QuantizedRows& x, int64_t m,
+                        float* y) {
+  // NOTE: each output depends only on its own row of x and of w, computed by the same code
+  // whatever m is, so a request's logits do not depend on what it is batched with.
+  at::parallel_for(0, (n + kWeightTile - 1) / kWeightTile, 1, [&](int64_t begin, int64_t end) {
+    float out[kRowGroup];
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t j_end = std::min(n, (tile + 1) * kWeightTile);
+      for (int64_t first = 0; first < m; first += kRowGroup) {
+        const int64_t rows = std::min(kRowGroup, m - first);
+        for (int64_t j = tile * kWeightTile; j < j_end; ++j) {
+          switch (rows) {
+            case 4: dot_weight_row<KIND, 4>(w, j, x, first, out); break;
+            case 3: dot_weight_row<KIND, 3>(w, j, x, first, out); break;
+            case 2: dot_weight_row<KIND, 2>(w, j, x, first, out); break;
+            default: dot_weight_row<KIND, 1>(w, j, x, first, out); break;
+          }
+          for (int64_t r = 0; r < rows; ++r) y[(first + r) * n + j] = out[r];
+        }
+      }
+    }
+  });
+}
+
+torch::Tensor packed_linear(torch::Tensor x, int64_t kind, torch::Tensor quants,
+                            torch::Tensor scales, c10::optional<torch::Tensor> mins) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: (m, k) float32");
+  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_1, "unknown packed format ", kind);
+  TORCH_CHECK(quants.dim() == 3 && quants.is_contiguous() && scales.is_contiguous(),
+              "quants (n, blocks, bytes) and scales (n, blocks), contiguous");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf, "scales are float16");
+  const int64_t n = quants.size(0), blocks = quants.size(1), k = x.size(1);
+  TORCH_CHECK(k == blocks * kBlock, "x has ", k, " columns, the weight ", blocks * kBlock);
+  TORCH_CHECK(quants.size(2) == (kind == kQ8_0 ? 32 : 16), "block width does not match format");
+  TORCH_CHECK((kind == kQ4_1) == mins.has_value(), "mins go with Q4_1 only");
+  torch::Tensor min_values;
+  if (mins.has_value()) {
+    min_values = mins->contiguous();
+    TORCH_CHECK(min_values.scalar_type() == at::kHalf, "mins are float16");
+  }
+  x = x.contiguous();
+  const int64_t m = x.size(0);
+  auto codes = torch::empty({m, k}, x.options().dtype(at::kChar));
+  auto x_scales = torch::empty({m, blocks}, x.options());
+  auto x_sums = torch::empty({m, blocks}, x.options());
+  quantize_rows(x.data_ptr<float>(), m, k, codes.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
+                x_sums.data_ptr<float>());
+  auto y = torch::empty({m, n}, x.options());
+  const PackedView w{reinterpret_cast<const uint8_t*>(quants.data_ptr()),
+                     reinterpret_cast<const uint16_t*>(scales.data_ptr()),
+                     min_values.defined() ? reinterpret_cast<const uint16_t*>(min_values.data_ptr())
+                                          : nullptr,
+                     blocks, quants.size(2)};
+  const QuantizedRows rows{codes.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
+                           x_sums.data_ptr<float>(), k};
+  switch (kind) {
+    case kQ8_0: packed_linear_impl<kQ8_0>(w, n, rows, m, y.data_ptr<float>()); break;
+    case kQ4_0: packed_linear_impl<kQ4_0>(w, n, rows, m, y.data_ptr<float>()); break;
+    default: packed_linear_impl<kQ4_1>(w, n, rows, m, y.data_ptr<float>()); break;
+  }
+  return y;
+}
+
+// The weight as float32 (n, k): what prefill-sized batches multiply by with a float GEMM, which
+// beats the integer path there (it reuses each weight across many rows; ours re-reads blocks).
+torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants, torch::Tensor scales,
+                                c10::optional<torch::Tensor> mins) {
+  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_1, "unknown packed format ", kind);
+  TORCH_CHECK(quants.dim() == 3 && quants.is_contiguous() && scales.is_contiguous() &&
+                  scales.scalar_type() == at::kHalf, "quants (n, blocks, bytes), float16 scales");
+  TORCH_CHECK((kind == kQ4_1) == mins.has_value(), "mins go with Q4_1 only");
+  const int64_t n = quants.size(0), blocks = quants.size(1), width = quants.size(2);
+  torch::Tensor min_values = mins.has_value() ? mins->contiguous() : torch::Tensor();
+  auto out = torch::empty({n, blocks * kBlock}, scales.options().dtype(at::kFloat));
+  const uint8_t* q = reinterpret_cast<const uint8_t*>(quants.data_ptr());
+  const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr());
+  const uint16_t* mn =
+      min_values.defined() ? reinterpret_cast<const uint16_t*>(min_values.data_ptr()) : nullptr;
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, n * blocks, 512, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      const float scale = half_to_float(d[index]);
+      const uint8_t* block = q + index * width;
+      float* values = dst + index * kBlock;
+      if (kind == kQ8_0) {
+        for (int64_t i = 0; i < kBlock; ++i) values[i] = scale * static_cast<int8_t>(block[i]);
+      } else if (kind == kQ4_0) {
+        for (int64_t i = 0; i < 16; ++i) {
+          values[i] = scale * static_cast<float>((block[i] & 0x0F) - 8);
+          values[i + 16] = scale * static_cast<float>((block[i] >> 4) - 8);
+        }
+      } else {  // Q4_1 (-ffp-contract may fuse this into one rounding: within 1 ulp of ggml's)
+        const float low = half_to_float(mn[index]);
+        for (int64_t i = 0; i < 16; ++i) {
+          values[i] = scale * static_cast<float>(block[i] & 0x0F) + low;
+          values[i + 16] = scale * static_cast<float>(block[i] >> 4) + low;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("packed_linear", &packed_linear,
+        "y (m, n) float32 = x (m, k) float32 @ w.T for w packed as Q8_0 (0), Q4_0 (1) or Q4_1 (2)");
+  m.def("packed_dequantize", &packed_dequantize, "the packed weight as float32 (n, k)");
+}
