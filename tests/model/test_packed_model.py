@@ -19,9 +19,9 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "Explain what a hash table is in two sentences.", "List three uses of copper.",
            "How do I reverse a list in Python?", "Why is the sky blue?"]
 # Largest top-2 logprob gap of the float32 model at which the packed model may choose the other
-# token: int8 activations move SmolLM2's logprobs by up to ~0.1 (bench quant measured every
-# divergence of 6 x 64 tokens at a gap of 0.04-0.2).
-PACKED_TIE = 0.25
+# token. bench quant measured every divergence of these 6 prompts x 64 tokens at a gap of
+# 0.05-0.22 (AMD Zen 3, torch path); the bound leaves room for the other CPUs' kernels.
+PACKED_TIE = 0.5
 
 
 def test_a_gguf_loads_its_packed_tensors_packed_with_the_dequantized_values(tmp_path):
