@@ -26,6 +26,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        "does (int8 activations per block of 32): gguf keeps a GGUF's Q8_0/Q4_0/"
                        "Q4_1 tensors as stored; q8_0, q4_0, q4_1 pack every linear and the "
                        "embedding at load; none dequantizes to --dtype (default: %(default)s)")
+    group.add_argument("--no-batch-invariant", action="store_true",
+                       help="float32: do not pad small batches to one GEMM kernel (faster "
+                       "single-request decode; a request's logits may then depend on its batch "
+                       "in the last bits), and let packed weights take a float GEMM from 128 rows")
     group.add_argument("--max-model-len", type=int, default=None,
                        help="context length in tokens (default: the model's own)")
     group.add_argument("--kv-cache-memory", default="1GiB",
@@ -148,7 +152,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig.from_kwargs(
         model=args.model, dtype=args.dtype, max_model_len=args.max_model_len, seed=args.seed,
-        quantization=args.quantization,
+        quantization=args.quantization, batch_invariant=not args.no_batch_invariant,
         num_threads=args.threads, block_size=args.block_size,
         kv_cache_memory=args.kv_cache_memory, enable_prefix_caching=not args.no_prefix_caching,
         shared_prefix_attention=not getattr(args, "no_shared_prefix_attention", False),

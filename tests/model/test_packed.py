@@ -63,6 +63,8 @@ def test_rows_of_one_format_are_stacked_packed_and_mixed_ones_repacked_in_the_fi
     assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
     mixed = concat_rows([a, quantize(_weight(seed=4), QuantType.Q8_0)])
     assert mixed.qtype is QuantType.Q8_0 and mixed.shape == (96, 128)
+    with_float = concat_rows([quantize(_weight(seed=5), QuantType.Q4_0), _weight(seed=6)])
+    assert with_float.qtype is QuantType.Q8_0  # a float member: the finest format
     assert torch.equal(concat_rows([_weight(), _weight()]), torch.cat([_weight(), _weight()]))
 
 
@@ -102,7 +104,7 @@ needs_kernel = pytest.mark.skipif(quant_ops() is None, reason="packed kernel not
 
 @needs_kernel
 @pytest.mark.parametrize("qtype", FORMATS)
-@pytest.mark.parametrize("rows", [1, 3, 4, 9])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 6, 9])
 def test_packed_kernel_equals_its_torch_emulation(qtype, rows):
     packed = quantize(_weight(rows=37, cols=160, seed=6), qtype)
     x = torch.randn(rows, 160, generator=torch.Generator().manual_seed(rows))
@@ -129,3 +131,27 @@ def test_native_dequantize_equals_the_torch_one(qtype):
                                            packed.mins)
     # Q4_1's d * q + m may be fused into one rounding by the compiler: within an ulp.
     torch.testing.assert_close(native, packed.dequantize(), rtol=2e-7, atol=0)
+
+
+@needs_kernel
+def test_a_non_finite_activation_gives_nan_outputs_for_its_row_only():
+    packed = quantize(_weight(rows=8, cols=64), QuantType.Q8_0)
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(9))
+    x[1, 5] = float("nan")
+    x[2, 40] = float("inf")
+    out = quant_ops().packed_linear(x, KERNEL_CODES[QuantType.Q8_0], packed.quants,
+                                    packed.scales, packed.mins)
+    assert out[0].isfinite().all()
+    assert out[1].isnan().all() and out[2].isnan().all()
+
+
+@needs_kernel
+def test_the_kernel_refuses_arrays_that_do_not_fit_each_other():
+    packed = quantize(_weight(), QuantType.Q4_1)
+    x = torch.randn(1, 128)
+    with pytest.raises(RuntimeError, match="scales"):
+        quant_ops().packed_linear(x, 2, packed.quants, packed.scales[:5], packed.mins)
+    with pytest.raises(RuntimeError, match="mins"):
+        quant_ops().packed_linear(x, 2, packed.quants, packed.scales, packed.mins.float())
+    with pytest.raises(RuntimeError, match="block width"):
+        quant_ops().packed_linear(x, 0, packed.quants, packed.scales, None)

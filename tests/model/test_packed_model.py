@@ -40,8 +40,16 @@ def test_a_gguf_loads_its_packed_tensors_packed_with_the_dequantized_values(tmp_
             assert torch.equal(weight, dense[name]), name
     assert kinds == set(QuantType)
     assert isinstance(packed["model.layers.0.input_layernorm.weight"], torch.Tensor)
-    f16 = [n for n, (_, qtype) in tensors.items() if qtype.name == "F16"]
-    assert f16  # a type the kernel lacks stays float
+    # F16, a type the kernel lacks, stays float even under a packable name.
+    assert any(isinstance(w, torch.Tensor) and PACKABLE.match(n) for n, w in packed.items())
+
+
+def test_a_weight_that_is_not_whole_blocks_is_refused_by_name(tmp_path):
+    from tests.conftest import save_tiny_llama
+
+    odd = save_tiny_llama(tmp_path / "odd", hidden_size=48, intermediate_size=96)
+    with pytest.raises(CheckpointError, match="48 columns, not a multiple of 32"):
+        load_checkpoint(odd, quantization="q4_0")
 
 
 def test_quantizing_at_load_packs_every_linear_and_the_embedding(tiny_llama_dir):
@@ -140,12 +148,40 @@ def test_prefill_sized_batches_take_the_dequantized_gemm(smol_packed, monkeypatc
 
     linear = smol_packed.engine.runner.model.layers[0].mlp.gate_up
     x = torch.randn(llama.PACKED_GEMM_ROWS, 576, generator=torch.Generator().manual_seed(0))
+    monkeypatch.setattr(linear, "gemm_rows", llama.PACKED_GEMM_ROWS)  # not batch-invariant
     gemm = linear(x)
-    monkeypatch.setattr(llama, "PACKED_GEMM_ROWS", 10**9)  # the integer kernel for every size
+    monkeypatch.setattr(linear, "gemm_rows", None)  # the integer kernel for every size
     integer = linear(x)
     dense = x @ linear.weight.dequantize().T
     torch.testing.assert_close(gemm, dense, rtol=1e-5, atol=1e-4)  # float: no int8 rounding
     assert (integer - dense).abs().max() > 1e-3  # the integer path rounds x to int8
+
+
+def test_batch_invariant_float32_keeps_packed_linears_on_one_path(smollm2_path, smol_packed):
+    import tierserve.model.llama as llama
+
+    model = smol_packed.engine.runner.model  # float32, batch-invariant (the default)
+    assert all(linear.gemm_rows is None for layer in model.layers for linear in layer.linears())
+    assert model.lm_head.gemm_rows is None
+    # Every linear packed: no padding to 16 rows (the kernel's rows are invariant as they are).
+    assert model.packed_throughout() == (llama.quant_ops() is not None)
+    assert smol_packed.engine.runner.pad_rows == (1 if model.packed_throughout() else 16)
+    loose = LLM(str(smollm2_path), quantization="gguf", batch_invariant=False,
+                kv_cache_memory="32MiB")
+    assert loose.engine.runner.model.lm_head.gemm_rows == llama.PACKED_GEMM_ROWS
+
+
+def test_roofline_counts_packed_bytes(smol_packed):
+    from tierserve.bench.roofline import model_costs
+
+    model = smol_packed.engine.runner.model
+    costs = model_costs(model, context=128)
+    params = sum(w.numel() for w in [model.lm_head.weight,
+                                     *(lin.weight for layer in model.layers
+                                       for lin in layer.linears())])
+    assert params > 130e6  # SmolLM2-135M's linears and (tied) head
+    assert costs["weight_bytes"] < 0.2 * params * 4  # Q4_1 + Q8_0 head, not float32
+    assert costs["flops_per_token"] > 2 * params
 
 
 @needs_kernel

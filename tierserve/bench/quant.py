@@ -9,6 +9,9 @@ Every format in ``--formats`` is loaded into one process beside the others. Agai
 - decode tokens/s of one request alone and prefill tokens/s of one ``--prefill-len`` prompt,
   timed in alternating rounds so every format sees the same machine state (medians);
 - resident weight bytes (linears, embedding and head; a tied head counted once).
+``--quantization`` is ignored here (``--formats`` sets it per engine). With float32's batch
+invariance (the default) packed linears use the integer kernel at every row count, perplexity
+and prefill included; ``--no-batch-invariant`` lets prefill-sized calls take the float GEMM.
 """
 
 from __future__ import annotations
@@ -55,8 +58,13 @@ def add_quant_subcommand(sub, add_common) -> None:
 
 def cmd_quant(args) -> int:
     from tierserve.bench.cli import _engine_config, _finish
+    from tierserve.config import QUANTIZATIONS
 
     formats = [name.strip() for name in args.formats.split(",") if name.strip()]
+    unknown = [name for name in formats if name not in QUANTIZATIONS]
+    if unknown or not formats:
+        raise ValueError(f"--formats takes --quantization values ({', '.join(QUANTIZATIONS)}); "
+                         f"got {', '.join(unknown) or 'none'}")
     config = _engine_config(args)
     results = run_quant(config, formats, args.prompts, args.max_tokens, args.near_tie,
                         args.ppl_tokens, args.decode_tokens, args.prefill_len, args.rounds)

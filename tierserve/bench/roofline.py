@@ -56,16 +56,21 @@ def model_costs(model, context: int) -> dict:
     """Bytes of weights a decode step reads, and FLOPs per token at this context length."""
     arch = model.arch
     elem = torch.empty((), dtype=model.dtype).element_size()
-    linear_params = sum(linear.weight.numel() for layer in model.layers
-                        for linear in layer.linears())
-    head_params = model.lm_head.weight.numel()
+    from tierserve.model.packed import PackedWeight
+
+    weights = [linear.weight for layer in model.layers for linear in layer.linears()]
+    weights.append(model.lm_head.weight)
+    params = sum(weight.numel() for weight in weights)
+    # Packed weights (--quantization) stream their packed bytes; float ones numel * dtype size.
+    weight_bytes = sum(weight.nbytes if isinstance(weight, PackedWeight)
+                       else weight.numel() * elem for weight in weights)
     # Per layer, per token: q.k and p.v over the context, for every query head.
     attention_flops = arch.num_layers * 4 * context * arch.num_heads * arch.head_dim
     kv_bytes = arch.num_layers * 2 * context * arch.num_kv_heads * arch.head_dim * elem
     return {
-        "weight_bytes": (linear_params + head_params) * elem,
+        "weight_bytes": weight_bytes,
         "kv_bytes_per_token": kv_bytes,
-        "flops_per_token": 2 * (linear_params + head_params) + attention_flops,
+        "flops_per_token": 2 * params + attention_flops,
     }
 
 

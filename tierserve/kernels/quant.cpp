@@ -14,6 +14,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -43,12 +44,18 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* codes, float* s
     for (int64_t index = begin; index < end; ++index) {
       const float* src = x + index * kBlock;  // rows are contiguous: block index = r * blocks + b
       float peak = 0.f;
-      for (int64_t i = 0; i < kBlock; ++i) peak = std::fmax(peak, std::fabs(src[i]));
-      const float scale = peak / 127.f;
-      const float inverse = scale > 0.f ? 1.f / scale : 0.f;
+      bool finite = true;
+      for (int64_t i = 0; i < kBlock; ++i) {
+        peak = std::fmax(peak, std::fabs(src[i]));  // fmax skips NaN: flagged apart
+        finite = finite && std::isfinite(src[i]);
+      }
+      // A NaN or infinite input makes the block's scale NaN, so its outputs are NaN (as the
+      // float path's would be) and the runner's non-finite check still fires.
+      const float scale = finite ? peak / 127.f : std::numeric_limits<float>::quiet_NaN();
+      const float inverse = finite && scale > 0.f ? 1.f / scale : 0.f;
       int32_t sum = 0;
       for (int64_t i = 0; i < kBlock; ++i) {
-        const int32_t code = static_cast<int32_t>(std::nearbyint(src[i] * inverse));
+        const int32_t code = finite ? static_cast<int32_t>(std::nearbyint(src[i] * inverse)) : 0;
         codes[index * kBlock + i] = static_cast<int8_t>(code);
         sum += code;
       }
@@ -185,22 +192,34 @@ void packed_linear_impl(const PackedView& w, int64_t n, const QuantizedRows& x, 
   });
 }
 
+// The packed weight's three arrays checked against each other (any mismatch would read out of
+// bounds); returns the mins, contiguous, or an undefined tensor.
+torch::Tensor check_packed(int64_t kind, const torch::Tensor& quants, const torch::Tensor& scales,
+                           const c10::optional<torch::Tensor>& mins) {
+  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_1, "unknown packed format ", kind);
+  TORCH_CHECK(quants.device().is_cpu() && scales.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(quants.dim() == 3 && quants.is_contiguous() && quants.element_size() == 1 &&
+                  (quants.scalar_type() == at::kChar || quants.scalar_type() == at::kByte),
+              "quants: contiguous (n, blocks, bytes) int8 or uint8");
+  TORCH_CHECK(quants.size(2) == (kind == kQ8_0 ? 32 : 16), "block width does not match format");
+  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
+                  scales.size(0) == quants.size(0) && scales.size(1) == quants.size(1),
+              "scales: contiguous (n, blocks) float16");
+  TORCH_CHECK((kind == kQ4_1) == mins.has_value(), "mins go with Q4_1 only");
+  if (!mins.has_value()) return torch::Tensor();
+  torch::Tensor min_values = mins->contiguous();
+  TORCH_CHECK(min_values.scalar_type() == at::kHalf && min_values.sizes() == scales.sizes() &&
+                  min_values.device().is_cpu(), "mins: (n, blocks) float16");
+  return min_values;
+}
+
 torch::Tensor packed_linear(torch::Tensor x, int64_t kind, torch::Tensor quants,
                             torch::Tensor scales, c10::optional<torch::Tensor> mins) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat, "x: (m, k) float32");
-  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_1, "unknown packed format ", kind);
-  TORCH_CHECK(quants.dim() == 3 && quants.is_contiguous() && scales.is_contiguous(),
-              "quants (n, blocks, bytes) and scales (n, blocks), contiguous");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf, "scales are float16");
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "x: (m, k) float32 on the CPU");
+  torch::Tensor min_values = check_packed(kind, quants, scales, mins);
   const int64_t n = quants.size(0), blocks = quants.size(1), k = x.size(1);
   TORCH_CHECK(k == blocks * kBlock, "x has ", k, " columns, the weight ", blocks * kBlock);
-  TORCH_CHECK(quants.size(2) == (kind == kQ8_0 ? 32 : 16), "block width does not match format");
-  TORCH_CHECK((kind == kQ4_1) == mins.has_value(), "mins go with Q4_1 only");
-  torch::Tensor min_values;
-  if (mins.has_value()) {
-    min_values = mins->contiguous();
-    TORCH_CHECK(min_values.scalar_type() == at::kHalf, "mins are float16");
-  }
   x = x.contiguous();
   const int64_t m = x.size(0);
   auto codes = torch::empty({m, k}, x.options().dtype(at::kChar));
@@ -228,12 +247,8 @@ torch::Tensor packed_linear(torch::Tensor x, int64_t kind, torch::Tensor quants,
 // beats the integer path there (it reuses each weight across many rows; ours re-reads blocks).
 torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants, torch::Tensor scales,
                                 c10::optional<torch::Tensor> mins) {
-  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_1, "unknown packed format ", kind);
-  TORCH_CHECK(quants.dim() == 3 && quants.is_contiguous() && scales.is_contiguous() &&
-                  scales.scalar_type() == at::kHalf, "quants (n, blocks, bytes), float16 scales");
-  TORCH_CHECK((kind == kQ4_1) == mins.has_value(), "mins go with Q4_1 only");
+  torch::Tensor min_values = check_packed(kind, quants, scales, mins);
   const int64_t n = quants.size(0), blocks = quants.size(1), width = quants.size(2);
-  torch::Tensor min_values = mins.has_value() ? mins->contiguous() : torch::Tensor();
   auto out = torch::empty({n, blocks * kBlock}, scales.options().dtype(at::kFloat));
   const uint8_t* q = reinterpret_cast<const uint8_t*>(quants.data_ptr());
   const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr());

@@ -28,8 +28,9 @@ from tierserve.model.packed import KERNEL_CODES, PackedWeight, concat_rows
 # bfloat16: 9.9 vs 14.5 ms of linears a step at 1 row, 12.8 vs 15.5 at 4, 19.0 vs 16.4 at 8).
 SKINNY_MAX_ROWS = 4
 # From this many rows packed weights are dequantized (natively, ~2 ms a layer here) for a float
-# GEMM instead of the integer kernel. SmolLM2's 30 layers of Q4_1 linears, float32, AMD Zen 3,
-# 2 threads: integer 233 vs dequantize+GEMM 255 ms at 64 rows, 977 vs 753 ms at 256.
+# GEMM instead of the integer kernel, unless the runner keeps rows batch-invariant (float32).
+# SmolLM2's 30 layers of Q4_1 linears, float32, AMD Zen 3, 2 threads: integer 233 vs
+# dequantize+GEMM 255 ms at 64 rows, 977 vs 753 ms at 256.
 PACKED_GEMM_ROWS = 128
 
 
@@ -44,11 +45,13 @@ class Linear:
     weight near memory bandwidth. More rows use GEMM: for bfloat16, oneDNN on a weight reordered
     once into its blocked layout (bitwise equal to F.linear, 1.1-1.7x faster here; costs a second
     copy of the weight); otherwise F.linear. A PackedWeight (--quantization) goes through the
-    packed kernel at every row count (int8 activations, so a row's result does not depend on
-    the batch), or is dequantized for the call where that kernel is not built.
+    packed kernel (int8 activations; a row's result does not depend on the batch) below
+    ``gemm_rows`` rows, and from there is dequantized for a float GEMM (rounding differently;
+    None: never, what batch-invariant float32 sets); without the kernel it is dequantized for
+    every call.
     """
 
-    __slots__ = ("weight", "bias", "packed", "ops", "quant")
+    __slots__ = ("weight", "bias", "packed", "ops", "quant", "gemm_rows")
 
     def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None, ops,
                  pack: bool) -> None:
@@ -56,6 +59,7 @@ class Linear:
         self.ops = ops
         self.packed = None
         self.quant = None
+        self.gemm_rows = PACKED_GEMM_ROWS
         if isinstance(weight, PackedWeight):
             self.weight = weight
             self.quant = quant_ops()
@@ -80,7 +84,7 @@ class Linear:
         if self.quant is None:
             return F.linear(x, weight.dequantize(x.dtype), self.bias)
         code = KERNEL_CODES[weight.qtype]
-        if x.shape[0] >= PACKED_GEMM_ROWS:  # prefill-sized: a float GEMM reuses each weight
+        if self.gemm_rows is not None and x.shape[0] >= self.gemm_rows:  # prefill-sized
             dense = self.quant.packed_dequantize(code, weight.quants, weight.scales, weight.mins)
             return F.linear(x, dense.to(x.dtype), self.bias)
         out = self.quant.packed_linear(x.float(), code, weight.quants, weight.scales,
@@ -155,6 +159,19 @@ class LlamaModel:
                                              self.ops)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
+
+    def packed_throughout(self) -> bool:
+        """Every linear, the head included, runs a PackedWeight through the packed kernel."""
+        linears = [self.lm_head, *(lin for layer in self.layers for lin in layer.linears())]
+        return all(isinstance(lin.weight, PackedWeight) and lin.quant is not None
+                   for lin in linears)
+
+    def keep_packed_rows_invariant(self) -> None:
+        """Packed linears take the integer kernel at every row count: the float GEMM they
+        otherwise switch to from PACKED_GEMM_ROWS rows rounds differently, so a request's rows
+        would depend on how many others share its step."""
+        for linear in [self.lm_head, *(lin for layer in self.layers for lin in layer.linears())]:
+            linear.gemm_rows = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int,
                        key_bounds: bool = False) -> tuple[int, ...]:

@@ -68,27 +68,26 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
                               "a safetensors folder: pass --quantization q8_0, q4_0 or q4_1 to "
                               "pack it at load")
     start = time.perf_counter()
+    # Packing quantizes from float32 (bytes as llama-quantize writes them); the rest is cast after.
+    load_dtype = torch.float32 if quantization != "none" else dtype
     if source_format == "gguf":
         from tierserve.model.gguf_file import read_gguf
         from tierserve.model.loader_gguf import gguf_arch_config, load_gguf_tensors
 
         gguf_file = read_gguf(path)
         arch = gguf_arch_config(gguf_file)
-        tensors = load_gguf_tensors(gguf_file, arch, dtype, skip_experts,
+        _check_quantizable(arch, path, quantization)
+        tensors = load_gguf_tensors(gguf_file, arch, load_dtype, skip_experts,
                                     keep_packed=quantization != "none")
     else:
         from tierserve.model.loader_hf import hf_arch_config, load_safetensors
 
         arch = hf_arch_config(path)
-        tensors = load_safetensors(path, arch, dtype, skip_experts)
-    if quantization != "none" and arch.num_experts:
-        raise CheckpointError(f"--quantization packs dense models' weights; {path} is an MoE "
-                              "model: its experts' memory is set by --expert-host-format q8|q4")
-    if quantization not in ("none", "gguf"):
-        from tierserve.model.packed import QuantType, pack_tensors
-
-        pack_tensors(tensors, QuantType(quantization))
+        _check_quantizable(arch, path, quantization)
+        tensors = load_safetensors(path, arch, load_dtype, skip_experts)
     _check_tensors(tensors, arch, path, skip_experts)
+    if quantization != "none":
+        _pack(tensors, quantization, dtype, path)
     log.info(
         "loaded %s (%d tensors, %s) in %.1f s",
         path,
@@ -97,6 +96,26 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
         time.perf_counter() - start,
     )
     return LoadedCheckpoint(arch=arch, tensors=tensors, source_format=source_format, path=path)
+
+
+def _check_quantizable(arch: ModelArchConfig, path: Path, quantization: str) -> None:
+    if quantization != "none" and arch.num_experts:
+        raise CheckpointError(f"--quantization packs dense models' weights; {path} is an MoE "
+                              "model: its experts' memory is set by --expert-host-format q8|q4")
+
+
+def _pack(tensors: dict, quantization: str, dtype: torch.dtype, path: Path) -> None:
+    """Pack the packable float32 weights (q8_0/q4_0/q4_1), then cast what stays float to dtype."""
+    from tierserve.model.packed import PackedWeight, QuantType, pack_tensors
+
+    if quantization != "gguf":
+        try:
+            pack_tensors(tensors, QuantType(quantization))
+        except ValueError as error:
+            raise CheckpointError(f"{path}: {error}") from None
+    for name, weight in tensors.items():
+        if not isinstance(weight, PackedWeight):
+            tensors[name] = weight.to(dtype)
 
 
 def load_arch_config(path: str | Path) -> ModelArchConfig:

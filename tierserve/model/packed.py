@@ -85,6 +85,10 @@ class PackedWeight:
     def shape(self) -> torch.Size:
         return torch.Size((self.quants.shape[0], self.quants.shape[1] * BLOCK))
 
+    def numel(self) -> int:
+        """Weights held (n * k), as a tensor's numel."""
+        return self.shape[0] * self.shape[1]
+
     @property
     def nbytes(self) -> int:
         """Resident bytes (what the forward streams per pass over the weight)."""
@@ -117,11 +121,15 @@ class PackedWeight:
 
 def pack_tensors(tensors: dict, qtype: QuantType) -> None:
     """Quantize every packable float weight in ``tensors`` in place (--quantization q8_0 etc.);
-    a weight already packed in another format is dequantized and packed again (said once)."""
+    a weight already packed in another format is dequantized and packed again (said once).
+    Raises ValueError naming a weight whose rows are not whole blocks of 32."""
     repacked = set()
     for name, weight in tensors.items():
         if not PACKABLE.match(name):
             continue
+        if weight.shape[-1] % BLOCK:
+            raise ValueError(f"{name} has {weight.shape[-1]} columns, not a multiple of {BLOCK}: "
+                             f"it cannot be packed as {qtype.name}; use --quantization none")
         if isinstance(weight, PackedWeight):
             if weight.qtype is qtype:
                 continue
@@ -192,7 +200,8 @@ def from_gguf_bytes(raw: np.ndarray, shape: tuple[int, int], qtype: QuantType) -
 def concat_rows(weights: list) -> torch.Tensor | PackedWeight:
     """Stack weights by rows (fused qkv, gate+up). Float tensors: torch.cat. Packed ones of one
     format: their blocks stacked. Mixed formats: dequantized and packed again in the most precise
-    of them (says so), since one kernel call runs one format."""
+    of them, Q8_0 where a float one is among them (says so), since one kernel call runs one
+    format."""
     if not any(isinstance(w, PackedWeight) for w in weights):
         return torch.cat(weights)
     kinds = {w.qtype if isinstance(w, PackedWeight) else None for w in weights}
@@ -201,9 +210,10 @@ def concat_rows(weights: list) -> torch.Tensor | PackedWeight:
         return PackedWeight(first.qtype, torch.cat([w.quants for w in weights]),
                             torch.cat([w.scales for w in weights]),
                             torch.cat([w.mins for w in weights]) if first.qtype.has_min else None)
-    target = max((kind for kind in kinds if kind is not None), key=_PRECISION.index)
-    log.info("fusing weights stored as %s: packing them again as %s",
-             sorted(kind.name if kind else "float" for kind in kinds), target.name)
+    target = (QuantType.Q8_0 if None in kinds
+              else max(kinds, key=_PRECISION.index))
+    log.warning("fusing weights stored as %s into one matrix: packing them again as %s",
+                sorted(kind.name if kind else "float" for kind in kinds), target.name)
     dense = [w.dequantize() if isinstance(w, PackedWeight) else w.float() for w in weights]
     return quantize(torch.cat(dense), target)
 

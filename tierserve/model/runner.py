@@ -66,7 +66,12 @@ class ModelRunner:
         self.eviction = make_eviction(selection, block_size) if selection is not None else None
         self._observers: dict[str, tuple[int, object]] = {}
         self.sampler = Sampler(seed)
-        self.pad_rows = INVARIANT_MIN_ROWS if (batch_invariant and model.dtype == torch.float32) else 1
+        invariant = batch_invariant and model.dtype == torch.float32
+        if invariant:
+            model.keep_packed_rows_invariant()
+        # Padding serves float GEMMs; packed linears on the integer kernel are row-invariant as
+        # they are, so where every linear is one, padding would only add work (16 rows a decode).
+        self.pad_rows = INVARIANT_MIN_ROWS if invariant and not model.packed_throughout() else 1
         for layer in model.layers:  # each expert's rows too, not only the step's
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.min_rows = self.pad_rows
