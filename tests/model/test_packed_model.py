@@ -4,7 +4,6 @@ errors that name the fix. (The kernel's rows not depending on the batch: test_pa
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -161,8 +160,7 @@ def test_batch_invariant_float32_keeps_packed_linears_on_one_path(smollm2_path, 
     import tierserve.model.llama as llama
 
     model = smol_packed.engine.runner.model  # float32, batch-invariant (the default)
-    assert all(linear.gemm_rows is None for layer in model.layers for linear in layer.linears())
-    assert model.lm_head.gemm_rows is None
+    assert all(linear.gemm_rows is None for linear in model.linears())  # the head included
     # Every linear packed: no padding to 16 rows (the kernel's rows are invariant as they are).
     assert model.packed_throughout() == (llama.quant_ops() is not None)
     assert smol_packed.engine.runner.pad_rows == (1 if model.packed_throughout() else 16)
@@ -176,9 +174,7 @@ def test_roofline_counts_packed_bytes(smol_packed):
 
     model = smol_packed.engine.runner.model
     costs = model_costs(model, context=128)
-    params = sum(w.numel() for w in [model.lm_head.weight,
-                                     *(lin.weight for layer in model.layers
-                                       for lin in layer.linears())])
+    params = sum(lin.weight.numel() for lin in model.linears())
     assert params > 130e6  # SmolLM2-135M's linears and (tied) head
     assert costs["weight_bytes"] < 0.2 * params * 4  # Q4_1 + Q8_0 head, not float32
     assert costs["flops_per_token"] > 2 * params
@@ -199,14 +195,6 @@ def test_packed_smollm2_holds_under_40_percent_of_the_bfloat16_weights(smol_pack
 
     model = smol_packed.engine.runner.model
     packed_bytes = weight_bytes(model)
-    params = sum(np.prod(w.shape) for w in _distinct_weights(model))
+    weights = {id(w): w for w in [model.embed, *(lin.weight for lin in model.linears())]}
+    params = sum(w.numel() for w in weights.values())
     assert packed_bytes <= 0.40 * params * 2  # bfloat16: 2 bytes a weight
-
-
-def _distinct_weights(model):
-    seen = {}
-    for weight in [model.embed, model.lm_head.weight, *(linear.weight for layer in model.layers
-                                                        for linear in layer.linears())]:
-        seen[id(weight)] = weight
-    return list(seen.values())
-

@@ -89,10 +89,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
     arch = llm.engine.arch
     num_moe_layers = sum(arch.is_moe_layer(i) for i in range(arch.num_layers))
     total_experts = arch.num_experts * num_moe_layers
-    started = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=progress)
-    seconds = time.perf_counter() - started
-    reference = [list(o.outputs[0].token_ids) for o in outputs]
+    outputs, reference, seconds = _timed_generate(llm, prompts, params, progress)
     traces = [recorder.trace(o.request_id, p, t)
               for o, (p, _), t in zip(outputs, requests, reference)]
     llm.engine.runner.close()
@@ -122,10 +119,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
         if replay:
             RouteReplay(llm.engine.runner, replay)
         llm.engine.runner.experts.settle()
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=progress)
-        seconds = time.perf_counter() - started
-        reference = [list(o.outputs[0].token_ids) for o in outputs]
+        _, reference, seconds = _timed_generate(llm, prompts, params, progress)
         llm.engine.runner.close()
         result.results[name] = {**result.results["all-resident"], "same_tokens": True,
                                 "output_tokens_per_s": num_output / seconds}
@@ -156,10 +150,7 @@ def run_moe(spec: MoeSpec, progress: bool = True) -> MoeResult:
         if replay:
             RouteReplay(llm.engine.runner, replay)
         offload = llm.engine.runner.experts
-        started = time.perf_counter()
-        outputs = llm.generate(prompts, params, use_tqdm=progress)
-        seconds = time.perf_counter() - started
-        tokens = [list(o.outputs[0].token_ids) for o in outputs]
+        _, tokens, seconds = _timed_generate(llm, prompts, params, progress)
         offload.check_invariants()
         counters, stats = offload.cache.counters, offload.stats
         row = {
@@ -201,6 +192,14 @@ def _predictor_quality(predictor, traces, num_experts: int) -> dict:
         guess = predictor([t.prompt for t in traces]).exp()
     precision, recall = hot_precision_recall(guess, truth, num_experts)
     return {"predictor_precision": precision, "predictor_recall": recall}
+
+
+def _timed_generate(llm, prompts, params, progress: bool):
+    """(outputs, each output's token ids, wall seconds) of one generate over ``prompts``."""
+    started = time.perf_counter()
+    outputs = llm.generate(prompts, params, use_tqdm=progress)
+    seconds = time.perf_counter() - started
+    return outputs, [list(o.outputs[0].token_ids) for o in outputs], seconds
 
 
 def _slots(cache: str, total: int) -> int:

@@ -117,20 +117,13 @@ def run_quant(config, formats: list[str], prompts: int, max_tokens: int, near_ti
 
 
 def weight_bytes(model) -> int:
-    """Bytes of the model's weights as they sit in memory (each tensor once)."""
+    """Bytes of the model's weights as they sit in memory (each tensor once: a tied head is
+    the embedding)."""
     from tierserve.model.packed import PackedWeight
 
-    seen, total = set(), 0
-    weights = [model.embed, model.lm_head.weight]
-    for layer in model.layers:
-        weights += [linear.weight for linear in layer.linears()]
-    for weight in weights:
-        if id(weight) in seen:
-            continue
-        seen.add(id(weight))
-        total += (weight.nbytes if isinstance(weight, PackedWeight)
-                  else weight.numel() * weight.element_size())
-    return total
+    weights = {id(w): w for w in [model.embed, *(lin.weight for lin in model.linears())]}
+    return sum(w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size()
+               for w in weights.values())
 
 
 def _greedy(llm, chats, max_tokens: int) -> list[list[int]]:
@@ -173,16 +166,11 @@ def _agreement(reference: list[list[int]], tokens: list[list[int]], margins, nea
 
 
 def _perplexity(llm, total: int) -> float:
-    from tierserve.model.moefy import calibration_text, token_chunks
-    from tierserve.request import SamplingParams
+    from tierserve.model.moefy import calibration_text, engine_perplexity, token_chunks
 
     # Held text: skip the part moefy fits its routers on (its first 64k tokens at most).
     chunks = token_chunks(llm.engine.tokenizer, calibration_text(), total, 256, skip=65536)
-    outputs = llm.generate([{"prompt_token_ids": c} for c in chunks],
-                           SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=False)
-    logprobs = [step[token].logprob for output in outputs
-                for token, step in zip(output.prompt_token_ids[1:], output.prompt_logprobs[1:])]
-    return float(np.exp(-np.mean(logprobs)))
+    return engine_perplexity(llm, chunks)
 
 
 def _timed_rounds(engines: dict, decode_tokens: int, prefill_len: int, rounds: int) -> dict:

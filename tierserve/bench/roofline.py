@@ -58,8 +58,7 @@ def model_costs(model, context: int) -> dict:
     elem = torch.empty((), dtype=model.dtype).element_size()
     from tierserve.model.packed import PackedWeight
 
-    weights = [linear.weight for layer in model.layers for linear in layer.linears()]
-    weights.append(model.lm_head.weight)
+    weights = [linear.weight for linear in model.linears()]
     params = sum(weight.numel() for weight in weights)
     # Packed weights (--quantization) stream their packed bytes; float ones numel * dtype size.
     weight_bytes = sum(weight.nbytes if isinstance(weight, PackedWeight)

@@ -128,9 +128,10 @@ class ExpertOffload:
 
     @contextlib.contextmanager
     def use(self, layer: int, experts: list[int], x: torch.Tensor, ids: torch.Tensor,
-            counts: list[int]) -> Iterator:
+            counts: list[int], rows_of: Callable[[int], torch.Tensor]) -> Iterator:
         """Hold ``experts`` of ``layer`` for one forward (``x``: its rows, ``ids``: their
-        (rows, top_k) choices, ``counts[e]``: the rows that chose ``e``); yields
+        (rows, top_k) choices, ``counts[e]``: the rows that chose ``e``, ``rows_of(e)``: those
+        rows as the block runs them); yields
         ``get(expert) -> mlp``, which waits for that expert's load only, and the order to run
         them in: the host's last. On a GPU the host experts' rows start copying to the host
         before any device expert is queued, so the CPU computes them while the device runs the
@@ -143,7 +144,7 @@ class ExpertOffload:
             if self.policy.lookahead:
                 self.books.prefetch(self._gate_lookahead(layer, x))
             on_host = [e for e in experts if held[e] == ON_HOST]
-            staged = self._stage(on_host, x, ids) if on_host and self.cuda_device is not None else {}
+            staged = self._stage(on_host, rows_of) if on_host and self.cuda_device is not None else {}
             order = [e for e in experts if held[e] != ON_HOST] + on_host
             yield (lambda expert: self._ready(layer, expert, held[expert], staged)), order
         finally:
@@ -155,14 +156,13 @@ class ExpertOffload:
         self.books.ready(slot)
         return self.mlps[slot]
 
-    def _stage(self, on_host: list[int], x: torch.Tensor, ids: torch.Tensor) -> dict:
-        """GPU: each host expert's rows (in token order, as ``MoEBlock`` groups them) copied
-        to pinned host memory without blocking; expert -> (rows, event marking the copy)."""
+    def _stage(self, on_host: list[int], rows_of: Callable[[int], torch.Tensor]) -> dict:
+        """GPU: each host expert's rows (the block's own group) copied to pinned host memory
+        without blocking; expert -> (rows, event marking the copy)."""
         staged = {}
         for expert in on_host:
-            tokens = (ids == expert).any(-1).nonzero().flatten()
-            device_rows = x[tokens]
-            host_rows = torch.empty(device_rows.shape, dtype=x.dtype, pin_memory=True)
+            device_rows = rows_of(expert)
+            host_rows = torch.empty(device_rows.shape, dtype=device_rows.dtype, pin_memory=True)
             host_rows.copy_(device_rows, non_blocking=True)
             event = torch.cuda.Event()
             event.record()

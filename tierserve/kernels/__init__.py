@@ -52,39 +52,36 @@ def enabled() -> bool:
 def cpu_ops():
     """The compiled kernel module, built on first call; None if disabled, not worth it on this
     CPU, or the build fails."""
-    if not enabled():
-        return None
-    if "module" in _state:
-        return _state["module"]
-    with _lock:
-        if "module" not in _state:
-            # TIERSERVE_KERNELS=force builds and uses them anyway (their scalar paths), e.g. to
-            # test the fused forward on a machine without AVX-512.
-            forced = os.environ.get("TIERSERVE_KERNELS", "").lower() == "force"
-            reason = None if forced else unsupported_reason()
-            if reason is not None:
-                logger.warning("tierserve CPU kernels not used: %s; using plain torch ops",
-                               reason)
-            _state["module"] = None if reason is not None else _build(MODULE_NAME, SOURCES)
-    return _state["module"]
+    # TIERSERVE_KERNELS=force builds and uses them anyway (their scalar paths), e.g. to test the
+    # fused forward on a machine without AVX-512.
+    forced = os.environ.get("TIERSERVE_KERNELS", "").lower() == "force"
+    return _module_once("module", MODULE_NAME, SOURCES,
+                        lambda: None if forced else unsupported_reason(),
+                        "tierserve CPU kernels not used: %s; using plain torch ops")
 
 
 def quant_ops():
     """The packed-weight kernel module (quant.cpp), built on first call; None if disabled, the
     CPU lacks AVX2/FMA/F16C, or the build fails."""
+    return _module_once("quant", QUANT_MODULE_NAME, QUANT_SOURCES, quant_unsupported_reason,
+                        "packed-weight kernel not used: %s; packed weights are dequantized for "
+                        "each matmul")
+
+
+def _module_once(key: str, name: str, sources: list[Path], reason, unused_message: str):
+    """Module ``name`` built (or loaded) once per process and kept under ``key``; None where
+    kernels are disabled or ``reason()`` says why not (logged once with ``unused_message``)."""
     if not enabled():
         return None
-    if "quant" in _state:
-        return _state["quant"]
+    if key in _state:
+        return _state[key]
     with _lock:
-        if "quant" not in _state:
-            reason = quant_unsupported_reason()
-            if reason is not None:
-                logger.warning("packed-weight kernel not used: %s; packed weights are "
-                               "dequantized for each matmul", reason)
-            _state["quant"] = (None if reason is not None
-                               else _build(QUANT_MODULE_NAME, QUANT_SOURCES))
-    return _state["quant"]
+        if key not in _state:
+            why = reason()
+            if why is not None:
+                logger.warning(unused_message, why)
+            _state[key] = None if why is not None else _build(name, sources)
+    return _state[key]
 
 
 def quant_unsupported_reason() -> str | None:

@@ -123,6 +123,7 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
   for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
     const float weight_scale = half_to_float(scales[b]);
+    const float weight_min = KIND == kQ4_1 ? half_to_float(mins[b]) : 0.f;  // once per block
     __m256i codes;
     if constexpr (KIND == kQ8_0) {
       codes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(quants + b * 32));
@@ -137,7 +138,7 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
       const __m256 dots = KIND == kQ4_1 ? dot_unsigned_signed(codes, xv) : dot_signed(codes, xv);
       acc[r] = _mm256_fmadd_ps(dots, _mm256_set1_ps(weight_scale * x.scales[row * blocks + b]),
                                acc[r]);
-      if constexpr (KIND == kQ4_1) extra[r] += half_to_float(mins[b]) * x.block_sums[row * blocks + b];
+      if constexpr (KIND == kQ4_1) extra[r] += weight_min * x.block_sums[row * blocks + b];
     }
   }
   for (int64_t r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]) + extra[r];
@@ -145,6 +146,7 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
   float acc[R] = {};
   for (int64_t b = 0; b < blocks; ++b) {
     const float weight_scale = half_to_float(scales[b]);
+    const float weight_min = KIND == kQ4_1 ? half_to_float(mins[b]) : 0.f;
     int32_t codes[kBlock];
     for (int64_t i = 0; i < kBlock; ++i) {
       if constexpr (KIND == kQ8_0) {
@@ -160,7 +162,7 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
       int32_t sum = 0;
       for (int64_t i = 0; i < kBlock; ++i) sum += codes[i] * xv[i];
       acc[r] += static_cast<float>(sum) * (weight_scale * x.scales[row * blocks + b]);
-      if constexpr (KIND == kQ4_1) extra[r] += half_to_float(mins[b]) * x.block_sums[row * blocks + b];
+      if constexpr (KIND == kQ4_1) extra[r] += weight_min * x.block_sums[row * blocks + b];
     }
   }
   for (int64_t r = 0; r < R; ++r) out[r] = acc[r] + extra[r];

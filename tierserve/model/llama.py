@@ -160,17 +160,20 @@ class LlamaModel:
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
 
+    def linears(self) -> list[Linear]:
+        """Every layer's linears, then the head."""
+        return [*(lin for layer in self.layers for lin in layer.linears()), self.lm_head]
+
     def packed_throughout(self) -> bool:
         """Every linear, the head included, runs a PackedWeight through the packed kernel."""
-        linears = [self.lm_head, *(lin for layer in self.layers for lin in layer.linears())]
         return all(isinstance(lin.weight, PackedWeight) and lin.quant is not None
-                   for lin in linears)
+                   for lin in self.linears())
 
     def keep_packed_rows_invariant(self) -> None:
         """Packed linears take the integer kernel at every row count: the float GEMM they
         otherwise switch to from PACKED_GEMM_ROWS rows rounds differently, so a request's rows
         would depend on how many others share its step."""
-        for linear in [self.lm_head, *(lin for layer in self.layers for lin in layer.linears())]:
+        for linear in self.linears():
             linear.gemm_rows = None
 
     def kv_cache_shape(self, num_blocks: int, block_size: int,

@@ -131,14 +131,17 @@ class MoEBlock:
         # Small groups run padded to min_rows in one scratch buffer; its other rows hold
         # zeros or an earlier group's rows, which cannot change this group's (rows independent).
         scratch = rows.new_zeros(self.min_rows, rows.shape[1]) if self.min_rows > 1 else None
-        with self._experts(active, x, ids, counts) as (expert_mlp, run_order):
+        def rows_of(expert: int) -> torch.Tensor:  # the rows that chose ``expert``
+            return rows[starts[expert]:starts[expert] + counts[expert]]
+
+        with self._experts(active, x, ids, counts, rows_of) as (expert_mlp, run_order):
             if len(run_order) != len(active):  # every group's rows must be written
                 raise RuntimeError(f"layer {self.layer_index}: the expert provider ordered "
                                    f"{len(run_order)} of {len(active)} experts")
             for expert in run_order:  # groups are independent: any order gives the same rows
                 start = starts[expert]
                 end = start + counts[expert]
-                group = rows[start:end]
+                group = rows_of(expert)
                 if counts[expert] < self.min_rows:
                     scratch[: counts[expert]] = group
                     group = scratch
@@ -147,12 +150,12 @@ class MoEBlock:
         return torch.zeros_like(x).index_add_(0, tokens, outputs)
 
     def _experts(self, active: list[int], x: torch.Tensor, ids: torch.Tensor,
-                 counts: list[int]):
+                 counts: list[int], rows_of: Callable[[int], torch.Tensor]):
         """A context that yields ``(expert -> mlp, the order to run active in)``: resident
         experts, or the provider's (which may run some elsewhere last). ``counts[e]``: the rows
-        that chose expert ``e``."""
+        that chose expert ``e``; ``rows_of(e)``: those rows, in token order."""
         if self.provider is not None:
-            return self.provider.use(self.layer_index, active, x, ids, counts)
+            return self.provider.use(self.layer_index, active, x, ids, counts, rows_of)
         return contextlib.nullcontext((self.experts.__getitem__, active))
 
     def linears(self) -> list:

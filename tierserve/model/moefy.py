@@ -264,7 +264,6 @@ def perplexity(model: str, chunks: list[list[int]], top_k: int | None = None,
     routes each token to the experts whose outputs are largest (every expert computed: the
     best a router could do with this split)."""
     from tierserve.engine.llm import LLM
-    from tierserve.request import SamplingParams
 
     llm = LLM(model, dtype="float32", enable_prefix_caching=False)
     for layer in llm.engine.runner.model.layers:
@@ -272,6 +271,14 @@ def perplexity(model: str, chunks: list[list[int]], top_k: int | None = None,
             layer.mlp.top_k = top_k or layer.mlp.top_k
             if oracle:
                 layer.mlp.route = _oracle_route(layer.mlp)
+    return engine_perplexity(llm, chunks, progress)
+
+
+def engine_perplexity(llm, chunks: list[list[int]], progress: bool = False) -> float:
+    """exp(mean negative log-likelihood) of ``chunks`` under an open LLM (every token after
+    each chunk's first, from its prompt logprobs)."""
+    from tierserve.request import SamplingParams
+
     outputs = llm.generate([{"prompt_token_ids": c} for c in chunks],
                            SamplingParams(max_tokens=0, prompt_logprobs=0), use_tqdm=progress)
     logprobs = [step[token].logprob for output in outputs
