@@ -24,8 +24,11 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--quantization", default="none", choices=list(QUANTIZATIONS),
                        help="keep linear weights packed and compute from them as llama.cpp "
                        "does (int8 activations per block of 32): gguf keeps a GGUF's Q8_0/Q4_0/"
-                       "Q4_1 tensors as stored; q8_0, q4_0, q4_1 pack every linear and the "
-                       "embedding at load; none dequantizes to --dtype (default: %(default)s)")
+                       "Q4_1/Q4_K/Q5_K/Q6_K tensors as stored (other types are dequantized, and "
+                       "the log says so); q8_0 ... q6_k pack every linear and the embedding at "
+                       "load (K-quants fall back to q4_1 or q8_0 where a weight's columns are not "
+                       "whole super-blocks of 256); none dequantizes to --dtype (default: "
+                       "%(default)s)")
     group.add_argument("--no-batch-invariant", action="store_true",
                        help="float32: do not pad small batches to one GEMM kernel (faster "
                        "single-request decode; a request's logits may then depend on its batch "

@@ -40,7 +40,7 @@ def auto_dtype() -> str:
     return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags.split()) else "float32"
 
 
-QUANTIZATIONS = ("none", "gguf", "q8_0", "q4_0", "q4_1")
+QUANTIZATIONS = ("none", "gguf", "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k")
 
 
 @dataclass(slots=True)
@@ -59,8 +59,9 @@ class ModelConfig:
     # in the native kernel (bfloat16 only: float32 keeps each row's arithmetic fixed).
     shared_prefix_attention: bool = True
     # Linear weights kept packed (tierserve/model/packed.py): "none" dequantizes everything to
-    # dtype; "gguf" keeps a GGUF's Q8_0/Q4_0/Q4_1 tensors as stored; q8_0/q4_0/q4_1 pack every
-    # linear (and the embedding) at load, from whatever the checkpoint holds.
+    # dtype; "gguf" keeps a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K tensors as stored; the others
+    # pack every linear (and the embedding) at load, from whatever the checkpoint holds (a K-quant
+    # falls back to Q4_1 or Q8_0 for a weight whose columns are not whole super-blocks of 256).
     quantization: str = "none"
 
     def __post_init__(self) -> None:

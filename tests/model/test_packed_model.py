@@ -7,11 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.model.test_loader import tiny_llama_gguf_tensors, write_gguf
+from tests.model.test_loader import gguf_tensors_like_llama_cpp, tiny_llama_gguf_tensors, write_gguf
 from tierserve.config import ModelConfig
 from tierserve.engine.llm import LLM
 from tierserve.model.loader import CheckpointError, load_checkpoint
-from tierserve.model.packed import PACKABLE, PackedWeight, QuantType
+from tierserve.model.packed import PACKABLE, PackedWeight, QuantType, quantize
 from tierserve.request import SamplingParams
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
@@ -37,10 +37,72 @@ def test_a_gguf_loads_its_packed_tensors_packed_with_the_dequantized_values(tmp_
             assert torch.equal(weight.dequantize(), dense[name]), name
         else:
             assert torch.equal(weight, dense[name]), name
-    assert kinds == set(QuantType)
+    assert kinds == {qtype for qtype in QuantType if not qtype.is_k}
     assert isinstance(packed["model.layers.0.input_layernorm.weight"], torch.Tensor)
     # F16, a type the kernel lacks, stays float even under a packable name.
     assert any(isinstance(w, torch.Tensor) and PACKABLE.match(n) for n, w in packed.items())
+
+
+def test_a_k_quant_gguf_loads_packed_with_the_gguf_packages_values(tmp_path, head64_llama_dir):
+    # head64 (hidden 256, ffn 256): every matrix is whole super-blocks. Its matrices are written
+    # as Q4_K, Q5_K and Q6_K in turn, q/k rows permuted as llama.cpp's converter does.
+    import gguf
+
+    hf = {name: weight.numpy() for name, weight in load_checkpoint(head64_llama_dir).tensors.items()}
+    written = gguf_tensors_like_llama_cpp(hf, gguf.MODEL_ARCH.LLAMA, permute=True)
+    k_quants = [qtype for qtype in QuantType if qtype.is_k]
+    for index, (name, (values, _)) in enumerate(list(written.items())):
+        if values.ndim == 2:
+            qtype = k_quants[index % 3]
+            raw = quantize(torch.from_numpy(values), qtype).quants.numpy()
+            written[name] = (raw.reshape(values.shape[0], -1), gguf.GGMLQuantizationType[qtype.name])
+    write_gguf(tmp_path / "k.gguf", "llama", written, embedding_length=256, feed_forward_length=256)
+    dense = load_checkpoint(tmp_path / "k.gguf").tensors  # dequantized by the gguf package
+    packed = load_checkpoint(tmp_path / "k.gguf", quantization="gguf").tensors
+    kinds = set()
+    for name, weight in packed.items():
+        if PACKABLE.match(name):
+            assert isinstance(weight, PackedWeight), name
+            kinds.add(weight.qtype)
+            assert torch.equal(weight.dequantize(), dense[name]), name  # rows un-permuted raw
+    assert kinds == set(k_quants)
+
+
+def test_k_quantization_falls_back_where_columns_are_not_whole_super_blocks(tiny_llama_dir,
+                                                                           caplog):
+    checkpoint = load_checkpoint(tiny_llama_dir, quantization="q4_k")  # hidden 64, ffn 128
+    packed = [w for n, w in checkpoint.tensors.items() if PACKABLE.match(n)]
+    assert {w.qtype for w in packed} == {QuantType.Q4_1}
+    assert "packed as Q4_1 instead" in caplog.text
+    assert {w.qtype for n, w in load_checkpoint(tiny_llama_dir, quantization="q6_k").tensors.items()
+            if PACKABLE.match(n)} == {QuantType.Q8_0}
+
+
+def test_k_quantized_models_score_tokens_near_their_dequantized_selves(head64_llama_dir,
+                                                                       monkeypatch):
+    import tierserve.model.llama as llama
+
+    prompt = {"prompt_token_ids": [5, 17, 42, 99, 300, 301, 7, 12, 480, 3, 77, 200]}
+    floats = _prompt_logprobs(LLM(str(head64_llama_dir), num_blocks=16), prompt)
+    kernel, moved = {}, {}
+    for quantization in ("q4_1", "q4_k", "q5_k", "q6_k"):
+        llm = LLM(str(head64_llama_dir), quantization=quantization, num_blocks=16)
+        linears = llm.engine.runner.model.linears()
+        assert {lin.weight.qtype for lin in linears} == {QuantType(quantization)}  # no fallback
+        kernel[quantization] = (_prompt_logprobs(llm, prompt), linears[0].quant is not None)
+        moved[quantization] = (kernel[quantization][0] - floats).abs().mean()
+    monkeypatch.setattr(llama, "quant_ops", lambda: None)  # the same weights, dequantized per call
+    for quantization in ("q4_k", "q5_k", "q6_k"):
+        dequantized = _prompt_logprobs(LLM(str(head64_llama_dir), quantization=quantization,
+                                           num_blocks=16), prompt)
+        ours, native = kernel[quantization]
+        if native:  # the kernel's int8 activations move each logprob a little, no more
+            assert (ours - dequantized).abs().max() < 0.1
+            assert not torch.equal(ours, dequantized)
+    # What the weights' rounding costs follows their bits (this random model's logprobs move by
+    # 0.31 for Q4_1 and Q4_K, 0.09 for Q5_K, 0.07 for Q6_K, on average, on AMD Zen 3).
+    assert moved["q4_k"] < 1.5 * moved["q4_1"]
+    assert max(moved["q5_k"], moved["q6_k"]) < 0.5 * moved["q4_k"]
 
 
 def test_a_weight_that_is_not_whole_blocks_is_refused_by_name(tmp_path):
@@ -60,10 +122,10 @@ def test_quantizing_at_load_packs_every_linear_and_the_embedding(tiny_llama_dir)
 
 
 def test_quantization_errors_name_the_fix(tiny_llama_dir):
-    with pytest.raises(CheckpointError, match="q8_0, q4_0 or q4_1"):
+    with pytest.raises(CheckpointError, match="q8_0, q4_0, q4_1, q4_k, q5_k or q6_k"):
         load_checkpoint(tiny_llama_dir, quantization="gguf")
     with pytest.raises(ValueError, match="quantization must be one of"):
-        ModelConfig(quantization="q5_k")
+        ModelConfig(quantization="q5_0")
 
 
 def test_quantization_refuses_moe_models(tmp_path):

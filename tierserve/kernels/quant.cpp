@@ -1,6 +1,8 @@
-// packed_linear: y = x @ w.T for a weight kept as GGML Q8_0 / Q4_0 / Q4_1 blocks (tierserve/model/
-// packed.py), the way llama.cpp computes it: each row of x is quantized per block of 32 to int8 with
-// a float scale, the block products are summed in integers, then scaled and added in float32.
+// packed_linear: y = x @ w.T for a weight kept as GGML Q8_0 / Q4_0 / Q4_1 blocks or Q4_K / Q5_K /
+// Q6_K super-blocks (tierserve/model/packed.py), the way llama.cpp computes it: each row of x is
+// quantized per block of 32 to int8 with a float scale, the block products are summed in integers
+// (a K-quant's sub-block codes and 6-bit or int8 scales decoded in registers from the raw bytes),
+// then scaled and added in float32.
 // Decode at batch 1 streams the packed weight once (0.56 bytes a weight for Q4_1 against 2 for
 // bfloat16), which is what bounds it. AVX2 integer dot products (maddubs + madd) where the CPU has
 // them, scalar code otherwise. Built as its own module (tierserve_quant_ops), gated on AVX2 rather
@@ -14,6 +16,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #if defined(__AVX2__)
@@ -23,7 +26,13 @@
 namespace {
 
 constexpr int64_t kBlock = 32;
-enum Kind : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2 };  // packed.QuantType's kernel codes
+constexpr int64_t kSuper = 256;  // weights per K-quant super-block
+// packed.QuantType's kernel codes
+enum Kind : int64_t { kQ8_0 = 0, kQ4_0 = 1, kQ4_1 = 2, kQ4_K = 3, kQ5_K = 4, kQ6_K = 5 };
+constexpr bool is_k(int64_t kind) { return kind >= kQ4_K; }
+constexpr int64_t k_block_bytes(int64_t kind) {
+  return kind == kQ4_K ? 144 : kind == kQ5_K ? 176 : 210;
+}
 constexpr int64_t kRowGroup = 4;   // rows of x that share one unpacked weight block
 constexpr int64_t kWeightTile = 16;  // weight rows kept hot while every row group passes
 
@@ -33,6 +42,63 @@ inline float half_to_float(uint16_t bits) {
 #else
   return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
 #endif
+}
+
+// A Q4_K/Q5_K super-block's eight 6-bit sub-block scales and minimums (ggml's get_scale_min_k4).
+inline void k4_scales(const uint8_t* packed, int32_t* scale, int32_t* minimum) {
+  for (int j = 0; j < 4; ++j) {
+    scale[j] = packed[j] & 63;
+    minimum[j] = packed[j + 4] & 63;
+    scale[j + 4] = (packed[j + 8] & 0x0F) | ((packed[j] >> 6) << 4);
+    minimum[j + 4] = (packed[j + 8] >> 4) | ((packed[j + 4] >> 6) << 4);
+  }
+}
+
+// A K-quant super-block decoded: codes[256] (Q6_K's already less 32), the float scale of each
+// 16 weights (scale16[16]: a Q4_K/Q5_K sub-block's twice) and the offset of each 32 (offset32[8],
+// 0 for Q6_K), so that w = scale * code - offset as ggml dequantizes. Scalar; the AVX2 dot
+// decodes in registers instead.
+template <int64_t KIND>
+void decode_k(const uint8_t* raw, int32_t* codes, float* scale16, float* offset32) {
+  if constexpr (KIND == kQ6_K) {
+    const uint8_t* ql = raw;
+    const uint8_t* qh = raw + 128;
+    const int8_t* sc = reinterpret_cast<const int8_t*>(raw + 192);
+    uint16_t d_bits;
+    std::memcpy(&d_bits, raw + 208, 2);
+    const float d = half_to_float(d_bits);
+    for (int i = 0; i < 16; ++i) scale16[i] = d * static_cast<float>(sc[i]);
+    for (int i = 0; i < 8; ++i) offset32[i] = 0.f;
+    for (int h = 0; h < 2; ++h) {
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t a = ql[64 * h + l], b = ql[64 * h + 32 + l], high = qh[32 * h + l];
+        int32_t* out = codes + 128 * h;
+        out[l] = ((a & 0x0F) | (((high >> 0) & 3) << 4)) - 32;
+        out[l + 32] = ((b & 0x0F) | (((high >> 2) & 3) << 4)) - 32;
+        out[l + 64] = ((a >> 4) | (((high >> 4) & 3) << 4)) - 32;
+        out[l + 96] = ((b >> 4) | (((high >> 6) & 3) << 4)) - 32;
+      }
+    }
+  } else {
+    uint16_t d_bits, min_bits;
+    std::memcpy(&d_bits, raw, 2);
+    std::memcpy(&min_bits, raw + 2, 2);
+    const float d = half_to_float(d_bits), dmin = half_to_float(min_bits);
+    int32_t sc[8], mn[8];
+    k4_scales(raw + 4, sc, mn);
+    const uint8_t* qh = raw + 16;
+    const uint8_t* qs = raw + (KIND == kQ5_K ? 48 : 16);
+    for (int i = 0; i < 8; ++i) {
+      scale16[2 * i] = scale16[2 * i + 1] = d * static_cast<float>(sc[i]);
+      offset32[i] = dmin * static_cast<float>(mn[i]);
+      for (int l = 0; l < 32; ++l) {
+        const uint8_t byte = qs[32 * (i / 2) + l];
+        int32_t code = (i % 2) ? byte >> 4 : byte & 0x0F;
+        if constexpr (KIND == kQ5_K) code |= ((qh[l] >> i) & 1) << 4;
+        codes[32 * i + l] = code;
+      }
+    }
+  }
 }
 
 // Rows of x per block: int8 codes round-half-even(x / d), d = max|x| / 127, and d * sum(codes)
@@ -95,19 +161,125 @@ inline float horizontal_sum(__m256 v) {
 #endif
 
 struct PackedView {
-  const uint8_t* quants;  // (n, blocks, quant_bytes)
-  const uint16_t* scales;  // (n, blocks) float16 bits
+  const uint8_t* quants;  // (n, blocks, quant_bytes); K-quants: (n, super-blocks, block bytes)
+  const uint16_t* scales;  // (n, blocks) float16 bits (not for K-quants)
   const uint16_t* mins;  // (n, blocks) float16 bits, Q4_1 only
-  int64_t blocks;
+  int64_t blocks;  // blocks (K-quants: super-blocks) per row
   int64_t quant_bytes;
 };
 
 struct QuantizedRows {
   const int8_t* codes;  // (m, k)
-  const float* scales;  // (m, blocks)
-  const float* block_sums;  // (m, blocks)
+  const float* scales;  // (m, k / 32)
+  const float* block_sums;  // (m, k / 32)
   int64_t k;
 };
+
+// out[r] = row r of x (rows first .. first + R) . K-quant weight row j.
+template <int64_t KIND, int64_t R>
+void dot_k_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int64_t first,
+                      float* out) {
+  constexpr int64_t kBytes = k_block_bytes(KIND);
+  const int64_t x_blocks = x.k / kBlock;
+  const uint8_t* row_bytes = w.quants + j * w.blocks * kBytes;
+  float extra[R] = {};
+#if defined(__AVX2__)
+  __m256 acc[R];
+  for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+  const __m256i low_mask = _mm256_set1_epi8(0x0F);
+  for (int64_t s = 0; s < w.blocks; ++s) {
+    const uint8_t* raw = row_bytes + s * kBytes;
+    if constexpr (KIND == kQ6_K) {
+      const int8_t* sc = reinterpret_cast<const int8_t*>(raw + 192);
+      uint16_t d_bits;
+      std::memcpy(&d_bits, raw + 208, 2);
+      const float d = half_to_float(d_bits);
+      for (int i = 0; i < 8; ++i) {  // sub-blocks of 32: half i / 4, quarter i % 4
+        const int half = i / 4, quarter = i % 4;
+        const __m256i ql = _mm256_loadu_si256(
+            reinterpret_cast<const __m256i*>(raw + 64 * half + 32 * (quarter & 1)));
+        const __m256i qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + 128 + 32 * half));
+        const __m256i nibbles = quarter < 2 ? _mm256_and_si256(ql, low_mask)
+                                            : _mm256_and_si256(_mm256_srli_epi16(ql, 4), low_mask);
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(qh, 2 * quarter),
+                                              _mm256_set1_epi8(3));
+        const __m256i codes = _mm256_sub_epi8(
+            _mm256_or_si256(nibbles, _mm256_slli_epi16(high, 4)), _mm256_set1_epi8(32));
+        // Weights 0-15 of the sub-block take scale sc[8 * half + 2 * quarter], 16-31 the next.
+        const __m256i scale16 = _mm256_set_m128i(_mm_set1_epi16(sc[8 * half + 2 * quarter + 1]),
+                                                 _mm_set1_epi16(sc[8 * half + 2 * quarter]));
+        const __m256i magnitude = _mm256_sign_epi8(codes, codes);
+        const int64_t b = s * 8 + i;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t row = first + r;
+          const __m256i xv = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(x.codes + row * x.k + b * kBlock));
+          // |code| <= 32, |x| <= 127, |sc| <= 128: every partial sum is exact in int32 and float.
+          const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(xv, codes));
+          const __m256 dots = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, scale16));
+          acc[r] = _mm256_fmadd_ps(dots, _mm256_set1_ps(d * x.scales[row * x_blocks + b]), acc[r]);
+        }
+      }
+    } else {
+      uint16_t d_bits, min_bits;
+      std::memcpy(&d_bits, raw, 2);
+      std::memcpy(&min_bits, raw + 2, 2);
+      const float d = half_to_float(d_bits), dmin = half_to_float(min_bits);
+      int32_t sc[8], mn[8];
+      k4_scales(raw + 4, sc, mn);
+      const uint8_t* qs = raw + (KIND == kQ5_K ? 48 : 16);
+      __m256i qh;
+      if constexpr (KIND == kQ5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + 16));
+      for (int i = 0; i < 8; ++i) {  // sub-block i: the low (even i) or high nibbles of 32 bytes
+        const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs + 32 * (i / 2)));
+        __m256i codes = (i % 2) ? _mm256_and_si256(_mm256_srli_epi16(bytes, 4), low_mask)
+                                : _mm256_and_si256(bytes, low_mask);
+        if constexpr (KIND == kQ5_K) {
+          const __m256i bit = _mm256_set1_epi8(static_cast<char>(1 << i));
+          const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+          codes = _mm256_or_si256(codes, _mm256_and_si256(set, _mm256_set1_epi8(16)));
+        }
+        const float weight_scale = d * static_cast<float>(sc[i]);
+        const float weight_offset = dmin * static_cast<float>(mn[i]);
+        const int64_t b = s * 8 + i;
+        for (int64_t r = 0; r < R; ++r) {
+          const int64_t row = first + r;
+          const __m256i xv = _mm256_loadu_si256(
+              reinterpret_cast<const __m256i*>(x.codes + row * x.k + b * kBlock));
+          acc[r] = _mm256_fmadd_ps(dot_unsigned_signed(codes, xv),
+                                   _mm256_set1_ps(weight_scale * x.scales[row * x_blocks + b]),
+                                   acc[r]);
+          extra[r] -= weight_offset * x.block_sums[row * x_blocks + b];
+        }
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]) + extra[r];
+#else
+  float acc[R] = {};
+  int32_t codes[kSuper];
+  float scale16[16], offset32[8];
+  for (int64_t s = 0; s < w.blocks; ++s) {
+    decode_k<KIND>(row_bytes + s * kBytes, codes, scale16, offset32);
+    for (int64_t i = 0; i < 8; ++i) {
+      const int64_t b = s * 8 + i;
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t row = first + r;
+        const int8_t* xv = x.codes + row * x.k + b * kBlock;
+        float block = 0.f;
+        for (int64_t half = 0; half < 2; ++half) {
+          int32_t sum = 0;
+          for (int64_t l = 0; l < 16; ++l) sum += codes[32 * i + 16 * half + l] * xv[16 * half + l];
+          block += static_cast<float>(sum) * scale16[2 * i + half];
+        }
+        acc[r] += block * x.scales[row * x_blocks + b];
+        extra[r] -= offset32[i] * x.block_sums[row * x_blocks + b];
+      }
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
+#endif
+}
 
 // out[r] = row r of x (rows first .. first + R) . weight row j.
 template <int64_t KIND, int64_t R>
@@ -169,6 +341,16 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
 #endif
 }
 
+template <int64_t KIND, int64_t R>
+inline void dot_row(const PackedView& w, int64_t j, const QuantizedRows& x, int64_t first,
+                    float* out) {
+  if constexpr (is_k(KIND)) {
+    dot_k_weight_row<KIND, R>(w, j, x, first, out);
+  } else {
+    dot_weight_row<KIND, R>(w, j, x, first, out);
+  }
+}
+
 template <int64_t KIND>
 void packed_linear_impl(const PackedView& w, int64_t n, const QuantizedRows& x, int64_t m,
                         float* y) {
@@ -182,10 +364,10 @@ void packed_linear_impl(const PackedView& w, int64_t n, const QuantizedRows& x, 
         const int64_t rows = std::min(kRowGroup, m - first);
         for (int64_t j = tile * kWeightTile; j < j_end; ++j) {
           switch (rows) {
-            case 4: dot_weight_row<KIND, 4>(w, j, x, first, out); break;
-            case 3: dot_weight_row<KIND, 3>(w, j, x, first, out); break;
-            case 2: dot_weight_row<KIND, 2>(w, j, x, first, out); break;
-            default: dot_weight_row<KIND, 1>(w, j, x, first, out); break;
+            case 4: dot_row<KIND, 4>(w, j, x, first, out); break;
+            case 3: dot_row<KIND, 3>(w, j, x, first, out); break;
+            case 2: dot_row<KIND, 2>(w, j, x, first, out); break;
+            default: dot_row<KIND, 1>(w, j, x, first, out); break;
           }
           for (int64_t r = 0; r < rows; ++r) y[(first + r) * n + j] = out[r];
         }
@@ -194,34 +376,48 @@ void packed_linear_impl(const PackedView& w, int64_t n, const QuantizedRows& x, 
   });
 }
 
-// The packed weight's three arrays checked against each other (any mismatch would read out of
-// bounds); returns the mins, contiguous, or an undefined tensor.
-torch::Tensor check_packed(int64_t kind, const torch::Tensor& quants, const torch::Tensor& scales,
-                           const c10::optional<torch::Tensor>& mins) {
-  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ4_1, "unknown packed format ", kind);
-  TORCH_CHECK(quants.device().is_cpu() && scales.device().is_cpu(), "CPU tensors only");
+// The packed weight's arrays checked against each other (any mismatch would read out of bounds).
+// Returns the weight's columns.
+int64_t check_packed(int64_t kind, const torch::Tensor& quants,
+                     const c10::optional<torch::Tensor>& scales,
+                     const c10::optional<torch::Tensor>& mins) {
+  TORCH_CHECK(kind >= kQ8_0 && kind <= kQ6_K, "unknown packed format ", kind);
+  TORCH_CHECK(quants.device().is_cpu(), "CPU tensors only");
   TORCH_CHECK(quants.dim() == 3 && quants.is_contiguous() && quants.element_size() == 1 &&
                   (quants.scalar_type() == at::kChar || quants.scalar_type() == at::kByte),
               "quants: contiguous (n, blocks, bytes) int8 or uint8");
+  if (is_k(kind)) {
+    TORCH_CHECK(quants.size(2) == k_block_bytes(kind), "block width does not match format");
+    TORCH_CHECK(!scales.has_value() && !mins.has_value(),
+                "K-quants keep their scales in their blocks: pass no scales or mins");
+    return quants.size(1) * kSuper;
+  }
   TORCH_CHECK(quants.size(2) == (kind == kQ8_0 ? 32 : 16), "block width does not match format");
-  TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.dim() == 2 &&
-                  scales.size(0) == quants.size(0) && scales.size(1) == quants.size(1),
+  TORCH_CHECK(scales.has_value() && scales->device().is_cpu() &&
+                  scales->scalar_type() == at::kHalf && scales->is_contiguous() &&
+                  scales->dim() == 2 && scales->size(0) == quants.size(0) &&
+                  scales->size(1) == quants.size(1),
               "scales: contiguous (n, blocks) float16");
   TORCH_CHECK((kind == kQ4_1) == mins.has_value(), "mins go with Q4_1 only");
-  if (!mins.has_value()) return torch::Tensor();
-  torch::Tensor min_values = mins->contiguous();
-  TORCH_CHECK(min_values.scalar_type() == at::kHalf && min_values.sizes() == scales.sizes() &&
-                  min_values.device().is_cpu(), "mins: (n, blocks) float16");
-  return min_values;
+  if (mins.has_value()) {
+    TORCH_CHECK(mins->scalar_type() == at::kHalf && mins->sizes() == scales->sizes() &&
+                    mins->is_contiguous() && mins->device().is_cpu(),
+                "mins: contiguous (n, blocks) float16");
+  }
+  return quants.size(1) * kBlock;
+}
+
+const uint16_t* half_bits(const c10::optional<torch::Tensor>& values) {
+  return values.has_value() ? reinterpret_cast<const uint16_t*>(values->data_ptr()) : nullptr;
 }
 
 torch::Tensor packed_linear(torch::Tensor x, int64_t kind, torch::Tensor quants,
-                            torch::Tensor scales, c10::optional<torch::Tensor> mins) {
+                            c10::optional<torch::Tensor> scales, c10::optional<torch::Tensor> mins) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
               "x: (m, k) float32 on the CPU");
-  torch::Tensor min_values = check_packed(kind, quants, scales, mins);
-  const int64_t n = quants.size(0), blocks = quants.size(1), k = x.size(1);
-  TORCH_CHECK(k == blocks * kBlock, "x has ", k, " columns, the weight ", blocks * kBlock);
+  const int64_t columns = check_packed(kind, quants, scales, mins);
+  const int64_t n = quants.size(0), k = x.size(1), blocks = k / kBlock;
+  TORCH_CHECK(k == columns, "x has ", k, " columns, the weight ", columns);
   x = x.contiguous();
   const int64_t m = x.size(0);
   auto codes = torch::empty({m, k}, x.options().dtype(at::kChar));
@@ -230,33 +426,55 @@ torch::Tensor packed_linear(torch::Tensor x, int64_t kind, torch::Tensor quants,
   quantize_rows(x.data_ptr<float>(), m, k, codes.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
                 x_sums.data_ptr<float>());
   auto y = torch::empty({m, n}, x.options());
-  const PackedView w{reinterpret_cast<const uint8_t*>(quants.data_ptr()),
-                     reinterpret_cast<const uint16_t*>(scales.data_ptr()),
-                     min_values.defined() ? reinterpret_cast<const uint16_t*>(min_values.data_ptr())
-                                          : nullptr,
-                     blocks, quants.size(2)};
+  const PackedView w{reinterpret_cast<const uint8_t*>(quants.data_ptr()), half_bits(scales),
+                     half_bits(mins), quants.size(1), quants.size(2)};
   const QuantizedRows rows{codes.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
                            x_sums.data_ptr<float>(), k};
+  float* out = y.data_ptr<float>();
   switch (kind) {
-    case kQ8_0: packed_linear_impl<kQ8_0>(w, n, rows, m, y.data_ptr<float>()); break;
-    case kQ4_0: packed_linear_impl<kQ4_0>(w, n, rows, m, y.data_ptr<float>()); break;
-    default: packed_linear_impl<kQ4_1>(w, n, rows, m, y.data_ptr<float>()); break;
+    case kQ8_0: packed_linear_impl<kQ8_0>(w, n, rows, m, out); break;
+    case kQ4_0: packed_linear_impl<kQ4_0>(w, n, rows, m, out); break;
+    case kQ4_1: packed_linear_impl<kQ4_1>(w, n, rows, m, out); break;
+    case kQ4_K: packed_linear_impl<kQ4_K>(w, n, rows, m, out); break;
+    case kQ5_K: packed_linear_impl<kQ5_K>(w, n, rows, m, out); break;
+    default: packed_linear_impl<kQ6_K>(w, n, rows, m, out); break;
   }
   return y;
 }
 
+template <int64_t KIND>
+void dequantize_k(const uint8_t* q, int64_t supers, float* dst) {
+  at::parallel_for(0, supers, 64, [&](int64_t begin, int64_t end) {
+    int32_t codes[kSuper];
+    float scale16[16], offset32[8];
+    for (int64_t index = begin; index < end; ++index) {
+      decode_k<KIND>(q + index * k_block_bytes(KIND), codes, scale16, offset32);
+      float* values = dst + index * kSuper;
+      for (int64_t e = 0; e < kSuper; ++e) {  // ggml: (d * sc) * q - dmin * m
+        values[e] = scale16[e / 16] * static_cast<float>(codes[e]) - offset32[e / 32];
+      }
+    }
+  });
+}
+
 // The weight as float32 (n, k): what prefill-sized batches multiply by with a float GEMM, which
 // beats the integer path there (it reuses each weight across many rows; ours re-reads blocks).
-torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants, torch::Tensor scales,
+torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants,
+                                c10::optional<torch::Tensor> scales,
                                 c10::optional<torch::Tensor> mins) {
-  torch::Tensor min_values = check_packed(kind, quants, scales, mins);
+  const int64_t columns = check_packed(kind, quants, scales, mins);
   const int64_t n = quants.size(0), blocks = quants.size(1), width = quants.size(2);
-  auto out = torch::empty({n, blocks * kBlock}, scales.options().dtype(at::kFloat));
+  auto out = torch::empty({n, columns}, quants.options().dtype(at::kFloat));
   const uint8_t* q = reinterpret_cast<const uint8_t*>(quants.data_ptr());
-  const uint16_t* d = reinterpret_cast<const uint16_t*>(scales.data_ptr());
-  const uint16_t* mn =
-      min_values.defined() ? reinterpret_cast<const uint16_t*>(min_values.data_ptr()) : nullptr;
   float* dst = out.data_ptr<float>();
+  switch (kind) {
+    case kQ4_K: dequantize_k<kQ4_K>(q, n * blocks, dst); return out;
+    case kQ5_K: dequantize_k<kQ5_K>(q, n * blocks, dst); return out;
+    case kQ6_K: dequantize_k<kQ6_K>(q, n * blocks, dst); return out;
+    default: break;
+  }
+  const uint16_t* d = half_bits(scales);
+  const uint16_t* mn = half_bits(mins);
   at::parallel_for(0, n * blocks, 512, [&](int64_t begin, int64_t end) {
     for (int64_t index = begin; index < end; ++index) {
       const float scale = half_to_float(d[index]);
@@ -285,6 +503,7 @@ torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants, torch::Tenso
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_linear", &packed_linear,
-        "y (m, n) float32 = x (m, k) float32 @ w.T for w packed as Q8_0 (0), Q4_0 (1) or Q4_1 (2)");
+        "y (m, n) float32 = x (m, k) float32 @ w.T for w packed as Q8_0 (0), Q4_0 (1), Q4_1 (2), "
+        "Q4_K (3), Q5_K (4) or Q6_K (5); K-quants pass their raw blocks and no scales or mins");
   m.def("packed_dequantize", &packed_dequantize, "the packed weight as float32 (n, k)");
 }

@@ -22,7 +22,7 @@ from tierserve.model.layers import (
     rms_norm,
 )
 from tierserve.model.moe import DenseMLP, MoEBlock
-from tierserve.model.packed import KERNEL_CODES, PackedWeight, concat_rows
+from tierserve.model.packed import PackedWeight, concat_rows
 
 # Up to this many rows the native skinny kernel beats the GEMMs (measured on SmolLM2's shapes,
 # bfloat16: 9.9 vs 14.5 ms of linears a step at 1 row, 12.8 vs 15.5 at 4, 19.0 vs 16.4 at 8).
@@ -83,12 +83,10 @@ class Linear:
         weight = self.weight
         if self.quant is None:
             return F.linear(x, weight.dequantize(x.dtype), self.bias)
-        code = KERNEL_CODES[weight.qtype]
         if self.gemm_rows is not None and x.shape[0] >= self.gemm_rows:  # prefill-sized
-            dense = self.quant.packed_dequantize(code, weight.quants, weight.scales, weight.mins)
+            dense = self.quant.packed_dequantize(*weight.kernel_args())
             return F.linear(x, dense.to(x.dtype), self.bias)
-        out = self.quant.packed_linear(x.float(), code, weight.quants, weight.scales,
-                                       weight.mins)  # (rows, n) float32
+        out = self.quant.packed_linear(x.float(), *weight.kernel_args())  # (rows, n) float32
         if self.bias is not None:
             out += self.bias
         return out.to(x.dtype)

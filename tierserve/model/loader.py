@@ -59,13 +59,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     with the shape the config implies; anything else raises CheckpointError. ``skip_experts``:
     leave every routed expert's weights in the files (an expert disk tier reads them itself), so
     a model whose experts do not fit in memory still loads. ``quantization`` (ModelConfig's):
-    "gguf" keeps a GGUF's packed linears packed; "q8_0", "q4_0", "q4_1" pack every linear.
+    "gguf" keeps a GGUF's packed linears packed; "q8_0", "q4_0", "q4_1", "q4_k", "q5_k", "q6_k"
+    pack every linear.
     """
     path = Path(path)
     source_format = _source_format(path)
     if quantization == "gguf" and source_format != "gguf":
         raise CheckpointError(f"--quantization gguf keeps a GGUF file's packed tensors; {path} is "
-                              "a safetensors folder: pass --quantization q8_0, q4_0 or q4_1 to "
+                              "a safetensors folder: pass --quantization q8_0, q4_0, q4_1, q4_k, q5_k or "
+                              "q6_k to "
                               "pack it at load")
     start = time.perf_counter()
     # Packing quantizes from float32 (bytes as llama-quantize writes them); the rest is cast after.
@@ -105,7 +107,8 @@ def _check_quantizable(arch: ModelArchConfig, path: Path, quantization: str) -> 
 
 
 def _pack(tensors: dict, quantization: str, dtype: torch.dtype, path: Path) -> None:
-    """Pack the packable float32 weights (q8_0/q4_0/q4_1), then cast what stays float to dtype."""
+    """Pack the packable float32 weights (--quantization q8_0 ... q6_k), then cast what stays
+    float to dtype."""
     from tierserve.model.packed import PackedWeight, QuantType, pack_tensors
 
     if quantization != "gguf":
