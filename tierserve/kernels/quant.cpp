@@ -2,7 +2,8 @@
 // Q6_K super-blocks (tierserve/model/packed.py), the way llama.cpp computes it: each row of x is
 // quantized per block of 32 to int8 with a float scale, the block products are summed in integers
 // (a K-quant's sub-block codes and 6-bit or int8 scales decoded in registers from the raw bytes),
-// then scaled and added in float32.
+// then scaled and added in float32 (for K-quants llama.cpp rounds x per 256, its Q8_K; ours stays
+// per 32, slightly finer).
 // Decode at batch 1 streams the packed weight once (0.56 bytes a weight for Q4_1 against 2 for
 // bfloat16), which is what bounds it. AVX2 integer dot products (maddubs + madd) where the CPU has
 // them, scalar code otherwise. Built as its own module (tierserve_quant_ops), gated on AVX2 rather

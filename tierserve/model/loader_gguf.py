@@ -192,7 +192,7 @@ def load_gguf_tensors(
 ) -> dict[str, torch.Tensor]:
     """Dequantize every weight once, un-permute q/k where needed, and return it under its HF name
     (without the stacked routed experts with ``skip_experts``: those are never read).
-    ``keep_packed``: linear and embedding weights stored as Q8_0/Q4_0/Q4_1 stay packed
+    ``keep_packed``: linear and embedding weights stored as Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K stay packed
     (PackedWeight, rows un-permuted as blocks); other types are dequantized, and the log says
     which."""
     spec = _arch_spec(gguf_file)

@@ -12,11 +12,13 @@ ggml's reference rules for Q8_0/Q4_0/Q4_1; for the K-quants ggml's scale packing
 min/max (or peak) per sub-block where ggml searches for the error-minimising scale, so their
 error is a little larger than llama-quantize's).
 
-``PackedLinear`` computes ``x @ w.T`` from the packed form as llama.cpp does: each row of x is
-quantized per block of 32 to int8 with a float scale, blocks are multiplied in integers, and
-the block sums are scaled and added in float32. The native kernel (kernels/quant.cpp, AVX2) does
-this; without it, ``emulated_linear`` does the same arithmetic in torch (slow, for tests and
-CPUs without AVX2).
+The linear (``model.llama.Linear`` through kernels/quant.cpp, AVX2) computes ``x @ w.T`` from
+the packed form as llama.cpp does for Q8_0/Q4_0/Q4_1: each row of x is quantized per block of 32
+to int8 with a float scale, blocks are multiplied in integers, and the block sums are scaled and
+added in float32. The K-quants take the same per-32 activation blocks, where llama.cpp rounds
+activations per 256 (its Q8_K): slightly finer, so not bit-identical to llama.cpp.
+``emulated_linear`` is that arithmetic in torch, for tests; without the kernel a packed weight is
+dequantized for each call.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class PackedWeight:
 
     def __post_init__(self) -> None:
         n, blocks, width = self.quants.shape
-        fits = (self.scales is None if self.qtype.is_k
+        fits = (self.scales is None and self.quants.dtype == torch.uint8 if self.qtype.is_k
                 else self.scales is not None and self.scales.shape == (n, blocks))
         if width != self.qtype.quant_bytes or not fits:
             scales = None if self.scales is None else tuple(self.scales.shape)
@@ -174,7 +176,7 @@ def pack_tensors(tensors: dict, qtype: QuantType) -> None:
     """Quantize every packable float weight in ``tensors`` in place (--quantization q8_0 etc.);
     a weight already packed in another format is dequantized and packed again (said once).
     Raises ValueError naming a weight whose rows are not whole blocks of 32."""
-    repacked, fell_back = set(), []
+    repacked, fell_back = {}, []
     for name, weight in tensors.items():
         if not PACKABLE.match(name):
             continue
@@ -188,12 +190,13 @@ def pack_tensors(tensors: dict, qtype: QuantType) -> None:
         if isinstance(weight, PackedWeight):
             if weight.qtype is target:
                 continue
-            repacked.add(weight.qtype.name)
+            repacked.setdefault(f"{weight.qtype.name} as {target.name}", 0)
+            repacked[f"{weight.qtype.name} as {target.name}"] += 1
             weight = weight.dequantize()
         tensors[name] = quantize(weight, target)
     if repacked:
-        log.warning("weights stored as %s were dequantized and packed again as %s",
-                    ", ".join(sorted(repacked)), qtype.name)
+        log.warning("weights already packed were dequantized and packed again: %s",
+                    ", ".join(f"{count} {kinds}" for kinds, count in sorted(repacked.items())))
     if fell_back:
         log.warning("%d weights have columns that are not whole %s super-blocks of %d (e.g. %s): "
                     "packed as %s instead, as llama-quantize falls back", len(fell_back),
@@ -399,7 +402,8 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def emulated_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
     """``x @ w.T`` (m, n) float32 by the kernel's arithmetic in torch: int8 activations, exact
-    integer block dots, float32 scaling. Equal to the kernel up to the order of float sums."""
+    integer block dots, float32 scaling. Equal to the kernel up to float rounding (the order of
+    sums, and for K-quants the grouping of the scale products)."""
     codes, x_scale = quantize_activations(x)  # (m, B, 32), (m, B)
     if weight.qtype.is_k:
         w_codes, w_scale, offset = k_parts(weight)  # (n, B, 32), (n, B, H), (n, B) or None
