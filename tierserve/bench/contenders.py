@@ -140,7 +140,8 @@ class TierserveContender:
 
         self.llm = open_engine(self.job.engine, warmup=False)
         scheduler, cache = self.job.engine.scheduler, self.job.engine.cache
-        return {"dtype": self.job.engine.model.dtype, "policy": scheduler.policy,
+        return {"dtype": self.job.engine.model.dtype,
+                "quantization": self.job.engine.model.quantization, "policy": scheduler.policy,
                 "max_num_batched_tokens": scheduler.max_num_batched_tokens,
                 "max_num_seqs": scheduler.max_num_seqs,
                 # Sized by --kv-cache-memory and --swap-space; the pages of them that are

@@ -175,18 +175,23 @@ class PackedWeight:
 def pack_tensors(tensors: dict, qtype: QuantType) -> None:
     """Quantize every packable float weight in ``tensors`` in place (--quantization q8_0 etc.);
     a weight already packed in another format is dequantized and packed again (said once).
+    K-quants follow llama-quantize's K mixes where it departs from the base type: the output
+    matrix (the head, or a tied embedding) takes Q6_K, and a weight whose columns are not whole
+    super-blocks takes the fallback (``QuantType.fallback``; Q8_0 for Q6_K).
     Raises ValueError naming a weight whose rows are not whole blocks of 32."""
     repacked, fell_back = {}, []
+    output = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
     for name, weight in tensors.items():
         if not PACKABLE.match(name):
             continue
         if weight.shape[-1] % BLOCK:
             raise ValueError(f"{name} has {weight.shape[-1]} columns, not a multiple of {BLOCK}: "
                              f"it cannot be packed as {qtype.name}; use --quantization none")
-        target = qtype
-        if weight.shape[-1] % qtype.block:  # a K-quant on a width that is not whole super-blocks
-            target = qtype.fallback
-            fell_back.append(name)
+        wanted = QuantType.Q6_K if qtype.is_k and name == output else qtype
+        target = wanted
+        if weight.shape[-1] % wanted.block:  # a K-quant on a width that is not whole super-blocks
+            target = wanted.fallback
+            fell_back.append(f"{name} as {target.name}")
         if isinstance(weight, PackedWeight):
             if weight.qtype is target:
                 continue
@@ -198,9 +203,9 @@ def pack_tensors(tensors: dict, qtype: QuantType) -> None:
         log.warning("weights already packed were dequantized and packed again: %s",
                     ", ".join(f"{count} {kinds}" for kinds, count in sorted(repacked.items())))
     if fell_back:
-        log.warning("%d weights have columns that are not whole %s super-blocks of %d (e.g. %s): "
-                    "packed as %s instead, as llama-quantize falls back", len(fell_back),
-                    qtype.name, SUPER_BLOCK, fell_back[0], qtype.fallback.name)
+        log.warning("%d weights have columns that are not whole super-blocks of %d (e.g. %s): "
+                    "packed in the fallback type, as llama-quantize does", len(fell_back),
+                    SUPER_BLOCK, fell_back[0])
 
 
 def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
