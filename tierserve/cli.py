@@ -282,9 +282,12 @@ def _add_moefy_parser(sub) -> None:
                        "co-activation split), or whose gate/up rows are alike (default: "
                        "%(default)s)")
     moefy.add_argument("--eval", default=None, metavar="K,K,...",
-                       help="perplexity on 4096 held-out tokens at these top-k (with the "
-                       "fitted routers, and with oracle routing: the experts whose outputs are "
-                       "largest), and the dense model's, into OUT/moefy.json")
+                       help="perplexity on --eval-tokens held-out tokens at these top-k (with "
+                       "the fitted routers, and with oracle routing: the experts whose outputs "
+                       "are largest), and the dense model's, into OUT/moefy.json")
+    moefy.add_argument("--eval-tokens", type=int, default=4096,
+                       help="held-out tokens --eval scores, in chunks of 256 (default: "
+                       "%(default)s)")
     moefy.add_argument("--threads", type=int, default=None, help="torch threads")
     moefy.set_defaults(func=cmd_moefy)
 
@@ -296,6 +299,8 @@ def cmd_moefy(args: argparse.Namespace) -> int:
 
     from tierserve.model.moefy import MoefySpec, calibration_text, moefy, perplexity, token_chunks
 
+    if args.eval and args.eval_tokens < 256:
+        raise ValueError(f"--eval-tokens scores chunks of 256 tokens; got {args.eval_tokens}")
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = MoefySpec(num_experts=args.experts, top_k=args.top_k,
@@ -310,7 +315,7 @@ def cmd_moefy(args: argparse.Namespace) -> int:
         from tierserve.engine.llm import LLM
 
         tokenizer = LLM(args.out, num_blocks=8).tokenizer
-        chunks = token_chunks(tokenizer, calibration_text(), 4096, 256,
+        chunks = token_chunks(tokenizer, calibration_text(), args.eval_tokens, 256,
                               skip=spec.calibration_tokens)  # text the routers never saw
         results = {"dense": perplexity(args.model, chunks)}
         for k in (int(k) for k in args.eval.split(",")):

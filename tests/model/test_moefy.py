@@ -91,7 +91,8 @@ def test_the_command_writes_the_folder_and_reports_perplexity(tiny_llama_dir, tm
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "tierserve.cli", "moefy", str(tiny_llama_dir), str(out),
-         "--experts", "4", "--top-k", "2", "--calibration-tokens", "1024", "--eval", "1,4"],
+         "--experts", "4", "--top-k", "2", "--calibration-tokens", "1024", "--eval", "1,4",
+         "--eval-tokens", "768"],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 experts of 32 neurons" in proc.stdout and "recall" in proc.stdout
