@@ -5,8 +5,10 @@ quant.cpp, its own module), compiled for this machine at first use.
 compiler, no ninja, TIERSERVE_KERNELS=0) or would not pay (a CPU without AVX-512, which
 every fast path needs: their scalar fallbacks are slower than torch's own ops): callers then
 take the plain torch path, which gives the same results to rounding. ``quant_ops()`` is the
-packed-weight linear (Q8_0/Q4_0/Q4_1), built where the CPU has AVX2, FMA and F16C (every x86
-CPU this project runs on); without it packed weights are dequantized per call. Each build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
+packed-weight linear (Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K) and, for CPUs without the AVX-512 module,
+float32 paged decode attention; built where the CPU has AVX2, FMA and F16C (every x86 CPU this
+project runs on); without it packed weights are dequantized per call and decode attention
+gathers its blocks through torch. Each build (~1 minute) is cached under ``$TIERSERVE_HOME/kernels`` keyed by
 the source, the torch version, the flags, the CPU (model and instruction sets) and the Python
 ABI, so later runs on the same machine load it in well under a second.
 """

@@ -7,8 +7,10 @@
 // Decode at batch 1 streams the packed weight once (0.56 bytes a weight for Q4_1 against 2 for
 // bfloat16), which is what bounds it. AVX2 integer dot products (maddubs + madd) where the CPU has
 // them, scalar code otherwise. Built as its own module (tierserve_quant_ops), gated on AVX2 rather
-// than the AVX-512 the other kernels need. Results equal packed.emulated_linear up to the order of
-// float32 sums.
+// than the AVX-512 the other kernels need. Results equal packed.emulated_linear up to float32
+// rounding.
+// decode_attention_f32: float32 paged decode attention in place over block tables, for the CPUs
+// this module serves that lack the AVX-512 module (whose own kernel it stands in for).
 
 #include <torch/extension.h>
 
@@ -18,7 +20,9 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <limits>
+#include <vector>
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -500,6 +504,129 @@ torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants,
   return out;
 }
 
+#if defined(__AVX2__)
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float sum = horizontal_sum(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void add_scaled(float* acc, const float* v, float weight, int64_t n) {
+  int64_t i = 0;
+  const __m256 w = _mm256_set1_ps(weight);
+  for (; i + 8 <= n; i += 8) {
+    _mm256_storeu_ps(acc + i, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + i), _mm256_loadu_ps(acc + i)));
+  }
+  for (; i < n; ++i) acc[i] += weight * v[i];
+}
+#else
+inline float dot_f32(const float* a, const float* b, int64_t n) {
+  float sum = 0.f;
+  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+inline void add_scaled(float* acc, const float* v, float weight, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) acc[i] += weight * v[i];
+}
+#endif
+
+// Decode attention for float32 over a paged cache, in place over block tables: what the
+// AVX-512 module's paged_decode_attention does, for CPUs that have only AVX2 (the torch path
+// gathers every block into a new tensor each layer and step). q (B, heads, hd); caches
+// (blocks, block_size, kv_heads, hd), head_dim contiguous; tables (B, W) with lens (B,), or per
+// kv head (B, kv_heads, W) with lens (B, kv_heads). Each (sequence, kv head) is computed alone,
+// in a fixed order (scores, max, exp, sum, then the weighted values), so a row does not depend
+// on the batch.
+torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
+                                   torch::Tensor tables, torch::Tensor lens, double scale) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.device().is_cpu(),
+              "q: (batch, heads, head_dim) float32 on the CPU");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() &&
+                  k_cache.scalar_type() == at::kFloat && v_cache.scalar_type() == at::kFloat,
+              "caches: (blocks, block_size, kv_heads, head_dim) float32, K and V alike");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
+  TORCH_CHECK(k_cache.strides() == v_cache.strides(), "K and V caches must share strides");
+  TORCH_CHECK(q.size(2) == k_cache.size(3), "q and the caches have different head_dim");
+  const int64_t batch = q.size(0), heads = q.size(1), head_dim = q.size(2);
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1),
+                kv_heads = k_cache.size(2);
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
+              "tables and lens are int64");
+  const bool per_head = tables.dim() == 3;
+  TORCH_CHECK((tables.dim() == 2 && lens.dim() == 1 && tables.size(0) == batch &&
+               lens.size(0) == batch) ||
+                  (per_head && lens.dim() == 2 && tables.size(0) == batch &&
+                   tables.size(1) == kv_heads && lens.size(0) == batch &&
+                   lens.size(1) == kv_heads),
+              "tables (batch, width) with lens (batch,), or per kv head: tables (batch, "
+              "kv_heads, width) with lens (batch, kv_heads)");
+  q = q.contiguous();
+  tables = tables.contiguous();
+  lens = lens.contiguous();
+  const int64_t width = tables.size(-1);
+  const int64_t* table_data = tables.data_ptr<int64_t>();
+  const int64_t* len_data = lens.data_ptr<int64_t>();
+  // Every block a length reaches must exist: checked here, not inside the parallel loop.
+  const int64_t lists = per_head ? batch * kv_heads : batch;
+  for (int64_t list = 0; list < lists; ++list) {
+    const int64_t len = len_data[list];
+    TORCH_CHECK(len >= 0 && len <= width * block_size, "a length exceeds its block table");
+    for (int64_t j = 0; j < (len + block_size - 1) / block_size; ++j) {
+      const int64_t block = table_data[list * width + j];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block ", block, " is not in the cache");
+    }
+  }
+  auto out = torch::empty_like(q);
+  const float* q_data = q.data_ptr<float>();
+  const float* k_data = k_cache.data_ptr<float>();
+  const float* v_data = v_cache.data_ptr<float>();
+  float* out_data = out.data_ptr<float>();
+  const int64_t s_block = k_cache.stride(0), s_row = k_cache.stride(1), s_head = k_cache.stride(2);
+  const int64_t group = heads / kv_heads;
+  const float softmax_scale = static_cast<float>(scale);
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores;
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / kv_heads, kv = pair % kv_heads;
+      const int64_t list = per_head ? pair : b;
+      const int64_t* table = table_data + list * width;
+      const int64_t len = len_data[list];
+      scores.resize(static_cast<size_t>(std::max<int64_t>(len, 1)));
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t head = kv * group + g;
+        const float* query = q_data + (b * heads + head) * head_dim;
+        float* result = out_data + (b * heads + head) * head_dim;
+        std::fill(result, result + head_dim, 0.f);
+        if (len == 0) continue;
+        float top = -std::numeric_limits<float>::infinity();
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t offset = table[t / block_size] * s_block + (t % block_size) * s_row +
+                                 kv * s_head;
+          scores[t] = dot_f32(query, k_data + offset, head_dim) * softmax_scale;
+          top = std::fmax(top, scores[t]);
+        }
+        float total = 0.f;
+        for (int64_t t = 0; t < len; ++t) {
+          scores[t] = std::exp(scores[t] - top);
+          total += scores[t];
+        }
+        const float inverse = 1.f / total;
+        for (int64_t t = 0; t < len; ++t) {
+          const int64_t offset = table[t / block_size] * s_block + (t % block_size) * s_row +
+                                 kv * s_head;
+          add_scaled(result, v_data + offset, scores[t] * inverse, head_dim);
+        }
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -507,4 +634,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y (m, n) float32 = x (m, k) float32 @ w.T for w packed as Q8_0 (0), Q4_0 (1), Q4_1 (2), "
         "Q4_K (3), Q5_K (4) or Q6_K (5); K-quants pass their raw blocks and no scales or mins");
   m.def("packed_dequantize", &packed_dequantize, "the packed weight as float32 (n, k)");
+  m.def("decode_attention_f32", &decode_attention_f32,
+        "float32 paged decode attention over block tables (AVX2; the AVX-512 module has its own)");
 }

@@ -92,6 +92,14 @@ class Linear:
         return out.to(x.dtype)
 
 
+class AVX2Decode:
+    """The one AVX-512 kernel TorchPagedAttention calls, from the AVX2 module (quant.cpp):
+    float32 paged decode attention. Batch-invariant like the AVX-512 one."""
+
+    def __init__(self, quant) -> None:
+        self.paged_decode_attention = quant.decode_attention_f32
+
+
 class DecoderLayer:
     """One transformer block's weights: fused qkv, o, two norms, optional q/k norms, and the
     feed-forward part (a DenseMLP, or a MoEBlock on the MoE layers of an MoE model)."""
@@ -154,9 +162,22 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
         self.attention = TorchPagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                                             self.ops)
+                                             self.ops or self._avx2_decode(use_kernels))
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
+
+    def _avx2_decode(self, use_kernels: bool):
+        """Where the AVX-512 module is not built but the packed-weight one is (AVX2 CPUs),
+        float32 decode attention runs in place over block tables there (``AVX2Decode``) instead
+        of gathering every block through torch each layer and step."""
+        quant = quant_ops() if use_kernels and self.dtype == torch.float32 else None
+        return AVX2Decode(quant) if quant is not None else None
+
+    @property
+    def native_decode(self) -> bool:
+        """Decodes go to a native attention kernel as one batch (the AVX-512 module's, or
+        AVX2Decode)."""
+        return self.attention.ops is not None
 
     def linears(self) -> list[Linear]:
         """Every layer's linears, then the head."""

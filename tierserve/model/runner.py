@@ -76,7 +76,7 @@ class ModelRunner:
             if isinstance(layer.mlp, MoEBlock):
                 layer.mlp.min_rows = self.pad_rows
         self.inputs = StepInputBuilder(
-            block_size, self.pad_rows, native=model.ops is not None,
+            block_size, self.pad_rows, native=model.native_decode,
             max_tokens=max_num_batched_tokens, max_seqs=max_num_seqs,
             max_blocks_per_seq=min(num_blocks, -(-model.max_positions // block_size)),
             key_bounds=key_bounds, selection=policy)

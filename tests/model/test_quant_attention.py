@@ -1,0 +1,89 @@
+"""The AVX2 module's float32 decode attention (kernels/quant.cpp, for CPUs without the AVX-512
+module) against the torch reference, its rows against the batch, and a model with it on and
+off."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tierserve.engine.llm import LLM
+from tierserve.kernels import cpu_ops, quant_ops
+from tierserve.model.llama import AVX2Decode
+from tierserve.request import SamplingParams
+from tierserve.selection.step import attend_selected
+
+pytestmark = pytest.mark.skipif(quant_ops() is None, reason="AVX2 module not built here")
+
+
+def _cache(blocks=40, block_size=16, kv_heads=3, head_dim=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = (blocks, block_size, kv_heads, head_dim)
+    return torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+
+
+@pytest.mark.parametrize("head_dim", [64, 20])  # 20: not a multiple of the vector width
+def test_decode_attention_matches_the_torch_reference(head_dim):
+    k, v = _cache(head_dim=head_dim)
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(5, 9, head_dim, generator=generator)  # 9 heads over 3 kv heads (SmolLM2's)
+    tables = torch.randint(0, 40, (5, 6), generator=generator)
+    lens = torch.tensor([1, 16, 17, 50, 96])  # one token, a full block, one past, partial, all
+    out = quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125)
+    per_head = (tables[:, None].expand(-1, 3, -1), lens[:, None].expand(-1, 3))
+    torch.testing.assert_close(out, attend_selected(q, k, v, *per_head, 0.125),
+                               rtol=1e-5, atol=2e-6)
+    # Per kv head tables, as KV selection passes them.
+    tables = torch.randint(0, 40, (5, 3, 6), generator=generator)
+    lens = torch.randint(1, 97, (5, 3), generator=generator)
+    torch.testing.assert_close(quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125),
+                               attend_selected(q, k, v, tables, lens, 0.125),
+                               rtol=1e-5, atol=2e-6)
+
+
+def test_decode_attention_rows_do_not_depend_on_the_batch():
+    k, v = _cache()
+    generator = torch.Generator().manual_seed(2)
+    q = torch.randn(7, 9, 64, generator=generator)
+    tables = torch.randint(0, 40, (7, 5), generator=generator)
+    lens = torch.randint(1, 81, (7,), generator=generator)
+    together = quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125)
+    alone = torch.cat([quant_ops().decode_attention_f32(q[i:i + 1], k, v, tables[i:i + 1],
+                                                        lens[i:i + 1], 0.125) for i in range(7)])
+    assert torch.equal(together, alone)
+
+
+def test_decode_attention_refuses_tables_that_leave_the_cache():
+    k, v = _cache()
+    q = torch.randn(1, 9, 64)
+    with pytest.raises(RuntimeError, match="not in the cache"):
+        quant_ops().decode_attention_f32(q, k, v, torch.tensor([[3, 40]]), torch.tensor([20]),
+                                         0.125)
+    with pytest.raises(RuntimeError, match="exceeds its block table"):
+        quant_ops().decode_attention_f32(q, k, v, torch.tensor([[3, 4]]), torch.tensor([33]),
+                                         0.125)
+    with pytest.raises(RuntimeError, match="float32"):
+        quant_ops().decode_attention_f32(q.bfloat16(), k, v, torch.tensor([[3]]),
+                                         torch.tensor([2]), 0.125)
+
+
+@pytest.mark.skipif(cpu_ops() is not None, reason="the AVX-512 module's kernel is used here")
+def test_a_float32_model_decodes_through_it_with_the_torch_paths_tokens(tiny_llama_dir,
+                                                                        monkeypatch):
+    import tierserve.model.llama as llama
+
+    prompts = [{"prompt_token_ids": [5, 17, 42, 99, 300, 301, 7]},
+               {"prompt_token_ids": [12, 480, 3, 77]}]
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
+    native = LLM(str(tiny_llama_dir), num_blocks=32)
+    assert isinstance(native.engine.runner.model.attention.ops, AVX2Decode)
+    ours = native.generate(prompts, params, use_tqdm=False)
+    monkeypatch.setattr(llama, "quant_ops", lambda: None)  # the torch path: gather + SDPA
+    torch_path = LLM(str(tiny_llama_dir), num_blocks=32)
+    assert torch_path.engine.runner.model.attention.ops is None
+    theirs = torch_path.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(ours, theirs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        for step_a, step_b, token in zip(a.outputs[0].logprobs, b.outputs[0].logprobs,
+                                         a.outputs[0].token_ids):
+            assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-4
