@@ -32,7 +32,10 @@ TOOLS = {"add": add, "multiply": multiply}
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
-    proc = ServerProcess(smollm2_path, "--kv-cache-memory", "128MiB", "--max-model-len", "2048")
+    # Packed weights (the GGUF as stored): what these tests check is the API's tool calling,
+    # not the float path's numerics (the parity tests own those); decode is several times faster.
+    proc = ServerProcess(smollm2_path, "--kv-cache-memory", "128MiB", "--max-model-len", "2048",
+                         "--quantization", "gguf")
     yield proc
     proc.stop()
 

@@ -24,8 +24,10 @@ class City(BaseModel):
 
 @pytest.fixture(scope="module")
 def server(smollm2_path):
+    # Packed weights (the GGUF as stored): these tests check structured outputs through the
+    # API, not the float path's numerics (the parity tests own those); decode is faster.
     proc = ServerProcess(smollm2_path, "--served-model-name", "tiny", "--kv-cache-memory",
-                         "128MiB", "--max-model-len", "1024")
+                         "128MiB", "--max-model-len", "1024", "--quantization", "gguf")
     yield proc
     proc.stop()
 

@@ -28,7 +28,10 @@ ASK = [{"role": "user", "content": "What is the weather in Paris, in celsius?"}]
 
 @pytest.fixture(scope="module")
 def client(smollm2_path):
-    proc = ServerProcess(smollm2_path, "--kv-cache-memory", "128MiB", "--max-model-len", "2048")
+    # Packed weights (the GGUF as stored): what these tests check is the API's tool calling,
+    # not the float path's numerics (the parity tests own those); decode is several times faster.
+    proc = ServerProcess(smollm2_path, "--kv-cache-memory", "128MiB", "--max-model-len", "2048",
+                         "--quantization", "gguf")
     yield openai.OpenAI(base_url=proc.url + "/v1", api_key="none", max_retries=0)
     proc.stop()
 
