@@ -1,15 +1,17 @@
-"""The AVX2 module's float32 decode attention (kernels/quant.cpp, for CPUs without the AVX-512
-module) against the torch reference, its rows against the batch, and a model with it on and
-off."""
+"""The AVX2 module's float32 kernels for CPUs without the AVX-512 module (kernels/quant.cpp's
+decode attention, elementwise.cpp's fused steps built into it) against the torch ops they
+replace, decode rows against the batch, and a model with them on and off."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tierserve.engine.llm import LLM
 from tierserve.kernels import cpu_ops, quant_ops
-from tierserve.model.llama import AVX2Decode
+from tierserve.model.layers import apply_rotary, rms_norm
+from tierserve.model.llama import AVX2Ops, LlamaModel
 from tierserve.request import SamplingParams
 from tierserve.selection.step import attend_selected
 
@@ -41,6 +43,41 @@ def test_decode_attention_matches_the_torch_reference(head_dim):
                                rtol=1e-5, atol=2e-6)
 
 
+def test_decode_attention_reads_the_engines_strided_cache_views():
+    # The engine's caches are head-major views of a block-major tensor, with a key-bounds row
+    # past each block's tokens that attention must never read.
+    shape = (40, 2, 2, 3, 16 + 1, 64)  # blocks, layers, K/V, kv heads, rows + bounds, head_dim
+    cache = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    k, v, _ = LlamaModel._layer_cache(cache, 1, key_bounds=True)
+    assert not k.is_contiguous() and k.shape == (40, 16, 3, 64)
+    generator = torch.Generator().manual_seed(4)
+    q = torch.randn(4, 9, 64, generator=generator)
+    tables = torch.randint(0, 40, (4, 5), generator=generator)
+    lens = torch.tensor([16, 33, 80, 7])
+    per_head = (tables[:, None].expand(-1, 3, -1), lens[:, None].expand(-1, 3))
+    torch.testing.assert_close(quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125),
+                               attend_selected(q, k, v, *per_head, 0.125), rtol=1e-5, atol=2e-6)
+
+
+def test_fused_steps_match_the_torch_ops():
+    generator = torch.Generator().manual_seed(5)
+    x, residual = torch.randn(3, 576, generator=generator), torch.randn(3, 576, generator=generator)
+    weight = 1 + 0.1 * torch.randn(576, generator=generator)
+    out, hidden = quant_ops().add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(hidden, residual + x)
+    assert (out - rms_norm(residual + x, weight, 1e-5)).abs().max() < 1e-5  # order of a sum
+    qkv = torch.randn(3, (9 + 6) * 64, generator=generator)
+    angles = torch.rand(3, 32, generator=generator) * 100
+    cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+    q = qkv[:, :9 * 64].clone().view(3, 9, 64)
+    quant_ops().rotary_(qkv, cos, sin, 9 + 3, 64)
+    assert torch.equal(qkv[:, :9 * 64].view(3, 9, 64), apply_rotary(q, cos[:, None], sin[:, None]))
+    gate_up = 3 * torch.randn(2, 3072, generator=generator)
+    gate, up = gate_up.chunk(2, dim=-1)
+    torch.testing.assert_close(quant_ops().silu_mul(gate_up), F.silu(gate) * up,
+                               rtol=1e-6, atol=1e-6)
+
+
 def test_decode_attention_rows_do_not_depend_on_the_batch():
     k, v = _cache()
     generator = torch.Generator().manual_seed(2)
@@ -68,7 +105,7 @@ def test_decode_attention_refuses_tables_that_leave_the_cache():
 
 
 @pytest.mark.skipif(cpu_ops() is not None, reason="the AVX-512 module's kernel is used here")
-def test_a_float32_model_decodes_through_it_with_the_torch_paths_tokens(tiny_llama_dir,
+def test_a_float32_model_runs_on_them_with_the_torch_paths_tokens(tiny_llama_dir,
                                                                         monkeypatch):
     import tierserve.model.llama as llama
 
@@ -76,7 +113,7 @@ def test_a_float32_model_decodes_through_it_with_the_torch_paths_tokens(tiny_lla
                {"prompt_token_ids": [12, 480, 3, 77]}]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     native = LLM(str(tiny_llama_dir), num_blocks=32)
-    assert isinstance(native.engine.runner.model.attention.ops, AVX2Decode)
+    assert isinstance(native.engine.runner.model.attention.ops, AVX2Ops)
     ours = native.generate(prompts, params, use_tqdm=False)
     monkeypatch.setattr(llama, "quant_ops", lambda: None)  # the torch path: gather + SDPA
     torch_path = LLM(str(tiny_llama_dir), num_blocks=32)

@@ -15,6 +15,9 @@ import pytest
 from tests.server.conftest import ServerProcess, wait_until_idle
 from tierserve.server import responses
 
+# Requests the fuzz run finishes with a generation (stop or length): 440 of its 1,958 cases at a
+# 64-token context (AMD Zen 3, this seed); the rest are 4xx by design or other routes.
+MIN_GENERATIONS = 300
 CHECKS = ("not_a_server_error,status_code_conformance,response_schema_conformance,"
           "content_type_conformance")
 
@@ -93,6 +96,11 @@ def test_schemathesis_finds_no_failure_and_the_server_stays_healthy(fuzzed, tmp_
     assert generated == passed and generated > 200  # every operation exercised many times
     assert httpx.get(fuzzed.url + "/health").status_code == 200
     values = wait_until_idle(fuzzed)
+    # The short context must still let the fuzzer's requests generate, so their 200s and
+    # streams are checked against the schema (not only the 400s of prompts past 64 tokens).
+    generated = sum(value for key, value in values.items()
+                    if key.startswith("tierserve_requests_total") and "error" not in key)
+    assert generated >= MIN_GENERATIONS, generated
     assert values["tierserve_kv_blocks_in_use"] == 0
     assert values.get('tierserve_requests_total{status="error"}', 0) == 0
     assert fuzzed.proc.poll() is None  # still serving

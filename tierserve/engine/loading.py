@@ -92,7 +92,8 @@ def build_engine(config: EngineConfig) -> LoadedEngine:
     log.info("loaded %s (%s, %d layers, %s, %s) in %.1f s; KV cache: %d blocks of %d tokens "
              "(%d tokens, %.0f MiB); host tier %d blocks, disk tier %d blocks; context %d tokens",
              path.name, arch.architecture, arch.num_layers, config.model.dtype,
-             "native CPU kernels" if model.ops is not None else "plain torch ops",
+             "native CPU kernels" if model.ops is not None else
+             "AVX2 kernels" if model.fused_ops is not None else "plain torch ops",
              time.perf_counter() - started, num_blocks, block_size, num_blocks * block_size,
              runner.kv_cache.nbytes / 2**20, num_host, num_disk, max_model_len)
     return LoadedEngine(core, tokenizer, arch, runner, str(path))

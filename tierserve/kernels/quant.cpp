@@ -14,6 +14,8 @@
 
 #include <torch/extension.h>
 
+#include "ops.h"  // elementwise.cpp, built into this module too (its scalar loops)
+
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
 
@@ -555,6 +557,7 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k_cache, torch
   const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1),
                 kv_heads = k_cache.size(2);
   TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(block_size > 0, "blocks of no rows");
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong,
               "tables and lens are int64");
   const bool per_head = tables.dim() == 3;
@@ -634,6 +637,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y (m, n) float32 = x (m, k) float32 @ w.T for w packed as Q8_0 (0), Q4_0 (1), Q4_1 (2), "
         "Q4_K (3), Q5_K (4) or Q6_K (5); K-quants pass their raw blocks and no scales or mins");
   m.def("packed_dequantize", &packed_dequantize, "the packed weight as float32 (n, k)");
+  // elementwise.cpp's fused layer steps: on an AVX2 CPU their scalar loops (compiled for it)
+  // replace several torch ops each, whose per-call overhead dominates a decode step there.
+  m.def("add_rms_norm", &tierserve::add_rms_norm, "(weight * norm(x + residual), x + residual)",
+        py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
+  m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");
+  m.def("silu_mul", &tierserve::silu_mul, "SiLU(gate_up[:, :n]) * gate_up[:, n:]");
   m.def("decode_attention_f32", &decode_attention_f32,
         "float32 paged decode attention over block tables (AVX2; the AVX-512 module has its own)");
 }

@@ -92,12 +92,17 @@ class Linear:
         return out.to(x.dtype)
 
 
-class AVX2Decode:
-    """The one AVX-512 kernel TorchPagedAttention calls, from the AVX2 module (quant.cpp):
-    float32 paged decode attention. Batch-invariant like the AVX-512 one."""
+class AVX2Ops:
+    """What the fused float32 forward and TorchPagedAttention call, from the AVX2 module
+    (quant.cpp) where the AVX-512 one is not built: paged decode attention, and elementwise.cpp's
+    residual-add + RMSNorm, rotary and SiLU-multiply (their scalar loops). Batch-invariant like
+    the AVX-512 kernels, and equal to the torch ops to the last bit of a sum."""
 
     def __init__(self, quant) -> None:
         self.paged_decode_attention = quant.decode_attention_f32
+        self.add_rms_norm = quant.add_rms_norm
+        self.rotary_ = quant.rotary_
+        self.silu_mul = quant.silu_mul
 
 
 class DecoderLayer:
@@ -161,22 +166,26 @@ class LlamaModel:
         self.dtype = self.norm.dtype  # the compute dtype (the embedding may be packed)
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
+        # The fused forward's kernels: the AVX-512 module's, or on an AVX2-only CPU in float32
+        # the AVX2 module's (AVX2Ops); None: plain torch ops.
+        self.fused_ops = self.ops or self._avx2_ops(use_kernels)
         self.attention = TorchPagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim,
-                                             self.ops or self._avx2_decode(use_kernels))
+                                             self.fused_ops)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
 
-    def _avx2_decode(self, use_kernels: bool):
-        """Where the AVX-512 module is not built but the packed-weight one is (AVX2 CPUs),
-        float32 decode attention runs in place over block tables there (``AVX2Decode``) instead
-        of gathering every block through torch each layer and step."""
+    def _avx2_ops(self, use_kernels: bool):
+        """Where the AVX-512 module is not built but the AVX2 one is, float32 models take the
+        fused forward on its kernels (``AVX2Ops``): decode attention in place over block tables
+        instead of gathering every block through torch, one call for each norm, rotary and
+        SiLU instead of several torch ops."""
         quant = quant_ops() if use_kernels and self.dtype == torch.float32 else None
-        return AVX2Decode(quant) if quant is not None else None
+        return AVX2Ops(quant) if quant is not None else None
 
     @property
     def native_decode(self) -> bool:
         """Decodes go to a native attention kernel as one batch (the AVX-512 module's, or
-        AVX2Decode)."""
+        AVX2Ops)."""
         return self.attention.ops is not None
 
     def linears(self) -> list[Linear]:
@@ -213,7 +222,7 @@ class LlamaModel:
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor,
                 meta: AttentionMetadata) -> torch.Tensor:
-        if self.ops is not None:
+        if self.fused_ops is not None:
             return self._forward_fused(input_ids, positions, kv_cache, meta)
         arch = self.arch
         hidden = self._embed(input_ids)  # (T, hidden)
@@ -276,7 +285,7 @@ class LlamaModel:
         """``forward`` with the native element-wise kernels: each residual add is fused into
         the norm after it, rotary is applied in place on the qkv output, SiLU into its product.
         Same roundings as the torch ops (bfloat16 bitwise; float32 to the last bit of a sum)."""
-        arch, ops, eps = self.arch, self.ops, self.arch.rms_norm_eps
+        arch, ops, eps = self.arch, self.fused_ops, self.arch.rms_norm_eps
         cos, sin = self.rotary.tables(positions, self.dtype)
         cos, sin = cos[:, 0], sin[:, 0]  # (T, head_dim)
         rotated_heads = arch.num_heads + arch.num_kv_heads  # q then k lead each qkv row
