@@ -61,6 +61,24 @@ inline void k4_scales(const uint8_t* packed, int32_t* scale, int32_t* minimum) {
   }
 }
 
+// A Q4_K/Q5_K super-block's header: the float16 scale and minimum, and the eight 6-bit
+// sub-block scales and minimums.
+struct K4Header {
+  float d, dmin;
+  int32_t scale[8], minimum[8];
+};
+
+inline K4Header k4_header(const uint8_t* raw) {
+  K4Header header;
+  uint16_t d_bits, min_bits;
+  std::memcpy(&d_bits, raw, 2);
+  std::memcpy(&min_bits, raw + 2, 2);
+  header.d = half_to_float(d_bits);
+  header.dmin = half_to_float(min_bits);
+  k4_scales(raw + 4, header.scale, header.minimum);
+  return header;
+}
+
 // A K-quant super-block decoded: codes[256] (Q6_K's already less 32), the float scale of each
 // 16 weights (scale16[16]: a Q4_K/Q5_K sub-block's twice) and the offset of each 32 (offset32[8],
 // 0 for Q6_K), so that w = scale * code - offset as ggml dequantizes. Scalar; the AVX2 dot
@@ -87,17 +105,12 @@ void decode_k(const uint8_t* raw, int32_t* codes, float* scale16, float* offset3
       }
     }
   } else {
-    uint16_t d_bits, min_bits;
-    std::memcpy(&d_bits, raw, 2);
-    std::memcpy(&min_bits, raw + 2, 2);
-    const float d = half_to_float(d_bits), dmin = half_to_float(min_bits);
-    int32_t sc[8], mn[8];
-    k4_scales(raw + 4, sc, mn);
+    const K4Header header = k4_header(raw);
     const uint8_t* qh = raw + 16;
     const uint8_t* qs = raw + (KIND == kQ5_K ? 48 : 16);
     for (int i = 0; i < 8; ++i) {
-      scale16[2 * i] = scale16[2 * i + 1] = d * static_cast<float>(sc[i]);
-      offset32[i] = dmin * static_cast<float>(mn[i]);
+      scale16[2 * i] = scale16[2 * i + 1] = header.d * static_cast<float>(header.scale[i]);
+      offset32[i] = header.dmin * static_cast<float>(header.minimum[i]);
       for (int l = 0; l < 32; ++l) {
         const uint8_t byte = qs[32 * (i / 2) + l];
         int32_t code = (i % 2) ? byte >> 4 : byte & 0x0F;
@@ -228,12 +241,7 @@ void dot_k_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, in
         }
       }
     } else {
-      uint16_t d_bits, min_bits;
-      std::memcpy(&d_bits, raw, 2);
-      std::memcpy(&min_bits, raw + 2, 2);
-      const float d = half_to_float(d_bits), dmin = half_to_float(min_bits);
-      int32_t sc[8], mn[8];
-      k4_scales(raw + 4, sc, mn);
+      const K4Header header = k4_header(raw);
       const uint8_t* qs = raw + (KIND == kQ5_K ? 48 : 16);
       __m256i qh;
       if constexpr (KIND == kQ5_K) qh = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(raw + 16));
@@ -246,8 +254,8 @@ void dot_k_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, in
           const __m256i set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
           codes = _mm256_or_si256(codes, _mm256_and_si256(set, _mm256_set1_epi8(16)));
         }
-        const float weight_scale = d * static_cast<float>(sc[i]);
-        const float weight_offset = dmin * static_cast<float>(mn[i]);
+        const float weight_scale = header.d * static_cast<float>(header.scale[i]);
+        const float weight_offset = header.dmin * static_cast<float>(header.minimum[i]);
         const int64_t b = s * 8 + i;
         for (int64_t r = 0; r < R; ++r) {
           const int64_t row = first + r;
