@@ -10,16 +10,15 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize as gguf_dequantize
 from gguf.quants import quantize as gguf_quantize
 
+from tests.model.packed_reference import emulated_linear, quantize_activations
 from tierserve.kernels import quant_ops
 from tierserve.model.packed import (
     KERNEL_CODES,
     PackedWeight,
     QuantType,
     concat_rows,
-    emulated_linear,
     from_gguf_bytes,
     quantize,
-    quantize_activations,
 )
 
 GGML = {qtype: GGMLQuantizationType[qtype.name] for qtype in QuantType}

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from tierserve.engine.llm import LLM
 from tierserve.kernels import cpu_ops, quant_ops
 from tierserve.model.layers import apply_rotary, rms_norm
-from tierserve.model.llama import AVX2Ops, LlamaModel
+from tierserve.model.llama import LlamaModel
 from tierserve.request import SamplingParams
 from tierserve.selection.step import attend_selected
 
@@ -31,14 +31,14 @@ def test_decode_attention_matches_the_torch_reference(head_dim):
     q = torch.randn(5, 9, head_dim, generator=generator)  # 9 heads over 3 kv heads (SmolLM2's)
     tables = torch.randint(0, 40, (5, 6), generator=generator)
     lens = torch.tensor([1, 16, 17, 50, 96])  # one token, a full block, one past, partial, all
-    out = quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125)
+    out = quant_ops().paged_decode_attention(q, k, v, tables, lens, 0.125)
     per_head = (tables[:, None].expand(-1, 3, -1), lens[:, None].expand(-1, 3))
     torch.testing.assert_close(out, attend_selected(q, k, v, *per_head, 0.125),
                                rtol=1e-5, atol=2e-6)
     # Per kv head tables, as KV selection passes them.
     tables = torch.randint(0, 40, (5, 3, 6), generator=generator)
     lens = torch.randint(1, 97, (5, 3), generator=generator)
-    torch.testing.assert_close(quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125),
+    torch.testing.assert_close(quant_ops().paged_decode_attention(q, k, v, tables, lens, 0.125),
                                attend_selected(q, k, v, tables, lens, 0.125),
                                rtol=1e-5, atol=2e-6)
 
@@ -55,7 +55,7 @@ def test_decode_attention_reads_the_engines_strided_cache_views():
     tables = torch.randint(0, 40, (4, 5), generator=generator)
     lens = torch.tensor([16, 33, 80, 7])
     per_head = (tables[:, None].expand(-1, 3, -1), lens[:, None].expand(-1, 3))
-    torch.testing.assert_close(quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125),
+    torch.testing.assert_close(quant_ops().paged_decode_attention(q, k, v, tables, lens, 0.125),
                                attend_selected(q, k, v, *per_head, 0.125), rtol=1e-5, atol=2e-6)
 
 
@@ -84,8 +84,8 @@ def test_decode_attention_rows_do_not_depend_on_the_batch():
     q = torch.randn(7, 9, 64, generator=generator)
     tables = torch.randint(0, 40, (7, 5), generator=generator)
     lens = torch.randint(1, 81, (7,), generator=generator)
-    together = quant_ops().decode_attention_f32(q, k, v, tables, lens, 0.125)
-    alone = torch.cat([quant_ops().decode_attention_f32(q[i:i + 1], k, v, tables[i:i + 1],
+    together = quant_ops().paged_decode_attention(q, k, v, tables, lens, 0.125)
+    alone = torch.cat([quant_ops().paged_decode_attention(q[i:i + 1], k, v, tables[i:i + 1],
                                                         lens[i:i + 1], 0.125) for i in range(7)])
     assert torch.equal(together, alone)
 
@@ -94,13 +94,13 @@ def test_decode_attention_refuses_tables_that_leave_the_cache():
     k, v = _cache()
     q = torch.randn(1, 9, 64)
     with pytest.raises(RuntimeError, match="not in the cache"):
-        quant_ops().decode_attention_f32(q, k, v, torch.tensor([[3, 40]]), torch.tensor([20]),
+        quant_ops().paged_decode_attention(q, k, v, torch.tensor([[3, 40]]), torch.tensor([20]),
                                          0.125)
     with pytest.raises(RuntimeError, match="exceeds its block table"):
-        quant_ops().decode_attention_f32(q, k, v, torch.tensor([[3, 4]]), torch.tensor([33]),
+        quant_ops().paged_decode_attention(q, k, v, torch.tensor([[3, 4]]), torch.tensor([33]),
                                          0.125)
     with pytest.raises(RuntimeError, match="float32"):
-        quant_ops().decode_attention_f32(q.bfloat16(), k, v, torch.tensor([[3]]),
+        quant_ops().paged_decode_attention(q.bfloat16(), k, v, torch.tensor([[3]]),
                                          torch.tensor([2]), 0.125)
 
 
@@ -113,7 +113,7 @@ def test_a_float32_model_runs_on_them_with_the_torch_paths_tokens(tiny_llama_dir
                {"prompt_token_ids": [12, 480, 3, 77]}]
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True, logprobs=1)
     native = LLM(str(tiny_llama_dir), num_blocks=32)
-    assert isinstance(native.engine.runner.model.attention.ops, AVX2Ops)
+    assert native.engine.runner.model.attention.ops is quant_ops()
     ours = native.generate(prompts, params, use_tqdm=False)
     monkeypatch.setattr(llama, "quant_ops", lambda: None)  # the torch path: gather + SDPA
     torch_path = LLM(str(tiny_llama_dir), num_blocks=32)

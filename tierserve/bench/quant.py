@@ -119,11 +119,8 @@ def run_quant(config, formats: list[str], prompts: int, max_tokens: int, near_ti
 def weight_bytes(model) -> int:
     """Bytes of the model's weights as they sit in memory (each tensor once: a tied head is
     the embedding)."""
-    from tierserve.model.packed import PackedWeight
-
     weights = {id(w): w for w in [model.embed, *(lin.weight for lin in model.linears())]}
-    return sum(w.nbytes if isinstance(w, PackedWeight) else w.numel() * w.element_size()
-               for w in weights.values())
+    return sum(w.nbytes for w in weights.values())  # a tensor's, or a PackedWeight's blocks
 
 
 def _greedy(llm, chats, max_tokens: int) -> list[list[int]]:

@@ -56,13 +56,10 @@ def model_costs(model, context: int) -> dict:
     """Bytes of weights a decode step reads, and FLOPs per token at this context length."""
     arch = model.arch
     elem = torch.empty((), dtype=model.dtype).element_size()
-    from tierserve.model.packed import PackedWeight
-
     weights = [linear.weight for linear in model.linears()]
     params = sum(weight.numel() for weight in weights)
-    # Packed weights (--quantization) stream their packed bytes; float ones numel * dtype size.
-    weight_bytes = sum(weight.nbytes if isinstance(weight, PackedWeight)
-                       else weight.numel() * elem for weight in weights)
+    # Resident bytes: packed weights (--quantization) count their packed blocks.
+    weight_bytes = sum(weight.nbytes for weight in weights)
     # Per layer, per token: q.k and p.v over the context, for every query head.
     attention_flops = arch.num_layers * 4 * context * arch.num_heads * arch.head_dim
     kv_bytes = arch.num_layers * 2 * context * arch.num_kv_heads * arch.head_dim * elem

@@ -175,8 +175,9 @@ def _build(name: str = MODULE_NAME, sources: list[Path] = SOURCES):
                 shutil.rmtree(leftover, ignore_errors=True)
             return _compile(library, name, sources)
     except Exception as error:  # no compiler, no ninja, a compile error: fall back, say so
-        logger.warning("tierserve CPU kernels unavailable (%s: %s); using plain torch ops",
-                       type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        logger.warning("tierserve CPU kernels %s unavailable (%s: %s); the torch path is used",
+                       name, type(error).__name__,
+                       str(error).splitlines()[0] if str(error) else "")
         return None
 
 

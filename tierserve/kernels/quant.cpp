@@ -5,10 +5,10 @@
 // then scaled and added in float32 (for K-quants llama.cpp rounds x per 256, its Q8_K; ours stays
 // per 32, slightly finer).
 // Decode at batch 1 streams the packed weight once (0.56 bytes a weight for Q4_1 against 2 for
-// bfloat16), which is what bounds it. AVX2 integer dot products (maddubs + madd) where the CPU has
-// them, scalar code otherwise. Built as its own module (tierserve_quant_ops), gated on AVX2 rather
-// than the AVX-512 the other kernels need. Results equal packed.emulated_linear up to float32
-// rounding.
+// bfloat16), which is what bounds it. AVX2 integer dot products (maddubs + madd). Built as its own
+// module (tierserve_quant_ops), only where the CPU has AVX2, FMA and F16C
+// (kernels.quant_unsupported_reason), rather than the AVX-512 the other kernels need. Results
+// equal tests/model/packed_reference.emulated_linear up to float32 rounding.
 // decode_attention_f32: float32 paged decode attention in place over block tables, for the CPUs
 // this module serves that lack the AVX-512 module (whose own kernel it stands in for).
 
@@ -17,7 +17,6 @@
 #include "ops.h"  // elementwise.cpp, built into this module too (its scalar loops)
 
 #include <ATen/Parallel.h>
-#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdint>
@@ -26,8 +25,10 @@
 #include <limits>
 #include <vector>
 
-#if defined(__AVX2__)
 #include <immintrin.h>
+
+#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
+#error "tierserve_quant_ops is built only for AVX2 + FMA + F16C (kernels.quant_unsupported_reason)"
 #endif
 
 namespace {
@@ -44,11 +45,7 @@ constexpr int64_t kRowGroup = 4;   // rows of x that share one unpacked weight b
 constexpr int64_t kWeightTile = 16;  // weight rows kept hot while every row group passes
 
 inline float half_to_float(uint16_t bits) {
-#if defined(__F16C__)
   return _cvtsh_ss(bits);
-#else
-  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
-#endif
 }
 
 // A Q4_K/Q5_K super-block's eight 6-bit sub-block scales and minimums (ggml's get_scale_min_k4).
@@ -122,7 +119,7 @@ void decode_k(const uint8_t* raw, int32_t* codes, float* scale16, float* offset3
 }
 
 // Rows of x per block: int8 codes round-half-even(x / d), d = max|x| / 127, and d * sum(codes)
-// (Q4_1's minimum term). Same float32 operations as packed.quantize_activations.
+// (Q4_1's minimum term). Same float32 operations as packed_reference.quantize_activations.
 void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* codes, float* scales,
                    float* block_sums) {
   const int64_t blocks = k / kBlock;
@@ -151,7 +148,6 @@ void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* codes, float* s
   });
 }
 
-#if defined(__AVX2__)
 // 16 bytes of nibbles -> 32 unsigned codes in element order (low nibbles, then high).
 inline __m256i unpack_nibbles(const uint8_t* packed) {
   const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(packed));
@@ -178,7 +174,6 @@ inline float horizontal_sum(__m256 v) {
   sum = _mm_add_ss(sum, _mm_movehdup_ps(sum));
   return _mm_cvtss_f32(sum);
 }
-#endif
 
 struct PackedView {
   const uint8_t* quants;  // (n, blocks, quant_bytes); K-quants: (n, super-blocks, block bytes)
@@ -203,7 +198,6 @@ void dot_k_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, in
   const int64_t x_blocks = x.k / kBlock;
   const uint8_t* row_bytes = w.quants + j * w.blocks * kBytes;
   float extra[R] = {};
-#if defined(__AVX2__)
   __m256 acc[R];
   for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   const __m256i low_mask = _mm256_set1_epi8(0x0F);
@@ -270,30 +264,6 @@ void dot_k_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, in
     }
   }
   for (int64_t r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]) + extra[r];
-#else
-  float acc[R] = {};
-  int32_t codes[kSuper];
-  float scale16[16], offset32[8];
-  for (int64_t s = 0; s < w.blocks; ++s) {
-    decode_k<KIND>(row_bytes + s * kBytes, codes, scale16, offset32);
-    for (int64_t i = 0; i < 8; ++i) {
-      const int64_t b = s * 8 + i;
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t row = first + r;
-        const int8_t* xv = x.codes + row * x.k + b * kBlock;
-        float block = 0.f;
-        for (int64_t half = 0; half < 2; ++half) {
-          int32_t sum = 0;
-          for (int64_t l = 0; l < 16; ++l) sum += codes[32 * i + 16 * half + l] * xv[16 * half + l];
-          block += static_cast<float>(sum) * scale16[2 * i + half];
-        }
-        acc[r] += block * x.scales[row * x_blocks + b];
-        extra[r] -= offset32[i] * x.block_sums[row * x_blocks + b];
-      }
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
-#endif
 }
 
 // out[r] = row r of x (rows first .. first + R) . weight row j.
@@ -305,7 +275,6 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
   const uint16_t* scales = w.scales + j * blocks;
   const uint16_t* mins = KIND == kQ4_1 ? w.mins + j * blocks : nullptr;
   float extra[R] = {};
-#if defined(__AVX2__)
   __m256 acc[R];
   for (int64_t r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
   for (int64_t b = 0; b < blocks; ++b) {
@@ -329,31 +298,6 @@ void dot_weight_row(const PackedView& w, int64_t j, const QuantizedRows& x, int6
     }
   }
   for (int64_t r = 0; r < R; ++r) out[r] = horizontal_sum(acc[r]) + extra[r];
-#else
-  float acc[R] = {};
-  for (int64_t b = 0; b < blocks; ++b) {
-    const float weight_scale = half_to_float(scales[b]);
-    const float weight_min = KIND == kQ4_1 ? half_to_float(mins[b]) : 0.f;
-    int32_t codes[kBlock];
-    for (int64_t i = 0; i < kBlock; ++i) {
-      if constexpr (KIND == kQ8_0) {
-        codes[i] = static_cast<int8_t>(quants[b * 32 + i]);
-      } else {
-        const uint8_t byte = quants[b * 16 + (i % 16)];
-        codes[i] = (i < 16 ? byte & 0x0F : byte >> 4) - (KIND == kQ4_0 ? 8 : 0);
-      }
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t row = first + r;
-      const int8_t* xv = x.codes + row * x.k + b * kBlock;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kBlock; ++i) sum += codes[i] * xv[i];
-      acc[r] += static_cast<float>(sum) * (weight_scale * x.scales[row * blocks + b]);
-      if constexpr (KIND == kQ4_1) extra[r] += weight_min * x.block_sums[row * blocks + b];
-    }
-  }
-  for (int64_t r = 0; r < R; ++r) out[r] = acc[r] + extra[r];
-#endif
 }
 
 template <int64_t KIND, int64_t R>
@@ -514,7 +458,6 @@ torch::Tensor packed_dequantize(int64_t kind, torch::Tensor quants,
   return out;
 }
 
-#if defined(__AVX2__)
 inline float dot_f32(const float* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t i = 0;
@@ -532,17 +475,6 @@ inline void add_scaled(float* acc, const float* v, float weight, int64_t n) {
   }
   for (; i < n; ++i) acc[i] += weight * v[i];
 }
-#else
-inline float dot_f32(const float* a, const float* b, int64_t n) {
-  float sum = 0.f;
-  for (int64_t i = 0; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
-inline void add_scaled(float* acc, const float* v, float weight, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) acc[i] += weight * v[i];
-}
-#endif
 
 // Decode attention for float32 over a paged cache, in place over block tables: what the
 // AVX-512 module's paged_decode_attention does, for CPUs that have only AVX2 (the torch path
@@ -651,6 +583,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
   m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");
   m.def("silu_mul", &tierserve::silu_mul, "SiLU(gate_up[:, :n]) * gate_up[:, n:]");
-  m.def("decode_attention_f32", &decode_attention_f32,
+  // Named as the AVX-512 module names its own, so the fused forward takes either module.
+  m.def("paged_decode_attention", &decode_attention_f32,
         "float32 paged decode attention over block tables (AVX2; the AVX-512 module has its own)");
 }

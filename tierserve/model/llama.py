@@ -92,19 +92,6 @@ class Linear:
         return out.to(x.dtype)
 
 
-class AVX2Ops:
-    """What the fused float32 forward and TorchPagedAttention call, from the AVX2 module
-    (quant.cpp) where the AVX-512 one is not built: paged decode attention, and elementwise.cpp's
-    residual-add + RMSNorm, rotary and SiLU-multiply (their scalar loops). Batch-invariant like
-    the AVX-512 kernels, and equal to the torch ops to the last bit of a sum."""
-
-    def __init__(self, quant) -> None:
-        self.paged_decode_attention = quant.decode_attention_f32
-        self.add_rms_norm = quant.add_rms_norm
-        self.rotary_ = quant.rotary_
-        self.silu_mul = quant.silu_mul
-
-
 class DecoderLayer:
     """One transformer block's weights: fused qkv, o, two norms, optional q/k norms, and the
     feed-forward part (a DenseMLP, or a MoEBlock on the MoE layers of an MoE model)."""
@@ -167,25 +154,20 @@ class LlamaModel:
         self.rotary = RotaryEmbedding(arch.head_dim, max_positions, arch.rope_theta,
                                       arch.rope_scaling)
         # The fused forward's kernels: the AVX-512 module's, or on an AVX2-only CPU in float32
-        # the AVX2 module's (AVX2Ops); None: plain torch ops.
-        self.fused_ops = self.ops or self._avx2_ops(use_kernels)
+        # the AVX2 module (quant.cpp: paged decode attention, and elementwise.cpp's norm, rotary
+        # and SiLU in their scalar loops, one call each instead of several torch ops); None:
+        # plain torch ops.
+        self.fused_ops = self.ops or (quant_ops() if use_kernels and self.dtype == torch.float32
+                                      else None)
         self.attention = TorchPagedAttention(arch.num_heads, arch.num_kv_heads, arch.head_dim,
                                              self.fused_ops)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
 
-    def _avx2_ops(self, use_kernels: bool):
-        """Where the AVX-512 module is not built but the AVX2 one is, float32 models take the
-        fused forward on its kernels (``AVX2Ops``): decode attention in place over block tables
-        instead of gathering every block through torch, one call for each norm, rotary and
-        SiLU instead of several torch ops."""
-        quant = quant_ops() if use_kernels and self.dtype == torch.float32 else None
-        return AVX2Ops(quant) if quant is not None else None
-
     @property
     def native_decode(self) -> bool:
-        """Decodes go to a native attention kernel as one batch (the AVX-512 module's, or
-        AVX2Ops)."""
+        """Decodes go to a native attention kernel as one batch (the AVX-512 module's, or the
+        AVX2 one's)."""
         return self.attention.ops is not None
 
     def linears(self) -> list[Linear]:

@@ -66,9 +66,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype = torch.float32,
     source_format = _source_format(path)
     if quantization == "gguf" and source_format != "gguf":
         raise CheckpointError(f"--quantization gguf keeps a GGUF file's packed tensors; {path} is "
-                              "a safetensors folder: pass --quantization q8_0, q4_0, q4_1, q4_k, q5_k or "
-                              "q6_k to "
-                              "pack it at load")
+                              "a safetensors folder: pass --quantization q8_0, q4_0, q4_1, q4_k, "
+                              "q5_k or q6_k to pack it at load")
     start = time.perf_counter()
     # Packing quantizes from float32 (bytes as llama-quantize writes them); the rest is cast after.
     load_dtype = torch.float32 if quantization != "none" else dtype

@@ -131,6 +131,7 @@ class MoEBlock:
         # Small groups run padded to min_rows in one scratch buffer; its other rows hold
         # zeros or an earlier group's rows, which cannot change this group's (rows independent).
         scratch = rows.new_zeros(self.min_rows, rows.shape[1]) if self.min_rows > 1 else None
+
         def rows_of(expert: int) -> torch.Tensor:  # the rows that chose ``expert``
             return rows[starts[expert]:starts[expert] + counts[expert]]
 
@@ -141,7 +142,7 @@ class MoEBlock:
             for expert in run_order:  # groups are independent: any order gives the same rows
                 start = starts[expert]
                 end = start + counts[expert]
-                group = rows_of(expert)
+                group = rows[start:end]
                 if counts[expert] < self.min_rows:
                     scratch[: counts[expert]] = group
                     group = scratch

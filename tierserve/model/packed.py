@@ -17,8 +17,8 @@ the packed form as llama.cpp does for Q8_0/Q4_0/Q4_1: each row of x is quantized
 to int8 with a float scale, blocks are multiplied in integers, and the block sums are scaled and
 added in float32. The K-quants take the same per-32 activation blocks, where llama.cpp rounds
 activations per 256 (its Q8_K): slightly finer, so not bit-identical to llama.cpp.
-``emulated_linear`` is that arithmetic in torch, for tests; without the kernel a packed weight is
-dequantized for each call.
+tests/model/packed_reference.py has that arithmetic in torch (the kernel's specification);
+without the kernel a packed weight is dequantized for each call.
 """
 
 from __future__ import annotations
@@ -392,45 +392,3 @@ def concat_rows(weights: list) -> torch.Tensor | PackedWeight:
                 sorted(kind.name if kind else "float" for kind in kinds), target.name)
     dense = [w.dequantize() if isinstance(w, PackedWeight) else w.float() for w in weights]
     return quantize(torch.cat(dense), target)
-
-
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of x (m, k) per block of 32 as the kernel quantizes them: int8 codes (m, k / 32, 32)
-    = round-half-even(x / d) and scales d = max|x| / 127 (m, k / 32), float32."""
-    m, k = x.shape
-    blocks = x.float().reshape(m, k // BLOCK, BLOCK)
-    scale = blocks.abs().amax(-1) / 127.0
-    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = torch.round(blocks * inverse.unsqueeze(-1))
-    return codes, scale
-
-
-def emulated_linear(x: torch.Tensor, weight: PackedWeight) -> torch.Tensor:
-    """``x @ w.T`` (m, n) float32 by the kernel's arithmetic in torch: int8 activations, exact
-    integer block dots, float32 scaling. Equal to the kernel up to float rounding (the order of
-    sums, and for K-quants the grouping of the scale products)."""
-    codes, x_scale = quantize_activations(x)  # (m, B, 32), (m, B)
-    if weight.qtype.is_k:
-        w_codes, w_scale, offset = k_parts(weight)  # (n, B, 32), (n, B, H), (n, B) or None
-        m, blocks, _ = codes.shape
-        n, subs = w_codes.shape[0], w_scale.shape[-1]
-        dots = torch.einsum("mbhi,nbhi->mnbh", codes.reshape(m, blocks, subs, -1),
-                            w_codes.reshape(n, blocks, subs, -1))  # (m, n, B, H), exact
-        out = ((dots * w_scale.unsqueeze(0)).sum(-1) * x_scale.unsqueeze(1)).sum(-1)
-        if offset is not None:
-            out = out - (codes.sum(-1) * x_scale) @ offset.T
-        return out
-    w_scale = weight.scales.float()  # (n, B)
-    if weight.qtype is QuantType.Q8_0:
-        w_codes = weight.quants.float()
-    else:
-        w_codes = _unpack_nibbles(weight.quants).float()
-        if weight.qtype is QuantType.Q4_0:
-            w_codes = w_codes - 8.0
-    # Integer block dots, exact in float32 (|sum| <= 32 * 127 * 127 < 2^24).
-    dots = torch.einsum("mbi,nbi->mnb", codes, w_codes)  # (m, n, B)
-    out = (dots * x_scale.unsqueeze(1) * w_scale.unsqueeze(0)).sum(-1)
-    if weight.qtype is QuantType.Q4_1:
-        block_sums = codes.sum(-1) * x_scale  # (m, B): d_x * sum(q_x)
-        out = out + block_sums @ weight.mins.float().T
-    return out
