@@ -1,0 +1,205 @@
+"""One worker's feature cache hierarchy: accelerator slab, pinned host victim ring, storage.
+
+```
+  gather(nodes) ──> slab (cache_rows lines; the GPU, or a fixed CPU slab standing for it)
+                     │ miss                      ▲ admit (policy's exchange rule)
+                     ▼                           │
+                    victim ring (victim_rows, FIFO; pinned host memory on a GPU machine)
+                     │ miss          ▲ evicted slab lines land here
+                     ▼               │
+                    storage (FeatureStorage: pread of the raw feature file)
+```
+
+Invariants: a node is in at most one of slab and ring (a ring hit moves the line up and frees
+its ring entry); `slot_of[node]` and `node_of_slot[slot]` mirror each other, as do the ring's two
+maps; a row read through any tier equals the storage row (tests/tiergnn/test_cache.py).
+
+`prefetch(nodes)` is the Preemptive Victim-buffer Prefetcher: lines the look-ahead window will need
+that sit in the ring are moved up into the slab before their batch runs, so they are hits then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from tiergnn.policies import EvictionPolicy
+from tiergnn.storage import FeatureStorage
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters since the last reset; rows, except the byte counters."""
+
+    requested: int = 0
+    slab_hits: int = 0
+    ring_hits: int = 0
+    storage_rows: int = 0
+    storage_bytes: int = 0
+    prefetched: int = 0          # ring -> slab moves made ahead of use
+    evicted: int = 0
+    bypassed: int = 0            # misses the policy chose not to admit
+
+    def hit_ratio(self) -> dict[str, float]:
+        total = max(1, self.requested)
+        return {"slab": self.slab_hits / total, "ring": self.ring_hits / total,
+                "storage": self.storage_rows / total}
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"hit_ratio": self.hit_ratio()}
+
+
+class TieredCache:
+    """Slab + victim ring over a `FeatureStorage`, managed by an `EvictionPolicy`."""
+
+    def __init__(self, storage: FeatureStorage, cache_rows: int, victim_rows: int,
+                 policy: EvictionPolicy, device: str | torch.device = "cpu"):
+        if cache_rows < 0 or victim_rows < 0:
+            raise ValueError("cache_rows and victim_rows must be >= 0")
+        self.storage = storage
+        self.policy = policy
+        self.device = torch.device(device)
+        dim, dtype = storage.dim, torch.from_numpy(np.empty(0, storage.dtype)).dtype
+        num_nodes = storage.num_rows
+        self.slab = torch.empty(cache_rows, dim, dtype=dtype, device=self.device)
+        self.slot_of = torch.full((num_nodes,), -1, dtype=torch.long)
+        self.node_of_slot = torch.full((cache_rows,), -1, dtype=torch.long)
+        pin = self.device.type == "cuda"
+        self.ring = torch.empty(victim_rows, dim, dtype=dtype, pin_memory=pin)
+        self.ring_slot_of = torch.full((num_nodes,), -1, dtype=torch.long)
+        self.ring_node = torch.full((victim_rows,), -1, dtype=torch.long)
+        self.ring_head = 0
+        self.step = 0
+        self.stats = CacheStats()
+        preload = policy.preload(cache_rows)
+        if preload is not None and len(preload):
+            rows = self._read_storage(torch.sort(preload).values)
+            self._place(torch.sort(preload).values, rows, torch.arange(len(preload)))
+            self.stats = CacheStats()
+
+    @property
+    def capacity(self) -> int:
+        return len(self.node_of_slot)
+
+    def gather(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Feature rows of `nodes` (unique global ids) on the cache's device, then admission."""
+        nodes = nodes.long()
+        self.stats.requested += len(nodes)
+        out = torch.empty(len(nodes), self.slab.shape[1], dtype=self.slab.dtype,
+                          device=self.device)
+        slots = self.slot_of[nodes]
+        hit = slots >= 0
+        out[hit] = self.slab[slots[hit].to(self.device)]
+        self.stats.slab_hits += int(hit.sum())
+        miss_pos = torch.nonzero(~hit).flatten()
+        miss_rows = self._fetch_below(nodes[miss_pos])
+        out[miss_pos.to(self.device)] = miss_rows
+        self.policy.observe(nodes[hit], self.step)
+        self._admit(nodes[miss_pos], miss_rows)
+        self.step += 1
+        return out
+
+    def prefetch(self, nodes: torch.Tensor) -> int:
+        """Move ring lines among `nodes` up into the slab now; returns how many moved."""
+        nodes = nodes.long()
+        in_ring = nodes[(self.ring_slot_of[nodes] >= 0) & (self.slot_of[nodes] < 0)]
+        if len(in_ring) == 0 or self.capacity == 0:
+            return 0
+        rows = self._take_from_ring(in_ring)
+        admitted = self._admit(in_ring, rows, count_bypass=False)
+        self.stats.prefetched += admitted
+        return admitted
+
+    def contains(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Which of `nodes` sit in the slab (for tests and the benchmark)."""
+        return self.slot_of[nodes.long()] >= 0
+
+    # Tiers below the slab --------------------------------------------------------------------
+    def _fetch_below(self, nodes: torch.Tensor) -> torch.Tensor:
+        rows = torch.empty(len(nodes), self.slab.shape[1], dtype=self.slab.dtype)
+        ring_slots = self.ring_slot_of[nodes]
+        in_ring = ring_slots >= 0
+        rows[in_ring] = self._take_from_ring(nodes[in_ring])
+        self.stats.ring_hits += int(in_ring.sum())
+        from_storage = torch.nonzero(~in_ring).flatten()
+        if len(from_storage):
+            rows[from_storage] = self._read_storage(nodes[from_storage])
+        return rows.to(self.device, non_blocking=True)
+
+    def _read_storage(self, nodes: torch.Tensor) -> torch.Tensor:
+        before = self.storage.stats.bytes_read
+        rows = torch.from_numpy(self.storage.read(nodes.numpy()))
+        self.stats.storage_rows += len(nodes)
+        self.stats.storage_bytes += self.storage.stats.bytes_read - before
+        return rows
+
+    def _take_from_ring(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Rows of ring-resident `nodes`; their ring entries are freed (the line moves up)."""
+        ring_slots = self.ring_slot_of[nodes]
+        rows = self.ring[ring_slots].to(self.device, non_blocking=True)
+        self.ring_node[ring_slots] = -1
+        self.ring_slot_of[nodes] = -1
+        return rows
+
+    def _push_to_ring(self, nodes: torch.Tensor, rows: torch.Tensor) -> None:
+        """Evicted lines enter the ring FIFO, overwriting its oldest entries."""
+        size = len(self.ring_node)
+        if size == 0 or len(nodes) == 0:
+            return
+        if len(nodes) > size:
+            nodes, rows = nodes[-size:], rows[-size:]
+        positions = (self.ring_head + torch.arange(len(nodes))) % size
+        overwritten = self.ring_node[positions]
+        self.ring_slot_of[overwritten[overwritten >= 0]] = -1
+        self.ring[positions] = rows.to("cpu", non_blocking=True)
+        self.ring_node[positions] = nodes
+        self.ring_slot_of[nodes] = positions
+        self.ring_head = int((self.ring_head + len(nodes)) % size)
+
+    # Admission and eviction ------------------------------------------------------------------
+    def _admit(self, nodes: torch.Tensor, rows: torch.Tensor, count_bypass: bool = True) -> int:
+        """The exchange rule (see tiergnn.policies); returns how many lines entered the slab."""
+        if len(nodes) == 0:
+            return 0
+        if self.capacity == 0 or not self.policy.admits:
+            self._turn_away(nodes, rows, count_bypass)
+            return 0
+        order = torch.argsort(self.policy.score(nodes, self.step, incoming=True))
+        nodes, rows = nodes[order], rows[order.to(rows.device)]
+        free = torch.nonzero(self.node_of_slot < 0).flatten()
+        n_free = min(len(free), len(nodes))
+        self._place(nodes[:n_free], rows[:n_free], free[:n_free])
+        rest, rest_rows = nodes[n_free:], rows[n_free:]
+        admitted = n_free
+        if len(rest):
+            resident = torch.nonzero(self.node_of_slot >= 0).flatten()
+            resident_score = self.policy.score(self.node_of_slot[resident], self.step, False)
+            victims_order = torch.argsort(resident_score, descending=True)[:len(rest)]
+            victims = resident[victims_order]
+            incoming_score = self.policy.score(rest, self.step, incoming=True)[:len(victims)]
+            swap = int((incoming_score < resident_score[victims_order]).sum())
+            victims = victims[:swap]
+            self._push_to_ring(self.node_of_slot[victims], self.slab[victims.to(self.device)])
+            self.slot_of[self.node_of_slot[victims]] = -1
+            self.stats.evicted += swap
+            self._place(rest[:swap], rest_rows[:swap], victims)
+            admitted += swap
+            self._turn_away(rest[swap:], rest_rows[swap:], count_bypass)
+        self.policy.observe(nodes[:admitted], self.step)
+        return admitted
+
+    def _turn_away(self, nodes: torch.Tensor, rows: torch.Tensor, from_storage: bool) -> None:
+        # NOTE: a miss the slab turns away does not enter the ring: a batch's bypassed misses
+        # outnumber the ring and would flush the evicted lines it exists to keep. A line the
+        # prefetcher took out of the ring and could not place goes back.
+        if from_storage:
+            self.stats.bypassed += len(nodes)
+        else:
+            self._push_to_ring(nodes, rows)
+
+    def _place(self, nodes: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        self.slab[slots.to(self.device)] = rows.to(self.device)
+        self.node_of_slot[slots] = nodes
+        self.slot_of[nodes] = slots
