@@ -159,12 +159,15 @@ class LookaheadLoader(NodeLoader):
 
         def produce():
             try:
-                for index in self.batch_sampler:
-                    if stop.is_set():
-                        return
+                # DataLoader's own iterator: the same shuffle (and RNG draws) as NodeLoader's, and
+                # num_workers > 0 samples in worker processes as it does there.
+                batches = torch.utils.data.DataLoader._get_iterator(self)
+                while not stop.is_set():
                     started = time.perf_counter()
-                    out = self.collate_fn(index)
+                    out = next(batches, None)
                     self.times.sample += time.perf_counter() - started
+                    if out is None:
+                        break
                     sampled.put(out)
             except BaseException as error:             # surfaces in the consumer
                 sampled.put(error)
