@@ -5,8 +5,11 @@ the page cache can be dropped for the file before a run, and every byte read is 
 rows are sorted and runs of consecutive ids are coalesced into one `preadv` each, issued from a small
 thread pool (`preadv` releases the GIL, so reads overlap).
 
-O_DIRECT is not used: it needs 512-byte-aligned offsets and lengths, and a feature row (256 B for
-128 float16 dims) is smaller than that, so direct reads would fetch whole sectors anyway.
+O_DIRECT (`direct=None`, the default, chooses it where it can) bypasses the page cache entirely, so
+a re-read row costs a device read as it would from a GPU reading NVMe directly (GIDS, BaM). It
+needs offsets, lengths and buffers aligned to 512 bytes, so it is used when a row is a multiple of
+512 bytes (256 float16 dims, 128 float32 dims) and the filesystem accepts it; otherwise reads are
+buffered and `drop_page_cache()` before a run is what keeps them honest.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ from dataclasses import dataclass
 import numpy as np
 
 from tiergnn.data import Dataset
+
+
+_ALIGN = 512
+
+
+def _aligned_empty(nbytes: int) -> np.ndarray:
+    """An uninitialized uint8 buffer whose start is 4096-byte aligned (O_DIRECT needs 512)."""
+    raw = np.empty(nbytes + 4096, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % 4096
+    return raw[offset:offset + nbytes]
 
 
 class StorageError(RuntimeError):
@@ -34,14 +47,26 @@ class StorageStats:
 class FeatureStorage:
     """Row reads from `features.bin`; thread-safe; `read(ids)` returns rows in the order asked."""
 
-    def __init__(self, dataset: Dataset, io_threads: int = 4):
+    def __init__(self, dataset: Dataset, io_threads: int = 8, direct: bool | None = None):
         self.path = dataset.feature_path
         self.num_rows = dataset.meta.num_nodes
         self.dim = dataset.meta.feat_dim
         self.dtype = dataset.meta.np_dtype
         self.row_bytes = dataset.meta.row_bytes
         self.stats = StorageStats()
-        self._fd = os.open(self.path, os.O_RDONLY)
+        self.direct = False
+        if direct is not False and self.row_bytes % _ALIGN == 0:
+            try:
+                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+                self.direct = True
+            except OSError:                     # tmpfs and some overlays refuse O_DIRECT
+                if direct:
+                    raise
+        if not self.direct:
+            if direct:
+                raise StorageError(f"direct I/O needs rows of a multiple of {_ALIGN} bytes; "
+                                   f"{self.path} has {self.row_bytes}-byte rows")
+            self._fd = os.open(self.path, os.O_RDONLY)
         size = os.fstat(self._fd).st_size
         expected = self.num_rows * self.row_bytes
         if size != expected:
@@ -75,7 +100,7 @@ class FeatureStorage:
 
     def read_sorted_unique(self, ids: np.ndarray) -> np.ndarray:
         """Rows for sorted, unique ids: one preadv per run of consecutive ids."""
-        out = np.empty((len(ids), self.dim), dtype=self.dtype)
+        out = _aligned_empty(len(ids) * self.row_bytes).view(self.dtype).reshape(len(ids), self.dim)
         breaks = np.flatnonzero(np.diff(ids) != 1) + 1
         run_starts = np.concatenate([[0], breaks])
         run_ends = np.concatenate([breaks, [len(ids)]])

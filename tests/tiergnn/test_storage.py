@@ -39,3 +39,22 @@ def test_drop_page_cache_keeps_reads_correct(small_graph):
     storage.drop_page_cache()
     assert np.array_equal(storage.read(np.array([7, 8])), small_graph.load_features()[[7, 8]])
     storage.close()
+
+
+def test_rows_of_512_bytes_are_read_with_direct_io(tmp_path):
+    from tiergnn.data import generate
+
+    ds = generate(tmp_path / "d", num_nodes=300, avg_degree=4, feat_dim=256, progress=False)
+    storage = FeatureStorage(ds)
+    if not storage.direct:                              # 256 float16 dims: 512-byte rows
+        pytest.skip(f"the filesystem under {tmp_path} refuses O_DIRECT (tmpfs?)")
+    ids = np.array([299, 0, 5, 6, 7, 150])
+    assert np.array_equal(storage.read(ids), ds.load_features()[ids])
+    storage.close()
+
+
+def test_direct_io_on_unaligned_rows_is_refused(small_graph):
+    from tiergnn.storage import StorageError
+
+    with pytest.raises(StorageError, match="multiple of 512"):
+        FeatureStorage(small_graph, direct=True)
