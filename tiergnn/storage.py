@@ -22,7 +22,6 @@ import numpy as np
 
 from tiergnn.data import Dataset
 
-
 _ALIGN = 512
 
 
