@@ -80,7 +80,9 @@ def metis_owner(dataset: Dataset, parts: int) -> torch.Tensor:
         _, membership = pymetis.part_graph(parts, xadj=np.asarray(dataset.indptr),
                                            adjncy=np.asarray(dataset.indices))
         owner = np.asarray(membership, dtype=np.int32)
-    np.save(cache, owner)
+    partial = cache.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(partial, owner)
+    os.replace(partial, cache)            # atomic: concurrent workers never see half a file
     return torch.from_numpy(owner)
 
 
