@@ -52,9 +52,11 @@ def _merge(reports: list[dict]) -> dict:
 
 
 def run_bench(base: TrainConfig, systems: list[str], cache_fracs: list[float], workers: int,
-              out: Path, log=print) -> dict:
+              out: Path, victim_ratio: float = 0.5, log=print) -> dict:
     """Run the grid; writes `out` (JSON) and `out` with .png (plots) as it goes."""
-    results = {"machine": _machine(), "config": asdict(base) | {"workers": workers}, "runs": []}
+    results = {"machine": _machine(),
+               "config": asdict(base) | {"workers": workers, "victim_ratio": victim_ratio},
+               "runs": []}
     if "distdgl" in systems and workers > 1:
         started = time.perf_counter()
         metis_owner(Dataset.open(base.dataset), workers)     # once, before the workers start
@@ -62,7 +64,7 @@ def run_bench(base: TrainConfig, systems: list[str], cache_fracs: list[float], w
     for frac in cache_fracs:
         for system in systems:
             config = replace(base, system=system, cache_frac=frac,
-                             victim_frac=frac / 2, evaluate=False)
+                             victim_frac=frac * victim_ratio, evaluate=False)
             run_dir = out.parent / f".{out.stem}-runs" / f"{system}-{frac}"
             run_dir.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()

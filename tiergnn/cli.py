@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--systems", default="memmap,pread,static,lru,shared-lru,distdgl,lsm-gnn")
     bench.add_argument("--cache-fracs", type=_floats, default=[0.05, 0.1, 0.2],
                        help="slab per worker, fractions of the feature rows (default 5,10,20%%)")
+    bench.add_argument("--victim-ratio", type=float, default=0.5,
+                       help="victim ring rows per slab row, for systems with a ring (default 0.5)")
     bench.add_argument("--out", default="docs/results/tiergnn-bench.json")
 
     args = parser.parse_args(argv)
@@ -147,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         run_bench(_config(args), args.systems.split(","), args.cache_fracs, args.workers, out,
-                  log=log.info)
+                  victim_ratio=args.victim_ratio, log=log.info)
         log.info("wrote %s and %s", out, out.with_suffix(".png"))
     return 0
 

@@ -51,7 +51,7 @@ class TieredFeatureStore(FeatureStore):
 
     def __init__(self, dataset: Dataset, cache_rows: int = 0, victim_rows: int = 0,
                  policy: str = "hybrid", static: str = "degree", device: str = "cpu",
-                 cache=None, out_dtype: torch.dtype = torch.float32, io_threads: int = 8):
+                 cache=None, out_dtype: torch.dtype = torch.float32, io_threads: int = 32):
         super().__init__()
         self.dataset = dataset
         self.out_dtype = out_dtype

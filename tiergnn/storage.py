@@ -2,8 +2,11 @@
 
 Reads are honest: no memory map (whose page faults would hide the I/O pattern and keep pages hot),
 the page cache can be dropped for the file before a run, and every byte read is counted. Requested
-rows are sorted and runs of consecutive ids are coalesced into one `preadv` each, issued from a small
-thread pool (`preadv` releases the GIL, so reads overlap).
+rows are sorted and runs of consecutive ids are coalesced into one read each, issued from 32 threads
+so the device sees a deep queue: by a small C reader (native/pread_rows.c, built with cc at first
+use, called without the GIL), else by a Python thread pool. On this session's virtio disk, 512-byte
+random reads ran at 9.4k/s at queue depth 1 and 50k/s at 32 through the C reader; the Python pool
+stalls near 20k/s whatever its size.
 
 O_DIRECT (`direct=None`, the default, chooses it where it can) bypasses the page cache entirely, so
 a re-read row costs a device read as it would from a GPU reading NVMe directly (GIDS, BaM). It
@@ -14,14 +17,21 @@ buffered and `drop_page_cache()` before a run is what keeps them honest.
 
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import logging
 import os
+import shutil
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from tiergnn.data import Dataset
 
+log = logging.getLogger("tiergnn")
 _ALIGN = 512
 
 
@@ -30,6 +40,41 @@ def _aligned_empty(nbytes: int) -> np.ndarray:
     raw = np.empty(nbytes + 4096, dtype=np.uint8)
     offset = (-raw.ctypes.data) % 4096
     return raw[offset:offset + nbytes]
+
+
+_NATIVE: list = []     # [function or None], resolved once
+
+
+def _native_reader():
+    """The C batch reader (native/pread_rows.c), built with the system's cc at first use into
+    ~/.cache/tiergnn; None where no compiler is found (the Python thread pool reads instead)."""
+    if _NATIVE:
+        return _NATIVE[0]
+    fn = None
+    try:
+        source = Path(__file__).with_name("native") / "pread_rows.c"
+        digest = hashlib.sha1(source.read_bytes()).hexdigest()[:12]
+        cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tiergnn"
+        library = cache / f"pread_rows-{digest}.so"
+        if not library.exists():
+            cache.mkdir(parents=True, exist_ok=True)
+            partial = library.with_suffix(f".{os.getpid()}.tmp")
+            compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+            if compiler is None:
+                raise OSError("no C compiler on PATH")
+            subprocess.run([compiler, "-O2", "-shared", "-fPIC", "-pthread", str(source), "-o",
+                            str(partial)], check=True, capture_output=True)
+            os.replace(partial, library)
+        lib = ctypes.CDLL(str(library))
+        fn = lib.tiergnn_read_rows
+        fn.restype = ctypes.c_int64
+        fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                       ctypes.c_int64, ctypes.c_int]
+    except (OSError, subprocess.CalledProcessError) as error:
+        log.warning("tiergnn: the native row reader is unavailable (%s); reading with Python "
+                    "threads, about half the I/O rate", error)
+    _NATIVE.append(fn)
+    return fn
 
 
 class StorageError(RuntimeError):
@@ -46,7 +91,7 @@ class StorageStats:
 class FeatureStorage:
     """Row reads from `features.bin`; thread-safe; `read(ids)` returns rows in the order asked."""
 
-    def __init__(self, dataset: Dataset, io_threads: int = 8, direct: bool | None = None):
+    def __init__(self, dataset: Dataset, io_threads: int = 32, direct: bool | None = None):
         self.path = dataset.feature_path
         self.num_rows = dataset.meta.num_nodes
         self.dim = dataset.meta.feat_dim
@@ -74,6 +119,7 @@ class FeatureStorage:
                 f"{self.path} holds {size:,} bytes but meta.json describes {self.num_rows:,} rows "
                 f"x {self.row_bytes} bytes = {expected:,}: the file is truncated or from another "
                 f"dataset (regenerate it with `tiergnn gen` or re-import it)")
+        self.io_threads = io_threads
         self._pool = ThreadPoolExecutor(io_threads, thread_name_prefix="tiergnn-io")
 
     def close(self) -> None:
@@ -98,8 +144,19 @@ class FeatureStorage:
         return self.read_sorted_unique(unique)[inverse]
 
     def read_sorted_unique(self, ids: np.ndarray) -> np.ndarray:
-        """Rows for sorted, unique ids: one preadv per run of consecutive ids."""
+        """Rows for sorted, unique ids: one read per run of consecutive ids."""
         out = _aligned_empty(len(ids) * self.row_bytes).view(self.dtype).reshape(len(ids), self.dim)
+        native = _native_reader()
+        if native is not None and len(ids):
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            reads = native(self._fd, ids.ctypes.data, len(ids), out.ctypes.data,
+                           self.row_bytes, self.io_threads)
+            if reads < 0:
+                self._raise_native(reads)
+            self.stats.bytes_read += len(ids) * self.row_bytes
+            self.stats.rows_read += len(ids)
+            self.stats.reads += reads
+            return out
         breaks = np.flatnonzero(np.diff(ids) != 1) + 1
         run_starts = np.concatenate([[0], breaks])
         run_ends = np.concatenate([breaks, [len(ids)]])
@@ -112,6 +169,13 @@ class FeatureStorage:
         self.stats.rows_read += len(ids)
         self.stats.reads += len(jobs)
         return out
+
+    def _raise_native(self, code: int) -> None:
+        if code <= -(1 << 40):
+            row = -code - (1 << 40)
+            raise StorageError(f"{self.path}: short read at row {row}: the file changed under "
+                               f"the run")
+        raise StorageError(f"{self.path}: read failed: {os.strerror(-code)}")
 
     def _read_runs(self, jobs, share, flat) -> None:
         rb = self.row_bytes

@@ -8,7 +8,19 @@ import pytest
 from tiergnn.storage import FeatureStorage
 
 
-def test_reads_equal_the_file_rows_in_any_order_with_duplicates(small_graph):
+@pytest.fixture(params=["native", "python"])
+def reader(request, monkeypatch):
+    """Both read paths: the C batch reader, and the Python thread pool (no compiler)."""
+    from tiergnn import storage
+
+    if request.param == "python":
+        monkeypatch.setattr(storage, "_NATIVE", [None])
+    elif storage._native_reader() is None:
+        pytest.skip("no C compiler here")
+    return request.param
+
+
+def test_reads_equal_the_file_rows_in_any_order_with_duplicates(small_graph, reader):
     full = small_graph.load_features()
     storage = FeatureStorage(small_graph, io_threads=3)
     rng = np.random.default_rng(0)
@@ -18,7 +30,7 @@ def test_reads_equal_the_file_rows_in_any_order_with_duplicates(small_graph):
     storage.close()
 
 
-def test_consecutive_rows_coalesce_into_one_read(small_graph):
+def test_consecutive_rows_coalesce_into_one_read(small_graph, reader):
     storage = FeatureStorage(small_graph)
     storage.read(np.arange(10, 60))
     storage.read(np.array([1, 3, 5]))
@@ -41,7 +53,7 @@ def test_drop_page_cache_keeps_reads_correct(small_graph):
     storage.close()
 
 
-def test_rows_of_512_bytes_are_read_with_direct_io(tmp_path):
+def test_rows_of_512_bytes_are_read_with_direct_io(tmp_path, reader):
     from tiergnn.data import generate
 
     ds = generate(tmp_path / "d", num_nodes=300, avg_degree=4, feat_dim=256, progress=False)
@@ -58,3 +70,16 @@ def test_direct_io_on_unaligned_rows_is_refused(small_graph):
 
     with pytest.raises(StorageError, match="multiple of 512"):
         FeatureStorage(small_graph, direct=True)
+
+
+def test_a_file_shortened_under_a_run_is_an_error_not_garbage(tmp_path, reader):
+    from tiergnn.data import generate
+    from tiergnn.storage import StorageError
+
+    ds = generate(tmp_path / "s", num_nodes=200, avg_degree=4, feat_dim=8, progress=False)
+    storage = FeatureStorage(ds)                        # opened while the file was whole
+    with open(ds.feature_path, "r+b") as f:
+        f.truncate(150 * ds.meta.row_bytes)
+    with pytest.raises(StorageError, match="short read at row 1[0-9][0-9]"):
+        storage.read(np.arange(100, 200))
+    storage.close()
