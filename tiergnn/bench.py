@@ -1,7 +1,8 @@
 """`tiergnn bench`: every system at every cache size on the same graph; JSON and plots.
 
 Each (system, cache size) runs in fresh worker processes (so no cache, page cache or allocator
-state carries over), for the same number of batches per worker. Per run it records the epoch
+state carries over): `--warmup-batches` per worker fill the caches, then the counters restart for
+the measured `--max-batches`. Per run it records the epoch
 time (the slowest worker's), hit ratios by tier, bytes read from storage (counted rows, and what
 the kernel read per /proc/self/io), bytes moved between workers, and sampler/fetch/compute times.
 """
@@ -23,6 +24,10 @@ from tiergnn.train import TrainConfig, Trainer
 def bench_worker(rank: int, world: int, config: dict, out_dir: str) -> None:
     config = TrainConfig(**config)
     trainer = Trainer(config, rank, world)
+    if config.warmup_batches:            # fill the caches first: the figures are steady state
+        trainer.config.max_batches = config.warmup_batches
+        trainer.run_epoch()
+        trainer.config.max_batches = config.max_batches
     report = trainer.run_epoch()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(asdict(report)))
 
@@ -121,7 +126,8 @@ def plot(results: dict, path: Path) -> None:
     axes[0].legend(fontsize=8)
     config = results["config"]
     fig.suptitle(f"tiergnn bench: {config['dataset']}, {config['workers']} workers, "
-                 f"{config['max_batches']} batches of {config['batch_size']} per worker, "
+                 f"{config['max_batches']} batches of {config['batch_size']} per worker after "
+                 f"{config['warmup_batches']} warm-up, window {config['window']}, "
                  f"fanouts {config['fanouts']} ({results['machine']['cpu']})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

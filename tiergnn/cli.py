@@ -118,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     bench.add_argument("--systems", default="memmap,pread,static,lru,shared-lru,distdgl,lsm-gnn")
     bench.add_argument("--cache-fracs", type=_floats, default=[0.05, 0.1, 0.2],
                        help="slab per worker, fractions of the feature rows (default 5,10,20%%)")
+    bench.add_argument("--warmup-batches", type=int, default=20,
+                       help="batches per worker run before measuring (default 20)")
     bench.add_argument("--victim-ratio", type=float, default=0.5,
                        help="victim ring rows per slab row, for systems with a ring (default 0.5)")
     bench.add_argument("--out", default="docs/results/tiergnn-bench.json")
@@ -148,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         from tiergnn.bench import run_bench
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        run_bench(_config(args), args.systems.split(","), args.cache_fracs, args.workers, out,
+        run_bench(_config(args, warmup_batches=args.warmup_batches), args.systems.split(","), args.cache_fracs, args.workers, out,
                   victim_ratio=args.victim_ratio, log=log.info)
         log.info("wrote %s and %s", out, out.with_suffix(".png"))
     return 0

@@ -43,6 +43,7 @@ class TrainConfig:
     window: int = 8
     epochs: int = 1
     max_batches: int | None = None       # per worker per epoch (benchmarks)
+    warmup_batches: int = 0              # benchmarks: batches run, then counters reset
     lr: float = 0.003
     seed: int = 0
     static: str = "degree"
