@@ -9,6 +9,8 @@
   and trains on its partition's seeds; remote rows come over the same all_to_all transport.
 - `lsm-gnn`: the shared cache (owner hash) + hybrid eviction + victim-ring prefetch.
 - `shared-lru`: the shared cache with LRU, the ablation that isolates hybrid eviction.
+- `memory`: every feature in every worker's memory, no storage: the reference that training
+  through any cache must match exactly.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class System:
     lookahead: bool
     partitioned: bool = False
     memmap: bool = False
+    in_memory: bool = False   # every row resident on every worker: the accuracy reference
 
 
 SYSTEMS = {s.name: s for s in (
@@ -47,6 +50,8 @@ SYSTEMS = {s.name: s for s in (
     System("distdgl", "partition", shared=True, victim_ring=False, lookahead=False,
            partitioned=True),
     System("lsm-gnn", "hybrid", shared=True, victim_ring=True, lookahead=True),
+    System("memory", "partition", shared=False, victim_ring=False, lookahead=False,
+           in_memory=True),
 )}
 
 
@@ -131,20 +136,23 @@ class MemmapCache:
 
 def build_cache(system: System, dataset: Dataset, cache_rows: int, victim_rows: int,
                 owner: torch.Tensor | None = None, rank: int = 0, world: int = 1,
-                static: torch.Tensor | None = None, direct: bool | None = None):
+                static: torch.Tensor | None = None, direct: bool | None = None,
+                device: str = "cpu"):
     """One worker's cache for `system` (a SharedCache when the system shares across workers;
     with one worker, sharing is moot and the local cache serves alone)."""
     if system.memmap:
         return MemmapCache(dataset)
     n = dataset.meta.num_nodes
     storage = FeatureStorage(dataset, direct=direct)
-    if system.partitioned:
-        owned = torch.nonzero(owner == rank).flatten()
+    if system.partitioned or system.in_memory:
+        owned = (torch.arange(n) if system.in_memory
+                 else torch.nonzero(owner == rank).flatten())
         policy = PartitionResident(n, None, 0.0, owned=owned)
         cache_rows = len(owned)
     else:
         policy = make_policy(system.policy, n, static)
-    local = TieredCache(storage, cache_rows, victim_rows if system.victim_ring else 0, policy)
+    local = TieredCache(storage, cache_rows, victim_rows if system.victim_ring else 0, policy,
+                        device)
     if not system.shared or world == 1:
         return local
     from tiergnn.shared import SharedCache

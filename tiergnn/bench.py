@@ -25,9 +25,10 @@ def bench_worker(rank: int, world: int, config: dict, out_dir: str) -> None:
     config = TrainConfig(**config)
     trainer = Trainer(config, rank, world)
     if config.warmup_batches:            # fill the caches first: the figures are steady state
-        trainer.config.max_batches = config.warmup_batches
+        measured = config.max_batches    # (trainer.config is this same object)
+        config.max_batches = config.warmup_batches
         trainer.run_epoch()
-        trainer.config.max_batches = config.max_batches
+        config.max_batches = measured
     report = trainer.run_epoch()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(asdict(report)))
 

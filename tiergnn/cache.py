@@ -10,8 +10,8 @@
                     storage (FeatureStorage: pread of the raw feature file)
 ```
 
-Invariants: a node is in at most one of slab and ring (a ring hit moves the line up and frees
-its ring entry); `slot_of[node]` and `node_of_slot[slot]` mirror each other, as do the ring's two
+Invariants: a node is in at most one of slab and ring (a ring line admitted to the slab leaves
+the ring; one the policy turns away stays in the ring); `slot_of[node]` and `node_of_slot[slot]` mirror each other, as do the ring's two
 maps; a row read through any tier equals the storage row (tests/tiergnn/test_cache.py).
 
 `prefetch(nodes)` is the Preemptive Victim-buffer Prefetcher: lines the look-ahead window will need
@@ -107,8 +107,7 @@ class TieredCache:
         in_ring = nodes[(self.ring_slot_of[nodes] >= 0) & (self.slot_of[nodes] < 0)]
         if len(in_ring) == 0 or self.capacity == 0:
             return 0
-        rows = self._take_from_ring(in_ring)
-        admitted = self._admit(in_ring, rows, count_bypass=False)
+        admitted = self._admit(in_ring, self._read_ring(in_ring), count_bypass=False)
         self.stats.prefetched += admitted
         return admitted
 
@@ -121,12 +120,12 @@ class TieredCache:
         rows = torch.empty(len(nodes), self.slab.shape[1], dtype=self.slab.dtype)
         ring_slots = self.ring_slot_of[nodes]
         in_ring = ring_slots >= 0
-        rows[in_ring] = self._take_from_ring(nodes[in_ring])
+        rows[in_ring] = self._read_ring(nodes[in_ring])
         self.stats.ring_hits += int(in_ring.sum())
         from_storage = torch.nonzero(~in_ring).flatten()
         if len(from_storage):
             rows[from_storage] = self._read_storage(nodes[from_storage])
-        return rows.to(self.device, non_blocking=True)
+        return rows.to(self.device)
 
     def _read_storage(self, nodes: torch.Tensor) -> torch.Tensor:
         before = self.storage.stats.bytes_read
@@ -135,13 +134,10 @@ class TieredCache:
         self.stats.storage_bytes += self.storage.stats.bytes_read - before
         return rows
 
-    def _take_from_ring(self, nodes: torch.Tensor) -> torch.Tensor:
-        """Rows of ring-resident `nodes`; their ring entries are freed (the line moves up)."""
-        ring_slots = self.ring_slot_of[nodes]
-        rows = self.ring[ring_slots].to(self.device, non_blocking=True)
-        self.ring_node[ring_slots] = -1
-        self.ring_slot_of[nodes] = -1
-        return rows
+    def _read_ring(self, nodes: torch.Tensor) -> torch.Tensor:
+        """Rows of ring-resident `nodes` (host memory). The entries stay: `_place` frees those
+        that move up to the slab; a line the slab turns away stays in the ring."""
+        return self.ring[self.ring_slot_of[nodes]]
 
     def _push_to_ring(self, nodes: torch.Tensor, rows: torch.Tensor) -> None:
         """Evicted lines enter the ring FIFO, overwriting its oldest entries."""
@@ -153,7 +149,7 @@ class TieredCache:
         positions = (self.ring_head + torch.arange(len(nodes))) % size
         overwritten = self.ring_node[positions]
         self.ring_slot_of[overwritten[overwritten >= 0]] = -1
-        self.ring[positions] = rows.to("cpu", non_blocking=True)
+        self.ring[positions] = rows.to("cpu")     # blocking: the row must be there when read
         self.ring_node[positions] = nodes
         self.ring_slot_of[nodes] = positions
         self.ring_head = int((self.ring_head + len(nodes)) % size)
@@ -164,13 +160,14 @@ class TieredCache:
         if len(nodes) == 0:
             return 0
         if self.capacity == 0 or not self.policy.admits:
-            self._turn_away(nodes, rows, count_bypass)
+            self._turn_away(nodes, count_bypass)
             return 0
         order = torch.argsort(self.policy.score(nodes, self.step, incoming=True))
         nodes, rows = nodes[order], rows[order.to(rows.device)]
         free = torch.nonzero(self.node_of_slot < 0).flatten()
         n_free = min(len(free), len(nodes))
         self._place(nodes[:n_free], rows[:n_free], free[:n_free])
+        self.policy.observe(nodes[:n_free], self.step)    # before they can be chosen as victims
         rest, rest_rows = nodes[n_free:], rows[n_free:]
         admitted = n_free
         if len(rest):
@@ -186,20 +183,22 @@ class TieredCache:
             self.stats.evicted += swap
             self._place(rest[:swap], rest_rows[:swap], victims)
             admitted += swap
-            self._turn_away(rest[swap:], rest_rows[swap:], count_bypass)
-        self.policy.observe(nodes[:admitted], self.step)
+            self.policy.observe(rest[:swap], self.step)
+            self._turn_away(rest[swap:], count_bypass)
         return admitted
 
-    def _turn_away(self, nodes: torch.Tensor, rows: torch.Tensor, from_storage: bool) -> None:
-        # NOTE: a miss the slab turns away does not enter the ring: a batch's bypassed misses
-        # outnumber the ring and would flush the evicted lines it exists to keep. A line the
-        # prefetcher took out of the ring and could not place goes back.
-        if from_storage:
+    def _turn_away(self, nodes: torch.Tensor, count: bool) -> None:
+        # NOTE: a storage miss the slab turns away does not enter the ring: a batch's bypassed
+        # misses outnumber the ring and would flush the evicted lines it exists to keep. A ring
+        # line turned away simply stays where it is.
+        if count:
             self.stats.bypassed += len(nodes)
-        else:
-            self._push_to_ring(nodes, rows)
 
     def _place(self, nodes: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        ring_slots = self.ring_slot_of[nodes]
+        from_ring = ring_slots >= 0                       # the line moves up: one tier only
+        self.ring_node[ring_slots[from_ring]] = -1
+        self.ring_slot_of[nodes[from_ring]] = -1
         self.slab[slots.to(self.device)] = rows.to(self.device)
         self.node_of_slot[slots] = nodes
         self.slot_of[nodes] = slots

@@ -37,6 +37,8 @@ def _add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direct", choices=["auto", "on", "off"], default="auto",
                    help="O_DIRECT feature reads (auto: where rows are 512-byte multiples)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu",
+                   help="cuda: slabs in GPU memory and the model on the GPU (unmeasured so far)")
     p.add_argument("--system", choices=sorted(SYSTEMS), default="lsm-gnn",
                    help="cache design (see tiergnn.baselines; default lsm-gnn)")
 
@@ -47,7 +49,8 @@ def _config(args, **extra):
     return TrainConfig(dataset=args.dataset, system=getattr(args, "system", "lsm-gnn"),
                        model=args.model, hidden=args.hidden, fanouts=tuple(args.fanouts),
                        batch_size=args.batch_size, window=args.window,
-                       max_batches=args.max_batches, seed=args.seed, direct=direct, **extra)
+                       max_batches=args.max_batches, seed=args.seed, direct=direct,
+                       device=args.device, **extra)
 
 
 def train_worker(rank: int, world: int, config: dict, out: str | None) -> None:

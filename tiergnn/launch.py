@@ -25,7 +25,9 @@ def free_port() -> int:
 def init_worker(rank: int | None = None, world_size: int | None = None, backend: str | None = None,
                 timeout_s: float = 120.0) -> None:
     """Join the process group (from the environment unless rank and world_size are given)."""
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    # The shared cache exchanges ids and host rows (CPU tensors) and DDP may hold a CUDA model:
+    # gloo carries the CPU collectives, NCCL the CUDA ones.
+    backend = backend or ("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     dist.init_process_group(backend, rank=rank, world_size=world_size,
                             timeout=datetime.timedelta(seconds=timeout_s))
 

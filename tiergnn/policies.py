@@ -5,7 +5,8 @@ it sorts the missed lines by score ascending and the resident lines by score des
 missed line replaces a resident one only while it scores lower (free slots take lines outright).
 That one exchange rule gives each policy its admission behaviour for free:
 
-- `lru`: resident lines score minus their last use, a missed line minus now: every miss enters.
+- `lru`: resident lines score minus their last use, a missed line minus now: a miss enters
+  while lines not used in this step remain to evict.
 - `static`: minus a static importance percentile (degree by default): the cache converges to the
   most important nodes and a miss of a colder node bypasses it. Preloaded with the top nodes.
 - `hybrid` (LSM-GNN): the next-reuse distance from the look-ahead window of already-sampled
@@ -73,7 +74,7 @@ class EvictionPolicy:
 
 @register("none")
 class NoCache(EvictionPolicy):
-    """Nothing is cached: every row comes from the victim ring or storage."""
+    """Nothing is cached: every row comes from storage."""
 
     admits = False
 

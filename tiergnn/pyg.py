@@ -66,6 +66,11 @@ class TieredFeatureStore(FeatureStore):
     def set_future(self, window: list[torch.Tensor]) -> None:
         self.cache.policy.set_future(window)
 
+    def restart_lookahead(self) -> None:
+        """A loader pass begins; a shared cache forgets the look-ahead it announced before."""
+        if hasattr(self.cache, "restart_lookahead"):
+            self.cache.restart_lookahead()
+
     def prefetch(self, nodes: torch.Tensor) -> int:
         return self.cache.prefetch(nodes)
 
@@ -154,6 +159,7 @@ class LookaheadLoader(NodeLoader):
     def plans(self):
         """Sampled batches in order, each yielded once the `window` after it is sampled."""
         self.times = LoaderTimes()
+        self.feature_store.restart_lookahead()
         sampled: queue.Queue = queue.Queue(maxsize=self.window + 2)
         stop = threading.Event()
 

@@ -78,6 +78,14 @@ class SharedCache:
     def stats(self):
         return self.local.stats
 
+    def restart_lookahead(self) -> None:
+        """A new loader pass begins (every worker at the same step): forget what was announced
+        for batches not yet run, so the new pass's batches are announced afresh."""
+        for batch in [b for b in self._future if b > self.step]:
+            del self._future[batch]
+        self._sent_upto = self.step
+        self._window = []
+
     def set_future(self, window: list[torch.Tensor]) -> None:
         """This worker's next batches (window[0] is batch step + 1); announced in `gather`."""
         self._window = window
@@ -110,6 +118,7 @@ class SharedCache:
         out = torch.empty_like(rows)
         out[order.to(rows.device)] = rows
         self._future.pop(self.step, None)
+        self._window = []                    # each step's window is set afresh
         self.step += 1
         return out
 

@@ -10,14 +10,16 @@ stalls near 20k/s whatever its size.
 
 O_DIRECT (`direct=None`, the default, chooses it where it can) bypasses the page cache entirely, so
 a re-read row costs a device read as it would from a GPU reading NVMe directly (GIDS, BaM). It
-needs offsets, lengths and buffers aligned to 512 bytes, so it is used when a row is a multiple of
-512 bytes (256 float16 dims, 128 float32 dims) and the filesystem accepts it; otherwise reads are
-buffered and `drop_page_cache()` before a run is what keeps them honest.
+needs offsets, lengths and buffers aligned to the device's logical block, so it is tried when a
+row is a multiple of 512 bytes (256 float16 dims, 128 float32 dims); a filesystem or a 4K-sector
+device that refuses it makes the reads buffered, with the file's page cache dropped at open (and
+at the switch), which is what keeps them honest.
 """
 
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import logging
 import os
@@ -111,6 +113,8 @@ class FeatureStorage:
                 raise StorageError(f"direct I/O needs rows of a multiple of {_ALIGN} bytes; "
                                    f"{self.path} has {self.row_bytes}-byte rows")
             self._fd = os.open(self.path, os.O_RDONLY)
+        if not self.direct:
+            self.drop_page_cache()
         size = os.fstat(self._fd).st_size
         expected = self.num_rows * self.row_bytes
         if size != expected:
@@ -151,6 +155,9 @@ class FeatureStorage:
             ids = np.ascontiguousarray(ids, dtype=np.int64)
             reads = native(self._fd, ids.ctypes.data, len(ids), out.ctypes.data,
                            self.row_bytes, self.io_threads)
+            if reads == -errno.EINVAL and self.direct:
+                self._fall_back_to_buffered()
+                return self.read_sorted_unique(ids)
             if reads < 0:
                 self._raise_native(reads)
             self.stats.bytes_read += len(ids) * self.row_bytes
@@ -164,11 +171,27 @@ class FeatureStorage:
         jobs = [(int(ids[a]), a, b) for a, b in zip(run_starts, run_ends)]
         # Few large jobs per thread: each thread walks a contiguous share of the runs.
         shares = np.array_split(np.arange(len(jobs)), min(len(jobs), self._pool._max_workers))
-        list(self._pool.map(lambda share: self._read_runs(jobs, share, flat), shares))
+        try:
+            list(self._pool.map(lambda share: self._read_runs(jobs, share, flat), shares))
+        except OSError as error:
+            if error.errno != errno.EINVAL or not self.direct:
+                raise StorageError(f"{self.path}: read failed: {error}") from error
+            self._fall_back_to_buffered()
+            return self.read_sorted_unique(ids)
         self.stats.bytes_read += len(ids) * self.row_bytes
         self.stats.rows_read += len(ids)
         self.stats.reads += len(jobs)
         return out
+
+    def _fall_back_to_buffered(self) -> None:
+        # The device's logical block is larger than 512 bytes (4K-sector drives): O_DIRECT
+        # refuses row-sized reads. Reopen buffered; the page cache is dropped to stay honest.
+        log.warning("tiergnn: %s refuses %d-byte direct reads; reading buffered instead",
+                    self.path, self.row_bytes)
+        old, self._fd = self._fd, os.open(self.path, os.O_RDONLY)
+        os.close(old)
+        self.direct = False
+        self.drop_page_cache()
 
     def _raise_native(self, code: int) -> None:
         if code <= -(1 << 40):
@@ -181,8 +204,13 @@ class FeatureStorage:
         rb = self.row_bytes
         for j in share:
             first_id, a, b = jobs[j]
-            view = memoryview(flat[a * rb:b * rb])
-            got = os.preadv(self._fd, [view], first_id * rb)
-            if got != (b - a) * rb:
-                raise StorageError(f"{self.path}: short read at row {first_id} ({got} of "
-                                   f"{(b - a) * rb} bytes): the file changed under the run")
+            want, done = (b - a) * rb, 0
+            while done < want:                 # Linux returns at most ~2 GiB per call
+                got = os.preadv(self._fd, [memoryview(flat[a * rb + done:b * rb])],
+                                first_id * rb + done)
+                if got == 0:
+                    break
+                done += got
+            if done != want:
+                raise StorageError(f"{self.path}: short read at row {first_id + done // rb} "
+                                   f"({done} of {want} bytes): the file changed under the run")

@@ -49,6 +49,7 @@ class TrainConfig:
     static: str = "degree"
     direct: bool | None = None
     evaluate: bool = True
+    device: str = "cpu"                  # "cuda": the slab in GPU memory, the model on the GPU
 
     def __post_init__(self) -> None:
         if self.system not in SYSTEMS:
@@ -113,7 +114,7 @@ class Trainer:
             "static", "hybrid") else None
         cache = build_cache(self.system, dataset, int(config.cache_frac * n),
                             int(config.victim_frac * n), owner=owner, rank=rank, world=world,
-                            static=static,
+                            static=static, device=config.device,
                             direct=config.direct)
         self.features = TieredFeatureStore(dataset, cache=cache)
         self.sampler = NeighborSampler(self.graph, list(config.fanouts), seed=config.seed + rank)
@@ -125,6 +126,7 @@ class Trainer:
         model_cls = GraphSAGE if config.model == "sage" else GAT
         self.model = model_cls(dataset.meta.feat_dim, config.hidden, len(config.fanouts),
                                dataset.meta.num_classes)
+        self.model = self.model.to(config.device)
         if world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr)
@@ -155,7 +157,7 @@ class Trainer:
 
     def execute(self, plan: BatchPlan) -> BatchResult:
         started = time.perf_counter()
-        batch = self.loader.materialize(plan.sampled)
+        batch = self.loader.materialize(plan.sampled).to(self.config.device)
         fetched = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad()
@@ -202,6 +204,7 @@ class Trainer:
         self.model.eval()
         correct = total = 0
         for batch in self._loader(split, shuffle=False):
+            batch = batch.to(self.config.device)
             pred = self.model(batch.x, batch.edge_index)[:batch.batch_size].argmax(-1)
             correct += int((pred == batch.y[:batch.batch_size]).sum())
             total += batch.batch_size

@@ -60,3 +60,48 @@ def one_worker_dies(rank: int, world: int, root: str, out_dir: str) -> None:
             return
         assert torch.equal(rows, full[nodes])
     Path(out_dir, "error.txt").write_text("no error")
+
+
+def train_and_report(rank: int, world: int, root: str, system: str, out_dir: str) -> None:
+    """One epoch of GraphSAGE with DDP through `system`; losses and test accuracy to JSON."""
+    from tiergnn.train import TrainConfig, Trainer
+
+    config = TrainConfig(dataset=root, system=system, hidden=32, fanouts=(6, 3), batch_size=128,
+                         cache_frac=0.05, victim_frac=0.03, window=4, lr=0.01)
+    trainer = Trainer(config, rank, world)
+    losses = []
+    while (plan := trainer.schedule()) is not None:
+        result = trainer.execute(plan)
+        trainer.update(plan, result)
+        losses.append(result.loss)
+    accuracy = trainer.evaluate("test")
+    stats = trainer.features.cache.stats
+    Path(out_dir, f"{system}-rank{rank}.json").write_text(json.dumps(
+        {"losses": losses, "accuracy": accuracy, "storage_rows": stats.storage_rows}))
+
+
+def lookahead_reaches_owners(rank: int, world: int, root: str, out_dir: str) -> None:
+    """After every gather, each owner's policy marks exactly its lines that any worker's next
+    batch needs, also after a pass is cut short and a new one starts."""
+    import torch.distributed as dist
+
+    cache = _shared_cache(root, rank, world)
+    failures = []
+    for restart in range(2):
+        if restart:
+            cache.restart_lookahead()                 # the loader starts a new pass
+        gen = torch.Generator().manual_seed(10 * restart + rank)
+        batches = [torch.unique(torch.randint(0, 600, (80,), generator=gen)) for _ in range(8)]
+        for step, nodes in enumerate(batches[:5]):    # the pass is cut after 5 of 8 batches
+            cache.set_future(batches[step + 1:step + 4])
+            cache.gather(nodes)
+            everyone = [None] * world
+            dist.all_gather_object(everyone, batches[step + 1])
+            wanted = torch.unique(torch.cat(everyone))
+            owned = torch.nonzero(cache.owner_of == rank).flatten()
+            expect = torch.zeros(len(cache.owner_of), dtype=torch.bool)
+            expect[wanted] = True
+            marked = cache.local.policy.next_use == 1
+            if not torch.equal(marked[owned], expect[owned]):
+                failures.append((restart, step))
+    Path(out_dir, f"lookahead{rank}.json").write_text(json.dumps({"failures": failures}))

@@ -44,6 +44,8 @@ def test_rows_through_any_tier_equal_the_storage_rows(small_graph, policy):
     assert stats.requested == stats.slab_hits + stats.ring_hits + stats.storage_rows
     if policy != "none":
         assert stats.slab_hits > 0
+    if policy in ("lru", "hybrid"):
+        assert stats.ring_hits + stats.prefetched > 0       # the ring served lines
     resident = torch.nonzero(cache.node_of_slot >= 0).flatten()
     assert torch.equal(cache.slab[resident], full[cache.node_of_slot[resident]])
     in_ring = torch.nonzero(cache.ring_node >= 0).flatten()
@@ -105,3 +107,15 @@ def test_evicted_line_comes_back_from_the_ring_not_storage(small_graph):
 def test_unknown_policy_names_the_choices(small_graph):
     with pytest.raises(ValueError, match="hybrid"):
         make_policy("mru", 10)
+
+
+def test_a_ring_line_the_slab_turns_away_stays_in_the_ring(small_graph):
+    cache = _cache(small_graph, "lru", cache_rows=2, victim_rows=4)
+    cache.gather(torch.tensor([1, 2]))
+    cache.gather(torch.tensor([3, 4]))                       # 1 and 2 go to the ring
+    cache.gather(torch.tensor([1, 3, 4]))                    # 1: a ring hit, turned away (3, 4
+    assert not cache.contains(torch.tensor([1])).any()       # were used this step too)
+    storage_rows, ring_hits = cache.stats.storage_rows, cache.stats.ring_hits
+    cache.gather(torch.tensor([1]))
+    assert cache.stats.ring_hits == ring_hits + 1 and cache.stats.storage_rows == storage_rows
+    _check_maps(cache)

@@ -16,7 +16,7 @@ typedef struct {
     unsigned char *out;
     int64_t row_bytes;
     int64_t next_run;           /* shared work counter */
-    int64_t error;              /* 0, -errno, or 1 + the first row of a short read */
+    int64_t error;              /* 0, -errno, or 1 + the row where a read came up short */
 } job_t;
 
 static void *worker(void *arg) {
@@ -31,8 +31,13 @@ static void *worker(void *arg) {
         while (done < want) {
             ssize_t got = pread(job->fd, dst + done, (size_t)(want - done), offset + done);
             if (got < 0 && errno == EINTR) continue;
-            if (got < 0) { __atomic_store_n(&job->error, -(int64_t)errno, __ATOMIC_RELAXED); return NULL; }
-            if (got == 0) { __atomic_store_n(&job->error, 1 + job->ids[a], __ATOMIC_RELAXED); return NULL; }
+            if (got <= 0) {          /* keep the first error any thread saw */
+                int64_t code = got < 0 ? -(int64_t)errno : 1 + job->ids[a] + done / job->row_bytes;
+                int64_t none = 0;
+                __atomic_compare_exchange_n(&job->error, &none, code, 0, __ATOMIC_RELAXED,
+                                            __ATOMIC_RELAXED);
+                return NULL;
+            }
             done += got;
         }
     }
