@@ -28,22 +28,26 @@ from tiergnn.policies import make_policy
 from tiergnn.storage import FeatureStorage
 
 
-def static_scores(dataset: Dataset, kind: str = "degree") -> torch.Tensor:
-    """Static node importance, computed once: in-degree, or PageRank (20 power iterations)."""
+def static_scores(dataset: Dataset, kind: str = "degree", iterations: int = 50) -> torch.Tensor:
+    """Static node importance, computed once: in-degree, or PageRank (damping 0.85, power
+    iteration; dangling nodes' rank spread uniformly, as networkx does)."""
     indptr = torch.from_numpy(np.array(dataset.indptr, dtype=np.int64))
-    degree = (indptr[1:] - indptr[:-1]).float()
+    degree = (indptr[1:] - indptr[:-1]).double()
     if kind == "degree":
-        return degree
+        return degree.float()
     if kind != "pagerank":
         raise ValueError(f"static score {kind!r}: choose degree or pagerank")
+    n = len(degree)
     indices = torch.from_numpy(np.array(dataset.indices, dtype=np.int64))
-    dst = torch.repeat_interleave(torch.arange(len(degree)), degree.long())
-    out_degree = torch.bincount(indices, minlength=len(degree)).clamp(min=1).float()
-    rank = torch.full((len(degree),), 1.0 / len(degree))
-    for _ in range(20):
-        contrib = (rank / out_degree)[indices]
-        rank = 0.15 / len(degree) + 0.85 * torch.zeros_like(rank).index_add_(0, dst, contrib)
-    return rank
+    dst = torch.repeat_interleave(torch.arange(n), degree.long())
+    out_degree = torch.bincount(indices, minlength=n).double()
+    dangling = out_degree == 0
+    rank = torch.full((n,), 1.0 / n, dtype=torch.float64)
+    for _ in range(iterations):
+        contrib = (rank / out_degree.clamp(min=1))[indices]
+        spread = rank[dangling].sum() / n
+        rank = (0.15 / n + 0.85 * (torch.zeros_like(rank).index_add_(0, dst, contrib) + spread))
+    return rank.float()
 
 
 class TieredFeatureStore(FeatureStore):

@@ -105,3 +105,11 @@ def lookahead_reaches_owners(rank: int, world: int, root: str, out_dir: str) -> 
             if not torch.equal(marked[owned], expect[owned]):
                 failures.append((restart, step))
     Path(out_dir, f"lookahead{rank}.json").write_text(json.dumps({"failures": failures}))
+
+
+def all_checks(rank: int, world: int, root: str, out_dir: str) -> None:
+    """Every healthy two-worker check in one process group (one spawn: ~4 s instead of four)."""
+    gather_and_check(rank, world, root, out_dir)
+    lookahead_reaches_owners(rank, world, root, out_dir)
+    for system in ("lsm-gnn", "memory"):
+        train_and_report(rank, world, root, system, out_dir)
