@@ -173,7 +173,8 @@ class TieredCache:
         if len(rest):
             resident = torch.nonzero(self.node_of_slot >= 0).flatten()
             resident_score = self.policy.score(self.node_of_slot[resident], self.step, False)
-            victims_order = torch.argsort(resident_score, descending=True)[:len(rest)]
+            k = min(len(rest), len(resident))
+            victims_order = torch.topk(resident_score, k, sorted=True).indices   # worst first
             victims = resident[victims_order]
             incoming_score = self.policy.score(rest, self.step, incoming=True)[:len(victims)]
             swap = int((incoming_score < resident_score[victims_order]).sum())

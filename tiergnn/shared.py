@@ -22,7 +22,6 @@ never with wrong rows.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +65,9 @@ class SharedCache:
         self.world = dist.get_world_size(group)
         self.step = 0
         self.exchange = ExchangeStats()
-        self._future: dict[int, list[torch.Tensor]] = defaultdict(list)  # batch -> owned ids
+        # batch number -> the ids this worker owns that any worker's batch needs (unique): one
+        # all_to_all announces a batch from every worker at once, so it is complete on arrival.
+        self._future: dict[int, torch.Tensor] = {}
         self._sent_upto = 0                  # batches up to this number were announced
         self._window: list[torch.Tensor] = []
 
@@ -93,9 +94,9 @@ class SharedCache:
     def prefetch(self, nodes: torch.Tensor) -> int:
         """Owner-side: move this worker's ring lines that any worker needs next step."""
         upcoming = self._future.get(self.step)
-        if not upcoming:
+        if upcoming is None or len(upcoming) == 0:
             return 0
-        return self.local.prefetch(torch.unique(torch.cat(upcoming)))
+        return self.local.prefetch(upcoming)
 
     def gather(self, nodes: torch.Tensor) -> torch.Tensor:
         """Rows of `nodes` (unique global ids), from their owners' caches."""
@@ -133,7 +134,7 @@ class SharedCache:
             order = torch.argsort(self.owner_of[ids], stable=True)
             counts = torch.bincount(self.owner_of[ids], minlength=self.world)
             owned, _ = self._all_to_all_ids(ids[order], counts)
-            self._future[batch].append(owned)
+            self._future[batch] = torch.unique(owned)
         self._sent_upto = max(self._sent_upto, last)
 
     def _check_same_window_end(self, last: int) -> None:
@@ -145,11 +146,9 @@ class SharedCache:
                              f"run the same number of batches with the same window")
 
     def _set_owner_window(self) -> None:
-        window = []
-        for batch in range(self.step + 1, self._sent_upto + 1):
-            parts = self._future.get(batch)
-            window.append(torch.unique(torch.cat(parts)) if parts else torch.empty(0, dtype=torch.long))
-        self.local.policy.set_future(window)
+        empty = torch.empty(0, dtype=torch.long)
+        self.local.policy.set_future([self._future.get(batch, empty)
+                                      for batch in range(self.step + 1, self._sent_upto + 1)])
 
     def _all_to_all_ids(self, ids: torch.Tensor, send_counts: torch.Tensor):
         recv_counts = torch.empty_like(send_counts)
