@@ -1,7 +1,7 @@
 """`tiergnn bench`: every system at every cache size on the same graph; JSON and plots.
 
-Each (system, cache size) runs in fresh worker processes (so no cache, page cache or allocator
-state carries over): `--warmup-batches` per worker fill the caches, then the counters restart for
+Each (system, cache size) runs in fresh worker processes (one worker: in this process, with
+fresh caches): `--warmup-batches` per worker fill the caches, then the counters restart for
 the measured `--max-batches`. Per run it records the epoch
 time (the slowest worker's), hit ratios by tier, bytes read from storage (counted rows, and what
 the kernel read per /proc/self/io), bytes moved between workers, and sampler/fetch/compute times.
@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -71,12 +73,15 @@ def run_bench(base: TrainConfig, systems: list[str], cache_fracs: list[float], w
         for system in systems:
             config = replace(base, system=system, cache_frac=frac,
                              victim_frac=frac * victim_ratio, evaluate=False)
-            run_dir = out.parent / f".{out.stem}-runs" / f"{system}-{frac}"
-            run_dir.mkdir(parents=True, exist_ok=True)
+            run_dir = Path(tempfile.mkdtemp(prefix=f"tiergnn-{system}-{frac}-"))
             started = time.perf_counter()
-            run_workers(bench_worker, workers, asdict(config), str(run_dir), timeout_s=600)
+            if workers == 1:                 # no process group needed: run it here
+                bench_worker(0, 1, asdict(config), str(run_dir))
+            else:
+                run_workers(bench_worker, workers, asdict(config), str(run_dir), timeout_s=600)
             reports = [json.loads((run_dir / f"rank{r}.json").read_text())
                        for r in range(workers)]
+            shutil.rmtree(run_dir, ignore_errors=True)
             merged = {"system": system, "cache_frac": frac} | _merge(reports)
             results["runs"].append(merged)
             log(f"{system:>10} cache {frac:>4.0%}: epoch {merged['epoch_s']:6.1f} s, "
