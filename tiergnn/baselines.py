@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from tiergnn.cache import CacheStats, TieredCache
+from tiergnn.cache import CacheStats, FeatureCache, TieredCache
 from tiergnn.data import Dataset
 from tiergnn.policies import EvictionPolicy, make_policy, register
 from tiergnn.storage import FeatureStorage
@@ -106,7 +106,7 @@ def hashed_seeds(seeds: np.ndarray, rank: int, world: int, seed: int = 0) -> np.
     return np.sort(seeds[order[rank * share:(rank + 1) * share]])
 
 
-class MemmapCache:
+class MemmapCache(FeatureCache):
     """No cache: rows by fancy-indexing a numpy.memmap; the kernel pages them in."""
 
     def __init__(self, dataset: Dataset):
@@ -115,23 +115,19 @@ class MemmapCache:
                                shape=(meta.num_nodes, meta.feat_dim))
         self.row_bytes = meta.row_bytes
         self.stats = CacheStats()
-        self.policy = make_policy("none", meta.num_nodes)
         fd = os.open(dataset.feature_path, os.O_RDONLY)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(fd)
 
     def gather(self, nodes: torch.Tensor) -> torch.Tensor:
-        rows = self.array[np.sort(nodes.numpy())]
-        order = torch.argsort(nodes)
-        out = torch.empty(len(nodes), rows.shape[1], dtype=torch.from_numpy(rows[:0]).dtype)
-        out[order] = torch.from_numpy(rows)
+        order = torch.argsort(nodes)                       # ascending offsets in the file
+        out = torch.empty(len(nodes), self.array.shape[1],
+                          dtype=torch.from_numpy(self.array[:0]).dtype)
+        out[order] = torch.from_numpy(self.array[nodes[order].numpy()])
         self.stats.requested += len(nodes)
         self.stats.storage_rows += len(nodes)
         self.stats.storage_bytes += len(nodes) * self.row_bytes
         return out
-
-    def prefetch(self, nodes) -> int:
-        return 0
 
 
 def build_cache(system: System, dataset: Dataset, cache_rows: int, victim_rows: int,

@@ -51,7 +51,30 @@ class CacheStats:
         return asdict(self) | {"hit_ratio": self.hit_ratio()}
 
 
-class TieredCache:
+class FeatureCache:
+    """What the feature store and the trainer call on any cache: rows by node id, the look-ahead
+    hooks (no-ops unless the cache uses them), counters. `stats` is a `CacheStats`."""
+
+    stats: CacheStats
+
+    def gather(self, nodes: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def set_future(self, window: list[torch.Tensor]) -> None:
+        """The node sets of the next batches, nearest first."""
+
+    def restart_lookahead(self) -> None:
+        """A loader pass begins: what was said of the old pass's future no longer holds."""
+
+    def prefetch(self, nodes: torch.Tensor) -> int:
+        """Move lines the next batch needs up a tier ahead of use; returns how many moved."""
+        return 0
+
+    def reset_stats(self) -> None:
+        self.stats = CacheStats()
+
+
+class TieredCache(FeatureCache):
     """Slab + victim ring over a `FeatureStorage`, managed by an `EvictionPolicy`."""
 
     def __init__(self, storage: FeatureStorage, cache_rows: int, victim_rows: int,
@@ -75,8 +98,8 @@ class TieredCache:
         self.stats = CacheStats()
         preload = policy.preload(cache_rows)
         if preload is not None and len(preload):
-            rows = self._read_storage(torch.sort(preload).values)
-            self._place(torch.sort(preload).values, rows, torch.arange(len(preload)))
+            preload = torch.sort(preload).values          # sorted: coalesced storage reads
+            self._place(preload, self._read_storage(preload), torch.arange(len(preload)))
             self.stats = CacheStats()
 
     @property
@@ -100,6 +123,9 @@ class TieredCache:
         self._admit(nodes[miss_pos], miss_rows)
         self.step += 1
         return out
+
+    def set_future(self, window: list[torch.Tensor]) -> None:
+        self.policy.set_future(window)
 
     def prefetch(self, nodes: torch.Tensor) -> int:
         """Move ring lines among `nodes` up into the slab now; returns how many moved."""

@@ -19,7 +19,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +124,6 @@ def write_topology(root: Path, src: np.ndarray, dst: np.ndarray, num_nodes: int)
 
 
 def write_meta(root: Path, meta: Meta) -> None:
-    from dataclasses import asdict
     (root / "meta.json").write_text(json.dumps(asdict(meta), indent=1) + "\n")
 
 

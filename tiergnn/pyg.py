@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -68,12 +68,11 @@ class TieredFeatureStore(FeatureStore):
         self.labels = torch.from_numpy(np.array(dataset.labels, dtype=np.int64))
 
     def set_future(self, window: list[torch.Tensor]) -> None:
-        self.cache.policy.set_future(window)
+        self.cache.set_future(window)
 
     def restart_lookahead(self) -> None:
         """A loader pass begins; a shared cache forgets the look-ahead it announced before."""
-        if hasattr(self.cache, "restart_lookahead"):
-            self.cache.restart_lookahead()
+        self.cache.restart_lookahead()
 
     def prefetch(self, nodes: torch.Tensor) -> int:
         return self.cache.prefetch(nodes)
@@ -141,7 +140,6 @@ class LoaderTimes:
     fetch: float = 0.0       # features through the cache (gather)
     prefetch: float = 0.0    # ring -> slab moves for the next batch
     batches: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 class LookaheadLoader(NodeLoader):

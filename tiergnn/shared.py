@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from tiergnn.cache import TieredCache
+from tiergnn.cache import FeatureCache, TieredCache
 
 
 class WorkerLost(RuntimeError):
@@ -54,7 +54,7 @@ class ExchangeStats:
     rows_fetched_remote: int = 0   # rows this worker got from peers
 
 
-class SharedCache:
+class SharedCache(FeatureCache):
     """A system-wide cache: this worker's `local` cache holds the lines it owns."""
 
     def __init__(self, local: TieredCache, owner_of: torch.Tensor, group=None):
@@ -72,12 +72,12 @@ class SharedCache:
         self._window: list[torch.Tensor] = []
 
     @property
-    def policy(self):
-        return self                          # TieredFeatureStore calls policy.set_future
-
-    @property
     def stats(self):
         return self.local.stats
+
+    def reset_stats(self) -> None:
+        self.local.reset_stats()
+        self.exchange = ExchangeStats()
 
     def restart_lookahead(self) -> None:
         """A new loader pass begins (every worker at the same step): forget what was announced

@@ -174,10 +174,7 @@ class Trainer:
     # Loops ------------------------------------------------------------------------------------
     def run_epoch(self, progress=None) -> EpochReport:
         cache = self.features.cache
-        cache.stats.__init__()
-        exchange = getattr(cache, "exchange", None)
-        if exchange is not None:
-            exchange.__init__()
+        cache.reset_stats()
         read_before = _proc_read_bytes()
         started = time.perf_counter()
         losses, seeds, compute = [], 0, 0.0
@@ -190,12 +187,11 @@ class Trainer:
             if progress is not None:
                 progress.update(1)
         times = asdict(self.loader.times) | {"compute": compute}
-        times.pop("extra", None)
         return EpochReport(
             epoch_s=time.perf_counter() - started, batches=len(losses), seeds=seeds,
             mean_loss=float(np.mean(losses)) if losses else float("nan"), times=times,
             cache=cache.stats.as_dict(),
-            exchange=asdict(exchange) if exchange is not None else {},
+            exchange=asdict(cache.exchange) if hasattr(cache, "exchange") else {},
             device_read_bytes=_proc_read_bytes() - read_before)
 
     @torch.no_grad()
