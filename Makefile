@@ -49,7 +49,7 @@ serve: $(STAMP) $(MODEL_STAMP)
 	$(PY) -m tierserve.cli serve --model smollm2 $(SERVE_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check tierserve tiergnn tests
+	$(PY) -m ruff check tierserve tiergnn tierintel tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache

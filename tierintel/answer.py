@@ -1,0 +1,186 @@
+"""Grounded answers: the retrieved records become numbered facts in the prompt, the model (tierserve
+or any OpenAI-compatible endpoint, by base_url) answers with a structured-output JSON object whose
+citations can only name retrieved ids, and the reply is checked: any id it mentions that retrieval
+did not give is marked unverified, and the figures it may quote are appended from the records."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+
+from tierintel.retrieve import CVE_RE, Retrieval
+
+ID_RE = re.compile(r"\b(?:CVE-\d{4}-\d{4,}|CWE-\d{1,4})\b", re.IGNORECASE)
+SYSTEM = ("You are a threat-intelligence analyst. Answer the question using only the numbered "
+          "records given. Cite the CVE and CWE ids you use. Quote EPSS scores, KEV dates and "
+          "required actions exactly as the records give them. If the records do not answer the "
+          "question, say so. Be brief.")
+BASELINE_SYSTEM = ("You are a threat-intelligence analyst. Answer the question. Cite CVE and CWE "
+                   "ids and quote EPSS scores and CISA KEV dates where you know them. Be brief.")
+
+
+class LLMUnavailable(RuntimeError):
+    """The language-model endpoint could not be reached or refused the request."""
+
+
+@dataclass
+class Answer:
+    question: str
+    text: str  # what the user sees: the model's answer, then the evidence lines
+    model_text: str  # the model's own words
+    cited: list[str]  # ids the answer cites (model's choice plus evidence shown)
+    model_cited: list[str]  # ids the model itself cited
+    unverified: list[str]  # ids the model wrote that retrieval did not give (marked in text)
+    sources: list[dict]  # the records shown, with their links
+    intent: str
+    empty: bool  # the index had nothing for the question
+    seconds: float = 0.0
+    usage: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def link(doc_id: str) -> str:
+    if doc_id.startswith("CWE-"):
+        return f"https://cwe.mitre.org/data/definitions/{doc_id[4:]}.html"
+    return f"https://nvd.nist.gov/vuln/detail/{doc_id}"
+
+
+def evidence_line(doc: dict) -> str:
+    """The facts of one record as one line; an answer's figures come from here verbatim."""
+    if doc["kind"] == "cwe":
+        related = "; ".join(f"{r['nature']} {r['id']}" for r in doc["related"][:6])
+        return f"[{doc['id']}] {doc['name']} ({doc['abstraction'] or doc['cwe_kind']}). " \
+               f"Relations: {related or 'none listed'}."
+    parts = [f"[{doc['id']}] published {doc['published']}"]
+    if doc["cvss"] >= 0:
+        parts.append(f"CVSS {doc['cvss_version']} {doc['cvss']} {doc['severity']}")
+    if doc["epss"] >= 0:
+        parts.append(f"EPSS {doc['epss']:.5f} (percentile {doc['percentile']:.5f})")
+    if doc["kev"]:
+        parts.append(f"in CISA KEV since {doc['kev_date_added']}, due {doc['kev_due_date']}, "
+                     f"required action: {doc['kev_required_action']}")
+    else:
+        parts.append("not in CISA KEV")
+    parts.append(f"weakness {', '.join(doc['cwes']) or 'unknown'}")
+    parts.append(f"priority by rule: {doc['priority']} ({doc['priority_reason']})")
+    return "; ".join(parts) + "."
+
+
+def context(retrieval: Retrieval) -> str:
+    blocks = []
+    for number, doc in enumerate(retrieval.docs, start=1):
+        body = doc.get("description", "")
+        blocks.append(f"Record {number}: {evidence_line(doc)}\n{body}")
+    if retrieval.path and len(retrieval.path) > 1:
+        blocks.append("Relation path: " + " -> ".join(retrieval.path))
+    return "\n\n".join(blocks)
+
+
+class Answerer:
+    def __init__(self, base_url: str, model: str, api_key: str = "none", max_tokens: int = 160,
+                 structured: bool = True, timeout_s: float = 120.0, temperature: float = 0.0,
+                 max_answer_chars: int | None = 500, frequency_penalty: float = 0.3):
+        from openai import OpenAI
+
+        self.base_url, self.model = base_url, model
+        self.client = OpenAI(base_url=base_url, api_key=api_key, timeout=timeout_s, max_retries=0)
+        self.max_tokens, self.structured, self.temperature = max_tokens, structured, temperature
+        # maxLength keeps a small model from running on; OpenAI's strict mode may refuse it, so
+        # max_answer_chars=None (--max-answer-chars 0) leaves it out.
+        self.max_answer_chars, self.frequency_penalty = max_answer_chars, frequency_penalty
+
+    def answer(self, question: str, retrieval: Retrieval) -> Answer:
+        start = time.perf_counter()
+        if not retrieval.docs:
+            missing = f" ({', '.join(retrieval.missing)} not found)" if retrieval.missing else ""
+            text = (f"The index has no records for {retrieval.asked}{missing}. Nothing was sent to "
+                    "the model, so there is no answer to ground.")
+            return Answer(question, text, "", [], [], [], [], retrieval.intent, True,
+                          time.perf_counter() - start)
+        allowed = retrieval.ids
+        user = f"Records:\n{context(retrieval)}\n\nQuestion: {question}"
+        reply, usage = self._chat(SYSTEM, user, allowed)
+        model_text, model_cited = self._parse(reply, allowed)
+        unverified = sorted({m.upper() for m in ID_RE.findall(model_text)} - known_ids(retrieval))
+        for bad in unverified:
+            model_text = re.sub(re.escape(bad), f"{bad} [unverified: not in the retrieved records]",
+                                model_text, flags=re.IGNORECASE)
+        shown = retrieval.docs
+        text = model_text.strip() + "\n\nEvidence:\n" + "\n".join(
+            f"- {evidence_line(d)}" for d in shown)
+        if retrieval.missing:
+            text += f"\n\nNot in the index: {', '.join(retrieval.missing)}."
+        cited = list(dict.fromkeys(model_cited + [d["id"] for d in shown]))
+        sources = [{"id": d["id"], "url": link(d["id"]), "line": evidence_line(d)} for d in shown]
+        return Answer(question, text, model_text, cited, model_cited, unverified, sources,
+                      retrieval.intent, False, time.perf_counter() - start, usage)
+
+    def baseline(self, question: str) -> Answer:
+        """The model alone, no retrieval: the paper's comparison."""
+        start = time.perf_counter()
+        reply, usage = self._chat(BASELINE_SYSTEM, question, None)
+        ids = list(dict.fromkeys(m.upper() for m in ID_RE.findall(reply)))
+        return Answer(question, reply, reply, ids, ids, [], [], "baseline", False,
+                      time.perf_counter() - start, usage)
+
+    def _chat(self, system: str, user: str, allowed: list[str] | None) -> tuple[str, dict]:
+        import openai
+
+        kwargs = dict(model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
+                      frequency_penalty=self.frequency_penalty,
+                      messages=[{"role": "system", "content": system},
+                                {"role": "user", "content": user}])
+        if allowed is not None and self.structured:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "grounded_answer", "strict": True, "schema": answer_schema(allowed, self.max_answer_chars)}}
+        try:
+            response = self.client.chat.completions.create(**kwargs)
+        except openai.APIConnectionError as e:
+            raise LLMUnavailable(f"the language-model endpoint {self.base_url} is unreachable "
+                                 f"({e.__cause__ or e})") from None
+        except openai.APIStatusError as e:
+            raise LLMUnavailable(f"the language-model endpoint {self.base_url} answered "
+                                 f"{e.status_code}: {e.message}") from None
+        usage = response.usage.model_dump() if response.usage else {}
+        return response.choices[0].message.content or "", usage
+
+    def _parse(self, reply: str, allowed: list[str]) -> tuple[str, list[str]]:
+        if self.structured:
+            try:
+                data = json.loads(reply)
+                return str(data["answer"]), [i for i in data["cited"] if i in allowed]
+            except (ValueError, KeyError, TypeError):
+                # Cut off by max_tokens inside the JSON: keep the answer string written so far.
+                partial = re.search(r'"answer"\s*:\s*"((?:[^"\\]|\\.)*)', reply)
+                if partial is not None:
+                    text = json.loads('"' + partial.group(1).rstrip("\\") + '"') + " [cut off]"
+                    ids = [m.upper() for m in ID_RE.findall(text)]
+                    return text, [i for i in dict.fromkeys(ids) if i in allowed]
+        ids = [m.upper() for m in ID_RE.findall(reply)]
+        return reply, [i for i in dict.fromkeys(ids) if i in allowed]
+
+
+def answer_schema(allowed: list[str], max_chars: int | None = None) -> dict:
+    """The reply's shape: the answer text and citations drawn only from the retrieved ids."""
+    text = {"type": "string"} | ({"maxLength": max_chars} if max_chars else {})
+    return {"type": "object", "additionalProperties": False, "required": ["answer", "cited"],
+            "properties": {"answer": text,
+                           "cited": {"type": "array", "items": {"type": "string", "enum": allowed}}}}
+
+
+def known_ids(retrieval: Retrieval) -> set[str]:
+    """Ids an answer may name: the retrieved records, and the ids those records themselves name
+    (a CVE's CWEs, a CWE's relations, an id quoted in a description)."""
+    known = set(retrieval.ids) | set(retrieval.path)
+    for doc in retrieval.docs:
+        known |= set(doc.get("cwes", [])) | {r["id"] for r in doc.get("related", [])}
+        known |= {m.upper() for m in ID_RE.findall(doc.get("description", ""))}
+    return known
+
+
+def mentioned_cves(text: str) -> list[str]:
+    return list(dict.fromkeys(m.upper() for m in CVE_RE.findall(text)))

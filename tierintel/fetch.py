@@ -1,0 +1,118 @@
+"""Where feed bytes come from: a local mirror directory (no network) or the feeds' URLs, including the
+NVD CVE API 2.0's paging (startIndex/resultsPerPage) and its lastModified window for updates."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("tierintel.fetch")
+
+NVD_API = "https://services.nvd.nist.gov/rest/json/cves/2.0"
+KEV_URL = "https://www.cisa.gov/sites/default/files/feeds/known_exploited_vulnerabilities.json"
+EPSS_URL = "https://epss.empiricalsecurity.com/epss_scores-current.csv.gz"
+KINDS = ("cwe", "nvd", "kev", "epss")  # ingestion order: CVEs before the feeds that annotate them
+
+
+@dataclass
+class FeedFile:
+    kind: str  # one of KINDS
+    source: str  # path or URL, as the change log names it
+    data: bytes | None  # None: the file could not be read (error says why)
+    error: str = ""
+
+
+@dataclass
+class Sources:
+    """What to ingest: a mirror directory, and/or URLs per feed (a URL wins over the mirror)."""
+
+    mirror: Path | None = None
+    nvd_url: str | None = None
+    kev_url: str | None = None
+    epss_url: str | None = None
+    cwe_path: Path | None = None  # a cwec_v*.xml; "bundled" in the CLI means cwe2's copy
+    nvd_api_key: str | None = None
+    last_mod_start: str | None = None  # NVD API window (ISO), for an incremental pull
+    last_mod_end: str | None = None
+    page_size: int = 2000
+    timeout_s: float = 60.0
+    _client: object | None = field(default=None, repr=False)
+
+    def files(self) -> Iterator[FeedFile]:
+        """Every feed file to read, CWE first, then NVD, KEV and EPSS."""
+        for kind in KINDS:
+            url = {"nvd": self.nvd_url, "kev": self.kev_url, "epss": self.epss_url}.get(kind)
+            if kind == "cwe" and self.cwe_path is not None:
+                yield _read_file("cwe", self.cwe_path)
+            elif kind == "nvd" and url:
+                yield from self._nvd_pages(url)
+            elif url:
+                yield self._get(kind, url)
+            elif self.mirror is not None:
+                for path in _mirror_files(self.mirror / kind, kind):
+                    yield _read_file(kind, path)
+
+    def _http(self):
+        if self._client is None:
+            import httpx
+
+            headers = {"apiKey": self.nvd_api_key} if self.nvd_api_key else {}
+            self._client = httpx.Client(timeout=self.timeout_s, headers=headers,
+                                        follow_redirects=True)
+        return self._client
+
+    def _get(self, kind: str, url: str, params: dict | None = None) -> FeedFile:
+        import httpx
+
+        try:
+            response = self._http().get(url, params=params)
+            response.raise_for_status()
+        except httpx.HTTPError as e:
+            return FeedFile(kind, url, None, f"{type(e).__name__}: {e}")
+        data = response.content
+        return FeedFile(kind, str(response.url), _gunzip(data) if url.endswith(".gz") else data)
+
+    def _nvd_pages(self, url: str) -> Iterator[FeedFile]:
+        import json
+
+        start, total = 0, None
+        while total is None or start < total:
+            params = {"startIndex": start, "resultsPerPage": self.page_size}
+            if self.last_mod_start and self.last_mod_end:
+                params |= {"lastModStartDate": self.last_mod_start,
+                           "lastModEndDate": self.last_mod_end}
+            page = self._get("nvd", url, params)
+            yield page
+            if page.data is None:
+                return
+            try:
+                doc = json.loads(page.data)
+                total, got = int(doc["totalResults"]), len(doc["vulnerabilities"])
+            except (ValueError, KeyError, TypeError):
+                return  # the reader reports what is wrong with this page
+            log.info("NVD API: %d-%d of %d", start, start + got, total)
+            if got == 0:
+                return
+            start += got
+
+
+def _gunzip(data: bytes) -> bytes:
+    return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+
+
+def _mirror_files(folder: Path, kind: str) -> list[Path]:
+    suffixes = {"nvd": (".json", ".json.gz"), "kev": (".json",), "epss": (".csv", ".csv.gz"),
+                "cwe": (".xml",)}[kind]
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.name.endswith(suffixes))
+
+
+def _read_file(kind: str, path: Path) -> FeedFile:
+    try:
+        return FeedFile(kind, str(path), _gunzip(Path(path).read_bytes()))
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        return FeedFile(kind, str(path), None, f"{type(e).__name__}: {e}")
