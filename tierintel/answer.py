@@ -21,8 +21,12 @@ BASELINE_SYSTEM = ("You are a threat-intelligence analyst. Answer the question. 
                    "ids and quote EPSS scores and CISA KEV dates where you know them. Be brief.")
 
 
-class LLMUnavailable(RuntimeError):
-    """The language-model endpoint could not be reached or refused the request."""
+class LLMError(RuntimeError):
+    """The language-model endpoint refused the request (a 4xx: bad model name, prompt too long)."""
+
+
+class LLMUnavailable(LLMError):
+    """The language-model endpoint could not be reached, or failed (a 5xx)."""
 
 
 @dataclass
@@ -70,20 +74,27 @@ def evidence_line(doc: dict) -> str:
     return "; ".join(parts) + "."
 
 
-def context(retrieval: Retrieval) -> str:
-    blocks = []
-    for number, doc in enumerate(retrieval.docs, start=1):
-        body = doc.get("description", "")
-        blocks.append(f"Record {number}: {evidence_line(doc)}\n{body}")
-    if retrieval.path and len(retrieval.path) > 1:
-        blocks.append("Relation path: " + " -> ".join(retrieval.path))
-    return "\n\n".join(blocks)
+def context(retrieval: Retrieval, max_chars: int = 6000) -> str:
+    """The records as numbered blocks, within max_chars: descriptions are shortened first (evenly),
+    then whole records dropped from the end, so a small context window still gets every figure it
+    can hold."""
+    heads = [f"Record {n}: {evidence_line(d)}" for n, d in enumerate(retrieval.docs, start=1)]
+    bodies = [d.get("description", "") for d in retrieval.docs]
+    tail = ("\n\nRelation path: " + " -> ".join(retrieval.path)) if len(retrieval.path) > 1 else ""
+    budget = max_chars - len(tail) - sum(len(h) + 3 for h in heads)
+    while heads and budget < 0:  # even the figures do not fit: fewer records
+        budget += len(heads.pop()) + 3
+        bodies.pop()
+    share = max(0, budget // max(1, len(bodies)))
+    blocks = [h + ("\n" + b[:share] if share else "") for h, b in zip(heads, bodies)]
+    return "\n\n".join(blocks) + tail
 
 
 class Answerer:
     def __init__(self, base_url: str, model: str, api_key: str = "none", max_tokens: int = 160,
                  structured: bool = True, timeout_s: float = 120.0, temperature: float = 0.0,
-                 max_answer_chars: int | None = 500, frequency_penalty: float = 0.3):
+                 max_answer_chars: int | None = 500, frequency_penalty: float = 0.3,
+                 max_prompt_chars: int = 6000):
         from openai import OpenAI
 
         self.base_url, self.model = base_url, model
@@ -92,6 +103,7 @@ class Answerer:
         # maxLength keeps a small model from running on; OpenAI's strict mode may refuse it, so
         # max_answer_chars=None (--max-answer-chars 0) leaves it out.
         self.max_answer_chars, self.frequency_penalty = max_answer_chars, frequency_penalty
+        self.max_prompt_chars = max_prompt_chars  # the records' share of the model's context
 
     def answer(self, question: str, retrieval: Retrieval) -> Answer:
         start = time.perf_counter()
@@ -102,7 +114,7 @@ class Answerer:
             return Answer(question, text, "", [], [], [], [], retrieval.intent, True,
                           time.perf_counter() - start)
         allowed = retrieval.ids
-        user = f"Records:\n{context(retrieval)}\n\nQuestion: {question}"
+        user = f"Records:\n{context(retrieval, self.max_prompt_chars)}\n\nQuestion: {question}"
         reply, usage = self._chat(SYSTEM, user, allowed)
         model_text, model_cited = self._parse(reply, allowed)
         unverified = sorted({m.upper() for m in ID_RE.findall(model_text)} - known_ids(retrieval))
@@ -143,8 +155,9 @@ class Answerer:
             raise LLMUnavailable(f"the language-model endpoint {self.base_url} is unreachable "
                                  f"({e.__cause__ or e})") from None
         except openai.APIStatusError as e:
-            raise LLMUnavailable(f"the language-model endpoint {self.base_url} answered "
-                                 f"{e.status_code}: {e.message}") from None
+            kind = LLMUnavailable if e.status_code >= 500 else LLMError
+            raise kind(f"the language-model endpoint {self.base_url} answered {e.status_code}: "
+                       f"{e.message}") from None
         usage = response.usage.model_dump() if response.usage else {}
         return response.choices[0].message.content or "", usage
 

@@ -28,6 +28,7 @@ class Settings:
     structured: bool = True
     max_tokens: int = 160
     max_answer_chars: int | None = 500
+    max_prompt_chars: int = 6000
 
 
 class App:
@@ -68,7 +69,8 @@ class App:
             if self._answerer is None:
                 s = self.settings
                 answerer = Answerer(s.base_url, s.model or "", s.api_key, s.max_tokens,
-                                    s.structured, max_answer_chars=s.max_answer_chars)
+                                    s.structured, max_answer_chars=s.max_answer_chars,
+                                    max_prompt_chars=s.max_prompt_chars)
                 if not s.model:
                     answerer.model = first_model(answerer)
                 self._answerer = answerer

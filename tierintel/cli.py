@@ -44,7 +44,9 @@ def _llm(p: argparse.ArgumentParser) -> None:
                    help=f"OpenAI-compatible endpoint (default {DEFAULT_BASE_URL}; env "
                         "TIERINTEL_BASE_URL)")
     p.add_argument("--model", help="model name (default: the endpoint's first model)")
-    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--max-tokens", type=int, default=160, help="tokens the answer may take")
+    p.add_argument("--max-prompt-chars", type=int, default=6000,
+                   help="characters of records in the prompt (fit it to the model's context)")
     p.add_argument("--max-answer-chars", type=int, default=500,
                    help="maxLength of the answer in the JSON schema; 0 leaves it out (OpenAI's "
                         "strict mode may refuse maxLength)")
@@ -103,6 +105,7 @@ def settings(args) -> Settings:
         s.base_url, s.model, s.max_tokens = args.base_url, args.model, args.max_tokens
         s.structured = not args.no_structured
         s.max_answer_chars = args.max_answer_chars or None
+        s.max_prompt_chars = args.max_prompt_chars
     return s
 
 
@@ -110,11 +113,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from tierintel.answer import LLMUnavailable
+    from tierintel.answer import LLMError
 
     try:
         return COMMANDS[args.command](args)
-    except LLMUnavailable as e:
+    except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
     except (ValueError, FileNotFoundError) as e:

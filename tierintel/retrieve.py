@@ -19,7 +19,7 @@ KEV_RE = re.compile(r"\bkev\b|known[- ]exploited|actively exploited|exploited in
 EPSS_RE = re.compile(r"\bepss\b|most likely to be exploited|exploit(ation)? probability",
                      re.IGNORECASE)
 MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
-MONTHS |= {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name}
+MONTHS |= {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name} | {"sept": 9}
 MIN_DENSE_SCORE = 0.35  # cosine; below it a free-text hit is not taken as a match (docs/benchmarks)
 TOP_K = 5
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, Field
 
-from tierintel.answer import LLMUnavailable
+from tierintel.answer import LLMError, LLMUnavailable
 from tierintel.app import App
 
 
@@ -28,9 +29,9 @@ def create_app(app: App) -> FastAPI:
                   "CISA KEV, FIRST EPSS and CWE records.")
     lock = asyncio.Semaphore(4)  # answers in flight at once; the model endpoint batches them
 
-    @web.exception_handler(422)
-    async def invalid(request: Request, exc) -> JSONResponse:
-        detail = getattr(exc, "errors", lambda: [])()
+    @web.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = exc.errors()
         where = ".".join(str(p) for p in detail[0]["loc"][1:]) if detail else "body"
         message = detail[0]["msg"] if detail else "invalid request"
         return error(400, f"{where}: {message}", "invalid_request_error")
@@ -52,6 +53,8 @@ def create_app(app: App) -> FastAPI:
                 return error(400, str(e), "invalid_request_error")
             except LLMUnavailable as e:
                 return error(503, str(e), "service_unavailable", "llm_unavailable")
+            except LLMError as e:
+                return error(502, str(e), "upstream_error", "llm_refused")
         return answer.to_dict()
 
     return web
