@@ -21,6 +21,7 @@ EPILOG = """examples:
       --model gpt-4o
   tierintel web --port 8090
   tierintel eval --out docs/results/tierintel-eval.json
+  tierintel bench --records 5000 --out docs/results/tierintel-bench.json
 
 The language model is any OpenAI-compatible endpoint: `make serve` starts tierserve on
 http://127.0.0.1:8000/v1, the default. Set OPENAI_API_KEY for hosted endpoints."""
@@ -94,6 +95,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--limit", type=int, default=0, help="first N questions only")
     p.add_argument("--out", type=Path, help="write the full results as JSON (and a .png plot)")
+    p = sub.add_parser("bench", help="ingestion and retrieval throughput on N generated CVEs")
+    p.add_argument("--records", type=int, default=5000)
+    p.add_argument("--embedding-model", default=None)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--out", type=Path, help="write the result as JSON")
+    p.add_argument("-v", "--verbose", action="store_true")
     return top
 
 
@@ -218,7 +225,18 @@ def cmd_eval(args) -> int:
     return 0
 
 
-COMMANDS = {"ingest": cmd_ingest, "ask": cmd_ask, "status": cmd_status, "web": cmd_web,
+def cmd_bench(args) -> int:
+    from tierintel.bench import run
+
+    result = run(args.records, args.embedding_model, args.queries)
+    print(json.dumps(result, indent=2))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+COMMANDS = {"bench": cmd_bench, "ingest": cmd_ingest, "ask": cmd_ask, "status": cmd_status, "web": cmd_web,
             "eval": cmd_eval}
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 
 log = logging.getLogger("tierintel.index")
 
@@ -24,6 +25,9 @@ class IndexError_(RuntimeError):
 class Index:
     def __init__(self, uri: str, dim: int, embedding_name: str, token: str | None = None,
                  prefix: str = "tierintel") -> None:
+        # grpc's C core prints "too_many_pings" GOAWAYs from Milvus Lite's server as errors; the
+        # client reconnects by itself, and real failures still raise from pymilvus.
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")
         from pymilvus import MilvusClient
 
         # Milvus Lite answers pymilvus's AllocTimestamp probe with "not implemented" and the client
