@@ -36,7 +36,8 @@ def check_answer(text: str, query: dict, catalog, known: set[str] | None = None,
     mentioned = {m.upper() for m in ID_RE.findall(text)}
     if query.get("expect_empty"):
         says_nothing = bool(empty) if empty is not None else bool(NOTHING.search(text))
-        invented = sorted(i for i in mentioned if i.startswith("CVE-") and
+        asked = {m.upper() for m in ID_RE.findall(query["question"])}  # repeating it is no invention
+        invented = sorted(i for i in mentioned - asked if i.startswith("CVE-") and
                           catalog.document(i) is None)
         return {"cited_expected": says_nothing, "facts_ok": says_nothing, "invented": invented}
     cited_expected = set(expected) <= mentioned
@@ -99,6 +100,7 @@ def run_eval(retriever, answerer, catalog, queries: list[dict], baseline: bool =
                 "model_checks": check_answer(answer.model_text, row["query"], catalog, known,
                                              answer.empty if name == "rag" else None)}
         out[name] = _answer_summary(rows, name, wall, concurrency)
+    out["by_type"] = by_type(rows)
     out["rows"] = [_row_json(r) for r in rows]
     return out
 
@@ -134,6 +136,9 @@ def _answer_summary(rows: list[dict], name: str, wall: float, concurrency: int) 
     return {
         "cited_expected": share("cited_expected"), "facts_ok": share("facts_ok"),
         "questions_with_invented_ids": sum(bool(r[name]["checks"]["invented"]) for r in rows),
+        "questions_with_unflagged_invented_ids": sum(
+            bool(set(r[name]["checks"]["invented"]) - set(r[name]["answer"].unverified))
+            for r in rows),
         "model_text_cited_expected": share("cited_expected", "model_checks"),
         "model_text_facts_ok": share("facts_ok", "model_checks"),
         "model_text_questions_with_invented_ids": sum(bool(r[name]["model_checks"]["invented"])
@@ -151,6 +156,62 @@ def _row_json(row: dict) -> dict:
            "retrieved": row["retrieval"].ids, "recall@5": row["recall@5"]}
     for name in ("rag", "baseline"):
         if name in row:
-            out[name] = {"text": row[name]["answer"].text, "cited": row[name]["answer"].cited,
+            out[name] = {"text": row[name]["answer"].text, "model_text": row[name]["answer"].model_text,
+                         "cited": row[name]["answer"].cited, "seconds": row[name]["answer"].seconds,
+                         "empty": row[name]["answer"].empty,
                          "unverified": row[name]["answer"].unverified, **row[name]["checks"]}
+    return out
+
+
+def rescore(result: dict, catalog, queries: list[dict]) -> dict:
+    """Apply the current rules to a saved result's answers (no model calls): rows and summaries."""
+    from tierintel.answer import Answer
+
+    by_id = {q["id"]: q for q in queries}
+    rows = []
+    for saved in result["rows"]:
+        query = by_id[saved["id"]]
+        row = {"query": query}
+        for name in ("rag", "baseline"):
+            if name not in saved:
+                continue
+            text = saved[name]["text"]
+            model_text = saved[name].get("model_text", text.split("\n\nEvidence:")[0])
+            empty = saved[name].get("empty", name == "rag" and text.startswith("The index has no"))
+            answer = Answer(query["question"], text, model_text, saved[name]["cited"], [],
+                            saved[name]["unverified"], [], name, empty,
+                            saved[name].get("seconds", 0.0))
+            known = None
+            if name == "rag":  # the ids the retrieved records name, as when it was answered
+                from tierintel.retrieve import Retrieval
+
+                docs = [d for i in saved["retrieved"] if (d := catalog.document(i)) is not None]
+                known = known_ids(Retrieval(query["type"], docs, [], ""))
+            empty_flag = empty if name == "rag" else None
+            row[name] = {"answer": answer,
+                         "checks": check_answer(text, query, catalog, known, empty_flag),
+                         "model_checks": check_answer(model_text, query, catalog, known, empty_flag)}
+            saved[name].update(row[name]["checks"])
+        rows.append(row)
+    for name in ("rag", "baseline"):
+        if name in result:
+            kept = {k: result[name][k] for k in ("p50_s", "p99_s", "answers_per_s", "concurrency",
+                                                  "completion_tokens")}
+            result[name] = {**_answer_summary(rows, name, 1.0, kept["concurrency"]), **kept}
+    result["by_type"] = by_type(rows)
+    return result
+
+
+def by_type(rows: list[dict]) -> dict:
+    """The share of questions passing each rule, per question type and system."""
+    out: dict = {}
+    for row in rows:
+        for name in ("rag", "baseline"):
+            if name in row:
+                cell = out.setdefault(row["query"]["type"], {}).setdefault(
+                    name, {"questions": 0, "cited_expected": 0, "facts_ok": 0, "invented": 0})
+                cell["questions"] += 1
+                cell["cited_expected"] += bool(row[name]["checks"]["cited_expected"])
+                cell["facts_ok"] += bool(row[name]["checks"]["facts_ok"])
+                cell["invented"] += bool(row[name]["checks"]["invented"])
     return out

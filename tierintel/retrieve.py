@@ -6,6 +6,7 @@ search otherwise."""
 from __future__ import annotations
 
 import calendar
+import json
 import re
 from collections import deque
 from dataclasses import dataclass, field
@@ -97,17 +98,33 @@ class Retriever:
                          missing=[i for i in (a, b) if i not in found], path=path)
 
     def search(self, question: str) -> Retrieval:
+        """Dense search, narrowed by what the question names: a product (by its name, not just its
+        vendor), a CWE id, KEV. A named product with no close match returns nothing rather than
+        another product's CVEs."""
+        filters, named = [], []
+        labels = self.match_products(question, min_score=3)
+        if labels:
+            filters.append(f"array_contains_any(product_names, {json.dumps(labels)})")
+            named.append(", ".join(labels))
+        cwes = [f"CWE-{n}" for n in CWE_RE.findall(question)]
+        if cwes:
+            filters.append(f"array_contains(cwes, {quote(cwes[0])})")
+            named.append(cwes[0])
+        if KEV_RE.search(question):
+            filters.append("kev == true")
+            named.append("KEV")
         vector = self.embedder.encode([question])[0]
-        hits = [(d, s) for d, s in self.index.search(vector, "cve", limit=self.top_k)
-                if s >= self.min_score]
+        hits = [(d, s) for d, s in self.index.search(vector, "cve", " and ".join(filters),
+                                                     limit=self.top_k) if s >= self.min_score]
+        within = f" among {'; '.join(named)}" if named else ""
         return Retrieval("search", [d for d, _ in hits], [s for _, s in hits],
-                         f"records like {question!r}")
+                         f"records like {question!r}{within}")
 
     # -- helpers -----------------------------------------------------------------------------------
-    def match_products(self, question: str) -> list[str]:
+    def match_products(self, question: str, min_score: int = 1) -> list[str]:
         """Product labels the question names: the product's name scores 3, its vendor's 2; the best
         score wins (so "Northwind Gateway" beats every other gateway)."""
-        text, best, labels = _norm(question), 0, []
+        text, best, labels = _norm(question), min_score - 1, []
         for label, vendor, product in self.catalog.products():
             score = 3 * (_norm(product) in text) + 2 * (_norm(vendor) in text)
             if score > best:
