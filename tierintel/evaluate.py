@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tierintel.answer import ID_RE, Answer, known_ids
+from tierintel.retrieve import CVE_RE
 
 QUERIES = Path(__file__).parent / "fixtures" / "queries.jsonl"
 EPSS_QUOTE = re.compile(r"EPSS[^0-9]{0,25}(0\.\d+|1\.0+)", re.IGNORECASE)
@@ -41,21 +42,46 @@ def check_answer(text: str, query: dict, catalog, known: set[str] | None = None,
                           catalog.document(i) is None)
         return {"cited_expected": says_nothing, "facts_ok": says_nothing, "invented": invented}
     cited_expected = set(expected) <= mentioned
-    cves = [catalog.document(i) for i in expected if i.startswith("CVE-")]
-    cves = [d for d in cves if d is not None]
-    epss_true = {round(d["epss"], 3) for d in cves if d["epss"] >= 0}
-    kev_true = {d["kev_date_added"] for d in cves if d["kev"]}
-    epss_quoted = [round(float(x), 3) for x in EPSS_QUOTE.findall(text)]
-    kev_quoted = KEV_QUOTE.findall(text)
-    needs_epss = query["type"] in ("cve", "top_epss") and bool(epss_true)
-    needs_kev = query["type"] in ("cve", "kev_product") and bool(kev_true)
-    facts_ok = (all(x in epss_true for x in epss_quoted) and all(d in kev_true for d in kev_quoted)
-                and (not needs_epss or bool(epss_quoted)) and (not needs_kev or bool(kev_quoted)))
+    quotes = attributed_figures(text, expected[0] if expected else None)
+    truth = {}
+    for cve_id in {c for c, _, _ in quotes} | {i for i in expected if i.startswith("CVE-")}:
+        doc = catalog.document(cve_id) if cve_id else None
+        truth[cve_id] = doc
+    facts_ok = all(_matches(truth.get(cve_id), kind, value) for cve_id, kind, value in quotes)
+    expected_cves = [i for i in expected if i.startswith("CVE-") and truth.get(i) is not None]
+    if query["type"] in ("cve", "top_epss") and any(truth[i]["epss"] >= 0 for i in expected_cves):
+        facts_ok &= any(k == "epss" and c in expected for c, k, _ in quotes)
+    if query["type"] in ("cve", "kev_product") and any(truth[i]["kev"] for i in expected_cves):
+        facts_ok &= any(k == "kev" and c in expected for c, k, _ in quotes)
     if known is None:  # the baseline: an id is invented when no record of the catalog has it
         invented = sorted(i for i in mentioned if catalog.document(i) is None)
     else:
         invented = sorted(mentioned - known)
     return {"cited_expected": cited_expected, "facts_ok": facts_ok, "invented": invented}
+
+
+def attributed_figures(text: str, default: str | None) -> list[tuple[str | None, str, str]]:
+    """(CVE id, "epss" | "kev", value) for every EPSS score and KEV date the text quotes, each
+    credited to the last CVE id written before it (``default`` before any id): figures about
+    another record are checked against that record."""
+    marks = sorted([(m.start(), "id", m.group(0).upper()) for m in CVE_RE.finditer(text)]
+                   + [(m.start(), "epss", m.group(1)) for m in EPSS_QUOTE.finditer(text)]
+                   + [(m.start(), "kev", m.group(1)) for m in KEV_QUOTE.finditer(text)])
+    current, out = default, []
+    for _, kind, value in marks:
+        if kind == "id":
+            current = value
+        else:
+            out.append((current, kind, value))
+    return out
+
+
+def _matches(doc: dict | None, kind: str, value: str) -> bool:
+    if doc is None or doc["kind"] != "cve":
+        return False
+    if kind == "epss":
+        return doc["epss"] >= 0 and abs(float(value) - doc["epss"]) < 5e-4
+    return doc["kev"] and value == doc["kev_date_added"]
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -91,6 +91,12 @@ class Index:
                                         "cvss", "kev")}
         return row
 
+    def flush(self) -> None:
+        """Seal what was written (Milvus Lite searches freshly inserted rows 10x slower until then:
+        190 ms against 16 ms at 5,000 CVEs)."""
+        for name in (self.cve, self.cwe):
+            self.client.flush(name)
+
     def get(self, ids: list[str]) -> dict[str, dict]:
         out = {}
         for name, wanted in ((self.cve, [i for i in ids if i.startswith("CVE-")]),
@@ -103,6 +109,11 @@ class Index:
     def query(self, expr: str, limit: int = 1000) -> list[dict]:
         rows = self.client.query(self.cve, filter=expr, output_fields=["doc"], limit=limit)
         return [r["doc"] for r in rows]
+
+    def query_fields(self, expr: str, fields: list[str], limit: int = 16384) -> list[dict]:
+        """Scalar fields of every match (no JSON documents: cheap enough to rank thousands)."""
+        return self.client.query(self.cve, filter=expr, output_fields=["id", *fields],
+                                 limit=limit)
 
     def search(self, vector: list[float], kind: str = "cve", expr: str = "",
                limit: int = 5) -> list[tuple[dict, float]]:

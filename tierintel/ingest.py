@@ -132,4 +132,6 @@ class Ingestor:
             self.update(plan, self.execute(plan), report)
         if self._bar is not None:
             self._bar.close()
+        if report.docs_indexed:
+            self.index.flush()
         return report

@@ -23,6 +23,7 @@ MONTHS = {name.lower(): i for i, name in enumerate(calendar.month_name) if name}
 MONTHS |= {name.lower(): i for i, name in enumerate(calendar.month_abbr) if name} | {"sept": 9}
 MIN_DENSE_SCORE = 0.35  # cosine; below it a free-text hit is not taken as a match (docs/benchmarks)
 TOP_K = 5
+MAX_ID_FILTER = 4096  # candidate ids passed to a vector search as `id in [...]`
 
 
 @dataclass
@@ -45,9 +46,10 @@ def _norm(text: str) -> str:
 
 class Retriever:
     def __init__(self, index, embedder, catalog, top_k: int = TOP_K,
-                 min_score: float = MIN_DENSE_SCORE) -> None:
+                 min_score: float = MIN_DENSE_SCORE, max_listed: int = 20) -> None:
         self.index, self.embedder, self.catalog = index, embedder, catalog
         self.top_k, self.min_score = top_k, min_score
+        self.max_listed = max_listed  # KEV entries listed for one product, newest first
 
     def retrieve(self, question: str, today: str | None = None) -> Retrieval:
         cves = list(dict.fromkeys(m.upper() for m in CVE_RE.findall(question)))
@@ -74,17 +76,18 @@ class Retriever:
         if not labels:
             return Retrieval("kev_product", [], [], "KEV entries for a product the index does not "
                              "know (no vendor or product name in the question matched)")
-        expr = f"kev == true and array_contains_any(product_names, {list(labels)!r})"
-        docs = sorted(self.index.query(expr.replace("'", '"')),
-                      key=lambda d: (d["kev_date_added"], d["id"]), reverse=True)
+        ranked = self.catalog.kev_ids_for(labels)
+        shown = ranked[: self.max_listed]
+        found = self.index.get([cve_id for cve_id, _ in shown])
+        docs = [found[cve_id] for cve_id, _ in shown if cve_id in found]
+        more = f" ({len(ranked)} in all; the {len(shown)} newest)" if len(ranked) > len(shown) else ""
         return Retrieval("kev_product", docs, [1.0] * len(docs),
-                         f"KEV entries for {', '.join(labels)}")
+                         f"KEV entries for {', '.join(labels)}{more}")
 
     def top_epss(self, cwe: str, month: str | None) -> Retrieval:
-        expr = f"array_contains(cwes, {quote(cwe)})"
-        if month:
-            expr += f" and published like {quote(month + '%')}"
-        docs = sorted(self.index.query(expr), key=lambda d: d["epss"], reverse=True)[: self.top_k]
+        ranked = self.catalog.top_epss_ids(cwe, month, self.top_k)
+        found = self.index.get([cve_id for cve_id, _ in ranked])
+        docs = [found[cve_id] for cve_id, _ in ranked if cve_id in found]
         when = f" published in {month}" if month else ""
         return Retrieval("top_epss", docs, [d["epss"] for d in docs],
                          f"the highest-EPSS CVEs with {cwe}{when}")
@@ -103,12 +106,16 @@ class Retriever:
         another product's CVEs."""
         filters, named = [], []
         labels = self.match_products(question, min_score=3)
-        if labels:
-            filters.append(f"array_contains_any(product_names, {json.dumps(labels)})")
+        if labels:  # by id where the catalog's list is short (Milvus Lite filters arrays slowly)
+            ids = self.catalog.ids_with_product(labels, MAX_ID_FILTER + 1)
+            filters.append(f"id in {json.dumps(ids)}" if len(ids) <= MAX_ID_FILTER else
+                           f"array_contains_any(product_names, {json.dumps(labels)})")
             named.append(", ".join(labels))
         cwes = [f"CWE-{n}" for n in CWE_RE.findall(question)]
         if cwes:
-            filters.append(f"array_contains(cwes, {quote(cwes[0])})")
+            ids = self.catalog.ids_with_cwe(cwes[0], MAX_ID_FILTER + 1)
+            filters.append(f"id in {json.dumps(ids)}" if len(ids) <= MAX_ID_FILTER else
+                           f"array_contains(cwes, {quote(cwes[0])})")
             named.append(cwes[0])
         if KEV_RE.search(question):
             filters.append("kev == true")

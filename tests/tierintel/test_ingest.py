@@ -159,3 +159,18 @@ def test_reopened_index_answers_queries(intel):
     reopened = Index(intel.index_uri, intel.embedder.dim, intel.embedder.name)
     assert reopened.count() == {"cve": 42, "cwe": 21}
     assert [d["id"] for d in reopened.query('kev == true and array_contains(cwes, "CWE-89")')]
+
+
+def test_an_older_catalog_gets_its_ranking_tables_filled(fresh):
+    ingest(fresh, mirror=MIRROR)
+    db = fresh.catalog.db
+    for table in ("doc_facts", "doc_cwe", "doc_product"):
+        db.execute(f"DELETE FROM {table}")
+    db.execute("PRAGMA user_version = 0")
+    db.commit()
+    from tierintel.catalog import Catalog
+
+    reopened = Catalog(fresh.catalog.path)
+    assert [i for i, _ in reopened.kev_ids_for(["northwind gateway"])] == [
+        "CVE-2026-41033", "CVE-2026-41021", "CVE-2026-38901"]
+    assert reopened.top_epss_ids("CWE-79", "2026-11", 1) == [("CVE-2026-41017", 0.1672)]
