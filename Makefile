@@ -62,7 +62,7 @@ serve: $(STAMP) $(MODEL_STAMP)
 	$(PY) -m tierserve.cli serve --model smollm2 $(SERVE_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check tierserve tiergnn tierintel tests
+	$(PY) -m ruff check tierserve tiergnn tierintel tieradv tests
 
 clean:
 	rm -rf $(VENV) .pytest_cache
