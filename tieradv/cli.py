@@ -1,4 +1,4 @@
-"""``tieradv``: the exact tabular convergence study (more commands as the package grows)."""
+"""``tieradv``: the exact tabular convergence study and self-play training of the sumo victim."""
 
 from __future__ import annotations
 
@@ -26,12 +26,37 @@ def parser() -> argparse.ArgumentParser:
                    help="attacker updates per victim update (separated run)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write JSON here and a .png plot beside it")
+    p = sub.add_parser("victim", help="train the victim by self-play PPO (resumable: run the same "
+                                      "command again after a stop)")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, JSON)")
+    p.add_argument("--steps", type=int, default=100_000, help="environment steps in all")
+    p.add_argument("--chunk", type=int, default=8192,
+                   help="steps between checkpoints and opponent snapshots")
+    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return {"tabular": cmd_tabular}[args.command](args)
+    return {"tabular": cmd_tabular, "victim": cmd_victim}[args.command](args)
+
+
+def cmd_victim(args) -> int:
+    from tieradv.train import OPPONENTS, SelfPlay, evaluate, ppo_policy
+
+    run = SelfPlay(args.out, args.steps, args.chunk, args.seed,
+                   eval_episodes=max(2, args.eval_episodes // 2))
+    start = time.perf_counter()
+    state = run.run(progress=sys.stderr.isatty())
+    final = {name: evaluate(ppo_policy(run.model), opponent, args.eval_episodes)
+             for name, opponent in OPPONENTS.items()}
+    result = {"config": {k: str(v) for k, v in vars(args).items()}, "steps": state.done_steps,
+              "seconds_this_run": round(time.perf_counter() - start, 1), "curve": state.curve,
+              "final_win_rates": final}
+    (args.out / "result.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({"steps": state.done_steps, "final_win_rates": final}, indent=2))
+    return 0
 
 
 def cmd_tabular(args) -> int:
