@@ -34,12 +34,39 @@ def parser() -> argparse.ArgumentParser:
                    help="steps between checkpoints and opponent snapshots")
     p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("attack", help="train attackers against a frozen victim over epsilon and "
+                                      "stealth weights: win rate, state shift, detector AUC")
+    p.add_argument("--victim", type=Path, required=True, help="a victim model.zip (tieradv victim)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--epsilons", default="1.0,0.5", help="control levels (1.0 = Gleave et al.)")
+    p.add_argument("--stealth-weights", default="0,1", help="stealth charge weights")
+    p.add_argument("--steps", type=int, default=100_000, help="PPO steps per attacker")
+    p.add_argument("--episodes", type=int, default=10, help="evaluation episodes per attacker")
+    p.add_argument("--seed", type=int, default=0)
     return top
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return {"tabular": cmd_tabular, "victim": cmd_victim}[args.command](args)
+    return {"tabular": cmd_tabular, "victim": cmd_victim, "attack": cmd_attack}[args.command](args)
+
+
+def cmd_attack(args) -> int:
+    from tieradv.attacks import train_attacker
+
+    results = []
+    for epsilon in (float(e) for e in args.epsilons.split(",")):
+        for weight in (float(w) for w in args.stealth_weights.split(",")):
+            done = args.out / f"attack-eps{epsilon}-w{weight}.json"
+            if done.exists():  # a rerun after a stop skips the finished attackers
+                results.append(json.loads(done.read_text()))
+                continue
+            result = train_attacker(args.victim, epsilon, weight, args.steps, args.out, args.seed,
+                                    args.episodes)
+            results.append(result.__dict__)
+            print(json.dumps(result.__dict__), flush=True)
+    (args.out / "attacks.json").write_text(json.dumps(results, indent=1))
+    return 0
 
 
 def cmd_victim(args) -> int:

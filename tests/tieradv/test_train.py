@@ -70,3 +70,34 @@ def test_victim_command(tmp_path, capsys):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["steps"] == 256 and set(result["final_win_rates"]) == {"random", "gait", "stand"}
     assert json.loads(capsys.readouterr().out)["steps"] == 256
+
+
+def test_attack_command_trains_and_measures(tmp_path):
+    """A tiny victim, then Gleave's attack (epsilon 1) and a generalized one (epsilon 0.5 with the
+    stealth charge): each gets a win rate, a state shift and a detector AUC; a rerun skips them."""
+    victim = tmp_path / "victim"
+    assert main(["victim", "--out", str(victim), "--steps", "256", "--chunk", "256",
+                 "--eval-episodes", "2"]) == 0
+    out = tmp_path / "attacks"
+    args = ["attack", "--victim", str(victim / "model.zip"), "--out", str(out), "--epsilons",
+            "1.0,0.5", "--stealth-weights", "0", "--steps", "256", "--episodes", "4"]
+    assert main(args) == 0
+    results = json.loads((out / "attacks.json").read_text())
+    assert [(r["epsilon"], r["stealth_weight"]) for r in results] == [(1.0, 0.0), (0.5, 0.0)]
+    for r in results:
+        assert 0 <= r["win_rate"] <= 1 and r["shift"] >= 0 and 0 <= r["auc"] <= 1
+        assert sum(r["outcomes"].values()) == pytest.approx(1.0)
+    before = (out / "attacks.json").stat().st_mtime_ns
+    assert main(args) == 0 and json.loads((out / "attacks.json").read_text()) == results
+    assert (out / "attacks.json").stat().st_mtime_ns >= before
+
+
+def test_detector_auc_separates_what_differs():
+    from tieradv.attacks import detector_auc
+
+    rng = np.random.default_rng(0)
+    benign = [rng.standard_normal((30, 4)) for _ in range(20)]
+    same = [rng.standard_normal((30, 4)) for _ in range(20)]
+    moved = [rng.standard_normal((30, 4)) + 0.8 for _ in range(20)]
+    assert detector_auc(benign, moved) > 0.95
+    assert detector_auc(benign, same) < 0.8
