@@ -118,9 +118,9 @@ class Answerer:
         reply, usage = self._chat(SYSTEM, user, allowed)
         model_text, model_cited = self._parse(reply, allowed)
         unverified = sorted({m.upper() for m in ID_RE.findall(model_text)} - known_ids(retrieval))
-        for bad in unverified:
-            model_text = re.sub(re.escape(bad), f"{bad} [unverified: not in the retrieved records]",
-                                model_text, flags=re.IGNORECASE)
+        flagged = set(unverified)
+        model_text = ID_RE.sub(lambda m: m.group(0) + " [unverified: not in the retrieved records]"
+                               if m.group(0).upper() in flagged else m.group(0), model_text)
         shown = retrieval.docs
         text = model_text.strip() + "\n\nEvidence:\n" + "\n".join(
             f"- {evidence_line(d)}" for d in shown)
@@ -170,7 +170,11 @@ class Answerer:
                 # Cut off by max_tokens inside the JSON: keep the answer string written so far.
                 partial = re.search(r'"answer"\s*:\s*"((?:[^"\\]|\\.)*)', reply)
                 if partial is not None:
-                    text = json.loads('"' + partial.group(1).rstrip("\\") + '"') + " [cut off]"
+                    raw = re.sub(r"\\(u[0-9a-fA-F]{0,3})?$", "", partial.group(1))  # a cut escape
+                    try:
+                        text = json.loads('"' + raw + '"') + " [cut off]"
+                    except ValueError:
+                        text = raw + " [cut off]"
                     ids = [m.upper() for m in ID_RE.findall(text)]
                     return text, [i for i in dict.fromkeys(ids) if i in allowed]
         ids = [m.upper() for m in ID_RE.findall(reply)]

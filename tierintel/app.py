@@ -57,10 +57,16 @@ class App:
         embedder = self.embedder
         with self._lock:
             if self._index is None:
-                from tierintel.index import Index
+                from tierintel.index import Index, IndexError_
 
+                built_by = self.catalog.meta("embedding_model")
+                if built_by is not None and built_by != embedder.name:
+                    raise IndexError_(f"the index in {self.settings.data} was built with "
+                                      f"{built_by}, not {embedder.name}: ingest with --reindex "
+                                      "(vectors of two models do not compare)")
                 self._index = Index(self.index_uri, embedder.dim, embedder.name,
                                     token=self.settings.index_token)
+                self.catalog.set_meta("embedding_model", embedder.name)
             return self._index
 
     @property

@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS feeds (source TEXT PRIMARY KEY, kind TEXT, feed_date 
     version TEXT, content_hash TEXT, ingested_at REAL);
 CREATE TABLE IF NOT EXISTS products (label TEXT PRIMARY KEY, vendor TEXT, product TEXT);
 CREATE TABLE IF NOT EXISTS indexed (id TEXT PRIMARY KEY, kind TEXT, doc_hash TEXT);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
 CREATE TABLE IF NOT EXISTS doc_facts (id TEXT PRIMARY KEY, published TEXT, epss REAL,
     kev INTEGER, kev_date_added TEXT);
 CREATE TABLE IF NOT EXISTS doc_cwe (id TEXT, cwe TEXT, PRIMARY KEY (cwe, id));
@@ -126,6 +127,11 @@ class Catalog:
                          product.replace("_", " ").lower()))
 
     def _apply_kev(self, batch: FeedBatch, change: Change) -> None:
+        newest = self.db.execute("SELECT MAX(feed_date) FROM feeds WHERE kind='kev'").fetchone()[0]
+        if newest and batch.feed_date and batch.feed_date < newest:
+            change.notes.append(f"older than the held catalog ({newest}): not applied")
+            change.unchanged = len(batch.records)
+            return
         incoming = {entry.cve_id: json.dumps(entry.__dict__, sort_keys=True)
                     for entry in batch.records}
         held = dict(self.db.execute("SELECT cve_id, data FROM kev").fetchall())
@@ -204,12 +210,14 @@ class Catalog:
 
     def cwe_referrers(self, cwe_id: str) -> list[str]:
         """CWEs whose relations name cwe_id (the reverse edges of the relation graph)."""
-        if not hasattr(self, "_referrers"):
-            self._referrers: dict[str, list[str]] = {}
+        referrers = self.__dict__.get("_referrers")
+        if referrers is None:  # built whole, then published: readers never see half of it
+            referrers = {}
             for other, data in self.db.execute("SELECT id, data FROM cwes"):
                 for _, target in json.loads(data)["related"]:
-                    self._referrers.setdefault(target, []).append(other)
-        return self._referrers.get(cwe_id, [])
+                    referrers.setdefault(target, []).append(other)
+            self._referrers = referrers
+        return referrers.get(cwe_id, [])
 
     def cve_ids(self) -> list[str]:
         """Every CVE with a document: NVD records, and KEV entries NVD has not given us yet."""
@@ -253,6 +261,28 @@ class Catalog:
             if held.get(doc_id) != doc["hash"]:
                 out.append(doc)
         return out
+
+    def meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO meta VALUES (?,?)", (key, value))
+
+    def indexed_ids(self) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT id FROM indexed")]
+
+    def vanished_ids(self) -> list[str]:
+        """Indexed documents whose records are gone (a KEV-only CVE that left the catalog)."""
+        current = set(self.cve_ids()) | set(self.cwe_ids())
+        return [i for i in self.indexed_ids() if i not in current]
+
+    def forget(self, ids: list[str]) -> None:
+        """Drop documents from the indexed and ranking tables."""
+        with self.db:
+            for table in ("indexed", "doc_facts", "doc_cwe", "doc_product"):
+                self.db.executemany(f"DELETE FROM {table} WHERE id=?", [(i,) for i in ids])
 
     def mark_indexed(self, docs: list[dict]) -> None:
         """Record documents as indexed, and their scalar fields in indexed tables: the structured

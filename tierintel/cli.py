@@ -121,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from tierintel.answer import LLMError
+    from tierintel.index import IndexError_
 
     try:
         return COMMANDS[args.command](args)
     except LLMError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, IndexError_) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -152,10 +153,11 @@ def cmd_ingest(args) -> int:
         raise ValueError("nothing to ingest: give --mirror and/or feed URLs (see --help)")
     app = App(settings(args))
     if args.reindex:
-        app.index.drop()
-        app._index = None
-        app.catalog.db.execute("DELETE FROM indexed")
-        app.catalog.db.commit()
+        from tierintel.index import drop_collections
+
+        drop_collections(app.index_uri, args.index_token)
+        app.catalog.forget(app.catalog.indexed_ids())
+        app.catalog.set_meta("embedding_model", app.embedder.name)
     report = Ingestor(app.catalog, app.index, app.embedder, args.batch_size,
                       progress=sys.stderr.isatty()).run(sources)
     print(json.dumps(report.summary(), indent=2))

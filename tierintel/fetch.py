@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import logging
+import time
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +25,7 @@ class FeedFile:
     source: str  # path or URL, as the change log names it
     data: bytes | None  # None: the file could not be read (error says why)
     error: str = ""
+    status: int = 0  # the HTTP status of a failed request, when there was one
 
 
 @dataclass
@@ -39,6 +42,9 @@ class Sources:
     last_mod_end: str | None = None
     page_size: int = 2000
     timeout_s: float = 60.0
+    # NVD allows 5 requests per 30 s without an API key and 50 with one; 403/429/503 are retried.
+    page_pause_s: float | None = None  # default: 6.5 s without a key, 0.7 s with one
+    retries: int = 4
     _client: object | None = field(default=None, repr=False)
 
     def files(self) -> Iterator[FeedFile]:
@@ -70,10 +76,16 @@ class Sources:
         try:
             response = self._http().get(url, params=params)
             response.raise_for_status()
+        except httpx.HTTPStatusError as e:
+            return FeedFile(kind, url, None, f"HTTP {e.response.status_code}: {e}",
+                            e.response.status_code)
         except httpx.HTTPError as e:
             return FeedFile(kind, url, None, f"{type(e).__name__}: {e}")
         data = response.content
-        return FeedFile(kind, str(response.url), _gunzip(data) if url.endswith(".gz") else data)
+        try:
+            return FeedFile(kind, str(response.url), _gunzip(data) if url.endswith(".gz") else data)
+        except (OSError, EOFError, zlib.error) as e:
+            return FeedFile(kind, str(response.url), None, f"{type(e).__name__}: {e}")
 
     def _nvd_pages(self, url: str) -> Iterator[FeedFile]:
         import json
@@ -84,7 +96,16 @@ class Sources:
             if self.last_mod_start and self.last_mod_end:
                 params |= {"lastModStartDate": self.last_mod_start,
                            "lastModEndDate": self.last_mod_end}
-            page = self._get("nvd", url, params)
+            if start:
+                time.sleep(self.page_pause_s if self.page_pause_s is not None else
+                           (0.7 if self.nvd_api_key else 6.5))
+            for attempt in range(self.retries + 1):
+                page = self._get("nvd", url, params)
+                if page.status not in (403, 429, 503):
+                    break
+                log.warning("NVD API refused page %d (%s); retry %d", start, page.error,
+                            attempt + 1)
+                time.sleep(min(60.0, 6.0 * 2 ** attempt))
             yield page
             if page.data is None:
                 return
@@ -114,5 +135,5 @@ def _mirror_files(folder: Path, kind: str) -> list[Path]:
 def _read_file(kind: str, path: Path) -> FeedFile:
     try:
         return FeedFile(kind, str(path), _gunzip(Path(path).read_bytes()))
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
+    except (OSError, EOFError, zlib.error) as e:
         return FeedFile(kind, str(path), None, f"{type(e).__name__}: {e}")

@@ -19,7 +19,20 @@ def quote(value: str) -> str:
 
 
 class IndexError_(RuntimeError):
-    pass
+    """The index on disk does not fit the embedding model (size or name)."""
+
+
+def drop_collections(uri: str, token: str | None = None, prefix: str = "tierintel") -> None:
+    """Remove the index's collections without opening them (what --reindex needs when the old
+    index does not fit the new model)."""
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri, token=token or "")
+    for kind in ("cve", "cwe"):
+        if client.has_collection(f"{prefix}_{kind}"):
+            client.drop_collection(f"{prefix}_{kind}")
+    client.close()
 
 
 class Index:
@@ -71,6 +84,11 @@ class Index:
         if dims and int(dims[0]) != self.dim:
             raise IndexError_(f"collection {name} at {self.uri} holds {dims[0]}-dimensional vectors "
                               f"but the embedding model gives {self.dim}: ingest with --reindex")
+        built_by = info.get("description", "")
+        if built_by.startswith("embedding=") and built_by != f"embedding={self.embedding_name}":
+            raise IndexError_(f"collection {name} at {self.uri} was built with "
+                              f"{built_by[len('embedding='):]}, not {self.embedding_name}: ingest "
+                              "with --reindex (vectors of two models do not compare)")
 
     def drop(self) -> None:
         for name in (self.cve, self.cwe):
@@ -96,6 +114,12 @@ class Index:
         190 ms against 16 ms at 5,000 CVEs)."""
         for name in (self.cve, self.cwe):
             self.client.flush(name)
+
+    def delete(self, ids: list[str]) -> None:
+        for name, wanted in ((self.cve, [i for i in ids if i.startswith("CVE-")]),
+                             (self.cwe, [i for i in ids if i.startswith("CWE-")])):
+            if wanted:
+                self.client.delete(name, ids=wanted)
 
     def get(self, ids: list[str]) -> dict[str, dict]:
         out = {}

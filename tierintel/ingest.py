@@ -98,6 +98,11 @@ class Ingestor:
 
     # -- catalog -> index: the step ----------------------------------------------------------------
     def plan_all(self) -> int:
+        vanished = self.catalog.vanished_ids()
+        if vanished:  # e.g. a CVE known only from KEV that left the KEV catalog
+            self.index.delete(vanished)
+            self.catalog.forget(vanished)
+            log.info("removed %d documents whose records are gone", len(vanished))
         self._pending = self.catalog.stale_documents()
         if self.progress and self._pending:
             from tqdm import tqdm

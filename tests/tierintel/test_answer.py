@@ -127,3 +127,23 @@ def test_eval_runs_rag_and_baseline_side_by_side(intel, answerer):
                                      "p50_s", "p99_s", "answers_per_s"}
     assert result["rag"]["cited_expected"] >= 2 / 3  # evidence always cites what was retrieved
     assert len(result["rows"]) == len(queries)
+
+
+def test_marking_leaves_longer_ids_alone(intel, monkeypatch):
+    retrieval = intel.retriever().retrieve("What is CVE-2021-44228?")
+    answerer = Answerer(DEAD, "any")
+    reply = json.dumps({"answer": "CWE-20 and CWE-200; CVE-2021-4422 is not CVE-2021-44228.",
+                        "cited": []})
+    monkeypatch.setattr(answerer, "_chat", lambda *a: (reply, {}))
+    answer = answerer.answer("What is CVE-2021-44228?", retrieval)
+    assert answer.unverified == ["CVE-2021-4422", "CWE-200"]  # CWE-20 is the record's own
+    assert "CWE-20 and CWE-200 [unverified" in answer.model_text
+    assert "CVE-2021-4422 [unverified" in answer.model_text
+    assert "CVE-2021-44228." in answer.model_text and "44228 [unverified" not in answer.model_text
+
+
+def test_a_reply_cut_inside_an_escape(intel, monkeypatch):
+    retrieval = intel.retriever().retrieve("What is CVE-2026-41021?")
+    answerer = Answerer(DEAD, "any")
+    monkeypatch.setattr(answerer, "_chat", lambda *a: ('{"answer": "caf\\u00', {}))
+    assert answerer.answer("q", retrieval).model_text == "caf [cut off]"

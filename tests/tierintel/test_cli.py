@@ -28,6 +28,8 @@ def test_ingest_status_and_ask(tmp_path, capsys):
     assert main(["ingest", "--data", data, "--mirror", str(MIRROR)]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["docs_indexed"] == 63 and summary["files_read"] == 8
+    assert main(["ingest", "--data", data, "--mirror", str(MIRROR), "--reindex"]) == 0
+    assert json.loads(capsys.readouterr().out)["docs_indexed"] == 63  # all again, nothing read
     assert main(["status", "--data", data, "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["records"]["kev"] == 18 and status["as_of"] == "2026-11-29"

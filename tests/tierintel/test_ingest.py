@@ -174,3 +174,52 @@ def test_an_older_catalog_gets_its_ranking_tables_filled(fresh):
     assert [i for i, _ in reopened.kev_ids_for(["northwind gateway"])] == [
         "CVE-2026-41033", "CVE-2026-41021", "CVE-2026-38901"]
     assert reopened.top_epss_ids("CWE-79", "2026-11", 1) == [("CVE-2026-41017", 0.1672)]
+
+
+def test_times_of_both_generations_compare():
+    from tierintel.feeds.nvd import iso_time
+
+    assert iso_time("2023-11-07T03:39Z") == "2023-11-07T03:39:00.000"
+    assert iso_time("2023-11-07T03:39:36.747") == "2023-11-07T03:39:36.747"
+    assert iso_time("2023-11-07T03:39Z") < iso_time("2023-11-07T03:39:36.747")
+
+
+def test_a_damaged_gzip_stream_is_skipped(fresh, mirror_copy):
+    good = gzip.compress(b'{"CVE_data_version": "4.0", "CVE_Items": []}' * 50)
+    (mirror_copy / "nvd/1.1/damaged.json.gz").write_bytes(good[:30] + b"\x00" * 20 + good[50:])
+    report = ingest(fresh, mirror=mirror_copy)
+    assert len(report.files_failed) == 1 and fresh.catalog.counts()["cves"] == 42
+
+
+def test_an_older_kev_snapshot_is_not_applied(fresh, mirror_copy):
+    ingest(fresh, mirror=mirror_copy)
+    kev = json.loads((mirror_copy / "kev/known_exploited_vulnerabilities.json").read_text())
+    old = {**kev, "dateReleased": "2026-01-01T00:00:00.000Z", "vulnerabilities": []}
+    (mirror_copy / "kev/old.json").write_text(json.dumps(old))
+    report = ingest(fresh, mirror=mirror_copy)
+    assert "older than the held catalog" in report.changes[0].notes[0]
+    assert fresh.catalog.counts()["kev"] == 18 and report.docs_indexed == 0
+
+
+def test_a_kev_only_cve_that_leaves_kev_leaves_the_index(fresh, mirror_copy):
+    path = mirror_copy / "kev/known_exploited_vulnerabilities.json"
+    kev = json.loads(path.read_text())
+    extra = dict(kev["vulnerabilities"][0], cveID="CVE-2026-55555")
+    path.write_text(json.dumps({**kev, "vulnerabilities": kev["vulnerabilities"] + [extra]}))
+    ingest(fresh, mirror=mirror_copy)
+    assert "CVE-2026-55555" in fresh.index.get(["CVE-2026-55555"])
+    path.write_text(json.dumps({**kev, "dateReleased": "2026-11-30T00:00:00.000Z"}))
+    ingest(fresh, mirror=mirror_copy)
+    assert fresh.index.get(["CVE-2026-55555"]) == {}
+    assert "CVE-2026-55555" not in fresh.catalog.indexed_ids()
+
+
+def test_an_index_built_by_another_model_is_refused(fresh):
+    from tierintel.index import IndexError_
+
+    ingest(fresh, mirror=MIRROR)
+    other = App(fresh.settings)
+    other._embedder = HashEmbedder()
+    other._embedder.name = "another 384-dimension model"
+    with pytest.raises(IndexError_, match="built with hashed-words"):
+        assert other.index is None

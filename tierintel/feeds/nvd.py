@@ -69,13 +69,30 @@ def _api_cve(cve: dict) -> CveRecord:
             for node in conf.get("nodes") or [] for m in node.get("cpeMatch") or []
             if m.get("vulnerable")]
     return CveRecord(
-        id=_checked_id(cve["id"]), published=cve["published"], last_modified=cve["lastModified"],
+        id=_checked_id(cve["id"]), published=iso_time(cve["published"]),
+        last_modified=iso_time(cve["lastModified"]),
         description=_english(cve["descriptions"]), cwes=list(dict.fromkeys(cwes)), cvss=cvss,
         cpes=list(dict.fromkeys(cpes)), references=[r["url"] for r in cve.get("references") or []],
         status=cve.get("vulnStatus", ""), kev_date_added=cve.get("cisaExploitAdd", ""),
         kev_due_date=cve.get("cisaActionDue", ""),
         kev_required_action=cve.get("cisaRequiredAction", ""),
         kev_name=cve.get("cisaVulnerabilityName", ""))
+
+
+def iso_time(value: str) -> str:
+    """One comparable form for both generations' times: "2023-11-07T03:39Z" (1.1) and
+    "2023-11-07T03:39:36.747" (API 2.0) become "YYYY-MM-DDTHH:MM:SS.fff" (UTC, as NVD gives them),
+    so that catalog comparisons across formats order by time, not by characters."""
+    from datetime import datetime
+
+    text = value.strip().rstrip("Z")
+    for pattern in ("%Y-%m-%dT%H:%M:%S.%f", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%dT%H:%M", "%Y-%m-%d"):
+        try:
+            parsed = datetime.strptime(text, pattern)
+        except ValueError:
+            continue
+        return parsed.strftime("%Y-%m-%dT%H:%M:%S.") + f"{parsed.microsecond // 1000:03d}"
+    raise ValueError(f"unreadable time {value!r}")
 
 
 def _checked_id(cve_id: str) -> str:
@@ -122,8 +139,8 @@ def _legacy_cve(item: dict) -> CveRecord:
         stack.extend(node.get("children") or [])
         cpes += [m["cpe23Uri"] for m in node.get("cpe_match") or [] if m.get("vulnerable")]
     return CveRecord(
-        id=_checked_id(cve["CVE_data_meta"]["ID"]), published=item["publishedDate"],
-        last_modified=item["lastModifiedDate"],
+        id=_checked_id(cve["CVE_data_meta"]["ID"]), published=iso_time(item["publishedDate"]),
+        last_modified=iso_time(item["lastModifiedDate"]),
         description=_english(cve["description"]["description_data"]),
         cwes=list(dict.fromkeys(cwes)), cvss=cvss, cpes=list(dict.fromkeys(cpes)),
         references=[r["url"] for r in cve.get("references", {}).get("reference_data") or []])
