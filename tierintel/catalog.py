@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS feeds (source TEXT PRIMARY KEY, kind TEXT, feed_date 
 CREATE TABLE IF NOT EXISTS products (label TEXT PRIMARY KEY, vendor TEXT, product TEXT);
 CREATE TABLE IF NOT EXISTS indexed (id TEXT PRIMARY KEY, kind TEXT, doc_hash TEXT);
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS text_hashes (id TEXT PRIMARY KEY, text_hash TEXT);
 CREATE TABLE IF NOT EXISTS doc_facts (id TEXT PRIMARY KEY, published TEXT, epss REAL,
     kev INTEGER, kev_date_added TEXT);
 CREATE TABLE IF NOT EXISTS doc_cwe (id TEXT, cwe TEXT, PRIMARY KEY (cwe, id));
@@ -252,13 +253,18 @@ class Catalog:
         return cve_document(doc_id, record, kev, self.epss(doc_id), self.cwe)
 
     def stale_documents(self) -> list[dict]:
-        """Documents whose content differs from what was last indexed (new ones included)."""
+        """Documents whose content differs from what was last indexed (new ones included). A
+        document whose embedded text is unchanged (a new EPSS score, say) is marked
+        ``reuse_vector``: it is upserted with its stored vector, not embedded again."""
         held = dict(self.db.execute("SELECT id, doc_hash FROM indexed").fetchall())
+        texts = dict(self.db.execute("SELECT id, text_hash FROM text_hashes").fetchall())
         out = []
         for doc_id in self.cwe_ids() + self.cve_ids():
             doc = self.document(doc_id)
-            doc["hash"] = _hash({k: v for k, v in doc.items() if k != "hash"})
+            doc["hash"] = _hash(doc)
+            doc["text_hash"] = _hash(doc["text"])
             if held.get(doc_id) != doc["hash"]:
+                doc["reuse_vector"] = doc_id in held and texts.get(doc_id) == doc["text_hash"]
                 out.append(doc)
         return out
 
@@ -281,7 +287,7 @@ class Catalog:
     def forget(self, ids: list[str]) -> None:
         """Drop documents from the indexed and ranking tables."""
         with self.db:
-            for table in ("indexed", "doc_facts", "doc_cwe", "doc_product"):
+            for table in ("indexed", "doc_facts", "doc_cwe", "doc_product", "text_hashes"):
                 self.db.executemany(f"DELETE FROM {table} WHERE id=?", [(i,) for i in ids])
 
     def mark_indexed(self, docs: list[dict]) -> None:
@@ -292,6 +298,8 @@ class Catalog:
         with self.db:
             self.db.executemany("INSERT OR REPLACE INTO indexed VALUES (?,?,?)",
                                 [(d["id"], d["kind"], d["hash"]) for d in docs])
+            self.db.executemany("INSERT OR REPLACE INTO text_hashes VALUES (?,?)",
+                                [(d["id"], d["text_hash"]) for d in docs if "text_hash" in d])
             self.db.executemany("DELETE FROM doc_cwe WHERE id=?", [(d["id"],) for d in cves])
             self.db.executemany("DELETE FROM doc_product WHERE id=?", [(d["id"],) for d in cves])
             self.db.executemany("INSERT OR REPLACE INTO doc_facts VALUES (?,?,?,?,?)",

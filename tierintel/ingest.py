@@ -27,6 +27,7 @@ class IngestPlan:
 class IngestResult:
     vectors: list[list[float]]
     seconds: float
+    embedded: int = 0  # documents run through the model (the rest reused their vectors)
 
 
 @dataclass
@@ -37,6 +38,7 @@ class IngestReport:
     schema_errors: list[tuple[str, str]] = field(default_factory=list)  # not applied
     records_skipped: int = 0  # malformed records inside otherwise good files
     docs_indexed: int = 0
+    docs_embedded: int = 0
     feed_seconds: float = 0.0
     index_seconds: float = 0.0
 
@@ -50,6 +52,7 @@ class IngestReport:
         return {**total, "files_read": len(self.changes), "files_unchanged": self.files_unchanged,
                 "files_failed": len(self.files_failed), "schema_errors": len(self.schema_errors),
                 "records_skipped": self.records_skipped, "docs_indexed": self.docs_indexed,
+                "docs_embedded": self.docs_embedded,
                 "feed_seconds": round(self.feed_seconds, 3),
                 "index_seconds": round(self.index_seconds, 3),
                 "docs_per_s": round(self.docs_per_s, 1)}
@@ -117,14 +120,20 @@ class Ingestor:
         return IngestPlan(docs)
 
     def execute(self, plan: IngestPlan) -> IngestResult:
+        """Embed the documents whose text changed; the others keep their stored vectors."""
         start = time.perf_counter()
-        vectors = self.embedder.encode([d["text"] for d in plan.docs])
+        stored = self.index.vectors([d["id"] for d in plan.docs if d.get("reuse_vector")])
+        fresh = [d for d in plan.docs if d["id"] not in stored]
+        encoded = dict(zip((d["id"] for d in fresh),
+                           self.embedder.encode([d["text"] for d in fresh]) if fresh else []))
+        vectors = [stored.get(d["id"]) or encoded[d["id"]] for d in plan.docs]
         self.index.upsert(plan.docs, vectors)
-        return IngestResult(vectors, time.perf_counter() - start)
+        return IngestResult(vectors, time.perf_counter() - start, embedded=len(fresh))
 
     def update(self, plan: IngestPlan, result: IngestResult, report: IngestReport) -> None:
         self.catalog.mark_indexed(plan.docs)
         report.docs_indexed += len(plan.docs)
+        report.docs_embedded += result.embedded
         report.index_seconds += result.seconds
         if self._bar is not None:
             self._bar.update(len(plan.docs))

@@ -43,7 +43,8 @@ def test_fixture_mirror_is_indexed(intel):
 def test_rerun_is_idempotent(fresh):
     first = ingest(fresh, mirror=MIRROR)
     again = ingest(fresh, mirror=MIRROR)
-    assert first.docs_indexed == 63 and first.summary()["added"] == 42 + 18 + 42 + 21
+    assert first.docs_indexed == first.docs_embedded == 63
+    assert first.summary()["added"] == 42 + 18 + 42 + 21
     assert again.files_unchanged == 8 and again.docs_indexed == 0 and not again.changes
     assert fresh.index.count() == {"cve": 42, "cwe": 21}
 
@@ -69,6 +70,7 @@ def test_incremental_update_reembeds_only_changed_documents(fresh, mirror_copy):
     assert (by_kind["nvd"].added, by_kind["nvd"].updated) == (1, 1)
     assert (by_kind["epss"].updated, by_kind["epss"].unchanged) == (1, 41)
     assert report.files_unchanged == 8 and report.docs_indexed == 3  # 2 NVD + 1 EPSS
+    assert report.docs_embedded == 2  # the EPSS-only change kept its stored vector
     doc = fresh.index.get([changed["id"], "CVE-2026-41001"])
     assert doc[changed["id"]]["description"].endswith("Version 9.9 fixes it.")
     assert doc["CVE-2026-41001"]["epss"] == 0.41
