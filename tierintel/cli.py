@@ -65,7 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mirror", type=Path, help="a local mirror directory (nvd/, kev/, epss/, cwe/)")
     p.add_argument("--nvd-url", help="NVD CVE API 2.0 URL ('default' for NVD's)")
     p.add_argument("--nvd-api-key", help="NVD API key (raises NVD's rate limit)")
-    p.add_argument("--since", help="with --nvd-url: only CVEs modified since this ISO date")
+    p.add_argument("--since", help="with --nvd-url: only CVEs modified since this date (YYYY-MM-DD; "
+                                   "pulled in NVD's 120-day windows)")
     p.add_argument("--kev-url", help="CISA KEV JSON URL ('default' for CISA's)")
     p.add_argument("--epss-url", help="EPSS CSV URL ('default' for the current scores)")
     p.add_argument("--cwe", help="a cwec_v*.xml, or 'bundled' for the catalog cwe2 ships")
@@ -165,7 +166,11 @@ def cmd_ingest(args) -> int:
         print(f"skipped unreadable file {source}: {error}", file=sys.stderr)
     for _source, error in report.schema_errors:
         print(f"error: {error}", file=sys.stderr)
-    return 2 if report.schema_errors else 0
+    if report.schema_errors:
+        return 2
+    # A download that failed leaves the catalog behind the feed: say so in the exit status (a
+    # malformed file in a mirror is only skipped and counted).
+    return 1 if any(s.startswith(("http://", "https://")) for s, _ in report.files_failed) else 0
 
 
 def cmd_ask(args) -> int:

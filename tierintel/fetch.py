@@ -39,7 +39,7 @@ class Sources:
     cwe_path: Path | None = None  # a cwec_v*.xml; "bundled" in the CLI means cwe2's copy
     nvd_api_key: str | None = None
     last_mod_start: str | None = None  # NVD API window (ISO), for an incremental pull
-    last_mod_end: str | None = None
+    last_mod_end: str | None = None  # split into NVD's 120-day maximum windows
     page_size: int = 2000
     timeout_s: float = 60.0
     # NVD allows 5 requests per 30 s without an API key and 50 with one; 403/429/503 are retried.
@@ -88,14 +88,19 @@ class Sources:
             return FeedFile(kind, str(response.url), None, f"{type(e).__name__}: {e}")
 
     def _nvd_pages(self, url: str) -> Iterator[FeedFile]:
+        if self.last_mod_start and self.last_mod_end:
+            for first, last in windows(self.last_mod_start, self.last_mod_end):
+                yield from self._nvd_window(url, {"lastModStartDate": first,
+                                                  "lastModEndDate": last})
+        else:
+            yield from self._nvd_window(url, {})
+
+    def _nvd_window(self, url: str, window: dict) -> Iterator[FeedFile]:
         import json
 
         start, total = 0, None
         while total is None or start < total:
-            params = {"startIndex": start, "resultsPerPage": self.page_size}
-            if self.last_mod_start and self.last_mod_end:
-                params |= {"lastModStartDate": self.last_mod_start,
-                           "lastModEndDate": self.last_mod_end}
+            params = {"startIndex": start, "resultsPerPage": self.page_size} | window
             if start:
                 time.sleep(self.page_pause_s if self.page_pause_s is not None else
                            (0.7 if self.nvd_api_key else 6.5))
@@ -118,6 +123,21 @@ class Sources:
             if got == 0:
                 return
             start += got
+
+
+def windows(first: str, last: str, days: int = 120) -> list[tuple[str, str]]:
+    """[first, last] cut into consecutive windows of at most ``days`` (the NVD API refuses a
+    lastModified range over 120 days)."""
+    from datetime import datetime, timedelta
+
+    form = "%Y-%m-%dT%H:%M:%S.%f"
+    begin, end = datetime.strptime(first, form), datetime.strptime(last, form)
+    out = []
+    while begin < end:
+        stop = min(end, begin + timedelta(days=days))
+        out.append((begin.strftime(form)[:-3], stop.strftime(form)[:-3]))
+        begin = stop
+    return out
 
 
 def _gunzip(data: bytes) -> bytes:

@@ -48,3 +48,9 @@ def test_schema_error_exits_2_and_says_which_file(tmp_path, mirror_copy, capsys)
     assert main(["ingest", "--data", str(tmp_path / "d"), "--mirror", str(mirror_copy)]) == 2
     err = capsys.readouterr().err
     assert "known_exploited_vulnerabilities.json: not a CISA KEV catalog" in err
+
+
+def test_a_failed_download_exits_1(tmp_path, capsys):
+    assert main(["ingest", "--data", str(tmp_path / "d"), "--kev-url",
+                 "http://127.0.0.1:9/known_exploited_vulnerabilities.json"]) == 1
+    assert "skipped unreadable file http://127.0.0.1:9/" in capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_nvd_api_paging_over_http(fresh):
     try:
         url = f"http://127.0.0.1:{server.server_port}/rest/json/cves/2.0"
         report = ingest(fresh, nvd_url=url, page_size=15, last_mod_start="2026-11-01T00:00:00.000",
-                        last_mod_end="2026-11-30T00:00:00.000")
+                        last_mod_end="2026-11-30T00:00:00.000", page_pause_s=0.0)
     finally:
         server.shutdown()
     assert [r["startIndex"] for r in NvdApi.requests] == ["0", "15", "30"]
@@ -225,3 +225,12 @@ def test_an_index_built_by_another_model_is_refused(fresh):
     other._embedder.name = "another 384-dimension model"
     with pytest.raises(IndexError_, match="built with hashed-words"):
         assert other.index is None
+
+
+def test_long_update_windows_are_cut_to_nvds_limit():
+    from tierintel.fetch import windows
+
+    cut = windows("2026-01-01T00:00:00.000", "2026-12-07T10:00:00.000")
+    assert cut[0] == ("2026-01-01T00:00:00.000", "2026-05-01T00:00:00.000")
+    assert cut[-1][1] == "2026-12-07T10:00:00.000" and len(cut) == 3
+    assert all(a[1] == b[0] for a, b in zip(cut, cut[1:]))  # no gap, no overlap
