@@ -14,27 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from tieradv.attack import GaussianStates, PartialControl, state_shift
-from tieradv.sumo import SumoEnv
-from tieradv.train import OneSide, ppo_policy
-
-
-def rollouts(victim, opponent, episodes: int, seed: int) -> tuple[list[np.ndarray], list[str]]:
-    """The victim (ant0) against ``opponent`` (ant1): the victim's observations per episode and
-    the victim's outcomes."""
-    env, trajectories, outcomes = SumoEnv(), [], []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        if hasattr(opponent, "reset"):
-            opponent.reset()
-        seen, infos = [obs["ant0"]], {}
-        while env.agents:
-            obs, _, _, _, infos = env.step({"ant0": victim(obs["ant0"]),
-                                            "ant1": opponent(obs["ant1"])})
-            if env.agents:
-                seen.append(obs["ant0"])
-        trajectories.append(np.array(seen))
-        outcomes.append(infos["ant0"]["outcome"])
-    return trajectories, outcomes
+from tieradv.train import OneSide, play, ppo_policy
 
 
 def detector_auc(benign: list[np.ndarray], attacked: list[np.ndarray], seed: int = 0) -> float:
@@ -75,7 +55,7 @@ def train_attacker(victim_path: Path, epsilon: float, stealth_weight: float, ste
 
     victim = ppo_policy(PPO.load(victim_path, device="cpu"))
     benign = ppo_policy(PPO.load(victim_path, device="cpu"))
-    benign_trajectories, _ = rollouts(victim, benign, episodes, seed=50_000)
+    benign_trajectories, _ = play(victim, benign, episodes, seed=50_000)
     fit = GaussianStates.fit(np.concatenate(benign_trajectories))
     env = OneSide(victim, learner="ant1", epsilon=epsilon, benign=benign, stealth=fit,
                   stealth_weight=stealth_weight, seed=seed)
@@ -85,7 +65,7 @@ def train_attacker(victim_path: Path, epsilon: float, stealth_weight: float, ste
     out.mkdir(parents=True, exist_ok=True)
     model.save(out / f"attacker-eps{epsilon}-w{stealth_weight}.zip")
     attacked = PartialControl(benign, ppo_policy(model), epsilon, seed=seed + 1)
-    trajectories, outcomes = rollouts(victim, attacked, episodes, seed=60_000)
+    trajectories, outcomes = play(victim, attacked, episodes, seed=60_000)
     counts = {o: outcomes.count(o) / len(outcomes) for o in ("win", "lose", "draw")}
     result = AttackResult(epsilon, stealth_weight, steps, counts["lose"],
                           state_shift(np.concatenate(benign_trajectories),

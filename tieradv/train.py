@@ -100,22 +100,34 @@ class OneSide(gymnasium.Env):
                 truncations[self.learner], infos[self.learner])
 
 
-def evaluate(policy, opponent, episodes: int = 20, learner: str = "ant0", seed: int = 10_000
-             ) -> dict:
-    """Win/loss/draw rates of ``policy`` playing ``learner`` against ``opponent``."""
+def play(policy, opponent, episodes: int, seed: int, learner: str = "ant0"
+         ) -> tuple[list[np.ndarray], list[str]]:
+    """``policy`` playing ``learner`` against ``opponent``, one seeded episode after another: the
+    learner's observations per episode (the state it saw before each step) and its outcomes."""
     env = SumoEnv()
     other = "ant1" if learner == "ant0" else "ant0"
-    counts = {"win": 0, "lose": 0, "draw": 0}
+    trajectories, outcomes = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
         if hasattr(opponent, "reset"):
             opponent.reset()
-        infos = {}
+        seen, infos = [obs[learner]], {}
         while env.agents:
             obs, _, _, _, infos = env.step({learner: policy(obs[learner]),
                                             other: opponent(obs[other])})
-        counts[infos[learner]["outcome"]] += 1
-    return {k: v / episodes for k, v in counts.items()} | {"episodes": episodes}
+            if env.agents:
+                seen.append(obs[learner])
+        trajectories.append(np.array(seen))
+        outcomes.append(infos[learner]["outcome"])
+    return trajectories, outcomes
+
+
+def evaluate(policy, opponent, episodes: int = 20, learner: str = "ant0", seed: int = 10_000
+             ) -> dict:
+    """Win/loss/draw rates of ``policy`` playing ``learner`` against ``opponent``."""
+    _, outcomes = play(policy, opponent, episodes, seed, learner)
+    return {k: outcomes.count(k) / episodes for k in ("win", "lose", "draw")} | {
+        "episodes": episodes}
 
 
 @dataclass

@@ -8,9 +8,10 @@ from __future__ import annotations
 import json
 import re
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from tierintel.retrieve import CVE_RE, Retrieval
+from tierintel.retrieve import Retrieval
 
 ID_RE = re.compile(r"\b(?:CVE-\d{4}-\d{4,}|CWE-\d{1,4})\b", re.IGNORECASE)
 SYSTEM = ("You are a threat-intelligence analyst. Answer the question using only the numbered "
@@ -139,18 +140,21 @@ class Answerer:
         return Answer(question, reply, reply, ids, ids, [], [], "baseline", False,
                       time.perf_counter() - start, usage)
 
-    def _chat(self, system: str, user: str, allowed: list[str] | None) -> tuple[str, dict]:
+    def first_model(self) -> str:
+        """The endpoint's first listed model (what an unset --model means)."""
+        with self._endpoint_errors():
+            models = self.client.models.list().data
+        if not models:
+            raise LLMUnavailable(f"the endpoint {self.base_url} lists no models; pass --model")
+        return models[0].id
+
+    @contextmanager
+    def _endpoint_errors(self):
+        """The openai client's errors as ours: unreachable or 5xx is LLMUnavailable, 4xx LLMError."""
         import openai
 
-        kwargs = dict(model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
-                      frequency_penalty=self.frequency_penalty,
-                      messages=[{"role": "system", "content": system},
-                                {"role": "user", "content": user}])
-        if allowed is not None and self.structured:
-            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
-                "name": "grounded_answer", "strict": True, "schema": answer_schema(allowed, self.max_answer_chars)}}
         try:
-            response = self.client.chat.completions.create(**kwargs)
+            yield
         except openai.APIConnectionError as e:
             raise LLMUnavailable(f"the language-model endpoint {self.base_url} is unreachable "
                                  f"({e.__cause__ or e})") from None
@@ -158,6 +162,17 @@ class Answerer:
             kind = LLMUnavailable if e.status_code >= 500 else LLMError
             raise kind(f"the language-model endpoint {self.base_url} answered {e.status_code}: "
                        f"{e.message}") from None
+
+    def _chat(self, system: str, user: str, allowed: list[str] | None) -> tuple[str, dict]:
+        kwargs = dict(model=self.model, max_tokens=self.max_tokens, temperature=self.temperature,
+                      frequency_penalty=self.frequency_penalty,
+                      messages=[{"role": "system", "content": system},
+                                {"role": "user", "content": user}])
+        if allowed is not None and self.structured:
+            kwargs["response_format"] = {"type": "json_schema", "json_schema": {
+                "name": "grounded_answer", "strict": True, "schema": answer_schema(allowed, self.max_answer_chars)}}
+        with self._endpoint_errors():
+            response = self.client.chat.completions.create(**kwargs)
         usage = response.usage.model_dump() if response.usage else {}
         return response.choices[0].message.content or "", usage
 
@@ -198,6 +213,3 @@ def known_ids(retrieval: Retrieval) -> set[str]:
         known |= {m.upper() for m in ID_RE.findall(doc.get("description", ""))}
     return known
 
-
-def mentioned_cves(text: str) -> list[str]:
-    return list(dict.fromkeys(m.upper() for m in CVE_RE.findall(text)))

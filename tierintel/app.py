@@ -78,7 +78,7 @@ class App:
                                     s.structured, max_answer_chars=s.max_answer_chars,
                                     max_prompt_chars=s.max_prompt_chars)
                 if not s.model:
-                    answerer.model = first_model(answerer)
+                    answerer.model = answerer.first_model()
                 self._answerer = answerer
             return self._answerer
 
@@ -107,20 +107,3 @@ class App:
                 self.catalog.as_of(), "records": counts, "feeds": freshness,
                 "recent_changes": self.catalog.recent_changes(10)}
 
-
-def first_model(answerer: Answerer) -> str:
-    import openai
-
-    from tierintel.answer import LLMUnavailable
-
-    try:
-        models = answerer.client.models.list().data
-    except openai.APIConnectionError as e:
-        raise LLMUnavailable(f"the language-model endpoint {answerer.base_url} is unreachable "
-                             f"({e.__cause__ or e})") from None
-    except openai.APIStatusError as e:
-        raise LLMUnavailable(f"the language-model endpoint {answerer.base_url} answered "
-                             f"{e.status_code} to /models: {e.message}") from None
-    if not models:
-        raise LLMUnavailable(f"the endpoint {answerer.base_url} lists no models; pass --model")
-    return models[0].id

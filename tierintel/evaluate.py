@@ -43,10 +43,8 @@ def check_answer(text: str, query: dict, catalog, known: set[str] | None = None,
         return {"cited_expected": says_nothing, "facts_ok": says_nothing, "invented": invented}
     cited_expected = set(expected) <= mentioned
     quotes = attributed_figures(text, expected[0] if expected else None)
-    truth = {}
-    for cve_id in {c for c, _, _ in quotes} | {i for i in expected if i.startswith("CVE-")}:
-        doc = catalog.document(cve_id) if cve_id else None
-        truth[cve_id] = doc
+    truth = {cve_id: catalog.document(cve_id) if cve_id else None
+             for cve_id in {c for c, _, _ in quotes} | {i for i in expected if i.startswith("CVE-")}}
     facts_ok = all(_matches(truth.get(cve_id), kind, value) for cve_id, kind, value in quotes)
     expected_cves = [i for i in expected if i.startswith("CVE-") and truth.get(i) is not None]
     if query["type"] in ("cve", "top_epss") and any(truth[i]["epss"] >= 0 for i in expected_cves):

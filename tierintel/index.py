@@ -90,10 +90,6 @@ class Index:
                               f"{built_by[len('embedding='):]}, not {self.embedding_name}: ingest "
                               "with --reindex (vectors of two models do not compare)")
 
-    def drop(self) -> None:
-        for name in (self.cve, self.cwe):
-            self.client.drop_collection(name)
-
     def upsert(self, docs: list[dict], vectors: list[list[float]]) -> None:
         for kind, name in (("cve", self.cve), ("cwe", self.cwe)):
             rows = [self._row(d, v) for d, v in zip(docs, vectors) if d["kind"] == kind]
@@ -116,39 +112,31 @@ class Index:
         for name in (self.cve, self.cwe):
             self.client.flush(name)
 
+    def _by_collection(self, ids: list[str]):
+        """(collection, its ids) for the CVE and CWE ids among ``ids``, skipping empty ones."""
+        for name, prefix in ((self.cve, "CVE-"), (self.cwe, "CWE-")):
+            wanted = [i for i in ids if i.startswith(prefix)]
+            if wanted:
+                yield name, wanted
+
+    def _fetch(self, ids: list[str], field: str) -> dict:
+        return {r["id"]: r[field] for name, wanted in self._by_collection(ids)
+                for r in self.client.get(name, ids=wanted, output_fields=[field])}
+
     def vectors(self, ids: list[str]) -> dict[str, list[float]]:
         """The stored vectors of these documents (those the index has)."""
-        out = {}
-        for name, wanted in ((self.cve, [i for i in ids if i.startswith("CVE-")]),
-                             (self.cwe, [i for i in ids if i.startswith("CWE-")])):
-            if wanted:
-                out |= {r["id"]: list(r["vector"]) for r in self.client.get(
-                    name, ids=wanted, output_fields=["vector"])}
-        return out
-
-    def delete(self, ids: list[str]) -> None:
-        for name, wanted in ((self.cve, [i for i in ids if i.startswith("CVE-")]),
-                             (self.cwe, [i for i in ids if i.startswith("CWE-")])):
-            if wanted:
-                self.client.delete(name, ids=wanted)
+        return {i: list(v) for i, v in self._fetch(ids, "vector").items()}
 
     def get(self, ids: list[str]) -> dict[str, dict]:
-        out = {}
-        for name, wanted in ((self.cve, [i for i in ids if i.startswith("CVE-")]),
-                             (self.cwe, [i for i in ids if i.startswith("CWE-")])):
-            if wanted:
-                out |= {r["id"]: r["doc"] for r in self.client.get(name, ids=wanted,
-                                                                   output_fields=["doc"])}
-        return out
+        return self._fetch(ids, "doc")
+
+    def delete(self, ids: list[str]) -> None:
+        for name, wanted in self._by_collection(ids):
+            self.client.delete(name, ids=wanted)
 
     def query(self, expr: str, limit: int = 1000) -> list[dict]:
         rows = self.client.query(self.cve, filter=expr, output_fields=["doc"], limit=limit)
         return [r["doc"] for r in rows]
-
-    def query_fields(self, expr: str, fields: list[str], limit: int = 16384) -> list[dict]:
-        """Scalar fields of every match (no JSON documents: cheap enough to rank thousands)."""
-        return self.client.query(self.cve, filter=expr, output_fields=["id", *fields],
-                                 limit=limit)
 
     def search(self, vector: list[float], kind: str = "cve", expr: str = "",
                limit: int = 5) -> list[tuple[dict, float]]:

@@ -66,10 +66,10 @@ class Retriever:
 
     # -- the question types ------------------------------------------------------------------------
     def lookup(self, ids: list[str]) -> Retrieval:
-        found = self.index.get(ids)
-        docs = [found[i] for i in ids if i in found]
+        docs = self._in_order(ids)
+        held = {d["id"] for d in docs}
         return Retrieval("cve", docs, [1.0] * len(docs), ", ".join(ids),
-                         missing=[i for i in ids if i not in found])
+                         missing=[i for i in ids if i not in held])
 
     def kev_for_product(self, question: str) -> Retrieval:
         labels = self.match_products(question)
@@ -78,16 +78,14 @@ class Retriever:
                              "know (no vendor or product name in the question matched)")
         ranked = self.catalog.kev_ids_for(labels)
         shown = ranked[: self.max_listed]
-        found = self.index.get([cve_id for cve_id, _ in shown])
-        docs = [found[cve_id] for cve_id, _ in shown if cve_id in found]
+        docs = self._in_order([cve_id for cve_id, _ in shown])
         more = f" ({len(ranked)} in all; the {len(shown)} newest)" if len(ranked) > len(shown) else ""
         return Retrieval("kev_product", docs, [1.0] * len(docs),
                          f"KEV entries for {', '.join(labels)}{more}")
 
     def top_epss(self, cwe: str, month: str | None) -> Retrieval:
         ranked = self.catalog.top_epss_ids(cwe, month, self.top_k)
-        found = self.index.get([cve_id for cve_id, _ in ranked])
-        docs = [found[cve_id] for cve_id, _ in ranked if cve_id in found]
+        docs = self._in_order([cve_id for cve_id, _ in ranked])
         when = f" published in {month}" if month else ""
         return Retrieval("top_epss", docs, [d["epss"] for d in docs],
                          f"the highest-EPSS CVEs with {cwe}{when}")
@@ -95,10 +93,10 @@ class Retriever:
     def cwe_relation(self, a: str, b: str) -> Retrieval:
         path = self.relation_path(a, b)
         ids = list(dict.fromkeys([a, b] + path))
-        found = self.index.get(ids)
-        docs = [found[i] for i in ids if i in found]
+        docs = self._in_order(ids)
+        held = {d["id"] for d in docs}
         return Retrieval("cwe_relation", docs, [1.0] * len(docs), f"how {a} and {b} relate",
-                         missing=[i for i in (a, b) if i not in found], path=path)
+                         missing=[i for i in (a, b) if i not in held], path=path)
 
     def search(self, question: str) -> Retrieval:
         """Dense search, narrowed by what the question names: a product (by its name, not just its
@@ -128,6 +126,11 @@ class Retriever:
                          f"records like {question!r}{within}")
 
     # -- helpers -----------------------------------------------------------------------------------
+    def _in_order(self, ids: list[str]) -> list[dict]:
+        """The index's documents for ``ids``, in that order, leaving out ids it lacks."""
+        found = self.index.get(ids)
+        return [found[i] for i in ids if i in found]
+
     def match_products(self, question: str, min_score: int = 1) -> list[str]:
         """Product labels the question names: the product's name scores 3, its vendor's 2; the best
         score wins (so "Northwind Gateway" beats every other gateway)."""

@@ -27,7 +27,7 @@ def error(status: int, message: str, kind: str, code: str | None = None) -> JSON
 def create_app(app: App) -> FastAPI:
     web = FastAPI(title="tierintel", description="Threat intelligence answers grounded in NVD, "
                   "CISA KEV, FIRST EPSS and CWE records.")
-    lock = asyncio.Semaphore(4)  # answers in flight at once; the model endpoint batches them
+    in_flight = asyncio.Semaphore(4)  # answers at once; the model endpoint batches them
 
     @web.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -46,7 +46,7 @@ def create_app(app: App) -> FastAPI:
 
     @web.post("/api/ask")
     async def ask(body: AskBody):
-        async with lock:
+        async with in_flight:
             try:
                 answer = await asyncio.to_thread(app.ask, body.question, body.today)
             except ValueError as e:
