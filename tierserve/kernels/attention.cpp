@@ -51,6 +51,20 @@ inline float dot(const float* a, const float* b, int64_t n) {
 
 // s[i] = exp(s[i] - top) for all i; returns the sum. Vectorized with a degree-6 polynomial on
 // the reduced argument (relative error ~2e-7, as good as expf for softmax weights).
+// The largest of s[0..n) (std::max_element is a scalar loop: a third of a long context's
+// softmax time).
+inline float max_of(const float* s, int64_t n) {
+  int64_t i = 0;
+  float top = -INFINITY;
+#if defined(__AVX512F__)
+  __m512 most = _mm512_set1_ps(-INFINITY);
+  for (; i + 16 <= n; i += 16) most = _mm512_max_ps(most, _mm512_loadu_ps(s + i));
+  top = _mm512_reduce_max_ps(most);
+#endif
+  for (; i < n; ++i) top = std::max(top, s[i]);
+  return top;
+}
+
 inline float exp_shifted_sum(float* s, int64_t n, float top) {
   int64_t i = 0;
   float total = 0.f;
@@ -286,7 +300,7 @@ void attend_head(const float* query, const T* kp, const T* vp, const int64_t* ta
   float denom[G];
   for (int g = 0; g < G; ++g) {
     float* s = scores + g * len;
-    const float top = *std::max_element(s, s + len);
+    const float top = max_of(s, len);
     denom[g] = exp_shifted_sum(s, len, top);
     if (stats != nullptr) {
       stats[2 * g] = top;
@@ -448,7 +462,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
       }
       for (int64_t qi = 0; qi < queries; ++qi) {
         float* s = scores.data() + qi * len;
-        const float top = *std::max_element(s, s + len);
+        const float top = max_of(s, len);
         denom[qi] = exp_shifted_sum(s, len, top);
         if (stats != nullptr) {
           stats[2 * (b * num_heads + h0 * group + qi)] = top;
@@ -496,19 +510,48 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 constexpr int kScoreTile = 16;  // queries scored together against one transposed key block
 constexpr int64_t kPrefixAhead = 4;  // blocks requested ahead while transposing the prefix
 
+// Sixteen rows of 16 dwords transposed in registers: r[i] lane j becomes r[j] lane i (unpacks
+// within 128-bit lanes, then lane shuffles; a gather per column costs several times more).
+inline void transpose16x16(__m512i (&r)[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {  // r[4i + c], lane L: column 4L + c of rows 4i..4i+3
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int c = 0; c < 4; ++c) {
+    const __m512i a = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x88);
+    const __m512i b = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xdd);
+    const __m512i e = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512i f = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xdd);
+    t[c] = _mm512_shuffle_i32x4(a, e, 0x88);
+    t[4 + c] = _mm512_shuffle_i32x4(b, f, 0x88);
+    t[8 + c] = _mm512_shuffle_i32x4(a, e, 0xdd);
+    t[12 + c] = _mm512_shuffle_i32x4(b, f, 0xdd);
+  }
+  for (int i = 0; i < 16; ++i) r[i] = t[i];
+}
+
 // kt[d], lane r: dims 2d, 2d+1 of key row r (16 rows from ``rows``, ``row_stride`` apart).
 template <int HD>
-inline void transpose_keys(const at::BFloat16* rows, int64_t row_stride, __m512i (&kt)[HD / 2]) {
-  const __m512i index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                           _mm512_set1_epi32(static_cast<int>(row_stride * 2)));
-  const char* base = reinterpret_cast<const char*>(rows);
-  for (int d = 0; d < HD / 2; ++d) kt[d] = _mm512_i32gather_epi32(index, base + 4 * d, 1);
+inline void transpose_keys(const at::BFloat16* rows, int64_t row_stride, __m512i* kt) {
+  for (int half = 0; half < HD / 32; ++half) {  // dims [32 half, 32 half + 32): 16 dwords a row
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_si512(rows + i * row_stride + 32 * half);
+    transpose16x16(r);
+    for (int i = 0; i < 16; ++i) kt[16 * half + i] = r[i];
+  }
 }
 
 // Scores of kScoreTile queries (bfloat16 pairs, HD / 2 a query) over one transposed key block.
 template <int HD>
 inline void score_tile(const __m512i (&kt)[HD / 2], const uint32_t* pairs, float scale,
-                       float* scores, int64_t stride) {
+                       float* scores, int64_t stride, __m512 (&top)[kScoreTile]) {
   __m512 acc[kScoreTile];
   for (int i = 0; i < kScoreTile; ++i) acc[i] = _mm512_setzero_ps();
   for (int d = 0; d < HD / 2; ++d) {
@@ -519,7 +562,24 @@ inline void score_tile(const __m512i (&kt)[HD / 2], const uint32_t* pairs, float
     }
   }
   const __m512 s = _mm512_set1_ps(scale);
-  for (int i = 0; i < kScoreTile; ++i) _mm512_storeu_ps(scores + i * stride, _mm512_mul_ps(acc[i], s));
+  for (int i = 0; i < kScoreTile; ++i) {
+    const __m512 scaled = _mm512_mul_ps(acc[i], s);
+    _mm512_storeu_ps(scores + i * stride, scaled);
+    top[i] = _mm512_max_ps(top[i], scaled);
+  }
+}
+
+// Each of a tile's score rows (``n`` a multiple of 16): exp(s - top) rounded to bfloat16 into
+// ``out`` (pairs, as weigh_tile reads them); returns the sum of the exponentials (unrounded).
+inline float exp_to_bf16(const float* s, int64_t n, float top, uint32_t* out) {
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m512 e = tierserve::exp512(_mm512_sub_ps(_mm512_loadu_ps(s + k), shift));
+    sum = _mm512_add_ps(sum, e);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2), (__m256i)_mm512_cvtneps_pbh(e));
+  }
+  return _mm512_reduce_add_ps(sum);
 }
 
 // out[i] = sum over the prefix of p_i * V, for QV queries, from values interleaved two rows at a
@@ -601,8 +661,7 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
     prefetch_block(vp, table, blk + kPrefixAhead, len, block_size, vb, vo, kv_head * vh, HD);
     const at::BFloat16* kblock = kp + table[blk] * kb + kv_head * kh;
     for (int64_t r0 = 0; r0 < block_size; r0 += 16) {
-      transpose_keys<HD>(kblock + r0 * ko, ko,
-                         *reinterpret_cast<__m512i(*)[HD / 2]>(kt.data() + (blk * block_size + r0) / 16 * (HD / 2)));
+      transpose_keys<HD>(kblock + r0 * ko, ko, kt.data() + (blk * block_size + r0) / 16 * (HD / 2));
     }
     const at::BFloat16* vblock = vp + table[blk] * vb + kv_head * vh;
     for (int64_t r = 0; r < block_size; r += 2) {
@@ -621,9 +680,11 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
   probs.resize(kScoreTile * num_pairs);
   alignas(64) float inv[kScoreTile], tile_out[QV * HD];
   for (int64_t t = 0; t < padded; t += kScoreTile) {
+    __m512 top[kScoreTile];
+    for (int i = 0; i < kScoreTile; ++i) top[i] = _mm512_set1_ps(-INFINITY);
     for (int64_t k16 = 0; k16 < num_tiles; ++k16) {
       score_tile<HD>(*reinterpret_cast<const __m512i(*)[HD / 2]>(kt.data() + k16 * (HD / 2)),
-                     pairs.data() + t * (HD / 2), scale, scores.data() + k16 * 16, len);
+                     pairs.data() + t * (HD / 2), scale, scores.data() + k16 * 16, len, top);
     }
     const int64_t in_tile = std::min<int64_t>(kScoreTile, count - t);
     for (int64_t i = 0; i < kScoreTile; ++i) {
@@ -633,18 +694,13 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
         inv[i] = 0.f;
         continue;
       }
-      float* s = scores.data() + i * len;
-      const float top = *std::max_element(s, s + len);
-      const float denom = exp_shifted_sum(s, len, top);
+      const float most = _mm512_reduce_max_ps(top[i]);
+      const float denom = exp_to_bf16(scores.data() + i * len, len, most, out);
       inv[i] = 1.f / denom;
       const int64_t q = first + t + i;
       const int64_t b = members[q / group], head = kv_head * group + q % group;
-      prefix_stats[2 * (b * num_heads + head)] = top;
+      prefix_stats[2 * (b * num_heads + head)] = most;
       prefix_stats[2 * (b * num_heads + head) + 1] = denom;
-      for (int64_t k = 0; k + 16 <= len; k += 16) {
-        const __m256bh packed = _mm512_cvtneps_pbh(_mm512_loadu_ps(s + k));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k / 2), (__m256i)packed);
-      }
     }
     for (int64_t sub = 0; sub < in_tile; sub += QV) {
       weigh_tile<HD, QV>(vi.data(), num_pairs, probs.data() + sub * num_pairs, num_pairs,
