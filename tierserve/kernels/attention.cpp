@@ -131,6 +131,7 @@ inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
 // queries and the output accumulators stay in registers while the keys and values stream past.
 // Same arithmetic, in the same order, as the generic loop below.
 constexpr int64_t kPrefetchBlocks = 2;  // blocks of one head requested ahead of use
+constexpr int64_t kTouchBytes = 256 << 10;  // a task's keys and values read ahead up to this (L2 / 4)
 
 #if defined(__AVX512BF16__)
 // Sixteen vectors in, one out: lane r of the result is the sum of v[r]'s sixteen lanes. A
@@ -429,6 +430,27 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
       const int64_t b = task / tasks_per_seq, h0 = (task % tasks_per_seq) * span;
       const int64_t len = head_len(b, h0);
       const int64_t* table = head_table(b, h0);
+#if defined(__AVX512F__)
+      // A short task's rows are read once, in address order, before its two passes: the
+      // hardware prefetcher follows demand loads that run through memory, so this read runs
+      // near streaming speed, where the passes' jumps (key rows of one head, then its value
+      // rows, then the next head's) wait on each miss. Its block's rows then sit in L2.
+      if (!per_head && len * span * head_dim * 2 * static_cast<int64_t>(sizeof(T)) <= kTouchBytes) {
+        __m512i sink = _mm512_setzero_si512();
+        for (int64_t blk = 0; blk * block_size < len; ++blk) {
+          const int64_t rows = std::min(block_size, len - blk * block_size);
+          for (int kvs = 0; kvs < 2; ++kvs) {
+            const T* base = (kvs == 0 ? kp + table[blk] * kb : vp + table[blk] * vb);
+            const int64_t hs = kvs == 0 ? kh : vh, rs = kvs == 0 ? ko : vo;
+            for (int64_t i = 0; i < span; ++i)
+              for (int64_t r = 0; r < rows; ++r)
+                for (int64_t e = 0; e < head_dim; e += 64 / static_cast<int64_t>(sizeof(T)))
+                  sink = _mm512_xor_si512(sink, _mm512_loadu_si512(base + (h0 + i) * hs + r * rs + e));
+          }
+        }
+        asm volatile("" : : "v"(sink));
+      }
+#endif
       to_float(qp + (b * num_heads + h0 * group) * head_dim, query.data(), queries * head_dim);
       scores.assign(queries * len, 0.f);
 #if defined(__AVX512F__)
