@@ -530,6 +530,7 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 // by their softmax statistics (largest score, sum of exponentials).
 
 constexpr int kScoreTile = 16;  // queries scored together against one transposed key block
+constexpr int64_t kMaxParts = 16;  // a group's prefix is split in at most this many key ranges
 constexpr int64_t kPrefixAhead = 4;  // blocks requested ahead while transposing the prefix
 
 // Sixteen rows of 16 dwords transposed in registers: r[i] lane j becomes r[j] lane i (unpacks
@@ -672,7 +673,9 @@ inline void weigh_tile(const __m512i* vi, int64_t num_pairs, const uint32_t* pro
 }
 
 struct PrefixTask {
-  int64_t group, kv_head, first, count;  // queries [first, first + count) of (group, kv head)
+  // every query of (group, kv head) over its shared blocks [first_block, first_block + blocks),
+  // the group's part ``part`` of its prefix
+  int64_t group, kv_head, first_block, blocks, part;
 };
 
 // One task: ``count`` queries of one kv head over a group's ``num_blocks`` shared blocks
@@ -875,25 +878,32 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   decode_attention_impl<at::BFloat16, float>(q, k_cache, v_cache, rest_tables, rest_lens, scale,
                                              rest_out, rest_stats.data_ptr<float>());
 
-  // The groups' prefixes: tasks of (group, kv head, a run of its queries), enough of them to
-  // keep every thread busy, each a multiple of the score tile.
+  // The groups' prefixes: tasks of (group, kv head, a run of its blocks), enough of them to
+  // keep every thread busy. Split by keys, not queries, so each block is read and transposed
+  // once; the parts are merged like the rest (by their softmax statistics).
   std::vector<PrefixTask> tasks;
-  const int64_t per_head = std::max<int64_t>(
+  const int64_t wanted = std::max<int64_t>(
       1, (2 * threads + members.size() * num_kv_heads - 1) / (members.size() * num_kv_heads));
+  std::vector<int64_t> parts_of(members.size());
+  int64_t parts = 1;
   for (int64_t g = 0; g < static_cast<int64_t>(members.size()); ++g) {
-    const int64_t count = static_cast<int64_t>(members[g].size()) * group;
-    int64_t chunk = (count + per_head - 1) / per_head;
-    chunk = (chunk + kScoreTile - 1) / kScoreTile * kScoreTile;
-    for (int64_t h = 0; h < num_kv_heads; ++h) {
-      for (int64_t first = 0; first < count; first += chunk) {
-        tasks.push_back({g, h, first, std::min(chunk, count - first)});
+    // at least 4 blocks a part (a part of one block would spend more on its merge)
+    const int64_t n = std::max<int64_t>(1, std::min({wanted, kMaxParts, shared_blocks[g] / 4}));
+    const int64_t step = (shared_blocks[g] + n - 1) / n;
+    int64_t part = 0;
+    for (int64_t first = 0; first < shared_blocks[g]; first += step, ++part) {
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        tasks.push_back({g, h, first, std::min(step, shared_blocks[g] - first), part});
       }
     }
+    parts_of[g] = part;
+    parts = std::max(parts, part);
   }
-  auto prefix_out = torch::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
-  auto prefix_stats = torch::empty({batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  auto prefix_out = torch::empty({parts, batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
+  auto prefix_stats = torch::empty({parts, batch, num_heads, 2}, q.options().dtype(at::kFloat));
   float* po = prefix_out.data_ptr<float>();
   float* ps = prefix_stats.data_ptr<float>();
+  const int64_t rows = batch * num_heads;  // per part: rows * head_dim outputs, rows * 2 stats
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   const at::BFloat16* kp = k_cache.data_ptr<at::BFloat16>();
   const at::BFloat16* vp = v_cache.data_ptr<at::BFloat16>();
@@ -906,38 +916,46 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
     for (int64_t taken = next++; taken < num_tasks; taken = next++) {
       const PrefixTask& task = tasks[taken];
       const std::vector<int64_t>& group_members = members[task.group];
-      const int64_t* table = tp + group_members[0] * width;
+      const int64_t* table = tp + group_members[0] * width + task.first_block;
+      const int64_t count = static_cast<int64_t>(group_members.size()) * group;
       auto run = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
-      run(qp, kp, vp, table, shared_blocks[task.group], block_size, kb, ko, vb, vo,
-          task.kv_head, kh, vh, group_members, group, num_heads, task.first, task.count, fscale,
-          po, ps);
+      run(qp, kp, vp, table, task.blocks, block_size, kb, ko, vb, vo, task.kv_head, kh, vh,
+          group_members, group, num_heads, 0, count, fscale, po + task.part * rows * head_dim,
+          ps + task.part * rows * 2);
     }
   });
 
-  // Merge: each member's two results weighed by their softmax sums, rounded once.
+  // Merge: each member's results (its prefix parts and its rest) weighed by their softmax
+  // sums, rounded once.
   auto out = torch::empty_like(q);
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const float* ro = rest_out.data_ptr<float>();
   const float* rs = rest_stats.data_ptr<float>();
+  std::vector<int64_t> group_of(batch, -1);
+  for (int64_t g = 0; g < static_cast<int64_t>(members.size()); ++g)
+    for (int64_t b : members[g]) group_of[b] = g;
   at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {  // 2% of a step, serial
     for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = group_of[b] < 0 ? 0 : parts_of[group_of[b]];
       for (int64_t head = 0; head < num_heads; ++head) {
         const int64_t row = b * num_heads + head;
-        at::BFloat16* o = op + row * head_dim;
-        const float* rest = ro + row * head_dim;
-        const float* prefix = po + row * head_dim;
-        float wa = 0.f, wc = 1.f;
-        if (shared_of[b] != 0) {
-          const float top = std::max(ps[2 * row], rs[2 * row]);
-          const float a = ps[2 * row + 1] * std::exp(ps[2 * row] - top);
-          const float c = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
-          wa = a / (a + c);
-          wc = c / (a + c);
+        float top = rs[2 * row];
+        for (int64_t p = 0; p < n; ++p) top = std::max(top, ps[(p * rows + row) * 2]);
+        float weight[kMaxParts + 1], total = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
+        weight[0] = total;
+        for (int64_t p = 0; p < n; ++p) {
+          weight[p + 1] = ps[(p * rows + row) * 2 + 1] * std::exp(ps[(p * rows + row) * 2] - top);
+          total += weight[p + 1];
         }
         // head_dim is 64 or 128 here; rounding as static_cast<BFloat16> (to nearest even).
+        const float* rest = ro + row * head_dim;
+        at::BFloat16* o = op + row * head_dim;
         for (int64_t d = 0; d < head_dim; d += 16) {
-          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(rest + d), _mm512_set1_ps(wc));
-          if (shared_of[b] != 0) x = _mm512_fmadd_ps(_mm512_loadu_ps(prefix + d), _mm512_set1_ps(wa), x);
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(rest + d), _mm512_set1_ps(weight[0] / total));
+          for (int64_t p = 0; p < n; ++p) {
+            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (p * rows + row) * head_dim + d),
+                                _mm512_set1_ps(weight[p + 1] / total), x);
+          }
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)_mm512_cvtneps_pbh(x));
         }
       }
