@@ -32,3 +32,18 @@ def test_bench_shared_prefix_refuses_float32(head64_llama_dir):
     with pytest.raises(RuntimeError, match="bfloat16"):
         main(["shared-prefix", "--model", str(head64_llama_dir), "--dtype", "float32", "--batch", "4",
               "--prefix-len", "64", "--num-blocks", "64"])
+
+
+def test_bench_shared_prefix_with_nested_templates_times_three_modes(head64_llama_dir, tmp_path):
+    out = tmp_path / "nested.json"
+    code = main(["shared-prefix", "--model", str(head64_llama_dir), "--dtype", "bfloat16",
+                 "--batch", "16", "--prefix-len", "320", "--templates", "2", "--template-len",
+                 "288", "--question-len", "8", "--rounds", "2", "--steps", "2", "--num-blocks",
+                 "300", "--json", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["config"]["templates"] == 2
+    results = report["results"]
+    assert set(results) == {"fused", "fused-top", "unfused"}
+    for mode in ("fused", "fused-top"):
+        assert results[mode]["speedup_step"] > 0 and results[mode]["speedup_attention"] > 0

@@ -1,10 +1,13 @@
 """`tierserve bench shared-prefix`: the decode step with and without fused shared-prefix attention.
 
 ``--batch`` requests share a ``--prefix-len``-token prefix (a batch group, a few-shot template)
-and each adds ``--question-len`` tokens of its own. Once every one of them decodes, the same
-engine (same KV cache, same batch) times decode steps with the fused path on and off in turns,
-``--rounds`` times ``--steps`` each, so both see the same machine state; it reports the median
-step, and the attention kernel alone over the real cache (every layer's call, the same query).
+and each adds ``--question-len`` tokens of its own. With ``--templates N`` the prefixes nest:
+after the shared prefix each request has one of N ``--template-len``-token templates (round
+robin), shared with the requests of the same template. Once every one of them decodes, the
+same engine (same KV cache, same batch) times decode steps with the fused path on and off in
+turns (and, with templates, fused at the first level only: ``fused-top``), ``--rounds`` times
+``--steps`` each, so all see the same machine state; it reports the median step, and the
+attention kernel alone over the real cache (every layer's call, the same query).
 """
 
 from __future__ import annotations
@@ -28,12 +31,17 @@ def add_shared_prefix_subcommand(sub, add_common) -> None:
     parser.add_argument("--batch", type=int, default=64, help="decoding requests (default: 64)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=4, help="decode steps per mode per round")
+    parser.add_argument("--templates", type=int, default=0,
+                        help="nested prefixes: templates after the shared prefix (default: 0)")
+    parser.add_argument("--template-len", type=int, default=512,
+                        help="tokens of each template (default: 512)")
     parser.set_defaults(func=cmd_shared_prefix, prefix_len=1024, question_len=32,
                         dtype="bfloat16")
 
 
 def run_shared_prefix(config, batch: int, prefix_len: int, question_len: int, rounds: int,
-                      steps: int, seed: int = 0) -> dict:
+                      steps: int, seed: int = 0, templates: int = 0,
+                      template_len: int = 512) -> dict:
     from tierserve.bench.harness import open_engine, token_space
 
     llm = open_engine(config)
@@ -46,10 +54,15 @@ def run_shared_prefix(config, batch: int, prefix_len: int, question_len: int, ro
         raise RuntimeError("the fused path is bfloat16 only: pass --dtype bfloat16")
     space, rng = token_space(llm), np.random.default_rng(seed)
     prefix = space.draw(rng, prefix_len)
-    steps_needed = rounds * steps * 2 + 8
+    bodies = [space.draw(rng, template_len) for _ in range(templates)] or [[]]
+    modes = (("fused", attention.shared_prefix_blocks, attention.shared_prefix_levels),
+             *((("fused-top", attention.shared_prefix_blocks, 1),) if templates else ()),
+             ("unfused", 0, attention.shared_prefix_levels))
+    steps_needed = rounds * steps * len(modes) + 8
     params = SamplingParams(temperature=0.0, max_tokens=steps_needed + 64, ignore_eos=True)
-    requests = [core.make_request(f"r{i}", prefix + space.draw(rng, question_len), params)
-                for i in range(batch)]
+    requests = [core.make_request(
+        f"r{i}", prefix + bodies[i % len(bodies)] + space.draw(rng, question_len), params)
+        for i in range(batch)]
     for request in requests:
         core.add_request(request)
     while any(r.num_computed_tokens < len(r.prompt_token_ids) for r in requests):
@@ -57,31 +70,32 @@ def run_shared_prefix(config, batch: int, prefix_len: int, question_len: int, ro
     for _ in range(2):
         core.step()  # every request decodes now
     assert all(r.num_tokens - r.num_computed_tokens == 1 for r in requests)
-    on = attention.shared_prefix_blocks
-    times = {"fused": [], "unfused": []}
+    times = {mode: [] for mode, _, _ in modes}
     for _ in range(rounds):
-        for mode, blocks in (("fused", on), ("unfused", 0)):
-            attention.shared_prefix_blocks = blocks
+        for mode, blocks, levels in modes:
+            attention.shared_prefix_blocks, attention.shared_prefix_levels = blocks, levels
             for _ in range(steps):
                 started = time.perf_counter()
                 core.step()
                 times[mode].append(time.perf_counter() - started)
-    attention.shared_prefix_blocks = on
-    ops_times = _attention_alone(llm, requests, on)
-    results = {}
-    for mode in ("fused", "unfused"):
-        results[mode] = {"decode_step_ms": round(1e3 * statistics.median(times[mode]), 2),
-                         "attention_ms_per_step": round(ops_times[mode], 2)}
-    fused, unfused = results["fused"], results["unfused"]
-    fused["speedup_step"] = round(unfused["decode_step_ms"] / fused["decode_step_ms"], 3)
-    fused["speedup_attention"] = round(unfused["attention_ms_per_step"]
-                                       / fused["attention_ms_per_step"], 3)
+    ops_times = _attention_alone(llm, requests, modes)
+    attention.shared_prefix_blocks, attention.shared_prefix_levels = modes[0][1:]
+    results = {mode: {"decode_step_ms": round(1e3 * statistics.median(times[mode]), 2),
+                      "attention_ms_per_step": round(ops_times[mode], 2)}
+               for mode, _, _ in modes}
+    unfused = results["unfused"]
+    for mode, _, _ in modes[:-1]:
+        results[mode]["speedup_step"] = round(unfused["decode_step_ms"]
+                                              / results[mode]["decode_step_ms"], 3)
+        results[mode]["speedup_attention"] = round(unfused["attention_ms_per_step"]
+                                                   / results[mode]["attention_ms_per_step"], 3)
     llm.engine.runner.close()
     return results
 
 
-def _attention_alone(llm, requests, blocks: int, repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one step's attention calls (every layer) over the live cache."""
+def _attention_alone(llm, requests, modes, repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one step's attention calls (every layer) over the live cache,
+    per (mode, min blocks (0: unfused), levels)."""
     runner, model = llm.engine.runner, llm.engine.runner.model
     kv = llm.core.kv
     tables_list = [kv.block_table(r.request_id) for r in requests]
@@ -92,11 +106,14 @@ def _attention_alone(llm, requests, blocks: int, repeats: int = 20) -> dict[str,
     q = torch.randn(len(requests), attention.num_heads, attention.head_dim).to(model.dtype)
     layers = [model._layer_cache(runner.kv_cache, i, runner.key_bounds)[:2]
               for i in range(len(model.layers))]
+    ops = attention.ops
     out = {}
-    for mode, op in (("fused", lambda k, v: attention.ops.paged_decode_attention_shared(
-                         q, k, v, tables, lens, attention.scale, blocks)),
-                     ("unfused", lambda k, v: attention.ops.paged_decode_attention(
-                         q, k, v, tables, lens, attention.scale))):
+    for mode, blocks, levels in modes:
+        def op(k, v, blocks=blocks, levels=levels):
+            if blocks == 0:
+                return ops.paged_decode_attention(q, k, v, tables, lens, attention.scale)
+            return ops.paged_decode_attention_shared(q, k, v, tables, lens, attention.scale,
+                                                     blocks, levels)
         samples = []
         for _ in range(repeats):
             started = time.perf_counter()
@@ -113,13 +130,17 @@ def cmd_shared_prefix(args) -> int:
 
     config = cli._engine_config(args)
     results = run_shared_prefix(config, args.batch, args.prefix_len, args.question_len,
-                                args.rounds, args.steps, args.seed)
+                                args.rounds, args.steps, args.seed, args.templates,
+                                args.template_len)
     cli._finish(args, {"batch": args.batch, "prefix_len": args.prefix_len,
                        "question_len": args.question_len, "rounds": args.rounds,
-                       "steps": args.steps}, results, COLUMNS)
+                       "steps": args.steps, "templates": args.templates,
+                       "template_len": args.template_len}, results, COLUMNS)
     if args.plot:
         plot_bars(results, [("decode_step_ms", "decode step (ms)"),
                             ("attention_ms_per_step", "attention per step (ms)")], args.plot,
-                  f"batch {args.batch}, {args.prefix_len}-token shared prefix")
+                  f"batch {args.batch}, {args.prefix_len}-token shared prefix"
+                  + (f", then {args.templates} templates of {args.template_len}"
+                     if args.templates else ""))
         print(f"wrote {args.plot}")
     return 0

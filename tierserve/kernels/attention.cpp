@@ -543,7 +543,8 @@ void decode_attention_impl(const torch::Tensor& q, const torch::Tensor& k_cache,
 // by their softmax statistics (largest score, sum of exponentials).
 
 constexpr int kScoreTile = 16;  // queries scored together against one transposed key block
-constexpr int64_t kMaxParts = 16;  // a group's prefix is split in at most this many key ranges
+constexpr int64_t kMaxParts = 16;  // a run is split in at most this many key ranges
+constexpr int64_t kMaxLevels = 8;  // runs along one sequence's path, at most
 constexpr int64_t kPrefixAhead = 4;  // blocks requested ahead while transposing the prefix
 
 // Sixteen rows of 16 dwords transposed in registers: r[i] lane j becomes r[j] lane i (unpacks
@@ -685,6 +686,66 @@ inline void weigh_tile(const __m512i* vi, int64_t num_pairs, const uint32_t* pro
   }
 }
 
+// Blocks [start, end) that every one of ``members`` has at the same place in its table: a node
+// of the batch's prefix tree, ``level`` runs deep along its members' paths.
+struct SharedRun {
+  std::vector<int64_t> members;
+  int64_t start, end, level;
+};
+
+// Finds the runs worth reading together: a run needs a score tile of queries per kv head (fewer
+// pad the tile with nothing) and ``min_blocks`` blocks (measured: docs/benchmarks.md). A node
+// too short to be a run is not lost: its blocks go to each child's run. Each member keeps at
+// least one token of its own.
+struct SharedRunPlanner {
+  const int64_t* tp;
+  const int64_t* lp;
+  int64_t width, block_size, group, min_blocks, max_levels;
+  std::vector<SharedRun> runs;
+  std::vector<int64_t> rest_from;           // per sequence: its first block attended alone
+  std::vector<std::vector<int64_t>> path;  // per sequence: its runs, shallowest first
+
+  // ``ms`` share blocks [0, agree); [from, agree) are in no run yet; ``level`` runs above.
+  void node(const std::vector<int64_t>& ms, int64_t from, int64_t agree, int64_t level) {
+    if (static_cast<int64_t>(ms.size()) * group < kScoreTile || level >= max_levels) return;
+    int64_t limit = width;
+    for (int64_t b : ms) limit = std::min(limit, (lp[b] - 1) / block_size);
+    const int64_t* lead = tp + ms[0] * width;
+    auto all_agree = [&](int64_t i) {
+      for (int64_t b : ms) if (tp[b * width + i] != lead[i]) return false;
+      return true;
+    };
+    while (agree < limit && all_agree(agree)) ++agree;
+    if (agree - from >= min_blocks) {
+      runs.push_back({ms, from, agree, level});
+      for (int64_t b : ms) {
+        rest_from[b] = agree;
+        path[b].push_back(static_cast<int64_t>(runs.size()) - 1);
+      }
+      from = agree;
+      ++level;
+    }
+    children(ms, from, agree, level);
+  }
+
+  // The members that go on past block ``agree``, grouped by their block there.
+  void children(const std::vector<int64_t>& ms, int64_t from, int64_t agree, int64_t level) {
+    std::vector<int64_t> on;
+    for (int64_t b : ms) if ((lp[b] - 1) / block_size > agree) on.push_back(b);
+    std::stable_sort(on.begin(), on.end(), [&](int64_t x, int64_t y) {
+      return tp[x * width + agree] < tp[y * width + agree];
+    });
+    for (size_t start = 0; start < on.size();) {
+      size_t end = start + 1;
+      while (end < on.size() && tp[on[end] * width + agree] == tp[on[start] * width + agree]) ++end;
+      if (end - start >= 2) {
+        node(std::vector<int64_t>(on.begin() + start, on.begin() + end), from, agree, level);
+      }
+      start = end;
+    }
+  }
+};
+
 struct PrefixTask {
   // every query of (group, kv head) over its shared blocks [first_block, first_block + blocks),
   // the group's part ``part`` of its prefix
@@ -820,10 +881,11 @@ torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, tor
 torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cache,
                                             torch::Tensor v_cache, torch::Tensor tables,
                                             torch::Tensor lens, double scale,
-                                            int64_t min_shared_blocks) {
+                                            int64_t min_shared_blocks, int64_t max_levels) {
   const bool fusable = q.scalar_type() == at::kBFloat16 && tables.dim() == 2 &&
                        (q.size(2) == 64 || q.size(2) == 128) && k_cache.size(1) % 16 == 0 &&
-                       k_cache.scalar_type() == at::kBFloat16 && min_shared_blocks >= 1;
+                       k_cache.scalar_type() == at::kBFloat16 && min_shared_blocks >= 1 &&
+                       max_levels >= 1;
 #if !defined(__AVX512BF16__)
   return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
 #else
@@ -840,48 +902,26 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
 
-  // Groups: sequences whose tables start with the same block, sharing the full blocks every
-  // member's table has in common (each member keeps at least one token of its own).
-  std::vector<int64_t> order(batch);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-    return tp[x * width] < tp[y * width];
-  });
-  std::vector<std::vector<int64_t>> members;
-  std::vector<int64_t> shared_blocks;
-  std::vector<int64_t> shared_of(batch, 0);  // blocks a sequence shares (0: attends alone)
-  for (int64_t start = 0; start < batch;) {
-    int64_t end = start + 1;
-    while (end < batch && tp[order[end] * width] == tp[order[start] * width]) ++end;
-    if (end - start >= 2) {
-      const int64_t* lead = tp + order[start] * width;
-      int64_t common = width;
-      for (int64_t m = start; m < end; ++m) {
-        const int64_t b = order[m];
-        int64_t same = 0;
-        while (same < common && tp[b * width + same] == lead[same]) ++same;
-        common = std::min({same, (lp[b] - 1) / block_size});
-      }
-      // Worth it only for a group with at least a score tile of queries per kv head (fewer
-      // pad the tile with nothing) over enough blocks (measured: docs/benchmarks.md).
-      if (common >= min_shared_blocks && (end - start) * group >= kScoreTile) {
-        members.emplace_back(order.begin() + start, order.begin() + end);
-        shared_blocks.push_back(common);
-        for (int64_t m = start; m < end; ++m) shared_of[order[m]] = common;
-      }
-    }
-    start = end;
-  }
-  if (members.empty()) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
+  // Runs: the prefix tree of the block tables, each node's blocks read together by its
+  // sequences (a system prompt by all its sequences, then each template by its own...).
+  SharedRunPlanner planner{tp, lp, width, block_size, group, min_shared_blocks,
+                           std::min<int64_t>(max_levels, kMaxLevels)};
+  planner.rest_from.assign(batch, 0);
+  planner.path.assign(batch, {});
+  std::vector<int64_t> everyone(batch);
+  std::iota(everyone.begin(), everyone.end(), 0);
+  planner.children(everyone, 0, 0, 0);
+  const std::vector<SharedRun>& runs = planner.runs;
+  if (runs.empty()) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
 
   // Everyone attends alone over what it does not share: the unfused its whole table, a member
-  // the blocks after the group's (its statistics kept for the merge).
+  // of runs the blocks after its deepest run's (its statistics kept for the merge).
   auto rest_tables = torch::zeros_like(tables);
   auto rest_lens = torch::empty_like(lens);
   int64_t* rt = rest_tables.data_ptr<int64_t>();
   int64_t* rl = rest_lens.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t skip = shared_of[b];
+    const int64_t skip = planner.rest_from[b];
     std::copy(tp + b * width + skip, tp + (b + 1) * width, rt + b * width);
     rl[b] = lp[b] - skip * block_size;
   }
@@ -891,32 +931,37 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   decode_attention_impl<at::BFloat16, float>(q, k_cache, v_cache, rest_tables, rest_lens, scale,
                                              rest_out, rest_stats.data_ptr<float>());
 
-  // The groups' prefixes: tasks of (group, kv head, a run of its blocks), enough of them to
-  // keep every thread busy. Split by keys, not queries, so each block is read and transposed
-  // once; the parts are merged like the rest (by their softmax statistics).
+  // The runs: tasks of (run, kv head, a part of its blocks), enough of them to keep every
+  // thread busy. Split by keys, not queries, so each block is read and transposed once; the
+  // parts are merged like the rest (by their softmax statistics). A sequence's results live
+  // in slots (its run's depth, part).
   std::vector<PrefixTask> tasks;
+  const int64_t num_runs = static_cast<int64_t>(runs.size());
   const int64_t wanted = std::max<int64_t>(
-      1, (2 * threads + members.size() * num_kv_heads - 1) / (members.size() * num_kv_heads));
-  std::vector<int64_t> parts_of(members.size());
-  int64_t parts = 1;
-  for (int64_t g = 0; g < static_cast<int64_t>(members.size()); ++g) {
+      1, (2 * threads + num_runs * num_kv_heads - 1) / (num_runs * num_kv_heads));
+  std::vector<int64_t> parts_of(num_runs);
+  int64_t parts = 1, levels = 1;
+  for (int64_t g = 0; g < num_runs; ++g) {
+    const int64_t blocks = runs[g].end - runs[g].start;
     // at least 4 blocks a part (a part of one block would spend more on its merge)
-    const int64_t n = std::max<int64_t>(1, std::min({wanted, kMaxParts, shared_blocks[g] / 4}));
-    const int64_t step = (shared_blocks[g] + n - 1) / n;
+    const int64_t n = std::max<int64_t>(1, std::min({wanted, kMaxParts, blocks / 4}));
+    const int64_t step = (blocks + n - 1) / n;
     int64_t part = 0;
-    for (int64_t first = 0; first < shared_blocks[g]; first += step, ++part) {
+    for (int64_t first = 0; first < blocks; first += step, ++part) {
       for (int64_t h = 0; h < num_kv_heads; ++h) {
-        tasks.push_back({g, h, first, std::min(step, shared_blocks[g] - first), part});
+        tasks.push_back({g, h, runs[g].start + first, std::min(step, blocks - first), part});
       }
     }
     parts_of[g] = part;
     parts = std::max(parts, part);
+    levels = std::max(levels, runs[g].level + 1);
   }
-  auto prefix_out = torch::empty({parts, batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
-  auto prefix_stats = torch::empty({parts, batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  auto prefix_out = torch::empty({levels * parts, batch, num_heads, head_dim},
+                                 q.options().dtype(at::kFloat));
+  auto prefix_stats = torch::empty({levels * parts, batch, num_heads, 2}, q.options().dtype(at::kFloat));
   float* po = prefix_out.data_ptr<float>();
   float* ps = prefix_stats.data_ptr<float>();
-  const int64_t rows = batch * num_heads;  // per part: rows * head_dim outputs, rows * 2 stats
+  const int64_t rows = batch * num_heads;  // per slot: rows * head_dim outputs, rows * 2 stats
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   const at::BFloat16* kp = k_cache.data_ptr<at::BFloat16>();
   const at::BFloat16* vp = v_cache.data_ptr<at::BFloat16>();
@@ -928,46 +973,49 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
     for (int64_t taken = next++; taken < num_tasks; taken = next++) {
       const PrefixTask& task = tasks[taken];
-      const std::vector<int64_t>& group_members = members[task.group];
-      const int64_t* table = tp + group_members[0] * width + task.first_block;
-      const int64_t count = static_cast<int64_t>(group_members.size()) * group;
+      const SharedRun& shared = runs[task.group];
+      const int64_t* table = tp + shared.members[0] * width + task.first_block;
+      const int64_t count = static_cast<int64_t>(shared.members.size()) * group;
+      const int64_t slot = shared.level * parts + task.part;
       auto run = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
       run(qp, kp, vp, table, task.blocks, block_size, kb, ko, vb, vo, task.kv_head, kh, vh,
-          group_members, group, num_heads, 0, count, fscale, po + task.part * rows * head_dim,
-          ps + task.part * rows * 2);
+          shared.members, group, num_heads, 0, count, fscale, po + slot * rows * head_dim,
+          ps + slot * rows * 2);
     }
   });
 
-  // Merge: each member's results (its prefix parts and its rest) weighed by their softmax
-  // sums, rounded once.
+  // Merge: each sequence's results (each part of each run it is in, and its rest) weighed by
+  // their softmax sums, rounded once.
   auto out = torch::empty_like(q);
   at::BFloat16* op = out.data_ptr<at::BFloat16>();
   const float* ro = rest_out.data_ptr<float>();
   const float* rs = rest_stats.data_ptr<float>();
-  std::vector<int64_t> group_of(batch, -1);
-  for (int64_t g = 0; g < static_cast<int64_t>(members.size()); ++g)
-    for (int64_t b : members[g]) group_of[b] = g;
-  at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {  // 2% of a step, serial
+  at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> slots;
+    std::vector<float> weight;
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t n = group_of[b] < 0 ? 0 : parts_of[group_of[b]];
+      slots.clear();
+      for (int64_t g : planner.path[b]) {
+        for (int64_t p = 0; p < parts_of[g]; ++p) slots.push_back(runs[g].level * parts + p);
+      }
+      weight.resize(slots.size() + 1);
       for (int64_t head = 0; head < num_heads; ++head) {
         const int64_t row = b * num_heads + head;
         float top = rs[2 * row];
-        for (int64_t p = 0; p < n; ++p) top = std::max(top, ps[(p * rows + row) * 2]);
-        float weight[kMaxParts + 1], total = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
-        weight[0] = total;
-        for (int64_t p = 0; p < n; ++p) {
-          weight[p + 1] = ps[(p * rows + row) * 2 + 1] * std::exp(ps[(p * rows + row) * 2] - top);
-          total += weight[p + 1];
+        for (int64_t slot : slots) top = std::max(top, ps[(slot * rows + row) * 2]);
+        float total = weight[0] = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
+        for (size_t i = 0; i < slots.size(); ++i) {
+          const float* stat = ps + (slots[i] * rows + row) * 2;
+          total += weight[i + 1] = stat[1] * std::exp(stat[0] - top);
         }
         // head_dim is 64 or 128 here; rounding as static_cast<BFloat16> (to nearest even).
         const float* rest = ro + row * head_dim;
         at::BFloat16* o = op + row * head_dim;
         for (int64_t d = 0; d < head_dim; d += 16) {
           __m512 x = _mm512_mul_ps(_mm512_loadu_ps(rest + d), _mm512_set1_ps(weight[0] / total));
-          for (int64_t p = 0; p < n; ++p) {
-            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (p * rows + row) * head_dim + d),
-                                _mm512_set1_ps(weight[p + 1] / total), x);
+          for (size_t i = 0; i < slots.size(); ++i) {
+            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (slots[i] * rows + row) * head_dim + d),
+                                _mm512_set1_ps(weight[i + 1] / total), x);
           }
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)_mm512_cvtneps_pbh(x));
         }

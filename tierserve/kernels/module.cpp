@@ -9,7 +9,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("paged_decode_attention", &tierserve::paged_decode_attention,
         "one query per sequence over its paged K/V, in place");
   m.def("paged_decode_attention_shared", &tierserve::paged_decode_attention_shared,
-        "paged_decode_attention, groups sharing leading blocks reading them together");
+        "paged_decode_attention, groups sharing leading blocks reading them together, at each "
+        "depth of their prefix tree down to max_levels",
+        pybind11::arg("q"), pybind11::arg("k_cache"), pybind11::arg("v_cache"),
+        pybind11::arg("tables"), pybind11::arg("lens"), pybind11::arg("scale"),
+        pybind11::arg("min_shared_blocks"), pybind11::arg("max_levels") = 8);
   m.def("add_rms_norm", &tierserve::add_rms_norm,
         "(weight * rmsnorm(x + residual), x + residual), HF's roundings");
   m.def("rotary_", &tierserve::rotary_, "rotary embedding of the first heads of qkv, in place");

@@ -15,13 +15,15 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
 // per kv head (KV selection): tables (batch, kv_heads, width) and lens (batch, kv_heads).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor lens, double scale);
-// The same, with the sequences whose tables start with the same blocks (at least
-// min_shared_blocks of them, and enough sequences to fill a 16-query tile per kv head)
-// attending over those blocks together (bfloat16, head size 64 or 128; else as above).
+// The same, with the sequences whose tables start with the same blocks attending over those
+// blocks together, at each depth of the prefix tree down to max_levels (a system prompt
+// shared by all, then each template by its own sequences; a run needs min_shared_blocks
+// blocks and enough sequences to fill a 16-query tile per kv head; bfloat16, head size 64 or
+// 128; else as above).
 torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cache,
                                             torch::Tensor v_cache, torch::Tensor tables,
                                             torch::Tensor lens, double scale,
-                                            int64_t min_shared_blocks);
+                                            int64_t min_shared_blocks, int64_t max_levels);
 
 // elementwise.cpp, the fused steps of a Llama layer:
 // (weight * norm(x + residual), x + residual); without a residual, (weight * norm(x), x).

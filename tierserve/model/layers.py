@@ -122,6 +122,8 @@ class TorchPagedAttention:
         # Fused shared-prefix decode attention for groups sharing at least this many leading
         # blocks (bfloat16, native kernel; 0: off). Set by the ModelRunner from the block size.
         self.shared_prefix_blocks = 0
+        # Depths of the batch's prefix tree fused (a system prompt, then each template...).
+        self.shared_prefix_levels = 8
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata,
@@ -179,7 +181,8 @@ class TorchPagedAttention:
             if self.shared_prefix_blocks and q.dtype == torch.bfloat16 and tables.dim() == 2:
                 return self.ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens,
                                                               self.scale,
-                                                              self.shared_prefix_blocks)
+                                                              self.shared_prefix_blocks,
+                                                              self.shared_prefix_levels)
             return self.ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, self.scale)
         if tables.dim() == 2:
             tables = tables[:, None].expand(-1, self.num_kv_heads, -1)
