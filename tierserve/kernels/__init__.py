@@ -1,5 +1,6 @@
-"""Native CPU kernels (linear.cpp, attention.cpp, elementwise.cpp, selection.cpp; module.cpp binds them;
-quant.cpp, its own module), compiled for this machine at first use.
+"""Native CPU kernels (linear.cpp, attention.cpp, attention_shared.cpp, elementwise.cpp,
+selection.cpp; module.cpp binds them; quant.cpp, its own module), compiled for this machine at
+first use.
 
 ``cpu_ops()`` returns the compiled module, or None where it cannot be built (no C++
 compiler, no ninja, TIERSERVE_KERNELS=0) or would not pay (a CPU without AVX-512, which
@@ -35,8 +36,8 @@ from tierserve.model.hub import tierserve_home
 logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp", "elementwise.cpp",
-                                    "selection.cpp")]
+SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp",
+                                    "attention_shared.cpp", "elementwise.cpp", "selection.cpp")]
 HEADERS = [HERE / "common.h", HERE / "ops.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 MODULE_NAME = "tierserve_cpu_ops"

@@ -3,6 +3,7 @@
 
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -83,5 +84,24 @@ inline __m512 as_stored(__m512 v) {
   }
 }
 #endif
+
+// Cached rows of one head in block ``index`` of a table: the hardware prefetcher does not follow
+// a sequence from one block to the next (they are pages apart), so ask for the next one ahead.
+template <typename T>
+inline void prefetch_block(const T* base, const int64_t* table, int64_t index, int64_t len,
+                           int64_t block_size, int64_t block_stride, int64_t row_stride,
+                           int64_t head_offset, int64_t row_elems) {
+#if defined(__AVX512F__)
+  if (index * block_size >= len) return;
+  const char* block = reinterpret_cast<const char*>(base + table[index] * block_stride + head_offset);
+  const int64_t rows = std::min(block_size, len - index * block_size);
+  const int64_t row_bytes = row_elems * static_cast<int64_t>(sizeof(T));
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      _mm_prefetch(block + r * row_stride * static_cast<int64_t>(sizeof(T)) + b, _MM_HINT_T1);
+    }
+  }
+#endif
+}
 
 }  // namespace tierserve

@@ -1,6 +1,6 @@
 // tierserve's native CPU kernels as one Python module (built by tierserve/kernels/__init__.py
-// with torch.utils.cpp_extension.load): linear.cpp, attention.cpp, elementwise.cpp,
-// selection.cpp.
+// with torch.utils.cpp_extension.load): linear.cpp, attention.cpp, attention_shared.cpp,
+// elementwise.cpp, selection.cpp.
 
 #include "ops.h"
 

@@ -15,6 +15,13 @@ torch::Tensor skinny_linear(torch::Tensor x, torch::Tensor w, c10::optional<torc
 // per kv head (KV selection): tables (batch, kv_heads, width) and lens (batch, kv_heads).
 torch::Tensor paged_decode_attention(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
                                      torch::Tensor tables, torch::Tensor lens, double scale);
+// paged_decode_attention of bfloat16 q and caches (2-d tables) into float32 ``out``, with each
+// query's largest score and softmax sum in ``stats`` ((batch, heads, 2) floats): the per-
+// sequence pass of the fused kernel below (attention_shared.cpp). Not bound to Python.
+void paged_decode_attention_with_stats(const torch::Tensor& q, const torch::Tensor& k_cache,
+                                       const torch::Tensor& v_cache, const torch::Tensor& tables,
+                                       const torch::Tensor& lens, double scale, torch::Tensor& out,
+                                       float* stats);
 // The same, with the sequences whose tables start with the same blocks attending over those
 // blocks together, at each depth of the prefix tree down to max_levels (a system prompt
 // shared by all, then each template by its own sequences; a run needs min_shared_blocks
