@@ -199,6 +199,75 @@ def test_nested_prefixes_are_fused_at_each_depth_within_the_kernels_tolerance(sy
         assert not torch.equal(nested, top_only)
 
 
+def _tree_case(tree, seed: int = 0, own=(1, 60)):
+    """Block tables of a prefix tree: a node is (blocks, [children]) or (blocks, members); each
+    member adds ``own`` tokens (a range, or 0: its length ends at its last shared block)."""
+    gen = torch.Generator().manual_seed(seed)
+    k_cache = torch.randn(1200, 16, 3, 64, generator=gen)
+    v_cache = torch.randn(1200, 16, 3, 64, generator=gen)
+    free = torch.randperm(1200, generator=gen).tolist()
+    rows, lens = [], []
+
+    def grow(node, above):
+        blocks, below = node
+        path = above + [free.pop() for _ in range(blocks)]
+        if isinstance(below, int):
+            for _ in range(below):
+                extra = own if isinstance(own, int) else int(torch.randint(*own, (1,), generator=gen))
+                rows.append(path + [free.pop() for _ in range(-(-extra // 16))])
+                lens.append(len(path) * 16 + extra)
+        else:
+            for child in below:
+                grow(child, path)
+
+    grow(tree, [])
+    width = max(map(len, rows))
+    tables = torch.tensor([r + [0] * (width - len(r)) for r in rows])
+    order = torch.randperm(len(rows), generator=gen)
+    q = torch.randn(len(rows), 9, 64, generator=gen)
+    return (q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables[order],
+            torch.tensor(lens)[order])
+
+
+def _check_against_sdpa(case, min_blocks: int = 4, **kwargs):
+    q, k_cache, v_cache, tables, lens = case
+    attention = TorchPagedAttention(9, 3, 64)
+    width = tables.shape[1] * 16
+    mask = (torch.arange(width)[None, :] < lens[:, None]).view(len(lens), 1, 1, width)
+    reference = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, mask)
+    got = ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens, attention.scale,
+                                            min_blocks, **kwargs)
+    assert (got.float() - reference).abs().max().item() < 2e-2  # as the unfused kernel's
+    return got
+
+
+def test_three_levels_and_many_parts_and_members_without_own_tokens():
+    """A three-level tree (system prompt > templates > documents), split into several key
+    ranges per run (32 threads), members whose length ends exactly at their last shared block
+    (that block goes to their own pass), all within the kernel's tolerance."""
+    tree = (24, [(8, [(8, 8), (8, 7)]), (12, [(6, 8), (5, 7)])])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(32)  # 2 x 32 tasks wanted over 7 runs x 3 kv heads: 2-4 parts
+        many_parts = _check_against_sdpa(_tree_case(tree, seed=3))
+        no_own = _check_against_sdpa(_tree_case(tree, seed=3, own=0))
+        top_only = _check_against_sdpa(_tree_case(tree, seed=3), max_levels=1)
+        torch.set_num_threads(1)
+        one_part = _check_against_sdpa(_tree_case(tree, seed=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert not torch.equal(many_parts, one_part)  # 32 threads did split the runs into parts
+    assert not torch.equal(many_parts, top_only)  # the deeper levels were fused
+    assert no_own.shape == many_parts.shape
+
+
+def test_shared_prefix_attention_refuses_lengths_past_the_table():
+    q, k_cache, v_cache, tables, lens = _tree_case((8, 8), seed=1)
+    lens[0] = tables.shape[1] * 16 + 1
+    with pytest.raises(RuntimeError, match="lens must lie"):
+        ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens, 0.125, 4)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows, width", [(1, 576), (7, 100), (64, 576)])  # 100: masked tail
 def test_add_rms_norm_matches_residual_add_then_rms_norm(dtype, rows, width):

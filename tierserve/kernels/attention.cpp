@@ -109,8 +109,9 @@ inline void read_in_order(const T* kp, const T* vp, const int64_t* table, int64_
                           int64_t block_size, int64_t kb, int64_t ko, int64_t kh, int64_t vb,
                           int64_t vo, int64_t vh, int64_t h0, int64_t span, int64_t head_dim) {
 #if defined(__AVX512F__)
-  __m512i sink = _mm512_setzero_si512();
   constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+  if (head_dim % kLine != 0) return;  // whole 64-byte rows only (no read past a row's end)
+  __m512i sink = _mm512_setzero_si512();
   for (int64_t blk = 0; blk * block_size < len; ++blk) {
     const int64_t rows = std::min(block_size, len - blk * block_size);
     for (int kv = 0; kv < 2; ++kv) {

@@ -190,7 +190,8 @@ struct SharedRunPlanner {
   int64_t width, block_size, group, min_blocks, max_levels;
   std::vector<SharedRun> runs;
   std::vector<int64_t> rest_from;           // per sequence: its first block attended alone
-  std::vector<std::vector<int64_t>> path;  // per sequence: its runs, shallowest first
+  // per sequence: (run, its index among the run's members), shallowest run first
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> path;
 
   // ``ms`` share blocks [0, agree); [from, agree) are in no run yet; ``level`` runs above.
   void node(const std::vector<int64_t>& ms, int64_t from, int64_t agree, int64_t level) {
@@ -205,9 +206,9 @@ struct SharedRunPlanner {
     while (agree < limit && all_agree(agree)) ++agree;
     if (agree - from >= min_blocks) {
       runs.push_back({ms, from, agree, level});
-      for (int64_t b : ms) {
-        rest_from[b] = agree;
-        path[b].push_back(static_cast<int64_t>(runs.size()) - 1);
+      for (int64_t m = 0; m < static_cast<int64_t>(ms.size()); ++m) {
+        rest_from[ms[m]] = agree;
+        path[ms[m]].emplace_back(static_cast<int64_t>(runs.size()) - 1, m);
       }
       from = agree;
       ++level;
@@ -318,17 +319,17 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
       const float denom = exp_to_bf16(scores.data() + i * len, len, most, out);
       inv[i] = 1.f / denom;
       const int64_t q = first + t + i;
-      const int64_t b = members[q / group], head = kv_head * group + q % group;
-      prefix_stats[2 * (b * num_heads + head)] = most;
-      prefix_stats[2 * (b * num_heads + head) + 1] = denom;
+      const int64_t row = (q / group) * num_heads + kv_head * group + q % group;
+      prefix_stats[2 * row] = most;
+      prefix_stats[2 * row + 1] = denom;
     }
     for (int64_t sub = 0; sub < in_tile; sub += QV) {
       weigh_tile<HD, QV>(vi.data(), num_pairs, probs.data() + sub * num_pairs, num_pairs,
                          inv + sub, tile_out);
       for (int64_t i = sub; i < std::min<int64_t>(in_tile, sub + QV); ++i) {
         const int64_t q = first + t + i;
-        const int64_t b = members[q / group], head = kv_head * group + q % group;
-        std::memcpy(prefix_out + (b * num_heads + head) * HD, tile_out + (i - sub) * HD,
+        const int64_t row = (q / group) * num_heads + kv_head * group + q % group;
+        std::memcpy(prefix_out + row * HD, tile_out + (i - sub) * HD,
                     HD * sizeof(float));
       }
     }
@@ -353,6 +354,11 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && lens.dim() == 1,
               "tables (batch, width) and lens (batch,), int64");
+  TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && v_cache.dim() == 4 &&
+                  q.size(2) == k_cache.size(3) && q.size(1) % k_cache.size(2) == 0 &&
+                  tables.size(0) == q.size(0) && lens.size(0) == q.size(0),
+              "q (batch, heads, head_dim) and caches (blocks, block_size, kv_heads, head_dim), "
+              "heads a multiple of kv heads; tables and lens of the same batch");
   q = q.contiguous();
   tables = tables.contiguous();
   lens = lens.contiguous();
@@ -361,6 +367,10 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   const int64_t group = num_heads / num_kv_heads, width = tables.size(1);
   const int64_t* tp = tables.data_ptr<int64_t>();
   const int64_t* lp = lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= width * block_size, "lens must lie in [1, table width x "
+                "block size]; sequence ", b, " has ", lp[b]);
+  }
 
   // Runs: the prefix tree of the block tables, each node's blocks read together by its
   // sequences (a system prompt by all its sequences, then each template by its own...).
@@ -393,14 +403,14 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
 
   // The runs: tasks of (run, kv head, a part of its blocks), enough of them to keep every
   // thread busy. Split by keys, not queries, so each block is read and transposed once; the
-  // parts are merged like the rest (by their softmax statistics). A sequence's results live
-  // in slots (its run's depth, part).
+  // parts are merged like the rest (by their softmax statistics). A part's results are rows
+  // (member, query head) of its own, ``first_row[g] + part * members * num_heads`` on.
   std::vector<PrefixTask> tasks;
   const int64_t num_runs = static_cast<int64_t>(runs.size());
   const int64_t wanted = std::max<int64_t>(
       1, (2 * threads + num_runs * num_kv_heads - 1) / (num_runs * num_kv_heads));
-  std::vector<int64_t> parts_of(num_runs);
-  int64_t parts = 1, levels = 1;
+  std::vector<int64_t> parts_of(num_runs), first_row(num_runs);
+  int64_t total_rows = 0;
   for (int64_t g = 0; g < num_runs; ++g) {
     const int64_t blocks = runs[g].end - runs[g].start;
     // at least 4 blocks a part (a part of one block would spend more on its merge)
@@ -413,15 +423,16 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
       }
     }
     parts_of[g] = part;
-    parts = std::max(parts, part);
-    levels = std::max(levels, runs[g].level + 1);
+    first_row[g] = total_rows;
+    total_rows += part * static_cast<int64_t>(runs[g].members.size()) * num_heads;
   }
-  auto prefix_out = torch::empty({levels * parts, batch, num_heads, head_dim},
-                                 q.options().dtype(at::kFloat));
-  auto prefix_stats = torch::empty({levels * parts, batch, num_heads, 2}, q.options().dtype(at::kFloat));
+  auto prefix_out = torch::empty({total_rows, head_dim}, q.options().dtype(at::kFloat));
+  auto prefix_stats = torch::empty({total_rows, 2}, q.options().dtype(at::kFloat));
   float* po = prefix_out.data_ptr<float>();
   float* ps = prefix_stats.data_ptr<float>();
-  const int64_t rows = batch * num_heads;  // per slot: rows * head_dim outputs, rows * 2 stats
+  auto part_row = [&](int64_t g, int64_t part) {  // the first row of run g's part
+    return first_row[g] + part * static_cast<int64_t>(runs[g].members.size()) * num_heads;
+  };
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   const at::BFloat16* kp = k_cache.data_ptr<at::BFloat16>();
   const at::BFloat16* vp = v_cache.data_ptr<at::BFloat16>();
@@ -436,11 +447,10 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
       const SharedRun& shared = runs[task.group];
       const int64_t* table = tp + shared.members[0] * width + task.first_block;
       const int64_t count = static_cast<int64_t>(shared.members.size()) * group;
-      const int64_t slot = shared.level * parts + task.part;
+      const int64_t row = part_row(task.group, task.part);
       auto run = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
       run(qp, kp, vp, table, task.blocks, block_size, kb, ko, vb, vo, task.kv_head, kh, vh,
-          shared.members, group, num_heads, 0, count, fscale, po + slot * rows * head_dim,
-          ps + slot * rows * 2);
+          shared.members, group, num_heads, 0, count, fscale, po + row * head_dim, ps + row * 2);
     }
   });
 
@@ -451,21 +461,21 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   const float* ro = rest_out.data_ptr<float>();
   const float* rs = rest_stats.data_ptr<float>();
   at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> slots;
+    std::vector<int64_t> rows_of;  // per result: the row of the sequence's first head
     std::vector<float> weight;
     for (int64_t b = begin; b < end; ++b) {
-      slots.clear();
-      for (int64_t g : planner.path[b]) {
-        for (int64_t p = 0; p < parts_of[g]; ++p) slots.push_back(runs[g].level * parts + p);
+      rows_of.clear();
+      for (const auto& [g, m] : planner.path[b]) {
+        for (int64_t p = 0; p < parts_of[g]; ++p) rows_of.push_back(part_row(g, p) + m * num_heads);
       }
-      weight.resize(slots.size() + 1);
+      weight.resize(rows_of.size() + 1);
       for (int64_t head = 0; head < num_heads; ++head) {
         const int64_t row = b * num_heads + head;
         float top = rs[2 * row];
-        for (int64_t slot : slots) top = std::max(top, ps[(slot * rows + row) * 2]);
+        for (int64_t r : rows_of) top = std::max(top, ps[(r + head) * 2]);
         float total = weight[0] = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
-        for (size_t i = 0; i < slots.size(); ++i) {
-          const float* stat = ps + (slots[i] * rows + row) * 2;
+        for (size_t i = 0; i < rows_of.size(); ++i) {
+          const float* stat = ps + (rows_of[i] + head) * 2;
           total += weight[i + 1] = stat[1] * std::exp(stat[0] - top);
         }
         // head_dim is 64 or 128 here; rounding as static_cast<BFloat16> (to nearest even).
@@ -473,8 +483,8 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
         at::BFloat16* o = op + row * head_dim;
         for (int64_t d = 0; d < head_dim; d += 16) {
           __m512 x = _mm512_mul_ps(_mm512_loadu_ps(rest + d), _mm512_set1_ps(weight[0] / total));
-          for (size_t i = 0; i < slots.size(); ++i) {
-            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (slots[i] * rows + row) * head_dim + d),
+          for (size_t i = 0; i < rows_of.size(); ++i) {
+            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (rows_of[i] + head) * head_dim + d),
                                 _mm512_set1_ps(weight[i + 1] / total), x);
           }
           _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)_mm512_cvtneps_pbh(x));
