@@ -150,31 +150,6 @@ def test_shared_prefix_attention_leaves_a_group_of_one_and_short_prefixes_alone(
         q.float(), k_cache.float(), v_cache.float(), tables, lens, 0.125))  # float32: unfused
 
 
-def _nested_case(system_blocks: int, templates: list[tuple[int, int]], seed: int = 0):
-    """A prefix tree: ``system_blocks`` blocks shared by every sequence, then per template
-    (members, blocks) blocks shared by its members, then 1-59 tokens of each one's own (9 query
-    heads, 3 kv heads, head size 64, members scattered through the batch)."""
-    gen = torch.Generator().manual_seed(seed)
-    block_size, num_blocks = 16, 900
-    k_cache = torch.randn(num_blocks, block_size, 3, 64, generator=gen)
-    v_cache = torch.randn(num_blocks, block_size, 3, 64, generator=gen)
-    free = torch.randperm(num_blocks, generator=gen).tolist()
-    system = [free.pop() for _ in range(system_blocks)]
-    rows, lens = [], []
-    for members, blocks in templates:
-        template = system + [free.pop() for _ in range(blocks)]
-        for _ in range(members):
-            own = int(torch.randint(1, 60, (1,), generator=gen))
-            rows.append(template + [free.pop() for _ in range(-(-own // block_size))])
-            lens.append(len(template) * block_size + own)
-    width = max(map(len, rows))
-    tables = torch.tensor([r + [0] * (width - len(r)) for r in rows])
-    order = torch.randperm(len(rows), generator=gen)
-    q = torch.randn(len(rows), 9, 64, generator=gen)
-    return (q.bfloat16(), k_cache.bfloat16(), v_cache.bfloat16(), tables[order],
-            torch.tensor(lens)[order])
-
-
 @pytest.mark.parametrize("system_blocks, templates", [
     (8, [(8, 6), (8, 6), (6, 5)]),  # a system prompt, then templates (each a run of its own)
     (1, [(8, 8), (7, 6)]),  # a system prompt too short alone: its block goes to each template
@@ -182,18 +157,11 @@ def _nested_case(system_blocks: int, templates: list[tuple[int, int]], seed: int
 ])
 def test_nested_prefixes_are_fused_at_each_depth_within_the_kernels_tolerance(system_blocks,
                                                                               templates):
-    q, k_cache, v_cache, tables, lens = _nested_case(system_blocks, templates)
-    attention = TorchPagedAttention(9, 3, 64)
-    width = tables.shape[1] * 16
-    mask = (torch.arange(width)[None, :] < lens[:, None]).view(len(lens), 1, 1, width)
-    reference = attention._decode(q.float(), k_cache.float(), v_cache.float(), tables, mask)
-    nested = ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens, attention.scale,
-                                               4)
-    top_only = ops.paged_decode_attention_shared(q, k_cache, v_cache, tables, lens,
-                                                 attention.scale, 4, max_levels=1)
-    unfused = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, attention.scale)
-    for got in (nested, top_only):
-        assert (got.float() - reference).abs().max().item() < 2e-2  # as the unfused kernel's
+    case = _tree_case((system_blocks, [(blocks, members) for members, blocks in templates]))
+    nested = _check_against_sdpa(case)
+    top_only = _check_against_sdpa(case, max_levels=1)
+    q, k_cache, v_cache, tables, lens = case
+    unfused = ops.paged_decode_attention(q, k_cache, v_cache, tables, lens, 64 ** -0.5)
     assert not torch.equal(nested, unfused)
     if system_blocks >= 4:  # the templates' runs split what the top run alone reads whole
         assert not torch.equal(nested, top_only)
