@@ -120,15 +120,30 @@ class NeighborSampler(BaseSampler):
         self.indices = indices.long() if indices.dtype != torch.long else indices
         self.num_nodes = len(indptr) - 1
         self.num_neighbors = list(num_neighbors)
+        self.seed = seed
         self.generator = torch.Generator()
         if seed is not None:
             self.generator.manual_seed(seed)
         self._local_of = torch.full((self.num_nodes,), -1, dtype=torch.long)
         self._lock = threading.Lock()   # `_local_of` is scratch shared by calls
+        self._worker_seeded: int | None = None  # the DataLoader worker seed last drawn from
+
+    def _seed_for_worker(self) -> None:
+        """In a DataLoader worker process, draw from that worker's own stream. Each worker gets a
+        copy of this sampler, generator state included, so without this every worker would
+        draw the same neighbours for the same seeds. DataLoader gives each worker a distinct
+        seed per epoch (from the main process's torch RNG: reproducible after
+        `torch.manual_seed`), mixed here with ``seed``."""
+        info = torch.utils.data.get_worker_info()
+        if info is None or self._worker_seeded == info.seed:
+            return
+        self._worker_seeded = info.seed
+        self.generator.manual_seed((info.seed + 1_000_003 * (self.seed or 0)) % (1 << 63))
 
     def sample(self, seeds: torch.Tensor) -> SampledSubgraph:
         """The computation graph of `seeds` (global ids, unique)."""
         with self._lock:
+            self._seed_for_worker()
             return self._sample(seeds.long())
 
     def _sample(self, seeds: torch.Tensor) -> SampledSubgraph:
