@@ -14,7 +14,9 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from torch_geometric.sampler import BaseSampler, NodeSamplerInput, SamplerOutput
+from torch_geometric.sampler import (BaseSampler, EdgeSamplerInput, NegativeSampling,
+                                     NodeSamplerInput, SamplerOutput)
+from torch_geometric.sampler.neighbor_sampler import edge_sample
 
 _KEY_SORT_LIMIT = 8
 
@@ -192,6 +194,23 @@ class NeighborSampler(BaseSampler):
                              num_sampled_edges=sub.num_sampled_edges,
                              metadata=(inputs.input_id, inputs.time))
 
-    def sample_from_edges(self, inputs, neg_sampling=None):
-        raise NotImplementedError("tiergnn samples from seed nodes (node classification); link "
-                                  "prediction loaders are not supported yet")
+    def sample_from_edges(self, inputs: EdgeSamplerInput,
+                          neg_sampling: NegativeSampling | None = None) -> SamplerOutput:
+        """Link prediction (PyG's `LinkNeighborLoader` / `LinkLoader`): the computation graph of
+        each batch's edge endpoints, with PyG's own negative sampling (binary or triplet) and
+        edge-label bookkeeping (`torch_geometric.sampler.neighbor_sampler.edge_sample`)."""
+        if inputs.time is not None:
+            raise ValueError("tiergnn's sampler is not temporal: edge_label_time is not supported")
+        if inputs.input_type is not None and inputs.input_type[0] != inputs.input_type[-1]:
+            raise ValueError("tiergnn's graphs have one node type; got edges "
+                             f"{inputs.input_type}")
+        homogeneous = EdgeSamplerInput(inputs.input_id, inputs.row, inputs.col, inputs.label)
+
+        def sample_fn(seeds: torch.Tensor, _seed_time) -> SamplerOutput:
+            sub = self.sample(seeds)
+            return SamplerOutput(node=sub.node, row=sub.row, col=sub.col, edge=sub.edge,
+                                 batch=None, num_sampled_nodes=sub.num_sampled_nodes,
+                                 num_sampled_edges=sub.num_sampled_edges)
+
+        return edge_sample(homogeneous, sample_fn, self.num_nodes, disjoint=False,
+                           neg_sampling=neg_sampling)
