@@ -14,8 +14,13 @@ import threading
 from dataclasses import dataclass
 
 import torch
-from torch_geometric.sampler import (BaseSampler, EdgeSamplerInput, NegativeSampling,
-                                     NodeSamplerInput, SamplerOutput)
+from torch_geometric.sampler import (
+    BaseSampler,
+    EdgeSamplerInput,
+    NegativeSampling,
+    NodeSamplerInput,
+    SamplerOutput,
+)
 from torch_geometric.sampler.neighbor_sampler import edge_sample
 
 _KEY_SORT_LIMIT = 8
