@@ -85,28 +85,43 @@ def test_seeded_sampler_repeats_itself(small_graph):
     assert torch.equal(a.node, b.node) and torch.equal(a.edge, b.edge)
 
 
+_WORKERS_SCRIPT = """
+import json, sys, torch
+from torch_geometric.data import Data
+from torch_geometric.loader import NodeLoader
+from tiergnn import CSCGraphStore, Dataset, NeighborSampler
+
+graph = CSCGraphStore(Dataset.open(sys.argv[1]))
+indptr, indices = graph.csc()
+hub = int(torch.argmax(indptr[1:] - indptr[:-1]))
+target = torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr[1:] - indptr[:-1])
+data = Data(edge_index=torch.stack([indices.long(), target]), num_nodes=len(indptr) - 1)
+
+def run():
+    torch.manual_seed(0)
+    loader = NodeLoader(data, node_sampler=NeighborSampler(graph, [3, 3], seed=5),
+                        input_nodes=torch.tensor([hub] * 4), batch_size=1, num_workers=2)
+    return [sorted(batch.n_id.tolist()) for batch in loader]
+
+print(json.dumps({"first": run(), "again": run(),
+                  "hub_degree": int(indptr[hub + 1] - indptr[hub])}))
+"""
+
+
 def test_dataloader_workers_draw_their_own_neighbours_reproducibly(small_graph):
     """Each DataLoader worker gets a copy of the sampler, generator state and all: the same seed
     node sampled in two workers must still get independent neighbours (and, after
-    torch.manual_seed, the same ones run to run)."""
-    from torch_geometric.data import Data
-    from torch_geometric.loader import NodeLoader
+    torch.manual_seed, the same ones run to run). Run in a fresh interpreter: forking this
+    test process, large by now in a full run, can fail for memory."""
+    import json
+    import subprocess
+    import sys
 
-    from tiergnn import CSCGraphStore
-
-    graph = CSCGraphStore(small_graph)
-    indptr, indices = graph.csc()
-    hub = int(torch.argmax(indptr[1:] - indptr[:-1]))
-    target = torch.repeat_interleave(torch.arange(len(indptr) - 1), indptr[1:] - indptr[:-1])
-    data = Data(edge_index=torch.stack([indices.long(), target]), num_nodes=len(indptr) - 1)
-
-    def run():
-        torch.manual_seed(0)
-        loader = NodeLoader(data, node_sampler=NeighborSampler(graph, [3, 3], seed=5),
-                            input_nodes=torch.tensor([hub] * 4), batch_size=1, num_workers=2)
-        return [sorted(batch.n_id.tolist()) for batch in loader]
-
-    first, again = run(), run()
+    done = subprocess.run([sys.executable, "-c", _WORKERS_SCRIPT, str(small_graph.root)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    first, again = result["first"], result["again"]
     assert first == again                              # reproducible under torch.manual_seed
     assert first[0] != first[1]                        # workers 0 and 1: their own draws
-    assert int(indptr[hub + 1] - indptr[hub]) > 3      # (the hub has more neighbours than 3)
+    assert result["hub_degree"] > 3                    # (the hub has more neighbours than 3)
