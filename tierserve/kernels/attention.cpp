@@ -243,22 +243,9 @@ inline void weigh_values_bf16(const float* probs, const at::BFloat16* vp, const 
       }
     }
   }
-  // Back in order: dims 32j + 8L + c come from lane 4L + c of part 2j (c < 4) or 2j+1 (c >= 4).
-  alignas(64) float lo[16], hi[16], ordered[32];
-  for (int g = 0; g < G; ++g) {
-    for (int j = 0; j < HD / 32; ++j) {
-      _mm512_store_ps(lo, part[g][2 * j]);
-      _mm512_store_ps(hi, part[g][2 * j + 1]);
-      for (int lane = 0; lane < 4; ++lane) {
-        for (int c = 0; c < 4; ++c) {
-          ordered[8 * lane + c] = lo[4 * lane + c];
-          ordered[8 * lane + 4 + c] = hi[4 * lane + c];
-        }
-      }
-      acc[g][2 * j] = _mm512_load_ps(ordered);
-      acc[g][2 * j + 1] = _mm512_load_ps(ordered + 16);
-    }
-  }
+  for (int g = 0; g < G; ++g)
+    for (int j = 0; j < HD / 32; ++j)
+      interleaved_in_order(part[g][2 * j], part[g][2 * j + 1], acc[g][2 * j], acc[g][2 * j + 1]);
 }
 #endif
 

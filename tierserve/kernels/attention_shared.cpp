@@ -21,14 +21,6 @@ namespace tierserve {
 namespace {
 
 #if defined(__AVX512BF16__)
-// Sequences whose block tables start with the same blocks (a batch group's prefix, n > 1
-// siblings, any prefix-cache hit) attend over those blocks together: a task takes many queries
-// of one kv head (16 at a time), transposes each key block once so that a query's scores over
-// its 16 keys are one vector (one vdpbf16ps per dim pair, no horizontal sums) and interleaves
-// each value block once, and the group's queries all use them while they sit in L1/L2. The
-// result over the prefix and each sequence's own result over the rest of its blocks are merged
-// by their softmax statistics (largest score, sum of exponentials).
-
 constexpr int kScoreTile = 16;  // queries scored together against one transposed key block
 constexpr int64_t kMaxParts = 16;  // a run is split in at most this many key ranges
 constexpr int64_t kMaxLevels = 8;  // runs along one sequence's path, at most
@@ -72,52 +64,32 @@ inline void transpose_keys(const at::BFloat16* rows, int64_t row_stride, __m512i
   }
 }
 
-// Scores of kScoreTile queries (bfloat16 pairs, HD / 2 a query) over one transposed key block.
-template <int HD>
-inline void score_tile(const __m512i (&kt)[HD / 2], const uint32_t* pairs, float scale,
-                       float* scores, int64_t stride, __m512 (&top)[kScoreTile]) {
-  __m512 acc[kScoreTile];
-  for (int i = 0; i < kScoreTile; ++i) acc[i] = _mm512_setzero_ps();
-  for (int d = 0; d < HD / 2; ++d) {
-    const __m512bh k = (__m512bh)kt[d];
-    for (int i = 0; i < kScoreTile; ++i) {
-      const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[i * (HD / 2) + d]));
-      acc[i] = _mm512_dpbf16_ps(acc[i], k, q);
-    }
-  }
-  const __m512 s = _mm512_set1_ps(scale);
-  for (int i = 0; i < kScoreTile; ++i) {
-    const __m512 scaled = _mm512_mul_ps(acc[i], s);
-    _mm512_storeu_ps(scores + i * stride, scaled);
-    top[i] = _mm512_max_ps(top[i], scaled);
-  }
-}
-
-// score_tile over two key tiles at once, eight queries a pass: each query pair broadcast feeds
-// two dot products, so the loads per vdpbf16ps drop from 1 + 1/16 to 10/16 (the broadcasts,
-// not the dot products, were the score loop's limit). Same sums in the same order.
-template <int HD>
-inline void score_tile_pair(const __m512i* kt0, const __m512i* kt1, const uint32_t* pairs,
-                            float scale, float* scores, int64_t stride,
-                            __m512 (&top)[kScoreTile]) {
+// Scores of kScoreTile queries (bfloat16 pairs, HD / 2 a query) over T consecutive transposed
+// key tiles (``kt``: T x HD / 2 vectors), eight queries a pass, each query's running max kept in
+// ``top``. With T = 2 one broadcast of a query pair feeds two dot products: the broadcasts, not
+// the dot products, limit this loop.
+template <int HD, int T>
+inline void score_tiles(const __m512i* kt, const uint32_t* pairs, float scale, float* scores,
+                        int64_t stride, __m512 (&top)[kScoreTile]) {
   const __m512 s = _mm512_set1_ps(scale);
   for (int half = 0; half < kScoreTile; half += 8) {
-    __m512 a0[8], a1[8];
-    for (int i = 0; i < 8; ++i) a0[i] = a1[i] = _mm512_setzero_ps();
+    __m512 acc[T][8];
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < 8; ++i) acc[t][i] = _mm512_setzero_ps();
     for (int d = 0; d < HD / 2; ++d) {
-      const __m512bh k0 = (__m512bh)_mm512_load_si512(kt0 + d);
-      const __m512bh k1 = (__m512bh)_mm512_load_si512(kt1 + d);
+      __m512bh k[T];
+      for (int t = 0; t < T; ++t) k[t] = (__m512bh)_mm512_load_si512(kt + t * (HD / 2) + d);
       for (int i = 0; i < 8; ++i) {
         const __m512bh q = (__m512bh)_mm512_set1_epi32(static_cast<int>(pairs[(half + i) * (HD / 2) + d]));
-        a0[i] = _mm512_dpbf16_ps(a0[i], k0, q);
-        a1[i] = _mm512_dpbf16_ps(a1[i], k1, q);
+        for (int t = 0; t < T; ++t) acc[t][i] = _mm512_dpbf16_ps(acc[t][i], k[t], q);
       }
     }
     for (int i = 0; i < 8; ++i) {
-      const __m512 x0 = _mm512_mul_ps(a0[i], s), x1 = _mm512_mul_ps(a1[i], s);
-      _mm512_storeu_ps(scores + (half + i) * stride, x0);
-      _mm512_storeu_ps(scores + (half + i) * stride + 16, x1);
-      top[half + i] = _mm512_max_ps(top[half + i], _mm512_max_ps(x0, x1));
+      for (int t = 0; t < T; ++t) {
+        const __m512 x = _mm512_mul_ps(acc[t][i], s);
+        _mm512_storeu_ps(scores + (half + i) * stride + 16 * t, x);
+        top[half + i] = _mm512_max_ps(top[half + i], x);
+      }
     }
   }
 }
@@ -157,18 +129,13 @@ inline void weigh_tile(const __m512i* vi, int64_t num_pairs, const uint32_t* pro
       }
     }
   }
-  alignas(64) float lo[16], hi[16];
   for (int i = 0; i < QV; ++i) {
-    for (int j = 0; j < HD / 32; ++j) {  // back in order, as in weigh_values_bf16
-      _mm512_store_ps(lo, part[i][2 * j]);
-      _mm512_store_ps(hi, part[i][2 * j + 1]);
-      float* o = out + i * HD + j * 32;
-      for (int lane = 0; lane < 4; ++lane) {
-        for (int c = 0; c < 4; ++c) {
-          o[8 * lane + c] = lo[4 * lane + c] * inv[i];
-          o[8 * lane + 4 + c] = hi[4 * lane + c] * inv[i];
-        }
-      }
+    const __m512 scale = _mm512_set1_ps(inv[i]);
+    for (int j = 0; j < HD / 32; ++j) {
+      __m512 first, second;
+      interleaved_in_order(part[i][2 * j], part[i][2 * j + 1], first, second);
+      _mm512_storeu_ps(out + i * HD + j * 32, _mm512_mul_ps(first, scale));
+      _mm512_storeu_ps(out + i * HD + j * 32 + 16, _mm512_mul_ps(second, scale));
     }
   }
 }
@@ -192,6 +159,15 @@ struct SharedRunPlanner {
   std::vector<int64_t> rest_from;           // per sequence: its first block attended alone
   // per sequence: (run, its index among the run's members), shallowest run first
   std::vector<std::vector<std::pair<int64_t, int64_t>>> path;
+
+  // The runs of sequences [0, batch).
+  void plan(int64_t batch) {
+    rest_from.assign(batch, 0);
+    path.assign(batch, {});
+    std::vector<int64_t> everyone(batch);
+    std::iota(everyone.begin(), everyone.end(), 0);
+    children(everyone, 0, 0, 0);
+  }
 
   // ``ms`` share blocks [0, agree); [from, agree) are in no run yet; ``level`` runs above.
   void node(const std::vector<int64_t>& ms, int64_t from, int64_t agree, int64_t level) {
@@ -235,20 +211,20 @@ struct SharedRunPlanner {
 };
 
 struct PrefixTask {
-  // every query of (group, kv head) over its shared blocks [first_block, first_block + blocks),
-  // the group's part ``part`` of its prefix
-  int64_t group, kv_head, first_block, blocks, part;
+  // every query of run ``run`` for one kv head over blocks [first_block, first_block + blocks):
+  // the run's part ``part``
+  int64_t run, kv_head, first_block, blocks, part;
 };
 
-// One task: ``count`` queries of one kv head over a group's ``num_blocks`` shared blocks
-// (``block_size`` a multiple of 16). Writes each query's normalized output and its statistics.
+// One task: the ``count`` queries of a run's ``members`` for one kv head over ``num_blocks``
+// shared blocks (``block_size`` a multiple of 16). Writes each query's normalized output and its
+// statistics at row (member, query head).
 template <int HD>
 void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFloat16* vp,
                    const int64_t* table, int64_t num_blocks, int64_t block_size, int64_t kb,
                    int64_t ko, int64_t vb, int64_t vo, int64_t kv_head, int64_t kh, int64_t vh,
                    const std::vector<int64_t>& members, int64_t group, int64_t num_heads,
-                   int64_t first, int64_t count, float scale, float* prefix_out,
-                   float* prefix_stats) {
+                   int64_t count, float scale, float* prefix_out, float* prefix_stats) {
   constexpr int V = HD / 16;
   constexpr int QV = HD == 64 ? 4 : 2;  // accumulators: QV * V registers
   const int64_t len = num_blocks * block_size, padded = (count + kScoreTile - 1) / kScoreTile * kScoreTile;
@@ -261,7 +237,7 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
   thread_local std::vector<float> scores;
   thread_local std::vector<__m512i> kt, vi;
   pairs.assign(padded * (HD / 2), 0u);
-  for (int64_t i = 0; i < count; ++i) std::memcpy(pairs.data() + i * (HD / 2), query_row(first + i), HD * 2);
+  for (int64_t i = 0; i < count; ++i) std::memcpy(pairs.data() + i * (HD / 2), query_row(i), HD * 2);
   // Once per task: every key block transposed, every value block interleaved (L2-resident).
   const int64_t num_tiles = len / 16, num_pairs = len / 2;
   kt.resize(num_tiles * (HD / 2));
@@ -300,12 +276,12 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
     for (int i = 0; i < kScoreTile; ++i) top[i] = _mm512_set1_ps(-INFINITY);
     int64_t k16 = 0;
     for (; k16 + 2 <= num_tiles; k16 += 2) {
-      score_tile_pair<HD>(kt.data() + k16 * (HD / 2), kt.data() + (k16 + 1) * (HD / 2),
-                          pairs.data() + t * (HD / 2), scale, scores.data() + k16 * 16, len, top);
+      score_tiles<HD, 2>(kt.data() + k16 * (HD / 2), pairs.data() + t * (HD / 2), scale,
+                         scores.data() + k16 * 16, len, top);
     }
     if (k16 < num_tiles) {
-      score_tile<HD>(*reinterpret_cast<const __m512i(*)[HD / 2]>(kt.data() + k16 * (HD / 2)),
-                     pairs.data() + t * (HD / 2), scale, scores.data() + k16 * 16, len, top);
+      score_tiles<HD, 1>(kt.data() + k16 * (HD / 2), pairs.data() + t * (HD / 2), scale,
+                         scores.data() + k16 * 16, len, top);
     }
     const int64_t in_tile = std::min<int64_t>(kScoreTile, count - t);
     for (int64_t i = 0; i < kScoreTile; ++i) {
@@ -318,7 +294,7 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
       const float most = _mm512_reduce_max_ps(top[i]);
       const float denom = exp_to_bf16(scores.data() + i * len, len, most, out);
       inv[i] = 1.f / denom;
-      const int64_t q = first + t + i;
+      const int64_t q = t + i;
       const int64_t row = (q / group) * num_heads + kv_head * group + q % group;
       prefix_stats[2 * row] = most;
       prefix_stats[2 * row + 1] = denom;
@@ -327,7 +303,7 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
       weigh_tile<HD, QV>(vi.data(), num_pairs, probs.data() + sub * num_pairs, num_pairs,
                          inv + sub, tile_out);
       for (int64_t i = sub; i < std::min<int64_t>(in_tile, sub + QV); ++i) {
-        const int64_t q = first + t + i;
+        const int64_t q = t + i;
         const int64_t row = (q / group) * num_heads + kv_head * group + q % group;
         std::memcpy(prefix_out + row * HD, tile_out + (i - sub) * HD,
                     HD * sizeof(float));
@@ -343,13 +319,13 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
                                             torch::Tensor v_cache, torch::Tensor tables,
                                             torch::Tensor lens, double scale,
                                             int64_t min_shared_blocks, int64_t max_levels) {
+#if !defined(__AVX512BF16__)
+  return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
+#else
   const bool fusable = q.scalar_type() == at::kBFloat16 && tables.dim() == 2 &&
                        (q.size(2) == 64 || q.size(2) == 128) && k_cache.size(1) % 16 == 0 &&
                        k_cache.scalar_type() == at::kBFloat16 && min_shared_blocks >= 1 &&
                        max_levels >= 1;
-#if !defined(__AVX512BF16__)
-  return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
-#else
   if (!fusable) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
   TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1, "head_dim must be contiguous");
   TORCH_CHECK(tables.scalar_type() == at::kLong && lens.scalar_type() == at::kLong && lens.dim() == 1,
@@ -376,11 +352,7 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   // sequences (a system prompt by all its sequences, then each template by its own...).
   SharedRunPlanner planner{tp, lp, width, block_size, group, min_shared_blocks,
                            std::min<int64_t>(max_levels, kMaxLevels)};
-  planner.rest_from.assign(batch, 0);
-  planner.path.assign(batch, {});
-  std::vector<int64_t> everyone(batch);
-  std::iota(everyone.begin(), everyone.end(), 0);
-  planner.children(everyone, 0, 0, 0);
+  planner.plan(batch);
   const std::vector<SharedRun>& runs = planner.runs;
   if (runs.empty()) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
 
@@ -444,13 +416,13 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   at::parallel_for(0, std::min(threads, num_tasks), 1, [&](int64_t, int64_t) {
     for (int64_t taken = next++; taken < num_tasks; taken = next++) {
       const PrefixTask& task = tasks[taken];
-      const SharedRun& shared = runs[task.group];
+      const SharedRun& shared = runs[task.run];
       const int64_t* table = tp + shared.members[0] * width + task.first_block;
       const int64_t count = static_cast<int64_t>(shared.members.size()) * group;
-      const int64_t row = part_row(task.group, task.part);
-      auto run = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
-      run(qp, kp, vp, table, task.blocks, block_size, kb, ko, vb, vo, task.kv_head, kh, vh,
-          shared.members, group, num_heads, 0, count, fscale, po + row * head_dim, ps + row * 2);
+      const int64_t row = part_row(task.run, task.part);
+      auto attend = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
+      attend(qp, kp, vp, table, task.blocks, block_size, kb, ko, vb, vo, task.kv_head, kh, vh,
+             shared.members, group, num_heads, count, fscale, po + row * head_dim, ps + row * 2);
     }
   });
 

@@ -85,6 +85,19 @@ inline __m512 as_stored(__m512 v) {
 }
 #endif
 
+#if defined(__AVX512F__)
+// Weighing values with vdpbf16ps over rows interleaved two at a time (unpacklo/unpackhi of two
+// value rows) leaves 32 dims permuted over two accumulators: dim 8L + c sits in lane 4L + c of
+// ``lo`` (c < 4) or of ``hi`` (c >= 4). Back in order: dims 0-15 into ``first``, 16-31 into
+// ``second``.
+inline void interleaved_in_order(__m512 lo, __m512 hi, __m512& first, __m512& second) {
+  const __m512i low = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i high = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  first = _mm512_permutex2var_ps(lo, low, hi);
+  second = _mm512_permutex2var_ps(lo, high, hi);
+}
+#endif
+
 // Cached rows of one head in block ``index`` of a table: the hardware prefetcher does not follow
 // a sequence from one block to the next (they are pages apart), so ask for the next one ahead.
 template <typename T>
