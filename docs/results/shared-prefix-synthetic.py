@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import shutil
 import statistics
-import tempfile
-import time
-from pathlib import Path
 
 import torch
+
+from tierserve.bench.shared_prefix import time_over_layers
 
 LAYERS, BATCH, PREFIX, BLOCK, KV_HEADS, HEADS, HEAD_DIM = 30, 64, 1024, 16, 3, 9, 64
 
@@ -43,21 +41,10 @@ def caches(own: int):
     return layers, tables, lens, q, prefix_blocks
 
 
-def median_ms(call, layers, reps: int = 15) -> list[float]:
-    samples = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        for k, v in layers:
-            call(k, v)
-        samples.append(time.perf_counter() - started)
-    return samples
-
-
 def load(path: str):
-    """A built kernel library from its own copy (two builds can then live in one process)."""
-    copy = Path(tempfile.mkdtemp()) / "tierserve_cpu_ops.so"
-    shutil.copy(path, copy)
-    spec = importlib.util.spec_from_file_location("tierserve_cpu_ops", copy)
+    """A built kernel library by its path (two builds, under one module name, can live in one
+    process: each is its own shared object)."""
+    spec = importlib.util.spec_from_file_location("tierserve_cpu_ops", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -76,8 +63,8 @@ def main() -> None:
         times = {"A": [], "B": []}
         for _ in range(12):
             for name, ops in (("A", a), ("B", b)):
-                times[name] += median_ms(lambda k, v, ops=ops: ops.paged_decode_attention_shared(
-                    q, k, v, tables, lens, scale, 16), layers, reps=5)
+                times[name] += time_over_layers(lambda k, v, ops=ops: ops.paged_decode_attention_shared(
+                    q, k, v, tables, lens, scale, 16), layers, repeats=5)
         ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
         print(f"fused: A {ms['A']:.2f} ms  B {ms['B']:.2f} ms  A/B {ms['A'] / ms['B']:.3f}")
         return
@@ -95,7 +82,7 @@ def main() -> None:
             q, k, v, cached_tables, rest_lens, scale),
     }
     for name, call in runs.items():
-        print(f"{name}: {1e3 * statistics.median(median_ms(call, layers)):.2f} ms")
+        print(f"{name}: {1e3 * statistics.median(time_over_layers(call, layers, 15)):.2f} ms")
 
 
 if __name__ == "__main__":

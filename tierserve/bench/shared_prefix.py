@@ -114,14 +114,19 @@ def _attention_alone(llm, requests, modes, repeats: int = 20) -> dict[str, float
                 return ops.paged_decode_attention(q, k, v, tables, lens, attention.scale)
             return ops.paged_decode_attention_shared(q, k, v, tables, lens, attention.scale,
                                                      blocks, levels)
-        samples = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            for k_cache, v_cache in layers:
-                op(k_cache, v_cache)
-            samples.append(time.perf_counter() - started)
-        out[mode] = 1e3 * statistics.median(samples)
+        out[mode] = 1e3 * statistics.median(time_over_layers(op, layers, repeats))
     return out
+
+
+def time_over_layers(op, layers, repeats: int) -> list[float]:
+    """Seconds of ``op(k_cache, v_cache)`` over every layer in turn, ``repeats`` times."""
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for k_cache, v_cache in layers:
+            op(k_cache, v_cache)
+        samples.append(time.perf_counter() - started)
+    return samples
 
 
 def cmd_shared_prefix(args) -> int:
