@@ -193,11 +193,7 @@ class NeighborSampler(BaseSampler):
         seeds = inputs.node
         if len(torch.unique(seeds)) != len(seeds):
             raise ValueError("seed nodes in one batch must be distinct")
-        sub = self.sample(seeds)
-        return SamplerOutput(node=sub.node, row=sub.row, col=sub.col, edge=sub.edge, batch=None,
-                             num_sampled_nodes=sub.num_sampled_nodes,
-                             num_sampled_edges=sub.num_sampled_edges,
-                             metadata=(inputs.input_id, inputs.time))
+        return self._output(seeds, metadata=(inputs.input_id, inputs.time))
 
     def sample_from_edges(self, inputs: EdgeSamplerInput,
                           neg_sampling: NegativeSampling | None = None) -> SamplerOutput:
@@ -211,11 +207,12 @@ class NeighborSampler(BaseSampler):
                              f"{inputs.input_type}")
         homogeneous = EdgeSamplerInput(inputs.input_id, inputs.row, inputs.col, inputs.label)
 
-        def sample_fn(seeds: torch.Tensor, _seed_time) -> SamplerOutput:
-            sub = self.sample(seeds)
-            return SamplerOutput(node=sub.node, row=sub.row, col=sub.col, edge=sub.edge,
-                                 batch=None, num_sampled_nodes=sub.num_sampled_nodes,
-                                 num_sampled_edges=sub.num_sampled_edges)
+        return edge_sample(homogeneous, lambda seeds, _time: self._output(seeds),
+                           self.num_nodes, disjoint=False, neg_sampling=neg_sampling)
 
-        return edge_sample(homogeneous, sample_fn, self.num_nodes, disjoint=False,
-                           neg_sampling=neg_sampling)
+    def _output(self, seeds: torch.Tensor, metadata=None) -> SamplerOutput:
+        """`sample(seeds)` as PyG's SamplerOutput."""
+        sub = self.sample(seeds)
+        return SamplerOutput(node=sub.node, row=sub.row, col=sub.col, edge=sub.edge, batch=None,
+                             num_sampled_nodes=sub.num_sampled_nodes,
+                             num_sampled_edges=sub.num_sampled_edges, metadata=metadata)
