@@ -67,10 +67,9 @@ class Catalog:
         documents already indexed by an older catalog."""
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
         if version < 1:
-            indexed = [r[0] for r in self.db.execute("SELECT id FROM indexed WHERE kind='cve'")]
-            docs = [d | {"hash": ""} for i in indexed if (d := self.document(i)) is not None]
-            hashes = dict(self.db.execute("SELECT id, doc_hash FROM indexed").fetchall())
-            self.mark_indexed([d | {"hash": hashes[d["id"]]} for d in docs])
+            held = self.db.execute("SELECT id, doc_hash FROM indexed WHERE kind='cve'").fetchall()
+            self.mark_indexed([d | {"hash": doc_hash} for doc_id, doc_hash in held
+                               if (d := self.document(doc_id)) is not None])
             self.db.execute("PRAGMA user_version = 1")
             self.db.commit()
 
@@ -281,8 +280,9 @@ class Catalog:
 
     def vanished_ids(self) -> list[str]:
         """Indexed documents whose records are gone (a KEV-only CVE that left the catalog)."""
-        current = set(self.cve_ids()) | set(self.cwe_ids())
-        return [i for i in self.indexed_ids() if i not in current]
+        return [r[0] for r in self.db.execute(
+            "SELECT id FROM indexed WHERE id NOT IN (SELECT id FROM cves UNION SELECT cve_id FROM "
+            "kev UNION SELECT id FROM cwes)")]
 
     def forget(self, ids: list[str]) -> None:
         """Drop documents from the indexed and ranking tables."""

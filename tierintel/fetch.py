@@ -89,24 +89,25 @@ class Sources:
 
     def _nvd_pages(self, url: str) -> Iterator[FeedFile]:
         if self.last_mod_start and self.last_mod_end:
-            for first, last in windows(self.last_mod_start, self.last_mod_end):
+            for n, (first, last) in enumerate(windows(self.last_mod_start, self.last_mod_end)):
                 yield from self._nvd_window(url, {"lastModStartDate": first,
-                                                  "lastModEndDate": last})
+                                                  "lastModEndDate": last}, paced=n > 0)
         else:
             yield from self._nvd_window(url, {})
 
-    def _nvd_window(self, url: str, window: dict) -> Iterator[FeedFile]:
+    def _nvd_window(self, url: str, window: dict, paced: bool = False) -> Iterator[FeedFile]:
+        """The pages of one lastModified window; ``paced``: a request came before this window."""
         import json
 
         start, total = 0, None
         while total is None or start < total:
             params = {"startIndex": start, "resultsPerPage": self.page_size} | window
-            if start:
+            if start or paced:
                 time.sleep(self.page_pause_s if self.page_pause_s is not None else
                            (0.7 if self.nvd_api_key else 6.5))
             for attempt in range(self.retries + 1):
                 page = self._get("nvd", url, params)
-                if page.status not in (403, 429, 503):
+                if page.status not in (403, 429, 503) or attempt == self.retries:
                     break
                 log.warning("NVD API refused page %d (%s); retry %d", start, page.error,
                             attempt + 1)

@@ -104,16 +104,14 @@ class Retriever:
         another product's CVEs."""
         filters, named = [], []
         labels = self.match_products(question, min_score=3)
-        if labels:  # by id where the catalog's list is short (Milvus Lite filters arrays slowly)
-            ids = self.catalog.ids_with_product(labels, MAX_ID_FILTER + 1)
-            filters.append(f"id in {json.dumps(ids)}" if len(ids) <= MAX_ID_FILTER else
-                           f"array_contains_any(product_names, {json.dumps(labels)})")
+        if labels:
+            filters.append(_id_filter(self.catalog.ids_with_product(labels, MAX_ID_FILTER + 1),
+                                      f"array_contains_any(product_names, {json.dumps(labels)})"))
             named.append(", ".join(labels))
         cwes = [f"CWE-{n}" for n in CWE_RE.findall(question)]
         if cwes:
-            ids = self.catalog.ids_with_cwe(cwes[0], MAX_ID_FILTER + 1)
-            filters.append(f"id in {json.dumps(ids)}" if len(ids) <= MAX_ID_FILTER else
-                           f"array_contains(cwes, {quote(cwes[0])})")
+            filters.append(_id_filter(self.catalog.ids_with_cwe(cwes[0], MAX_ID_FILTER + 1),
+                                      f"array_contains(cwes, {quote(cwes[0])})"))
             named.append(cwes[0])
         if KEV_RE.search(question):
             filters.append("kev == true")
@@ -190,3 +188,9 @@ class Retriever:
         out = [other for _, other in entry.related] if entry else []
         out += self.catalog.cwe_referrers(cwe_id)
         return out
+
+
+def _id_filter(ids: list[str], array_filter: str) -> str:
+    """``id in [...]`` over the catalog's candidates where they are few (Milvus Lite filters arrays
+    row by row in Python), else the index's own array filter."""
+    return f"id in {json.dumps(ids)}" if len(ids) <= MAX_ID_FILTER else array_filter
