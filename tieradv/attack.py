@@ -44,18 +44,15 @@ class GaussianStates:
         states = np.asarray(states, dtype=np.float64)
         return cls(states.mean(axis=0), states.var(axis=0) + floor)
 
-    def nll(self, states: np.ndarray) -> np.ndarray:
-        """-log density of each state (per row)."""
-        z = (np.asarray(states, dtype=np.float64) - self.mean) ** 2 / self.var
-        return 0.5 * (z + np.log(2 * np.pi * self.var)).sum(axis=-1)
-
 
 def stealth_penalty(benign: GaussianStates, states: np.ndarray, weight: float) -> np.ndarray:
     """The regularizer per step: weight times how much less likely each state is under the benign
     distribution than the benign states are on average (the cross-entropy term of
     KL(attacked || benign), the part the attacker's actions move)."""
-    baseline = 0.5 * (1 + np.log(2 * np.pi * benign.var)).sum()  # E_benign[nll]
-    return weight * (benign.nll(states) - baseline)
+    # nll(s) - E_benign[nll] = 0.5 * sum(z^2 - 1): the log-normalizers cancel, so none is computed
+    # in the env's step loop.
+    z2 = (np.asarray(states, dtype=np.float64) - benign.mean) ** 2 / benign.var
+    return weight * 0.5 * (z2 - 1).sum(axis=-1)
 
 
 def state_shift(benign_states: np.ndarray, attacked_states: np.ndarray) -> float:

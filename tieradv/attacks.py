@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from tieradv.attack import GaussianStates, PartialControl, state_shift
-from tieradv.train import OneSide, play, ppo_policy
+from tieradv.train import OneSide, outcome_rates, play, ppo_policy
 
 
-def detector_auc(benign: list[np.ndarray], attacked: list[np.ndarray], seed: int = 0) -> float:
+def detector_auc(benign: list[np.ndarray], attacked: list[np.ndarray]) -> float:
     """Cross-validated ROC AUC of a logistic regression telling attacked from benign trajectories
     by their mean and spread of observations (0.5: indistinguishable)."""
     from sklearn.linear_model import LogisticRegression
@@ -46,6 +46,11 @@ class AttackResult:
     outcomes: dict = field(default_factory=dict)
 
 
+def result_path(out: Path, epsilon: float, stealth_weight: float) -> Path:
+    """Where one attacker's result JSON goes (a rerun skips the attackers whose file exists)."""
+    return out / f"attack-eps{epsilon}-w{stealth_weight}.json"
+
+
 def train_attacker(victim_path: Path, epsilon: float, stealth_weight: float, steps: int,
                    out: Path, seed: int = 0, episodes: int = 10, n_steps: int = 1024
                    ) -> AttackResult:
@@ -53,10 +58,11 @@ def train_attacker(victim_path: Path, epsilon: float, stealth_weight: float, ste
     own policy playing the other side (self-play's opponent)."""
     from stable_baselines3 import PPO
 
-    victim = ppo_policy(PPO.load(victim_path, device="cpu"))
-    benign = ppo_policy(PPO.load(victim_path, device="cpu"))
+    # One frozen model plays both roles: predict(deterministic=True) keeps no state between calls.
+    victim = benign = ppo_policy(PPO.load(victim_path, device="cpu"))
     benign_trajectories, _ = play(victim, benign, episodes, seed=50_000)
-    fit = GaussianStates.fit(np.concatenate(benign_trajectories))
+    benign_states = np.concatenate(benign_trajectories)
+    fit = GaussianStates.fit(benign_states)
     env = OneSide(victim, learner="ant1", epsilon=epsilon, benign=benign, stealth=fit,
                   stealth_weight=stealth_weight, seed=seed)
     model = PPO("MlpPolicy", env, n_steps=min(n_steps, steps), batch_size=min(256, steps),
@@ -66,10 +72,9 @@ def train_attacker(victim_path: Path, epsilon: float, stealth_weight: float, ste
     model.save(out / f"attacker-eps{epsilon}-w{stealth_weight}.zip")
     attacked = PartialControl(benign, ppo_policy(model), epsilon, seed=seed + 1)
     trajectories, outcomes = play(victim, attacked, episodes, seed=60_000)
-    counts = {o: outcomes.count(o) / len(outcomes) for o in ("win", "lose", "draw")}
+    counts = outcome_rates(outcomes)
     result = AttackResult(epsilon, stealth_weight, steps, counts["lose"],
-                          state_shift(np.concatenate(benign_trajectories),
-                                      np.concatenate(trajectories)),
-                          detector_auc(benign_trajectories, trajectories, seed), counts)
-    (out / f"attack-eps{epsilon}-w{stealth_weight}.json").write_text(json.dumps(result.__dict__))
+                          state_shift(benign_states, np.concatenate(trajectories)),
+                          detector_auc(benign_trajectories, trajectories), counts)
+    result_path(out, epsilon, stealth_weight).write_text(json.dumps(result.__dict__))
     return result

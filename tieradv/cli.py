@@ -52,12 +52,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_attack(args) -> int:
-    from tieradv.attacks import train_attacker
+    from tieradv.attacks import result_path, train_attacker
 
     results = []
     for epsilon in (float(e) for e in args.epsilons.split(",")):
         for weight in (float(w) for w in args.stealth_weights.split(",")):
-            done = args.out / f"attack-eps{epsilon}-w{weight}.json"
+            done = result_path(args.out, epsilon, weight)
             if done.exists():  # a rerun after a stop skips the finished attackers
                 results.append(json.loads(done.read_text()))
                 continue
@@ -76,8 +76,8 @@ def cmd_victim(args) -> int:
                    eval_episodes=max(2, args.eval_episodes // 2))
     start = time.perf_counter()
     state = run.run(progress=sys.stderr.isatty())
-    final = {name: evaluate(ppo_policy(run.model), opponent, args.eval_episodes)
-             for name, opponent in OPPONENTS.items()}
+    final = {name: evaluate(ppo_policy(run.model), make(), args.eval_episodes)
+             for name, make in OPPONENTS.items()}
     result = {"config": {k: str(v) for k, v in vars(args).items()}, "steps": state.done_steps,
               "seconds_this_run": round(time.perf_counter() - start, 1), "curve": state.curve,
               "final_win_rates": final}

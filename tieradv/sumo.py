@@ -19,6 +19,7 @@ WIN, LOSE, DRAW = 2000.0, -2000.0, -1000.0
 FALL_HEIGHT = 0.3  # a torso this low has fallen (a standing ant's is 0.55-0.75)
 START_X = 1.0  # the ants start at (-1, 0) and (1, 0), facing each other
 OBS_DIM = 40
+OTHER = {"ant0": "ant1", "ant1": "ant0"}  # each side's opponent
 
 
 def ant_xml() -> Path:
@@ -84,6 +85,7 @@ class SumoEnv(ParallelEnv):
                 "qpos": slice(root.qposadr[0], root.qposadr[0] + 15),
                 "qvel": slice(root.dofadr[0], root.dofadr[0] + 14),
                 "ctrl": np.array(actuators), "torso": self.model.body(f"ant{i}/torso").id}
+        self._torso = {a: self._index[a]["torso"] for a in self.possible_agents}
         self.init_qpos, self.init_qvel = self.data.qpos.copy(), self.data.qvel.copy()
         for agent in self.possible_agents:  # the ant's own standing pose (its init_qpos legs)
             legs = self._index[agent]["qpos"].start + 7
@@ -121,7 +123,7 @@ class SumoEnv(ParallelEnv):
         out = {a: (now["radius"][a] > RING_RADIUS or now["height"][a] < FALL_HEIGHT
                    or now["upright"][a] < 0) for a in self.agents}
         rewards = {}
-        for agent, other in (("ant0", "ant1"), ("ant1", "ant0")):
+        for agent, other in OTHER.items():
             toward = self._last["distance"] - now["distance"]
             push = now["radius"][other] - self._last["radius"][other]
             center = self._last["radius"][agent] - now["radius"][agent]
@@ -132,7 +134,7 @@ class SumoEnv(ParallelEnv):
         truncated = not done and self.steps >= self.max_steps
         infos = {a: {} for a in self.agents}
         if done or truncated:
-            for agent, other in (("ant0", "ant1"), ("ant1", "ant0")):
+            for agent, other in OTHER.items():
                 if truncated or (out[agent] and out[other]):
                     outcome, bonus = "draw", DRAW
                 elif out[other]:
@@ -149,8 +151,7 @@ class SumoEnv(ParallelEnv):
         return observations, rewards, terminations, truncations, infos
 
     def _measures(self) -> dict:
-        xpos, xmat = self.data.xpos, self.data.xmat
-        torso = {a: self._index[a]["torso"] for a in self.possible_agents}
+        xpos, xmat, torso = self.data.xpos, self.data.xmat, self._torso
         return {"radius": {a: float(np.linalg.norm(xpos[b][:2])) for a, b in torso.items()},
                 "height": {a: float(xpos[b][2]) for a, b in torso.items()},
                 "upright": {a: float(xmat[b][8]) for a, b in torso.items()},  # body z . world z
@@ -158,13 +159,14 @@ class SumoEnv(ParallelEnv):
                                                  - xpos[torso["ant1"]][:2]))}
 
     def _observe(self, agent: str) -> np.ndarray:
-        other = "ant1" if agent == "ant0" else "ant0"
+        """Reads ``self._last`` for the ring distances: call after ``_measures`` is stored."""
+        other = OTHER[agent]
         mine, theirs = self._index[agent], self._index[other]
         qpos, qvel = self.data.qpos[mine["qpos"]], self.data.qvel[mine["qvel"]]
         own = self.data.xpos[mine["torso"]]
         opponent = self.data.xpos[theirs["torso"]]
         opponent_vel = self.data.qvel[theirs["qvel"]][:6]
-        edge = [RING_RADIUS - np.linalg.norm(own[:2]), RING_RADIUS - np.linalg.norm(opponent[:2])]
+        edge = [RING_RADIUS - self._last["radius"][agent], RING_RADIUS - self._last["radius"][other]]
         obs = np.concatenate([own, qpos[3:7], qpos[7:15], qvel, opponent - own, opponent_vel, edge])
         return obs.astype(np.float32)
 

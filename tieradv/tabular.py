@@ -137,15 +137,14 @@ def project_simplex(rows: np.ndarray) -> np.ndarray:
 def gradients(game: MarkovGame, victim: np.ndarray, attacker: np.ndarray):
     """Exact policy gradients of start @ V under the direct parametrization (the policy gradient
     theorem): d/d victim(a|s) = d(s) Q_v(s, a) / (1 - gamma), likewise for the attacker."""
-    value = policy_value(game, victim, attacker)
-    _, transition = _joint(game, victim, attacker)
-    occupancy = (1 - game.gamma) * np.linalg.solve(
-        (np.eye(len(value)) - game.gamma * transition).T, game.start)
+    reward, transition = _joint(game, victim, attacker)
+    resolvent = np.eye(len(reward)) - game.gamma * transition  # I - gamma P, solved twice
+    value = np.linalg.solve(resolvent, reward)
+    visits = np.linalg.solve(resolvent.T, game.start)  # d(s) / (1 - gamma): discounted visits
     stage = game.reward + game.gamma * game.transition @ value  # (S, Av, Aa)
     q_victim = np.einsum("sab,sb->sa", stage, attacker)
     q_attacker = np.einsum("sa,sab->sb", victim, stage)
-    scale = occupancy[:, None] / (1 - game.gamma)
-    return scale * q_victim, scale * q_attacker
+    return visits[:, None] * q_victim, visits[:, None] * q_attacker
 
 
 @dataclass
@@ -162,9 +161,10 @@ def run_dynamics(game: MarkovGame, steps: int, victim_lr: float, attacker_lr: fl
     """Projected gradient play from a seeded interior start. Each step the attacker takes
     ``attacker_steps`` descent steps on the victim's value, then the victim one ascent step.
     Timescale separation: attacker_steps > 1 and/or victim_lr << attacker_lr; the single-timescale
-    baseline: one step each at equal rates, simultaneously. Both rates decay as
-    ``(1 + step) ** -decay`` (a subgradient method needs it: the victim's worst case is not smooth
-    where the best response switches)."""
+    baseline: one step each at equal rates, simultaneously (chosen by ``attacker_steps == 1`` and
+    equal rates). The victim's rate decays as ``(1 + step) ** -decay`` in both (a subgradient
+    method needs it: the victim's worst case is not smooth where the best response switches); the
+    attacker's decays with it only in simultaneous play, and stays constant when separated."""
     rng = np.random.default_rng(seed)
     states, victim_actions, attacker_actions = game.shape
     victim = rng.dirichlet(np.ones(victim_actions) * 2, size=states)

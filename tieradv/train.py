@@ -16,7 +16,7 @@ import gymnasium
 import numpy as np
 
 from tieradv.attack import GaussianStates, PartialControl, stealth_penalty
-from tieradv.sumo import OBS_DIM, SumoEnv
+from tieradv.sumo import OTHER, SumoEnv
 
 
 class RandomPolicy:
@@ -51,7 +51,9 @@ class GaitPolicy:
         return self.amplitude * np.sin(2 * np.pi * self.t / self.period + self.phase)
 
 
-OPPONENTS = {"random": RandomPolicy(1), "gait": GaitPolicy(), "stand": StandPolicy()}
+# Factories, not instances: each evaluation gets a fresh opponent, so its result does not depend on
+# how many evaluations ran before it (a shared RandomPolicy's stream would).
+OPPONENTS = {"random": lambda: RandomPolicy(1), "gait": GaitPolicy, "stand": StandPolicy}
 
 
 def ppo_policy(model):
@@ -68,13 +70,13 @@ class OneSide(gymnasium.Env):
                  stealth: GaussianStates | None = None, stealth_weight: float = 0.0,
                  shaping_weight: float = 1.0, seed: int = 0) -> None:
         self.env = SumoEnv(shaping_weight=shaping_weight)
-        self.learner, self.other = learner, ("ant0" if learner == "ant1" else "ant1")
+        self.learner, self.other = learner, OTHER[learner]
         self.opponent, self.seed_ = opponent, seed
         self.control = PartialControl(benign, lambda o: self._action, epsilon, seed) \
             if benign is not None else None
         self.stealth, self.stealth_weight = stealth, stealth_weight
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (OBS_DIM,), np.float32)
-        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (8,), np.float32)
+        self.observation_space = self.env.observation_space(learner)
+        self.action_space = self.env.action_space(learner)
         self._episodes = 0
         self._obs: dict = {}
 
@@ -105,7 +107,7 @@ def play(policy, opponent, episodes: int, seed: int, learner: str = "ant0"
     """``policy`` playing ``learner`` against ``opponent``, one seeded episode after another: the
     learner's observations per episode (the state it saw before each step) and its outcomes."""
     env = SumoEnv()
-    other = "ant1" if learner == "ant0" else "ant0"
+    other = OTHER[learner]
     trajectories, outcomes = [], []
     for episode in range(episodes):
         obs, _ = env.reset(seed=seed + episode)
@@ -122,12 +124,16 @@ def play(policy, opponent, episodes: int, seed: int, learner: str = "ant0"
     return trajectories, outcomes
 
 
+def outcome_rates(outcomes: list[str]) -> dict[str, float]:
+    """The share of each outcome ("win", "lose", "draw") among ``outcomes``."""
+    return {k: outcomes.count(k) / len(outcomes) for k in ("win", "lose", "draw")}
+
+
 def evaluate(policy, opponent, episodes: int = 20, learner: str = "ant0", seed: int = 10_000
              ) -> dict:
     """Win/loss/draw rates of ``policy`` playing ``learner`` against ``opponent``."""
     _, outcomes = play(policy, opponent, episodes, seed, learner)
-    return {k: outcomes.count(k) / episodes for k in ("win", "lose", "draw")} | {
-        "episodes": episodes}
+    return outcome_rates(outcomes) | {"episodes": episodes}
 
 
 @dataclass
@@ -172,10 +178,10 @@ class SelfPlay:
         return self.frozen(observation)
 
     def _freeze(self) -> None:
+        """The opponent becomes a frozen copy of the last checkpoint (model.zip)."""
         from stable_baselines3 import PPO
 
-        self.model.save(self.out / "snapshot.zip")
-        self.frozen = ppo_policy(PPO.load(self.out / "snapshot.zip", device="cpu"))
+        self.frozen = ppo_policy(PPO.load(self.out / "model.zip", device="cpu"))
 
     def schedule(self) -> SelfPlayPlan | None:
         left = self.total - self.state.done_steps
@@ -186,13 +192,13 @@ class SelfPlay:
 
     def update(self, plan: SelfPlayPlan) -> None:
         self.state.done_steps += plan.steps
-        self._freeze()
         self.state.snapshots += 1
-        rates = {name: evaluate(ppo_policy(self.model), opponent, self.eval_episodes)["win"]
-                 for name, opponent in OPPONENTS.items()}
+        rates = {name: evaluate(ppo_policy(self.model), make(), self.eval_episodes)["win"]
+                 for name, make in OPPONENTS.items()}
         self.state.curve.append({"steps": self.state.done_steps, **rates})
         self.model.save(self.out / "model.zip")
         (self.out / "state.json").write_text(json.dumps(self.state.__dict__))
+        self._freeze()
 
     def run(self, progress: bool = True) -> SelfPlayState:
         from tqdm import tqdm
