@@ -15,6 +15,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <utility>
 #include <vector>
 
 namespace tierserve {
@@ -311,6 +312,114 @@ void attend_prefix(const at::BFloat16* qp, const at::BFloat16* kp, const at::BFl
     }
   }
 }
+
+// Everyone attends alone over what it does not share: a sequence in no run its whole table, a
+// member of runs the blocks after its deepest run's. Float32 results with their statistics (each
+// query's largest score and softmax sum) for the merge.
+std::pair<torch::Tensor, torch::Tensor> attend_rest(const torch::Tensor& q,
+                                                    const torch::Tensor& k_cache,
+                                                    const torch::Tensor& v_cache,
+                                                    const torch::Tensor& tables,
+                                                    const torch::Tensor& lens, double scale,
+                                                    const SharedRunPlanner& planner) {
+  const int64_t batch = q.size(0), width = tables.size(1), block_size = k_cache.size(1);
+  const int64_t* tp = tables.data_ptr<int64_t>();
+  const int64_t* lp = lens.data_ptr<int64_t>();
+  auto rest_tables = torch::zeros_like(tables);
+  auto rest_lens = torch::empty_like(lens);
+  int64_t* rt = rest_tables.data_ptr<int64_t>();
+  int64_t* rl = rest_lens.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t skip = planner.rest_from[b];
+    std::copy(tp + b * width + skip, tp + (b + 1) * width, rt + b * width);
+    rl[b] = lp[b] - skip * block_size;
+  }
+  auto out = torch::empty(q.sizes(), q.options().dtype(at::kFloat));
+  auto stats = torch::empty({batch, q.size(1), 2}, q.options().dtype(at::kFloat));
+  paged_decode_attention_with_stats(q, k_cache, v_cache, rest_tables, rest_lens, scale, out,
+                                    stats.data_ptr<float>());
+  return {out, stats};
+}
+
+// Where a run's part writes its results: rows (member, query head) of its own, the run's parts
+// one after another, the runs one after another.
+struct PartLayout {
+  std::vector<int64_t> parts_of, first_row, members_of;
+  int64_t total_rows = 0, num_heads = 0;
+  int64_t row(int64_t run, int64_t part) const {  // the first row of a run's part
+    return first_row[run] + part * members_of[run] * num_heads;
+  }
+};
+
+// The tasks of (run, kv head, a part of its blocks), enough of them to keep every thread busy.
+// Split by keys, not queries, so each block is read and transposed once; the parts are merged
+// like the rest (by their softmax statistics).
+PartLayout plan_tasks(const std::vector<SharedRun>& runs, int64_t threads, int64_t num_kv_heads,
+                      int64_t num_heads, std::vector<PrefixTask>& tasks) {
+  const int64_t num_runs = static_cast<int64_t>(runs.size());
+  const int64_t wanted = std::max<int64_t>(
+      1, (2 * threads + num_runs * num_kv_heads - 1) / (num_runs * num_kv_heads));
+  PartLayout layout;
+  layout.num_heads = num_heads;
+  for (int64_t g = 0; g < num_runs; ++g) {
+    const int64_t blocks = runs[g].end - runs[g].start;
+    // at least 4 blocks a part (a part of one block would spend more on its merge)
+    const int64_t n = std::max<int64_t>(1, std::min({wanted, kMaxParts, blocks / 4}));
+    const int64_t step = (blocks + n - 1) / n;
+    int64_t part = 0;
+    for (int64_t first = 0; first < blocks; first += step, ++part) {
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        tasks.push_back({g, h, runs[g].start + first, std::min(step, blocks - first), part});
+      }
+    }
+    const int64_t members = static_cast<int64_t>(runs[g].members.size());
+    layout.parts_of.push_back(part);
+    layout.first_row.push_back(layout.total_rows);
+    layout.members_of.push_back(members);
+    layout.total_rows += part * members * num_heads;
+  }
+  return layout;
+}
+
+// Each sequence's results (each part of each run on its path, and its rest: ``rest_out`` with
+// ``rest_stats``) weighed by their softmax sums and rounded once into ``out``.
+void merge_results(const SharedRunPlanner& planner, const PartLayout& layout, int64_t num_heads,
+                   int64_t head_dim, const float* ro, const float* rs, const float* po,
+                   const float* ps, at::BFloat16* op) {
+  const int64_t batch = static_cast<int64_t>(planner.path.size());
+  at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> rows_of;  // per result: the row of the sequence's first head
+    std::vector<float> weight;
+    for (int64_t b = begin; b < end; ++b) {
+      rows_of.clear();
+      for (const auto& [g, m] : planner.path[b]) {
+        for (int64_t p = 0; p < layout.parts_of[g]; ++p) rows_of.push_back(layout.row(g, p) + m * num_heads);
+      }
+      weight.resize(rows_of.size() + 1);
+      for (int64_t head = 0; head < num_heads; ++head) {
+        const int64_t row = b * num_heads + head;
+        float top = rs[2 * row];
+        for (int64_t r : rows_of) top = std::max(top, ps[(r + head) * 2]);
+        float total = weight[0] = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
+        for (size_t i = 0; i < rows_of.size(); ++i) {
+          const float* stat = ps + (rows_of[i] + head) * 2;
+          total += weight[i + 1] = stat[1] * std::exp(stat[0] - top);
+        }
+        // head_dim is 64 or 128 here; rounding as static_cast<BFloat16> (to nearest even).
+        const float* rest = ro + row * head_dim;
+        at::BFloat16* o = op + row * head_dim;
+        for (int64_t d = 0; d < head_dim; d += 16) {
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(rest + d), _mm512_set1_ps(weight[0] / total));
+          for (size_t i = 0; i < rows_of.size(); ++i) {
+            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (rows_of[i] + head) * head_dim + d),
+                                _mm512_set1_ps(weight[i + 1] / total), x);
+          }
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)_mm512_cvtneps_pbh(x));
+        }
+      }
+    }
+  });
+}
 #endif
 
 }  // namespace
@@ -356,55 +465,14 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
   const std::vector<SharedRun>& runs = planner.runs;
   if (runs.empty()) return paged_decode_attention(q, k_cache, v_cache, tables, lens, scale);
 
-  // Everyone attends alone over what it does not share: the unfused its whole table, a member
-  // of runs the blocks after its deepest run's (its statistics kept for the merge).
-  auto rest_tables = torch::zeros_like(tables);
-  auto rest_lens = torch::empty_like(lens);
-  int64_t* rt = rest_tables.data_ptr<int64_t>();
-  int64_t* rl = rest_lens.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t skip = planner.rest_from[b];
-    std::copy(tp + b * width + skip, tp + (b + 1) * width, rt + b * width);
-    rl[b] = lp[b] - skip * block_size;
-  }
+  const auto [rest_out, rest_stats] = attend_rest(q, k_cache, v_cache, tables, lens, scale, planner);
   const int64_t threads = at::get_num_threads();
-  auto rest_out = torch::empty({batch, num_heads, head_dim}, q.options().dtype(at::kFloat));
-  auto rest_stats = torch::empty({batch, num_heads, 2}, q.options().dtype(at::kFloat));
-  paged_decode_attention_with_stats(q, k_cache, v_cache, rest_tables, rest_lens, scale, rest_out,
-                                    rest_stats.data_ptr<float>());
-
-  // The runs: tasks of (run, kv head, a part of its blocks), enough of them to keep every
-  // thread busy. Split by keys, not queries, so each block is read and transposed once; the
-  // parts are merged like the rest (by their softmax statistics). A part's results are rows
-  // (member, query head) of its own, ``first_row[g] + part * members * num_heads`` on.
   std::vector<PrefixTask> tasks;
-  const int64_t num_runs = static_cast<int64_t>(runs.size());
-  const int64_t wanted = std::max<int64_t>(
-      1, (2 * threads + num_runs * num_kv_heads - 1) / (num_runs * num_kv_heads));
-  std::vector<int64_t> parts_of(num_runs), first_row(num_runs);
-  int64_t total_rows = 0;
-  for (int64_t g = 0; g < num_runs; ++g) {
-    const int64_t blocks = runs[g].end - runs[g].start;
-    // at least 4 blocks a part (a part of one block would spend more on its merge)
-    const int64_t n = std::max<int64_t>(1, std::min({wanted, kMaxParts, blocks / 4}));
-    const int64_t step = (blocks + n - 1) / n;
-    int64_t part = 0;
-    for (int64_t first = 0; first < blocks; first += step, ++part) {
-      for (int64_t h = 0; h < num_kv_heads; ++h) {
-        tasks.push_back({g, h, runs[g].start + first, std::min(step, blocks - first), part});
-      }
-    }
-    parts_of[g] = part;
-    first_row[g] = total_rows;
-    total_rows += part * static_cast<int64_t>(runs[g].members.size()) * num_heads;
-  }
-  auto prefix_out = torch::empty({total_rows, head_dim}, q.options().dtype(at::kFloat));
-  auto prefix_stats = torch::empty({total_rows, 2}, q.options().dtype(at::kFloat));
+  const PartLayout layout = plan_tasks(runs, threads, num_kv_heads, num_heads, tasks);
+  auto prefix_out = torch::empty({layout.total_rows, head_dim}, q.options().dtype(at::kFloat));
+  auto prefix_stats = torch::empty({layout.total_rows, 2}, q.options().dtype(at::kFloat));
   float* po = prefix_out.data_ptr<float>();
   float* ps = prefix_stats.data_ptr<float>();
-  auto part_row = [&](int64_t g, int64_t part) {  // the first row of run g's part
-    return first_row[g] + part * static_cast<int64_t>(runs[g].members.size()) * num_heads;
-  };
   const at::BFloat16* qp = q.data_ptr<at::BFloat16>();
   const at::BFloat16* kp = k_cache.data_ptr<at::BFloat16>();
   const at::BFloat16* vp = v_cache.data_ptr<at::BFloat16>();
@@ -419,51 +487,16 @@ torch::Tensor paged_decode_attention_shared(torch::Tensor q, torch::Tensor k_cac
       const SharedRun& shared = runs[task.run];
       const int64_t* table = tp + shared.members[0] * width + task.first_block;
       const int64_t count = static_cast<int64_t>(shared.members.size()) * group;
-      const int64_t row = part_row(task.run, task.part);
+      const int64_t row = layout.row(task.run, task.part);
       auto attend = head_dim == 64 ? attend_prefix<64> : attend_prefix<128>;
       attend(qp, kp, vp, table, task.blocks, block_size, kb, ko, vb, vo, task.kv_head, kh, vh,
              shared.members, group, num_heads, count, fscale, po + row * head_dim, ps + row * 2);
     }
   });
 
-  // Merge: each sequence's results (each part of each run it is in, and its rest) weighed by
-  // their softmax sums, rounded once.
   auto out = torch::empty_like(q);
-  at::BFloat16* op = out.data_ptr<at::BFloat16>();
-  const float* ro = rest_out.data_ptr<float>();
-  const float* rs = rest_stats.data_ptr<float>();
-  at::parallel_for(0, batch, 8, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> rows_of;  // per result: the row of the sequence's first head
-    std::vector<float> weight;
-    for (int64_t b = begin; b < end; ++b) {
-      rows_of.clear();
-      for (const auto& [g, m] : planner.path[b]) {
-        for (int64_t p = 0; p < parts_of[g]; ++p) rows_of.push_back(part_row(g, p) + m * num_heads);
-      }
-      weight.resize(rows_of.size() + 1);
-      for (int64_t head = 0; head < num_heads; ++head) {
-        const int64_t row = b * num_heads + head;
-        float top = rs[2 * row];
-        for (int64_t r : rows_of) top = std::max(top, ps[(r + head) * 2]);
-        float total = weight[0] = rs[2 * row + 1] * std::exp(rs[2 * row] - top);
-        for (size_t i = 0; i < rows_of.size(); ++i) {
-          const float* stat = ps + (rows_of[i] + head) * 2;
-          total += weight[i + 1] = stat[1] * std::exp(stat[0] - top);
-        }
-        // head_dim is 64 or 128 here; rounding as static_cast<BFloat16> (to nearest even).
-        const float* rest = ro + row * head_dim;
-        at::BFloat16* o = op + row * head_dim;
-        for (int64_t d = 0; d < head_dim; d += 16) {
-          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(rest + d), _mm512_set1_ps(weight[0] / total));
-          for (size_t i = 0; i < rows_of.size(); ++i) {
-            x = _mm512_fmadd_ps(_mm512_loadu_ps(po + (rows_of[i] + head) * head_dim + d),
-                                _mm512_set1_ps(weight[i + 1] / total), x);
-          }
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), (__m256i)_mm512_cvtneps_pbh(x));
-        }
-      }
-    }
-  });
+  merge_results(planner, layout, num_heads, head_dim, rest_out.data_ptr<float>(),
+                rest_stats.data_ptr<float>(), po, ps, out.data_ptr<at::BFloat16>());
   return out;
 #endif
 }
