@@ -3,6 +3,8 @@ emulation and against dequantize-then-matmul within the activation quantization'
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -131,6 +133,13 @@ def test_packed_weight_refuses_blocks_that_do_not_fit():
                      torch.zeros(2, 1, dtype=torch.float16))
 
 
+def test_a_packed_weights_parts_cannot_be_swapped():
+    # Frozen: a Linear takes the kernel's arguments from it once.
+    packed = quantize(_weight(), QuantType.Q8_0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        packed.quants = packed.quants.clone()
+
+
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_emulated_linear_is_within_the_activation_rounding_bound_of_dequantized_matmul(qtype):
     # The weight is exact in both; only x is rounded, by at most half its block step d_x / 2,
@@ -180,6 +189,24 @@ def test_native_dequantize_equals_the_torch_one(qtype):
     native = quant_ops().packed_dequantize(*packed.kernel_args())
     # d * q + m may be fused into one rounding by the compiler: within an ulp.
     torch.testing.assert_close(native, packed.dequantize(), rtol=2e-7, atol=0)
+
+
+@needs_kernel
+def test_the_kernel_quantizes_activations_bit_for_bit_as_the_reference():
+    # A one-hot Q8_0 weight (code 1, scale 1) makes each output one activation code times its
+    # block's scale, exactly: so the kernel's codes, ties rounded to even included, show.
+    cols = 96
+    quants = torch.zeros(cols, cols // 32, 32, dtype=torch.int8)
+    quants.view(cols, cols)[torch.arange(cols), torch.arange(cols)] = 1
+    weight = PackedWeight(QuantType.Q8_0, quants, torch.ones(cols, cols // 32, dtype=torch.half))
+    x = torch.randn(5, cols, generator=torch.Generator().manual_seed(11)) * 4
+    x[0, :32] = torch.arange(32) - 15.5  # max 15.5: d = 15.5 / 127, codes near ties
+    x[1, :32] = torch.tensor([127.0, 2.5, -3.5, 0.5, -0.5, 1.5] + [0.0] * 26)  # d = 1: ties
+    x[2, 32:64] = 0.0  # an all-zero block: scale 0, codes 0
+    codes, scale = quantize_activations(x)
+    out = quant_ops().packed_linear(x, *weight.kernel_args())
+    assert torch.equal(out, (codes * scale.unsqueeze(-1)).reshape(5, cols))
+    assert out[1, 1:6].tolist() == [2.0, -4.0, 0.0, -0.0, 2.0]
 
 
 @needs_kernel

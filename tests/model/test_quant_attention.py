@@ -124,3 +124,46 @@ def test_a_float32_model_runs_on_them_with_the_torch_paths_tokens(tiny_llama_dir
         for step_a, step_b, token in zip(a.outputs[0].logprobs, b.outputs[0].logprobs,
                                          a.outputs[0].token_ids):
             assert abs(step_a[token].logprob - step_b[token].logprob) < 1e-4
+
+
+def test_the_native_kv_store_gives_the_index_put_paths_logprobs_bitwise(tiny_llama_dir):
+    prompts = [{"prompt_token_ids": [5, 17, 42, 99, 300, 301, 7]},
+               {"prompt_token_ids": [12, 480, 3, 77]}]
+    params = SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True, logprobs=1)
+    native = LLM(str(tiny_llama_dir), num_blocks=32)
+    ops = native.engine.runner.model.attention.ops
+    assert ops is not None and hasattr(ops, "store_kv_")
+    ours = native.generate(prompts, params, use_tqdm=False)
+
+    class WithoutStore:  # the same kernels, but K/V written by index_put_
+        def __getattr__(self, name):
+            if name == "store_kv_":
+                raise AttributeError(name)
+            return getattr(ops, name)
+
+    index_put = LLM(str(tiny_llama_dir), num_blocks=32)
+    index_put.engine.runner.model.attention.ops = WithoutStore()
+    theirs = index_put.generate(prompts, params, use_tqdm=False)
+    for a, b in zip(ours, theirs):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+        assert [step[token].logprob for step, token in zip(a.outputs[0].logprobs,
+                                                           a.outputs[0].token_ids)] == \
+            [step[token].logprob for step, token in zip(b.outputs[0].logprobs,
+                                                        b.outputs[0].token_ids)]
+
+
+def test_every_layer_of_every_step_writes_its_kv_through_store_kv(tiny_llama_dir):
+    llm = LLM(str(tiny_llama_dir), num_blocks=32)
+    model = llm.engine.runner.model
+    ops, calls = model.attention.ops, []
+
+    class Counting:
+        def __getattr__(self, name):
+            if name == "store_kv_":
+                calls.append(name)
+            return getattr(ops, name)
+
+    model.attention.ops = Counting()
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": [5, 17, 42]}], params, use_tqdm=False)
+    assert len(calls) == 3 * len(model.layers)  # the prefill and two decodes

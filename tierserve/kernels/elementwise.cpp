@@ -1,7 +1,8 @@
 // Fused element-wise steps of a Llama layer. Each replaces several torch ops (and their
 // per-op overhead and trips through memory) and rounds where those ops round, so its results
 // equal theirs: exactly for the rotary embedding and the residual add, to within the last bit
-// of a float32 exp or rsqrt (then one bfloat16 rounding) for the norm and SiLU.
+// of a float32 exp or rsqrt (then one bfloat16 rounding) for the norm and SiLU. store_kv_, the
+// step's K/V rows copied into the paged cache, replaces two index_put_ calls bit for bit.
 
 // Each product and sum is rounded on its own, as torch's separate ops round them: no FMA
 // contraction here (the build's -ffp-contract=fast would fuse x * cos + y * sin).
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <tuple>
 #include <vector>
 
@@ -149,6 +151,29 @@ void silu_mul_impl(const T* gate_up, T* out, int64_t rows, int64_t n) {
   });
 }
 
+// ---- this step's K/V rows into the paged cache ---------------------------------------------
+// Row i of k and v goes to (blocks[i], offsets[i]); strides in elements, head_dim contiguous on
+// both sides. A plain copy: bit for bit what index_put_ writes.
+void store_kv_impl(char* k_cache, char* v_cache, const char* k, const char* v,
+                   const int64_t* blocks, const int64_t* offsets, int64_t n, int64_t kv_heads,
+                   int64_t head_dim, int64_t elem_size, at::IntArrayRef k_cache_strides,
+                   at::IntArrayRef v_cache_strides, at::IntArrayRef k_strides,
+                   at::IntArrayRef v_strides) {
+  const size_t row_bytes = static_cast<size_t>(head_dim * elem_size);
+  at::parallel_for(0, n, grain(2 * kv_heads * head_dim), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t k_slot = blocks[i] * k_cache_strides[0] + offsets[i] * k_cache_strides[1];
+      const int64_t v_slot = blocks[i] * v_cache_strides[0] + offsets[i] * v_cache_strides[1];
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::memcpy(k_cache + (k_slot + h * k_cache_strides[2]) * elem_size,
+                    k + (i * k_strides[0] + h * k_strides[1]) * elem_size, row_bytes);
+        std::memcpy(v_cache + (v_slot + h * v_cache_strides[2]) * elem_size,
+                    v + (i * v_strides[0] + h * v_strides[1]) * elem_size, row_bytes);
+      }
+    }
+  });
+}
+
 void check_rows(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 2 && t.is_contiguous(), name, " must be a contiguous (rows, n) tensor");
   TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16, name,
@@ -219,6 +244,48 @@ torch::Tensor silu_mul(torch::Tensor gate_up) {
     silu_mul_impl<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), gate_up.size(0), n);
   }
   return out;
+}
+
+void store_kv_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+               torch::Tensor slot_blocks, torch::Tensor slot_offsets) {
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "caches: (blocks, block_size, kv_heads, head_dim), K and V alike");
+  const auto dtype = k_cache.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "caches: float32 or bfloat16 only");
+  TORCH_CHECK(v_cache.scalar_type() == dtype && k.scalar_type() == dtype &&
+                  v.scalar_type() == dtype, "k, v and the caches must share one dtype");
+  TORCH_CHECK(k_cache.device().is_cpu() && v_cache.device().is_cpu() && k.device().is_cpu() &&
+                  v.device().is_cpu() && slot_blocks.device().is_cpu() &&
+                  slot_offsets.device().is_cpu(), "CPU tensors only");
+  TORCH_CHECK(k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
+              "the caches' head_dim must be contiguous");
+  const int64_t num_blocks = k_cache.size(0), block_size = k_cache.size(1);
+  const int64_t kv_heads = k_cache.size(2), head_dim = k_cache.size(3);
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == kv_heads &&
+                  k.size(2) == head_dim,
+              "k and v: (tokens, kv_heads, head_dim) with the caches' kv_heads and head_dim");
+  TORCH_CHECK(slot_blocks.scalar_type() == at::kLong && slot_offsets.scalar_type() == at::kLong &&
+                  slot_blocks.dim() == 1 && slot_blocks.sizes() == slot_offsets.sizes(),
+              "slot_blocks and slot_offsets: (n,) int64 each");
+  const int64_t n = slot_blocks.size(0);
+  TORCH_CHECK(n <= k.size(0), n, " slots but only ", k.size(0), " rows of k and v");
+  slot_blocks = slot_blocks.contiguous();
+  slot_offsets = slot_offsets.contiguous();
+  const int64_t* blocks = slot_blocks.data_ptr<int64_t>();
+  const int64_t* offsets = slot_offsets.data_ptr<int64_t>();
+  // Every slot checked before any row is written: bad input raises and leaves the cache as is.
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(blocks[i] >= 0 && blocks[i] < num_blocks, "slot ", i, ": block ", blocks[i],
+                " is not in the cache (", num_blocks, " blocks)");
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] < block_size, "slot ", i, ": offset ", offsets[i],
+                " is outside a block of ", block_size, " rows");
+  }
+  if (k.stride(2) != 1) k = k.contiguous();
+  if (v.stride(2) != 1) v = v.contiguous();
+  store_kv_impl(static_cast<char*>(k_cache.data_ptr()), static_cast<char*>(v_cache.data_ptr()),
+                static_cast<const char*>(k.data_ptr()), static_cast<const char*>(v.data_ptr()),
+                blocks, offsets, n, kv_heads, head_dim, k.element_size(), k_cache.strides(),
+                v_cache.strides(), k.strides(), v.strides());
 }
 
 }  // namespace tierserve

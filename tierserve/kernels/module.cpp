@@ -20,4 +20,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_bound_scores", &tierserve::block_bound_scores,
         "q_upper . max(kmax) + q_lower . min(kmin) per block or cluster, through block tables");
   m.def("silu_mul", &tierserve::silu_mul, "silu(gate_up[:, :n]) * gate_up[:, n:]");
+  m.def("store_kv_", &tierserve::store_kv_,
+        "k_cache[slot_blocks, slot_offsets] = k[:n] and the same for v, in place");
 }

@@ -42,6 +42,11 @@ void rotary_(torch::Tensor qkv, torch::Tensor cos, torch::Tensor sin, int64_t he
              int64_t head_dim);
 // SiLU(gate_up[:, :n]) * gate_up[:, n:].
 torch::Tensor silu_mul(torch::Tensor gate_up);
+// Row i of k and v (tokens, kv_heads, head_dim; rows past the slots are not read) into the
+// caches (blocks, block_size, kv_heads, head_dim) at block slot_blocks[i], offset
+// slot_offsets[i], in place: ``cache[slot_blocks, slot_offsets] = rows`` bit for bit.
+void store_kv_(torch::Tensor k_cache, torch::Tensor v_cache, torch::Tensor k, torch::Tensor v,
+               torch::Tensor slot_blocks, torch::Tensor slot_offsets);
 
 // selection.cpp: KV selection's per-block (cluster = 1) or per-cluster score from the key
 // bounds (blocks, kv_heads, head_dim), through tables (decodes, width); -inf past num_blocks.

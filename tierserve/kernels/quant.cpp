@@ -118,32 +118,57 @@ void decode_k(const uint8_t* raw, int32_t* codes, float* scale16, float* offset3
   }
 }
 
-// Rows of x per block: int8 codes round-half-even(x / d), d = max|x| / 127, and d * sum(codes)
-// (Q4_1's minimum term). Same float32 operations as packed_reference.quantize_activations.
+// One block of 32 values: int8 codes round-half-even(x / d), d = max|x| / 127, and d * sum(codes)
+// (Q4_1's minimum term), in AVX2: the same float32 operations as the scalar loop it replaced
+// and as packed_reference.quantize_activations (a multiply by 1 / d, rounded to nearest even),
+// so the same bits. A block with a NaN or infinity gets scale NaN and codes 0: its outputs are
+// NaN (as the float path's would be) and the runner's non-finite check still fires.
+inline void quantize_block(const float* src, int8_t* codes, float* scale_out, float* sum_out) {
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 largest = _mm256_set1_ps(std::numeric_limits<float>::max());
+  __m256 v[4], peak = _mm256_setzero_ps();
+  int finite = 0xFF;
+  for (int i = 0; i < 4; ++i) {
+    v[i] = _mm256_loadu_ps(src + 8 * i);
+    const __m256 magnitude = _mm256_andnot_ps(sign, v[i]);
+    finite &= _mm256_movemask_ps(_mm256_cmp_ps(magnitude, largest, _CMP_LE_OQ));  // NaN: false
+    peak = _mm256_max_ps(peak, magnitude);
+  }
+  if (finite != 0xFF) {
+    std::memset(codes, 0, kBlock);
+    *scale_out = *sum_out = std::numeric_limits<float>::quiet_NaN();
+    return;
+  }
+  __m128 top = _mm_max_ps(_mm256_castps256_ps128(peak), _mm256_extractf128_ps(peak, 1));
+  top = _mm_max_ps(top, _mm_movehl_ps(top, top));
+  top = _mm_max_ss(top, _mm_movehdup_ps(top));
+  const float scale = _mm_cvtss_f32(top) / 127.f;
+  const __m256 inverse = _mm256_set1_ps(scale > 0.f ? 1.f / scale : 0.f);
+  __m256i q[4];
+  for (int i = 0; i < 4; ++i) {
+    q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
+  sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
+  // packs interleave 128-bit lanes; the permute puts the 32 codes back in order.
+  const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
+                                            _mm256_packs_epi32(q[2], q[3]));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
+                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+  *scale_out = scale;
+  *sum_out = scale * static_cast<float>(_mm_cvtsi128_si32(sum));
+}
+
+// Every block of the rows of x (m, k), k a multiple of 32.
 void quantize_rows(const float* x, int64_t m, int64_t k, int8_t* codes, float* scales,
                    float* block_sums) {
-  const int64_t blocks = k / kBlock;
-  at::parallel_for(0, m * blocks, 256, [&](int64_t begin, int64_t end) {
-    for (int64_t index = begin; index < end; ++index) {
-      const float* src = x + index * kBlock;  // rows are contiguous: block index = r * blocks + b
-      float peak = 0.f;
-      bool finite = true;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        peak = std::fmax(peak, std::fabs(src[i]));  // fmax skips NaN: flagged apart
-        finite = finite && std::isfinite(src[i]);
-      }
-      // A NaN or infinite input makes the block's scale NaN, so its outputs are NaN (as the
-      // float path's would be) and the runner's non-finite check still fires.
-      const float scale = finite ? peak / 127.f : std::numeric_limits<float>::quiet_NaN();
-      const float inverse = finite && scale > 0.f ? 1.f / scale : 0.f;
-      int32_t sum = 0;
-      for (int64_t i = 0; i < kBlock; ++i) {
-        const int32_t code = finite ? static_cast<int32_t>(std::nearbyint(src[i] * inverse)) : 0;
-        codes[index * kBlock + i] = static_cast<int8_t>(code);
-        sum += code;
-      }
-      scales[index] = scale;
-      block_sums[index] = scale * static_cast<float>(sum);
+  at::parallel_for(0, m * (k / kBlock), 256, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {  // rows are contiguous: r * blocks + b
+      quantize_block(x + index * kBlock, codes + index * kBlock, scales + index,
+                     block_sums + index);
     }
   });
 }
@@ -379,16 +404,18 @@ torch::Tensor packed_linear(torch::Tensor x, int64_t kind, torch::Tensor quants,
   TORCH_CHECK(k == columns, "x has ", k, " columns, the weight ", columns);
   x = x.contiguous();
   const int64_t m = x.size(0);
-  auto codes = torch::empty({m, k}, x.options().dtype(at::kChar));
-  auto x_scales = torch::empty({m, blocks}, x.options());
-  auto x_sums = torch::empty({m, blocks}, x.options());
-  quantize_rows(x.data_ptr<float>(), m, k, codes.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
-                x_sums.data_ptr<float>());
+  // The quantized rows live in this thread's scratch buffers, reused across calls (a decode
+  // token makes ~120 of them; three tensor allocations each cost more than quantizing).
+  thread_local std::vector<int8_t> codes;
+  thread_local std::vector<float> x_scales, x_sums;
+  codes.resize(static_cast<size_t>(m * k));
+  x_scales.resize(static_cast<size_t>(m * blocks));
+  x_sums.resize(static_cast<size_t>(m * blocks));
+  quantize_rows(x.data_ptr<float>(), m, k, codes.data(), x_scales.data(), x_sums.data());
   auto y = torch::empty({m, n}, x.options());
   const PackedView w{reinterpret_cast<const uint8_t*>(quants.data_ptr()), half_bits(scales),
                      half_bits(mins), quants.size(1), quants.size(2)};
-  const QuantizedRows rows{codes.data_ptr<int8_t>(), x_scales.data_ptr<float>(),
-                           x_sums.data_ptr<float>(), k};
+  const QuantizedRows rows{codes.data(), x_scales.data(), x_sums.data(), k};
   float* out = y.data_ptr<float>();
   switch (kind) {
     case kQ8_0: packed_linear_impl<kQ8_0>(w, n, rows, m, out); break;
@@ -480,7 +507,7 @@ inline void add_scaled(float* acc, const float* v, float weight, int64_t n) {
 // AVX-512 module's paged_decode_attention does, for CPUs that have only AVX2 (the torch path
 // gathers every block into a new tensor each layer and step). q (B, heads, hd); caches
 // (blocks, block_size, kv_heads, hd), head_dim contiguous; tables (B, W) with lens (B,), or per
-// kv head (B, kv_heads, W) with lens (B, kv_heads). Each (sequence, kv head) is computed alone,
+// kv head (B, kv_heads, W) with lens (B, kv_heads). Each (sequence, query head) is computed alone,
 // in a fixed order (scores, max, exp, sum, then the weighted values), so a row does not depend
 // on the batch.
 torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k_cache, torch::Tensor v_cache,
@@ -532,38 +559,52 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k_cache, torch
   const int64_t s_block = k_cache.stride(0), s_row = k_cache.stride(1), s_head = k_cache.stride(2);
   const int64_t group = heads / kv_heads;
   const float softmax_scale = static_cast<float>(scale);
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+  // One task per (sequence, query head): at batch 1 the heads, not the few kv heads, spread
+  // the work over the threads.
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores;
-    for (int64_t pair = begin; pair < end; ++pair) {
-      const int64_t b = pair / kv_heads, kv = pair % kv_heads;
-      const int64_t list = per_head ? pair : b;
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, head = task % heads, kv = head / group;
+      const int64_t list = per_head ? b * kv_heads + kv : b;
       const int64_t* table = table_data + list * width;
       const int64_t len = len_data[list];
-      scores.resize(static_cast<size_t>(std::max<int64_t>(len, 1)));
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t head = kv * group + g;
-        const float* query = q_data + (b * heads + head) * head_dim;
-        float* result = out_data + (b * heads + head) * head_dim;
-        std::fill(result, result + head_dim, 0.f);
-        if (len == 0) continue;
-        float top = -std::numeric_limits<float>::infinity();
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t offset = table[t / block_size] * s_block + (t % block_size) * s_row +
-                                 kv * s_head;
-          scores[t] = dot_f32(query, k_data + offset, head_dim) * softmax_scale;
-          top = std::fmax(top, scores[t]);
+      const float* query = q_data + task * head_dim;
+      float* result = out_data + task * head_dim;
+      std::fill(result, result + head_dim, 0.f);
+      if (len == 0) continue;
+      scores.resize(static_cast<size_t>(len));
+      // Key t's row: block table[t / block_size], row t % block_size, walked block by block.
+      auto for_each_key = [&](auto&& visit) {
+        for (int64_t t0 = 0; t0 < len; t0 += block_size) {
+          const float* k_rows = k_data + table[t0 / block_size] * s_block + kv * s_head;
+          const float* v_rows = v_data + table[t0 / block_size] * s_block + kv * s_head;
+          const int64_t rows = std::min(block_size, len - t0);
+          for (int64_t i = 0; i < rows; ++i) visit(t0 + i, k_rows + i * s_row, v_rows + i * s_row);
         }
-        float total = 0.f;
-        for (int64_t t = 0; t < len; ++t) {
-          scores[t] = std::exp(scores[t] - top);
-          total += scores[t];
-        }
-        const float inverse = 1.f / total;
-        for (int64_t t = 0; t < len; ++t) {
-          const int64_t offset = table[t / block_size] * s_block + (t % block_size) * s_row +
-                                 kv * s_head;
-          add_scaled(result, v_data + offset, scores[t] * inverse, head_dim);
-        }
+      };
+      float top = -std::numeric_limits<float>::infinity();
+      for_each_key([&](int64_t t, const float* key, const float*) {
+        scores[t] = dot_f32(query, key, head_dim) * softmax_scale;
+        top = std::fmax(top, scores[t]);
+      });
+      float total = 0.f;
+      for (int64_t t = 0; t < len; ++t) {
+        scores[t] = std::exp(scores[t] - top);
+        total += scores[t];
+      }
+      const float inverse = 1.f / total;
+      if (head_dim == 64) {  // SmolLM2, Llama 3.2 1B: the sum stays in registers
+        __m256 acc[8];
+        for (auto& a : acc) a = _mm256_setzero_ps();
+        for_each_key([&](int64_t t, const float*, const float* value) {
+          const __m256 w = _mm256_set1_ps(scores[t] * inverse);
+          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), acc[i]);
+        });
+        for (int i = 0; i < 8; ++i) _mm256_storeu_ps(result + 8 * i, acc[i]);
+      } else {
+        for_each_key([&](int64_t t, const float*, const float* value) {
+          add_scaled(result, value, scores[t] * inverse, head_dim);
+        });
       }
     }
   });
@@ -586,4 +627,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Named as the AVX-512 module names its own, so the fused forward takes either module.
   m.def("paged_decode_attention", &decode_attention_f32,
         "float32 paged decode attention over block tables (AVX2; the AVX-512 module has its own)");
+  m.def("store_kv_", &tierserve::store_kv_,
+        "k_cache[slot_blocks, slot_offsets] = k[:n] and the same for v, in place");
 }

@@ -118,7 +118,7 @@ class TorchPagedAttention:
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = 1.0 / math.sqrt(head_dim)
-        self.ops = ops  # tierserve.kernels.cpu_ops() or None
+        self.ops = ops  # the model's fused_ops (kernels.cpu_ops() or quant_ops()) or None
         # Fused shared-prefix decode attention for groups sharing at least this many leading
         # blocks (bfloat16, native kernel; 0: off). Set by the ModelRunner from the block size.
         self.shared_prefix_blocks = 0
@@ -136,8 +136,7 @@ class TorchPagedAttention:
         (T, nh * hd). With a KV-selection policy, decodes attend only to the blocks it picks.
         """
         n = meta.num_tokens
-        k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
-        v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
+        self.store(k, v, k_cache, v_cache, meta)
         selection, picked = meta.selection, None
         if selection is not None:
             if bounds is not None:
@@ -146,11 +145,11 @@ class TorchPagedAttention:
         decoded = None
         if picked is not None:  # decodes over the blocks the policy picked, per kv head
             rows = selection.rows
-            decoded = self.decode_over(q[:n] if meta.all_decodes else q[rows], k_cache, v_cache,
+            decoded = self.decode_over(self._decode_queries(q, meta, rows), k_cache, v_cache,
                                        *picked)
         elif meta.decodes is not None:  # native kernel, every block
             rows, tables, lens = meta.decodes
-            decoded = self.decode_over(q[:n] if meta.all_decodes else q[rows], k_cache, v_cache,
+            decoded = self.decode_over(self._decode_queries(q, meta, rows), k_cache, v_cache,
                                        tables, lens)
         if decoded is not None and meta.all_decodes and n == q.shape[0]:
             return decoded.flatten(1)
@@ -171,6 +170,28 @@ class TorchPagedAttention:
                 slots = torch.arange(ctx_len - length + first, ctx_len)
                 observer.add(layer, q[start + first : start + length], keys, slots, self.scale)
         return out.flatten(1)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
+              v_cache: torch.Tensor, meta: AttentionMetadata) -> None:
+        """This step's K/V rows (the first ``meta.num_tokens`` of k and v, (T, nkv, hd)) into
+        their slots of the caches, in place: the native ``store_kv_`` where the kernel module
+        has it (one call, no index bookkeeping; the same bits), else ``index_put_``."""
+        store_kv = getattr(self.ops, "store_kv_", None)
+        if store_kv is not None:
+            store_kv(k_cache, v_cache, k, v, meta.slot_blocks, meta.slot_offsets)
+            return
+        n = meta.num_tokens
+        k_cache[meta.slot_blocks, meta.slot_offsets] = k[:n]
+        v_cache[meta.slot_blocks, meta.slot_offsets] = v[:n]
+
+    @staticmethod
+    def _decode_queries(q: torch.Tensor, meta: AttentionMetadata,
+                        rows: torch.Tensor) -> torch.Tensor:
+        """The decodes' queries: the first num_tokens rows when every real row is a decode (q
+        itself when there is no padding), else rows ``rows``."""
+        if not meta.all_decodes:
+            return q[rows]
+        return q if q.shape[0] == meta.num_tokens else q[:meta.num_tokens]
 
     def decode_over(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     tables: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:

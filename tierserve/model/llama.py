@@ -51,7 +51,7 @@ class Linear:
     every call.
     """
 
-    __slots__ = ("weight", "bias", "packed", "ops", "quant", "gemm_rows")
+    __slots__ = ("weight", "bias", "packed", "ops", "quant", "gemm_rows", "kernel_args")
 
     def __init__(self, weight: torch.Tensor | PackedWeight, bias: torch.Tensor | None, ops,
                  pack: bool) -> None:
@@ -60,9 +60,11 @@ class Linear:
         self.packed = None
         self.quant = None
         self.gemm_rows = PACKED_GEMM_ROWS
+        self.kernel_args = None
         if isinstance(weight, PackedWeight):
             self.weight = weight
             self.quant = quant_ops()
+            self.kernel_args = weight.kernel_args()  # once: a PackedWeight is frozen
             return
         self.weight = weight.contiguous()
         if (pack and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
@@ -84,12 +86,14 @@ class Linear:
         if self.quant is None:
             return F.linear(x, weight.dequantize(x.dtype), self.bias)
         if self.gemm_rows is not None and x.shape[0] >= self.gemm_rows:  # prefill-sized
-            dense = self.quant.packed_dequantize(*weight.kernel_args())
+            dense = self.quant.packed_dequantize(*self.kernel_args)
             return F.linear(x, dense.to(x.dtype), self.bias)
-        out = self.quant.packed_linear(x.float(), *weight.kernel_args())  # (rows, n) float32
+        # The kernel takes and gives float32: a float32 model's x and result need no casts.
+        float32 = x.dtype == torch.float32
+        out = self.quant.packed_linear(x if float32 else x.float(), *self.kernel_args)
         if self.bias is not None:
             out += self.bias
-        return out.to(x.dtype)
+        return out if float32 else out.to(x.dtype)
 
 
 class DecoderLayer:
@@ -163,6 +167,8 @@ class LlamaModel:
                                              self.fused_ops)
         self.q_size = arch.num_heads * arch.head_dim
         self.kv_size = arch.num_kv_heads * arch.head_dim
+        # _layer_caches' views, made for one cache tensor (and its key_bounds) at a time.
+        self._cache_views: tuple[torch.Tensor, tuple, list] | None = None
 
     @property
     def native_decode(self) -> bool:
@@ -209,6 +215,7 @@ class LlamaModel:
         arch = self.arch
         hidden = self._embed(input_ids)  # (T, hidden)
         cos, sin = self.rotary.tables(positions, self.dtype)
+        layer_caches = self._layer_caches(kv_cache, meta.key_bounds)
         for index, layer in enumerate(self.layers):
             residual = hidden
             x = rms_norm(hidden, layer.input_norm, arch.rms_norm_eps)
@@ -217,7 +224,7 @@ class LlamaModel:
             q = apply_rotary(q.view(-1, arch.num_heads, arch.head_dim), cos, sin)
             k = apply_rotary(k.view(-1, arch.num_kv_heads, arch.head_dim), cos, sin)
             v = v.view(-1, arch.num_kv_heads, arch.head_dim)
-            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta.key_bounds)
+            k_cache, v_cache, bounds = layer_caches[index]
             attn = self.attention.forward(q, k, v, k_cache, v_cache, meta, index, bounds)
             hidden = residual + layer.o(attn)
             residual = hidden
@@ -229,6 +236,20 @@ class LlamaModel:
         if isinstance(self.embed, PackedWeight):
             return self.embed.embed(input_ids, self.dtype)
         return self.embed[input_ids]
+
+    def _layer_caches(self, kv_cache: torch.Tensor, key_bounds: bool) -> list[tuple]:
+        """Every layer's ``_layer_cache(kv_cache, index, key_bounds)``, made once per cache
+        tensor rather than per layer and step (views cost several torch calls each).
+
+        NOTE: kept until a forward passes another cache, another key_bounds, or this tensor with
+        other storage or shape (``set_``, ``resize_``): the views hold its memory until then."""
+        key = (kv_cache.data_ptr(), kv_cache.shape, key_bounds)
+        if self._cache_views is None or self._cache_views[0] is not kv_cache or \
+                self._cache_views[1] != key:
+            views = [self._layer_cache(kv_cache, index, key_bounds)
+                     for index in range(len(self.layers))]
+            self._cache_views = (kv_cache, key, views)
+        return self._cache_views[2]
 
     @staticmethod
     def _layer_cache(kv_cache: torch.Tensor, index: int, key_bounds: bool):
@@ -271,17 +292,18 @@ class LlamaModel:
         cos, sin = self.rotary.tables(positions, self.dtype)
         cos, sin = cos[:, 0], sin[:, 0]  # (T, head_dim)
         rotated_heads = arch.num_heads + arch.num_kv_heads  # q then k lead each qkv row
+        heads = [arch.num_heads, arch.num_kv_heads, arch.num_kv_heads]  # q, k, v in a qkv row
+        qkv_heads = sum(heads)
         x, hidden = ops.add_rms_norm(self._embed(input_ids), None, self.layers[0].input_norm, eps)
         norms = [layer.input_norm for layer in self.layers[1:]] + [self.norm]
+        layer_caches = self._layer_caches(kv_cache, meta.key_bounds)
         for index, (layer, next_norm) in enumerate(zip(self.layers, norms)):
             qkv = self._normed_qkv(layer, layer.qkv(x))
             ops.rotary_(qkv, cos, sin, rotated_heads, arch.head_dim)
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            k_cache, v_cache, bounds = self._layer_cache(kv_cache, index, meta.key_bounds)
-            attn = self.attention.forward(q.view(-1, arch.num_heads, arch.head_dim),
-                                          k.view(-1, arch.num_kv_heads, arch.head_dim),
-                                          v.view(-1, arch.num_kv_heads, arch.head_dim),
-                                          k_cache, v_cache, meta, index, bounds)
+            # (T, nh + 2 nkv, hd) split by heads: q (T, nh, hd), k and v (T, nkv, hd)
+            q, k, v = qkv.view(-1, qkv_heads, arch.head_dim).split(heads, dim=1)
+            k_cache, v_cache, bounds = layer_caches[index]
+            attn = self.attention.forward(q, k, v, k_cache, v_cache, meta, index, bounds)
             x, hidden = ops.add_rms_norm(layer.o(attn), hidden, layer.post_attention_norm, eps)
             x, hidden = ops.add_rms_norm(layer.mlp(x, ops, meta.num_tokens), hidden,
                                          next_norm, eps)

@@ -99,12 +99,13 @@ _PRECISION = [QuantType.Q4_0, QuantType.Q4_1, QuantType.Q4_K, QuantType.Q5_K, Qu
               QuantType.Q8_0]
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, frozen=True)
 class PackedWeight:
     """A (n, k) weight as blocks: ``quants`` (n, k / 32, 32) int8 for Q8_0 or (n, k / 32, 16)
     uint8 for Q4 (element i of a block in the low nibble of byte i, element i + 16 in its high
     nibble, GGML's layout); ``scales`` and ``mins`` (n, k / 32) float16. K-quants: ``quants``
-    (n, k / 256, bytes_per_block) uint8, GGML's block bytes, and no ``scales`` or ``mins``."""
+    (n, k / 256, bytes_per_block) uint8, GGML's block bytes, and no ``scales`` or ``mins``.
+    Frozen: a Linear takes its ``kernel_args()`` once, so the parts are never swapped."""
 
     qtype: QuantType
     quants: torch.Tensor
