@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -42,11 +43,20 @@ def caches(own: int):
 
 
 def load(path: str):
-    """A built kernel library by its path (two builds, under one module name, can live in one
-    process: each is its own shared object)."""
-    spec = importlib.util.spec_from_file_location("tierserve_cpu_ops", path)
+    """A built kernel library by its path.
+
+    NOTE: a second build under the same module name (tierserve_cpu_ops) does not load beside
+    the first in one process: Python hands back the module already loaded (seen on CPython
+    3.11, 2026-12-08), so an A/B of two such builds would time one build twice. Refused here;
+    build the variants under distinct module names (torch.utils.cpp_extension.load(name=...))
+    or time them in separate processes."""
+    name = Path(path).name.split(".")[0]
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    if Path(module.__file__).resolve() != Path(path).resolve():
+        raise SystemExit(f"{path} loaded as {module.__file__}: give each build its own module "
+                         "name (see load's note)")
     return module
 
 

@@ -41,7 +41,7 @@ SOURCES = [HERE / name for name in ("module.cpp", "linear.cpp", "attention.cpp",
 HEADERS = [HERE / "common.h", HERE / "ops.h"]
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
 MODULE_NAME = "tierserve_cpu_ops"
-QUANT_SOURCES = [HERE / "quant.cpp", HERE / "elementwise.cpp"]  # its scalar loops, on AVX2
+QUANT_SOURCES = [HERE / "quant.cpp", HERE / "elementwise.cpp"]  # its AVX2 and scalar loops
 QUANT_MODULE_NAME = "tierserve_quant_ops"
 
 _lock = threading.Lock()

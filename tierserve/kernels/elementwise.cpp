@@ -55,6 +55,21 @@ void add_rms_norm_impl(const T* x, const T* residual, const T* weight, T* hidden
         acc = _mm512_fmadd_ps(h, h, acc);
       }
       sumsq = _mm512_reduce_add_ps(acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {  // the AVX2 module: float32 models only
+        __m256 acc = _mm256_setzero_ps();
+        for (; i + 8 <= n; i += 8) {
+          __m256 h = _mm256_loadu_ps(xr + i);
+          if (residual != nullptr) {
+            h = _mm256_add_ps(_mm256_loadu_ps(residual + r * n + i), h);
+            _mm256_storeu_ps(hr + i, h);
+          }
+          acc = _mm256_fmadd_ps(h, h, acc);
+        }
+        const __m128 half = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+        const __m128 quarter = _mm_add_ps(half, _mm_movehl_ps(half, half));
+        sumsq = _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+      }
 #endif
       for (; i < n; ++i) {
         float h = static_cast<float>(xr[i]);
@@ -73,6 +88,14 @@ void add_rms_norm_impl(const T* x, const T* residual, const T* weight, T* hidden
         const int64_t m = std::min<int64_t>(16, n - i);
         __m512 normed = as_stored<T>(_mm512_mul_ps(load_f32(src + i, m), scale));
         store_as(orow + i, _mm512_mul_ps(load_f32(weight + i, m), normed), m);
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 scale = _mm256_set1_ps(inv);
+        for (; i + 8 <= n; i += 8) {
+          const __m256 normed = _mm256_mul_ps(_mm256_loadu_ps(src + i), scale);
+          _mm256_storeu_ps(orow + i, _mm256_mul_ps(_mm256_loadu_ps(weight + i), normed));
+        }
       }
 #endif
       for (; i < n; ++i) {
@@ -141,6 +164,16 @@ void silu_mul_impl(const T* gate_up, T* out, int64_t rows, int64_t n) {
         const __m512 e = exp512(_mm512_sub_ps(_mm512_setzero_ps(), gv));
         const __m512 act = as_stored<T>(_mm512_div_ps(gv, _mm512_add_ps(one, e)));
         store_as(o + i, _mm512_mul_ps(act, load_f32(u + i, m)), m);
+      }
+#elif defined(__AVX2__) && defined(__FMA__)
+      if constexpr (std::is_same_v<T, float>) {
+        const __m256 one = _mm256_set1_ps(1.f);
+        for (; i + 8 <= n; i += 8) {
+          const __m256 gv = _mm256_loadu_ps(g + i);
+          const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+          const __m256 act = _mm256_div_ps(gv, _mm256_add_ps(one, e));
+          _mm256_storeu_ps(o + i, _mm256_mul_ps(act, _mm256_loadu_ps(u + i)));
+        }
       }
 #endif
       for (; i < n; ++i) {

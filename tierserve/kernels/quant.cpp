@@ -14,7 +14,7 @@
 
 #include <torch/extension.h>
 
-#include "ops.h"  // elementwise.cpp, built into this module too (its scalar loops)
+#include "ops.h"  // elementwise.cpp, built into this module too (AVX2 and scalar loops)
 
 #include <ATen/Parallel.h>
 
@@ -149,15 +149,17 @@ inline void quantize_block(const float* src, int8_t* codes, float* scale_out, fl
     q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], inverse),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   }
-  const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+  const __m256i total =
+      _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
   __m128i sum = _mm_add_epi32(_mm256_castsi256_si128(total), _mm256_extracti128_si256(total, 1));
   sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0x4E));
   sum = _mm_add_epi32(sum, _mm_shuffle_epi32(sum, 0xB1));
   // packs interleave 128-bit lanes; the permute puts the 32 codes back in order.
   const __m256i packed = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]),
                                             _mm256_packs_epi32(q[2], q[3]));
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(codes),
-                      _mm256_permutevar8x32_epi32(packed, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
+                      _mm256_permutevar8x32_epi32(packed, order));
   *scale_out = scale;
   *sum_out = scale * static_cast<float>(_mm_cvtsi128_si32(sum));
 }
@@ -598,7 +600,9 @@ torch::Tensor decode_attention_f32(torch::Tensor q, torch::Tensor k_cache, torch
         for (auto& a : acc) a = _mm256_setzero_ps();
         for_each_key([&](int64_t t, const float*, const float* value) {
           const __m256 w = _mm256_set1_ps(scores[t] * inverse);
-          for (int i = 0; i < 8; ++i) acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), acc[i]);
+          for (int i = 0; i < 8; ++i) {
+            acc[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(value + 8 * i), acc[i]);
+          }
         });
         for (int i = 0; i < 8; ++i) _mm256_storeu_ps(result + 8 * i, acc[i]);
       } else {
@@ -618,7 +622,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "y (m, n) float32 = x (m, k) float32 @ w.T for w packed as Q8_0 (0), Q4_0 (1), Q4_1 (2), "
         "Q4_K (3), Q5_K (4) or Q6_K (5); K-quants pass their raw blocks and no scales or mins");
   m.def("packed_dequantize", &packed_dequantize, "the packed weight as float32 (n, k)");
-  // elementwise.cpp's fused layer steps: on an AVX2 CPU their scalar loops (compiled for it)
+  // elementwise.cpp's fused layer steps: on an AVX2 CPU their AVX2 (float32) and scalar loops
   // replace several torch ops each, whose per-call overhead dominates a decode step there.
   m.def("add_rms_norm", &tierserve::add_rms_norm, "(weight * norm(x + residual), x + residual)",
         py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"));
