@@ -128,6 +128,9 @@ inline void read_in_order(const T* kp, const T* vp, const int64_t* table, int64_
 #endif
 }
 
+// A task's keys and values read ahead (read_in_order) up to this many bytes (L2 / 4).
+constexpr int64_t kTouchBytes = 256 << 10;
+
 #if defined(__AVX512F__)
 template <typename T>
 inline __m512 load16(const T* p);
@@ -143,7 +146,6 @@ inline __m512 load16<at::BFloat16>(const at::BFloat16* p) {
 // queries and the output accumulators stay in registers while the keys and values stream past.
 // Same arithmetic, in the same order, as the generic loop below.
 constexpr int64_t kPrefetchBlocks = 2;  // blocks of one head requested ahead of use
-constexpr int64_t kTouchBytes = 256 << 10;  // a task's keys and values read ahead up to this (L2 / 4)
 
 #if defined(__AVX512BF16__)
 // Sixteen vectors in, one out: lane r of the result is the sum of v[r]'s sixteen lanes. A
