@@ -111,6 +111,9 @@ def _shared_prefix_case(groups: list[int], prefix_blocks: int, num_heads: int,
             torch.tensor(lens)[order])
 
 
+@pytest.mark.skipif("avx512_bf16" not in kernels.cpu_flags(),
+                    reason="the fused shared-prefix path needs AVX-512 BF16 (else it is the "
+                           "unfused kernel, as TIERSERVE_KERNELS=force builds it here)")
 @pytest.mark.parametrize("heads", [(9, 3, 64), (8, 2, 128), (4, 4, 64)])
 @pytest.mark.parametrize("groups, singles", [([64], 0), ([5, 17, 2], 3), ([16], 4)])
 def test_shared_prefix_attention_matches_sdpa_within_the_kernels_tolerance(heads, groups,
